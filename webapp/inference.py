@@ -99,7 +99,7 @@ class LoadedModel:
                     self._cache.move_to_end(key)
                     results[key] = self._cache[key]
         todo = list(dict.fromkeys(k for k in keys if k not in results))
-        text_of = dict(zip(keys, texts))
+        text_of = dict(zip(keys, texts, strict=True))
         # Sort by length so each padded batch wastes little work.
         todo.sort(key=lambda k: len(text_of[k]))
         for start in range(0, len(todo), batch_size):

@@ -1,0 +1,33 @@
+"""gunicorn settings for papertag (read by `gunicorn -c gunicorn.conf.py wsgi:app`).
+
+gthread workers: the model runs in onnxruntime (which releases the GIL), so a few threads per process keep
+the CPU busy while others wait on the database. No preload_app: each worker imports the app after the fork
+and creates its own onnxruntime sessions (never share a live session across fork).
+"""
+
+import os
+
+# Loopback by default (a laptop); Render sets HOST=0.0.0.0 and PORT.
+bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
+# Processes: WEB_CONCURRENCY (the app reads it too, to give each worker max(1, cores // workers) ORT threads).
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+preload_app = False
+# A 64-abstract batch on a busy 2-core machine takes a few seconds; 60 s leaves room without hiding hangs.
+timeout = 60
+graceful_timeout = 30
+keepalive = 5
+# Logs to stdout/stderr (Render and systemd collect them).
+accesslog = "-"
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info")
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
+
+
+def post_worker_init(worker):  # noqa: ANN001, ANN201 - gunicorn's hook signature
+    """Load the active models and start the model watcher as soon as the worker has the app (after fork),
+    so the first request does not pay for the load."""
+    live = worker.wsgi.extensions.get("papertag.live_models")
+    if live is not None:
+        live.ensure_started()

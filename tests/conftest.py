@@ -1,0 +1,96 @@
+"""Shared fixtures: a real app on a real SQLite file (migrated with the real migrations) serving real tiny
+ONNX bundles built by :mod:`tests.tiny_bundle`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import flask_migrate
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient, FlaskCliRunner
+
+from tests.tiny_bundle import build_bundle, build_tokenizer, fixture_abstracts
+from webapp import create_app
+from webapp.extensions import db
+from webapp.registry import import_bundle, live_models
+
+BundleFactory = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def make_bundle(tmp_path_factory: pytest.TempPathFactory, tokenizer_path: Path) -> BundleFactory:
+    """``make_bundle(seed=1, threshold=0.5, slug=..., broken=...)`` -> a bundle directory (cached per arguments)."""
+    root = tmp_path_factory.mktemp("bundles")
+    made: dict[tuple, Path] = {}
+
+    def factory(**kwargs: object) -> Path:
+        key = tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+        if key not in made:
+            made[key] = build_bundle(root / f"bundle-{len(made)}", tokenizer_path, **kwargs)  # type: ignore[arg-type]
+        return made[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def abstracts() -> list[dict]:
+    return fixture_abstracts()
+
+
+def make_app(data_dir: Path, **overrides: object) -> Flask:
+    """A migrated app in ``data_dir`` (tests may build several, e.g. to act as another instance)."""
+    config = {
+        "TESTING": True,
+        "DATA_DIR": str(data_dir),
+        "SECRET_KEY": "test-secret",
+        "WTF_CSRF_ENABLED": False,
+        "RATELIMIT_ENABLED": False,
+        "DEFAULT_BUNDLES_DIR": str(data_dir / "no-default-models"),
+        "MODEL_POLL_SECONDS": 0.2,
+        "ORT_THREADS": 1,
+        **overrides,
+    }
+    app = create_app(config)
+    with app.app_context():
+        flask_migrate.upgrade()
+    return app
+
+
+@pytest.fixture
+def empty_app(tmp_path: Path) -> Iterator[Flask]:
+    """An app with a migrated database and no model."""
+    app = make_app(tmp_path / "data")
+    yield app
+    live_models_of(app).stop()
+    with app.app_context():
+        db.engine.dispose()
+
+
+def live_models_of(app: Flask):  # noqa: ANN201 - test helper
+    with app.app_context():
+        return live_models()
+
+
+@pytest.fixture
+def app(empty_app: Flask, make_bundle: BundleFactory) -> Flask:
+    """An app whose registry holds one active version of ``test-tasks`` (seed 1)."""
+    with empty_app.app_context():
+        import_bundle(make_bundle(seed=1), actor="tests")
+    return empty_app
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app: Flask) -> FlaskCliRunner:
+    return app.test_cli_runner()

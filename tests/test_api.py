@@ -1,0 +1,98 @@
+"""The JSON API and /healthz, exactly as PRODUCT.md states them."""
+
+from __future__ import annotations
+
+from flask import Flask
+from flask.testing import FlaskClient
+
+from tests.tiny_bundle import LABELS
+from webapp.extensions import db
+from webapp.models import Prediction, PredictionResult
+
+
+def test_predict_single_returns_contract_shape(client: FlaskClient, app: Flask, abstracts: list[dict]) -> None:
+    paper = abstracts[0]
+    response = client.post("/api/v1/predict", json={"title": paper["title"], "abstract": paper["abstract"]})
+    assert response.status_code == 200, response.get_json()
+    body = response.get_json()
+    assert list(body) == ["predictions"]
+    (prediction,) = body["predictions"]
+    assert set(prediction) == {"id", "results"}
+    result = prediction["results"]["test-tasks"]
+    assert set(result) == {"model_version", "labels", "scores"}
+    assert result["model_version"].startswith("test-tasks-")
+    assert set(result["scores"]) == set(LABELS)
+    assert all(0.0 <= p <= 1.0 for p in result["scores"].values())
+    # Predicted = every label at or over its threshold (0.5 in the test bundle), highest first.
+    expected = sorted((label for label, p in result["scores"].items() if p >= 0.5), key=lambda x: -result["scores"][x])
+    assert result["labels"] == expected
+    with app.app_context():
+        stored = db.session.get(Prediction, prediction["id"])
+        assert stored is not None and stored.source == "api" and stored.title == paper["title"]
+        (row,) = stored.results
+        assert row.model_version_id == result["model_version"]
+        assert row.thresholds == {label: 0.5 for label in LABELS}
+        assert row.labels == result["labels"]
+        assert len(row.embedding) == 32 * 4
+
+
+def test_predict_batch_keeps_order_and_matches_single(client: FlaskClient, abstracts: list[dict]) -> None:
+    batch = [{"title": a["title"], "abstract": a["abstract"]} for a in abstracts[:10]]
+    response = client.post("/api/v1/predict", json={"abstracts": batch})
+    assert response.status_code == 200
+    predictions = response.get_json()["predictions"]
+    assert len(predictions) == 10 and len({p["id"] for p in predictions}) == 10
+    single = client.post("/api/v1/predict", json=batch[3]).get_json()["predictions"][0]
+    assert single["results"]["test-tasks"]["scores"] == predictions[3]["results"]["test-tasks"]["scores"]
+
+
+def test_predict_title_is_optional(client: FlaskClient, abstracts: list[dict]) -> None:
+    response = client.post("/api/v1/predict", json={"abstract": abstracts[1]["abstract"]})
+    assert response.status_code == 200
+    assert response.get_json()["predictions"][0]["results"]["test-tasks"]["labels"] is not None
+
+
+def test_taxonomies_lists_labels_and_active_version(client: FlaskClient) -> None:
+    body = client.get("/api/v1/taxonomies").get_json()
+    (taxonomy,) = body["taxonomies"]
+    assert taxonomy["slug"] == "test-tasks" and taxonomy["name"] == "Test tasks"
+    assert taxonomy["labels"] == LABELS
+    assert taxonomy["active_version"] in taxonomy["versions"]
+
+
+def test_healthz_reports_active_and_loaded_versions(client: FlaskClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["status"] == "ok"
+    (version,) = body["active"].values()
+    assert body["worker"]["loaded"] == {"test-tasks": version}
+    assert body["worker"]["errors"] == {}
+
+
+def test_predict_without_any_model_is_a_clear_503(empty_app: Flask, abstracts: list[dict]) -> None:
+    client = empty_app.test_client()
+    response = client.post("/api/v1/predict", json={"abstract": abstracts[0]["abstract"]})
+    assert response.status_code == 503
+    assert "no model is active" in response.get_json()["error"]
+    with empty_app.app_context():
+        assert db.session.query(Prediction).count() == 0
+    health = client.get("/healthz")
+    assert health.status_code == 200 and health.get_json()["active"] == {}
+
+
+def test_security_headers_on_every_response(client: FlaskClient) -> None:
+    for path in ("/", "/history", "/api/v1/taxonomies", "/healthz", "/nope"):
+        response = client.get(path)
+        csp = response.headers["Content-Security-Policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+        assert response.headers["X-Frame-Options"] == "DENY"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_scores_stored_for_every_label(client: FlaskClient, app: Flask, abstracts: list[dict]) -> None:
+    client.post("/api/v1/predict", json={"abstract": abstracts[2]["abstract"]})
+    with app.app_context():
+        row = db.session.query(PredictionResult).one()
+        assert list(row.scores) == LABELS
+        assert abs(row.margin - min(abs(row.scores[label] - 0.5) for label in LABELS)) < 1e-5

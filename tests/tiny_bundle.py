@@ -1,0 +1,137 @@
+"""A small but real bundle for tests, built without torch: a WordPiece tokenizer trained with ``tokenizers``
+on the fixture abstracts and an ONNX graph (embedding -> masked mean pool -> linear) made with ``onnx.helper``.
+
+Seeds and thresholds give distinct versions; ``broken=`` gives bundles that must be refused.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from webapp.bundle import Manifest, write_bundle
+
+FIXTURES = Path(__file__).parent / "fixtures"
+LABELS = [
+    "Object Detection",
+    "Semantic Segmentation",
+    "Machine Translation",
+    "Question Answering",
+    "Anomaly Detection",
+    "Speech Recognition",
+    "Code Generation",
+    "Image Classification",
+]
+
+
+def fixture_abstracts() -> list[dict]:
+    with open(FIXTURES / "abstracts.jsonl", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def build_tokenizer(path: Path, vocab_size: int = 600) -> Path:
+    """Train a BERT-style WordPiece tokenizer ([CLS] text [SEP]) on the fixture abstracts."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False
+    )
+    texts = [f"{row['title']}. {row['abstract']}" for row in fixture_abstracts()]
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.save(str(path))
+    return path
+
+
+def build_onnx(path: Path, vocab_size: int, n_labels: int, *, seed: int, hidden: int = 32, bias: float = 0.0) -> Path:
+    """logits = mean_pool(E[input_ids], mask) @ W + b; embedding = L2-normalised mean pool."""
+    rng = np.random.default_rng(seed)
+    embedding = rng.normal(0, 1.0, (vocab_size, hidden)).astype(np.float32)
+    weight = rng.normal(0, 3.0, (hidden, n_labels)).astype(np.float32)
+    bias_values = np.full((n_labels,), bias, dtype=np.float32) + rng.normal(0, 0.5, n_labels).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["E", "input_ids"], ["tokens"]),
+        helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["mask_f", "axis2"], ["mask3"]),
+        helper.make_node("Mul", ["tokens", "mask3"], ["masked"]),
+        helper.make_node("ReduceSum", ["masked", "axis1"], ["summed"], keepdims=0),
+        helper.make_node("ReduceSum", ["mask3", "axis1"], ["count"], keepdims=0),
+        helper.make_node("Max", ["count", "eps"], ["count_safe"]),
+        helper.make_node("Div", ["summed", "count_safe"], ["pooled"]),
+        helper.make_node("MatMul", ["pooled", "W"], ["projected"]),
+        helper.make_node("Add", ["projected", "b"], ["logits"]),
+        helper.make_node("LpNormalization", ["pooled"], ["embedding"], axis=1, p=2),
+    ]
+    initializers = [
+        numpy_helper.from_array(embedding, "E"),
+        numpy_helper.from_array(weight, "W"),
+        numpy_helper.from_array(bias_values, "b"),
+        numpy_helper.from_array(np.array([2], dtype=np.int64), "axis2"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+        numpy_helper.from_array(np.array([1e-6], dtype=np.float32), "eps"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny-papertag",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
+        ],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_labels]),
+            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", hidden]),
+        ],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="papertag-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def build_bundle(
+    target: Path,
+    tokenizer_path: Path,
+    *,
+    seed: int = 0,
+    slug: str = "test-tasks",
+    name: str = "Test tasks",
+    labels: list[str] | None = None,
+    threshold: float = 0.5,
+    broken: str | None = None,
+) -> Path:
+    """Write a bundle directory. ``broken``: "label-count" (model has one output fewer than the labels),
+    "corrupt-onnx" (model.onnx is garbage) or "nan" (the model's scores are NaN, so the smoke test fails)."""
+    labels = list(labels or LABELS)
+    vocab_size = Tokenizer.from_file(str(tokenizer_path)).get_vocab_size()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path = Path(tmp) / "model.onnx"
+        outputs = len(labels) - 1 if broken == "label-count" else len(labels)
+        bias = float("nan") if broken == "nan" else 0.0
+        build_onnx(model_path, vocab_size, outputs, seed=seed, bias=bias)
+        if broken == "corrupt-onnx":
+            model_path.write_bytes(b"this is not an onnx model" * 10)
+        manifest = Manifest(
+            taxonomy_slug=slug,
+            taxonomy_name=name,
+            labels=labels,
+            thresholds=[threshold] * len(labels),
+            max_length=128,
+            base_model="tests/tiny_bundle.py",
+            created_at="2025-01-01T00:00:00Z",
+            training_data={"abstracts": 0, "note": f"random weights, seed {seed}"},
+            metrics={"micro_f1": 0.1 + seed / 100, "macro_f1": 0.05},
+        )
+        return write_bundle(target, manifest, model_path, tokenizer_path)

@@ -1,0 +1,160 @@
+"""papertag's web application: the factory that wires config, extensions, blueprints, errors and commands."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, Response
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from . import config as config_module
+from .extensions import csrf, db, limiter, login_manager, migrate
+
+REPO_ROOT = config_module.REPO_ROOT
+
+
+class ConfigurationError(RuntimeError):
+    """The app cannot start with this configuration (e.g. production without SECRET_KEY)."""
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the app. Config layers: defaults -> ``DATA_DIR/config.py`` -> environment -> ``test_config``."""
+    test_config = dict(test_config or {})
+    data_dir = Path(test_config.get("DATA_DIR") or os.environ.get("DATA_DIR") or config_module.Defaults.DATA_DIR)
+    data_dir = data_dir.resolve()
+    app = Flask(
+        __name__,
+        instance_path=str(data_dir),
+        instance_relative_config=True,
+        template_folder=str(REPO_ROOT / "templates"),
+        static_folder=str(REPO_ROOT / "static"),
+    )
+    app.config.from_object(config_module.Defaults)
+    app.config.from_pyfile("config.py", silent=True)
+    app.config.update(config_module.from_environment(app.config, os.environ))
+    app.config.update(test_config)
+    app.config["DATA_DIR"] = str(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    _configure_secret(app)
+    uri = app.config.setdefault(
+        "SQLALCHEMY_DATABASE_URI", config_module.database_uri(app.config["DATABASE_URL"], data_dir)
+    )
+    if uri.startswith("sqlite"):
+        # sqlite3's timeout is SQLite's busy timeout: writers from several workers wait instead of failing.
+        engine_options = {"connect_args": {"timeout": app.config["SQLITE_BUSY_TIMEOUT"]}}
+        app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", engine_options)
+    if app.config["PAPERTAG_ENV"] == "production":
+        app.config["SESSION_COOKIE_SECURE"] = True
+    _configure_logging(app)
+    register_extensions(app)
+    register_blueprints(app)
+    register_errorhandlers(app)
+    register_commands(app)
+    app.after_request(_security_headers)
+    return app
+
+
+def _configure_secret(app: Flask) -> None:
+    """Production must be given SECRET_KEY; elsewhere one is generated once into DATA_DIR and shared."""
+    if app.config.get("SECRET_KEY"):
+        return
+    if app.config["PAPERTAG_ENV"] == "production":
+        raise ConfigurationError("SECRET_KEY must be set when PAPERTAG_ENV=production")
+    path = Path(app.config["DATA_DIR"]) / "secret_key"
+    try:  # O_EXCL: when several workers start at once, exactly one writes and all read the same key
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    except FileExistsError:
+        pass
+    key = ""
+    for _ in range(50):  # another process may be between creating and writing the file
+        key = path.read_text().strip()
+        if key:
+            break
+        time.sleep(0.02)
+    if not key:
+        raise ConfigurationError(f"{path} is empty; delete it or set SECRET_KEY")
+    app.config["SECRET_KEY"] = key
+
+
+def _configure_logging(app: Flask) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("webapp").setLevel(logging.INFO)
+
+
+@event.listens_for(Engine, "connect")
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """WAL lets readers run beside one writer (the busy timeout comes from the connect ``timeout``)."""
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+
+def register_extensions(app: Flask) -> None:
+    db.init_app(app)
+    migrate.init_app(app, db, directory=str(REPO_ROOT / "migrations"))
+    csrf.init_app(app)
+    login_manager.init_app(app)
+    limiter.init_app(app)
+
+    from .models import User
+    from .registry import EXTENSION_KEY, LiveModels
+
+    @login_manager.user_loader
+    def load_user(user_id: str) -> User | None:
+        return db.session.get(User, int(user_id)) if user_id.isdigit() else None
+
+    app.extensions[EXTENSION_KEY] = LiveModels(app)
+
+
+def register_blueprints(app: Flask) -> None:
+    from . import admin, api, history, predict
+
+    app.register_blueprint(predict.bp)
+    app.register_blueprint(history.bp)
+    app.register_blueprint(admin.bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(api.health_bp)
+    csrf.exempt(api.bp)
+
+
+def register_errorhandlers(app: Flask) -> None:
+    from .errors import register
+
+    register(app)
+
+
+def register_commands(app: Flask) -> None:
+    from .commands import models_cli, tokens_cli, users_cli
+
+    app.cli.add_command(models_cli)
+    app.cli.add_command(users_cli)
+    app.cli.add_command(tokens_cli)
+
+
+# Scripts only from our own origin (no inline scripts), nothing framed, no MIME sniffing.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; object-src 'none'; "
+    "base-uri 'self'; form-action 'self'; frame-ancestors 'none'"
+)
+
+
+def _security_headers(response: Response) -> Response:
+    response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    return response

@@ -1,0 +1,183 @@
+"""The JSON API (``/api/v1``) and ``/healthz``. Errors are ``{"error": "..."}`` with a 4xx/5xx status."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flask import Blueprint, Response, abort, current_app, g, jsonify, request
+from sqlalchemy import select, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from .auth import token_user_role
+from .bundle import BundleError
+from .extensions import db, limiter
+from .models import ModelVersion, Taxonomy
+from .registry import RegistryError, activate, import_bundle, list_versions, live_models
+from .scoring import InputError, NoModelError, Submission, check_submission, predict_and_store, prediction_json
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+health_bp = Blueprint("health", __name__)
+
+
+def predict_rate_limit() -> str:
+    return current_app.config["PREDICT_RATE_LIMIT"]
+
+
+def _json_body() -> Any:
+    if not request.is_json:
+        abort(415, description="send the body as JSON with Content-Type: application/json")
+    body = request.get_json(silent=True)
+    if body is None:
+        abort(400, description="the body is not valid JSON")
+    return body
+
+
+def _submissions(body: Any) -> list[Submission]:
+    """``{"title", "abstract"}`` or ``{"abstracts": [...]}`` -> checked submissions (every error is a 400)."""
+    if not isinstance(body, dict):
+        abort(400, description='send an object: {"title": ..., "abstract": ...} or {"abstracts": [...]}')
+    if "abstracts" in body:
+        if "abstract" in body:
+            abort(400, description='send either "abstract" or "abstracts", not both')
+        items = body["abstracts"]
+        if not isinstance(items, list):
+            abort(400, description='"abstracts" must be a list of {"title", "abstract"} objects')
+        if not items:
+            abort(400, description='"abstracts" is empty')
+        limit = current_app.config["MAX_BATCH"]
+        if len(items) > limit:
+            abort(400, description=f'"abstracts" has {len(items)} items; at most {limit} are allowed per call')
+        where = [f"abstracts[{i}]" for i in range(len(items))]
+    else:
+        items, where = [body], [""]
+    submissions = []
+    for item, place in zip(items, where, strict=True):
+        if not isinstance(item, dict):
+            abort(400, description=f'{place or "body"} must be an object with "abstract" (and optional "title")')
+        try:
+            submissions.append(check_submission(item.get("title"), item.get("abstract")))
+        except InputError as exc:
+            abort(400, description=f"{place}.{exc}" if place else str(exc))
+    return submissions
+
+
+@bp.post("/predict")
+@limiter.limit(predict_rate_limit)
+def predict() -> Response:
+    submissions = _submissions(_json_body())
+    try:
+        predictions = predict_and_store(submissions, source="api")
+    except NoModelError as exc:
+        abort(503, description=str(exc))
+    return jsonify(predictions=[prediction_json(p) for p in predictions])
+
+
+@bp.get("/taxonomies")
+def taxonomies() -> Response:
+    rows = db.session.scalars(select(Taxonomy).order_by(Taxonomy.slug))
+    out = []
+    for taxonomy in rows:
+        active = db.session.get(ModelVersion, taxonomy.active_version_id) if taxonomy.active_version_id else None
+        out.append(
+            {
+                "slug": taxonomy.slug,
+                "name": taxonomy.name,
+                "active_version": taxonomy.active_version_id,
+                "labels": list(active.labels) if active else [],
+                "versions": [v.id for v in taxonomy.versions],
+            }
+        )
+    return jsonify(taxonomies=out)
+
+
+def _version_json(version: ModelVersion) -> dict[str, Any]:
+    metrics = version.metrics
+    return {
+        "id": version.id,
+        "taxonomy": version.taxonomy.slug,
+        "active": version.taxonomy.active_version_id == version.id,
+        "labels": len(version.labels),
+        "sha256": version.artifact_sha256,
+        "created_at": version.created_at.isoformat() + "Z",
+        "imported_by": version.imported_by,
+        "status": version.status,
+        "validation_error": version.validation_error,
+        "metrics": {k: metrics[k] for k in ("micro_f1", "macro_f1") if k in metrics},
+    }
+
+
+@bp.get("/models")
+def models() -> Response:
+    return jsonify(models=[_version_json(v) for v in list_versions(request.args.get("taxonomy") or None)])
+
+
+@bp.post("/models")
+@token_user_role("admin")
+def upload_model() -> tuple[Response, int]:
+    """Upload a bundle ``.tar.gz`` as the multipart field ``bundle`` (or as the raw body)."""
+    request.max_content_length = current_app.config["MAX_BUNDLE_UPLOAD_BYTES"]
+    if request.mimetype == "multipart/form-data":
+        upload = request.files.get("bundle")
+        if upload is None:
+            abort(400, description='send the bundle .tar.gz as the multipart file field "bundle"')
+        data = upload.read()
+    elif request.mimetype in {"application/gzip", "application/x-gzip", "application/octet-stream"}:
+        data = request.get_data()
+    else:
+        abort(415, description='send multipart/form-data with a "bundle" file, or an application/gzip body')
+    if not data:
+        abort(400, description="the uploaded bundle is empty")
+    try:
+        result = import_bundle(data, actor=f"api:{g.api_user.name}")
+    except BundleError as exc:
+        abort(422, description=f"bundle refused: {exc}")
+    body = _version_json(result.version) | {"created": result.created}
+    return jsonify(body), 201 if result.created else 200
+
+
+@bp.post("/models/<version_id>/activate")
+@token_user_role("admin")
+def activate_model(version_id: str) -> Response:
+    try:
+        version = activate(version_id, actor=f"api:{g.api_user.name}")
+    except RegistryError as exc:
+        abort(404, description=str(exc))
+    return jsonify(_version_json(version))
+
+
+@health_bp.get("/healthz")
+def healthz() -> tuple[Response, int]:
+    """Active versions from the database and what this worker serves; 503 when the database is unreachable."""
+    live = live_models()
+    try:
+        live.ensure_started()
+        db.session.execute(text("SELECT 1"))
+        active = dict(
+            db.session.execute(
+                select(Taxonomy.slug, Taxonomy.active_version_id).where(Taxonomy.active_version_id.is_not(None))
+            ).all()
+        )
+    except SQLAlchemyError as exc:
+        db.session.rollback()
+        return jsonify(status="error", error=f"database unreachable: {exc.__class__.__name__}"), 503
+    loaded = live.loaded()
+    if loaded == active:
+        status = "ok"
+    elif any(version in live.errors for version in active.values()):
+        status = "degraded"  # an active version failed to load here; the previous one still serves
+    else:
+        status = "loading"
+    body = {
+        "status": status,
+        "active": active,
+        "worker": {
+            "pid": os.getpid(),
+            "loaded": loaded,
+            "errors": dict(live.errors),
+            "ort_threads": live.threads,
+        },
+    }
+    if live.last_poll_error:
+        body["worker"]["poll_error"] = live.last_poll_error
+    return jsonify(body), 200

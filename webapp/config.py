@@ -1,0 +1,108 @@
+"""Every setting with its default and why. Layers (later wins): these defaults -> ``DATA_DIR/config.py``
+-> environment variables -> the ``test_config`` mapping given to :func:`webapp.create_app`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Defaults:
+    # Where the SQLite database, the generated development secret and the model cache live (a Render disk).
+    DATA_DIR = str(REPO_ROOT / "instance")
+    # "production" refuses to start without SECRET_KEY; anything else generates one into DATA_DIR.
+    PAPERTAG_ENV = "development"
+    # Signs sessions and CSRF tokens; must be equal in every worker, so never random per process.
+    SECRET_KEY: str | None = None
+    # PostgreSQL for several instances (postgres:// is normalised); empty means SQLite in DATA_DIR.
+    DATABASE_URL = ""
+    # Bundle directories imported on first start when their taxonomy has no version yet.
+    DEFAULT_BUNDLES_DIR = str(REPO_ROOT / "models")
+    # gunicorn worker count; used to size onnxruntime threads so workers x threads <= cores.
+    WEB_CONCURRENCY = 2
+    # onnxruntime intra-op threads per worker; 0 means max(1, cores // WEB_CONCURRENCY).
+    ORT_THREADS = 0
+    # How often each worker's watcher polls the database for a change of active model version (seconds).
+    MODEL_POLL_SECONDS = 1.0
+    # After a version failed to load, wait this long before trying it again (seconds).
+    MODEL_RETRY_SECONDS = 60.0
+    # Seconds SQLite waits for a lock before failing: several workers write predictions at once.
+    SQLITE_BUSY_TIMEOUT = 15
+    # Largest request body (bytes): 64 abstracts of 20,000 characters fit; bundle uploads have their own.
+    MAX_CONTENT_LENGTH = 2 * 1024 * 1024
+    # Largest bundle upload (bytes) through the API; the int8 distilroberta-sized model is ~83 MB.
+    MAX_BUNDLE_UPLOAD_BYTES = 200 * 1024 * 1024
+    # Abstract length limits (characters): shorter is not an abstract, longer is not one either.
+    ABSTRACT_MIN_CHARS = 20
+    ABSTRACT_MAX_CHARS = 20_000
+    # Titles are one line; longer ones are probably a pasted abstract.
+    TITLE_MAX_CHARS = 500
+    # Most abstracts in one API call (PRODUCT contract).
+    MAX_BATCH = 64
+    # Rows per history page.
+    HISTORY_PER_PAGE = 25
+    # Greyed "just missed" labels shown under each taxonomy's predictions.
+    NEAR_MISSES = 4
+    # Anonymous prediction rate limit per client address (flask-limiter syntax).
+    PREDICT_RATE_LIMIT = "120 per minute"
+    # Per-process counters are enough for one machine; set a redis:// URI for several instances.
+    RATELIMIT_STORAGE_URI = "memory://"
+    RATELIMIT_HEADERS_ENABLED = True
+    # Cookies: not readable by scripts, not sent cross-site; Secure in production (HTTPS on Render).
+    SESSION_COOKIE_HTTPONLY = True
+    SESSION_COOKIE_SAMESITE = "Lax"
+    SQLALCHEMY_TRACK_MODIFICATIONS = False
+    # CSRF tokens live as long as the session, so a form left open for an afternoon still submits.
+    WTF_CSRF_TIME_LIMIT = None
+
+
+# Environment variables read on top of the defaults (and the instance config file).
+ENV_KEYS = (
+    "PAPERTAG_ENV",
+    "SECRET_KEY",
+    "DATABASE_URL",
+    "DEFAULT_BUNDLES_DIR",
+    "WEB_CONCURRENCY",
+    "ORT_THREADS",
+    "MODEL_POLL_SECONDS",
+    "MODEL_RETRY_SECONDS",
+    "SQLITE_BUSY_TIMEOUT",
+    "MAX_CONTENT_LENGTH",
+    "MAX_BUNDLE_UPLOAD_BYTES",
+    "PREDICT_RATE_LIMIT",
+    "RATELIMIT_STORAGE_URI",
+    "RATELIMIT_ENABLED",
+)
+
+
+def _coerce(raw: str, like: Any) -> Any:
+    """Parse an environment string into the type of the current value."""
+    if isinstance(like, bool):
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    if isinstance(like, int):
+        return int(raw)
+    if isinstance(like, float):
+        return float(raw)
+    return raw
+
+
+def from_environment(current: dict[str, Any], environ: os._Environ[str] | dict[str, str]) -> dict[str, Any]:
+    """The settings that environment variables override, typed like their defaults."""
+    found: dict[str, Any] = {}
+    for key in ENV_KEYS:
+        if key in environ and environ[key] != "":
+            found[key] = _coerce(environ[key], current.get(key, ""))
+    return found
+
+
+def database_uri(url: str, data_dir: str | os.PathLike[str]) -> str:
+    """SQLAlchemy URI: ``DATABASE_URL`` normalised to psycopg 3, else SQLite inside ``DATA_DIR``."""
+    if not url:
+        return f"sqlite:///{Path(data_dir).resolve() / 'papertag.db'}"
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url

@@ -1,0 +1,98 @@
+"""History of predictions: newest first, search, filters, and one prediction's page (also the result page)."""
+
+from __future__ import annotations
+
+from flask import Blueprint, abort, current_app, render_template, request
+from sqlalchemy import Select, exists, or_, select
+
+from .extensions import db
+from .models import AnnotationEvent, ModelVersion, PredictedLabel, Prediction, PredictionResult
+from .scoring import result_view
+
+bp = Blueprint("history", __name__)
+
+REVIEWED_CHOICES = {"": "All", "yes": "Reviewed", "no": "Not reviewed"}
+
+
+def _page_number() -> int:
+    raw = request.args.get("page", "1").strip()
+    if not raw.isdigit() or int(raw) < 1 or len(raw) > 9:
+        abort(400, description=f"page must be a whole number from 1 up, not {raw[:20]!r}")
+    return int(raw)
+
+
+def _escape_like(term: str) -> str:
+    return term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def filtered_predictions(q: str, label: str, version: str, reviewed: str) -> Select:
+    """The history query; every filter is optional."""
+    stmt = select(Prediction).order_by(Prediction.created_at.desc(), Prediction.id.desc())
+    if q:
+        pattern = f"%{_escape_like(q)}%"
+        stmt = stmt.where(
+            or_(Prediction.title.ilike(pattern, escape="\\"), Prediction.abstract.ilike(pattern, escape="\\"))
+        )
+    if label:
+        stmt = stmt.where(Prediction.id.in_(select(PredictedLabel.prediction_id).where(PredictedLabel.label == label)))
+    if version:
+        made_by = select(PredictionResult.prediction_id).where(PredictionResult.model_version_id == version)
+        stmt = stmt.where(Prediction.id.in_(made_by))
+    is_reviewed = exists().where(AnnotationEvent.prediction_id == Prediction.id)
+    if reviewed == "yes":
+        stmt = stmt.where(is_reviewed)
+    elif reviewed == "no":
+        stmt = stmt.where(~is_reviewed)
+    return stmt
+
+
+@bp.get("/history")
+def index() -> str:
+    page = _page_number()
+    q = request.args.get("q", "").strip()[:200]
+    label = request.args.get("label", "").strip()[:300]
+    version = request.args.get("version", "").strip()[:80]
+    reviewed = request.args.get("reviewed", "")
+    if reviewed not in REVIEWED_CHOICES:
+        abort(400, description="reviewed must be 'yes', 'no' or empty")
+    pagination = db.paginate(
+        filtered_predictions(q, label, version, reviewed),
+        page=page,
+        per_page=current_app.config["HISTORY_PER_PAGE"],
+        error_out=False,
+        count=True,
+    )
+    if page > 1 and page > (pagination.pages or 1):
+        abort(404, description=f"there is no page {page}; the last page is {pagination.pages or 1}")
+    reviewed_ids = set()
+    if pagination.items:
+        ids = [p.id for p in pagination.items]
+        reviewed_ids = set(
+            db.session.scalars(select(AnnotationEvent.prediction_id).where(AnnotationEvent.prediction_id.in_(ids)))
+        )
+    versions = db.session.scalars(select(ModelVersion.id).order_by(ModelVersion.created_at.desc())).all()
+    known_labels = sorted(set(db.session.scalars(select(PredictedLabel.label).distinct().limit(2000))))
+    return render_template(
+        "history/index.html",
+        pagination=pagination,
+        reviewed_ids=reviewed_ids,
+        filters={"q": q, "label": label, "version": version, "reviewed": reviewed},
+        reviewed_choices=REVIEWED_CHOICES,
+        versions=versions,
+        known_labels=known_labels,
+    )
+
+
+@bp.get("/predictions/<int:prediction_id>")
+def detail(prediction_id: int) -> str:
+    prediction = db.session.get(Prediction, prediction_id)
+    if prediction is None:
+        abort(404, description=f"there is no prediction {prediction_id}")
+    near = current_app.config["NEAR_MISSES"]
+    views = [result_view(result, near) for result in prediction.results]
+    return render_template(
+        "history/detail.html",
+        prediction=prediction,
+        views=views,
+        is_new=request.args.get("new") == "1",
+    )

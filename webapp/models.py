@@ -1,0 +1,228 @@
+"""Database models (SQLAlchemy 2.0 typed). The database is the single source of truth: model artifacts,
+which version is active, every prediction with the version and thresholds that made it, and the
+append-only annotation events that curation (issue 4) records."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+from flask_login import UserMixin
+from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from .extensions import db
+
+ROLES = ("curator", "admin")
+
+
+def utcnow() -> datetime:
+    """Naive UTC timestamps: SQLite keeps no time zone, so every row uses the same convention."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Taxonomy(db.Model):
+    """A named label set; at most one model version of it is active."""
+
+    __tablename__ = "taxonomies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    slug: Mapped[str] = mapped_column(String(63), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    # Not a foreign key: taxonomy <-> version would be a cycle; the registry keeps it consistent.
+    active_version_id: Mapped[str | None] = mapped_column(String(80), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    versions: Mapped[list[ModelVersion]] = relationship(back_populates="taxonomy", order_by="ModelVersion.created_at")
+
+
+class ModelArtifact(db.Model):
+    """A bundle's deterministic ``.tar.gz``, addressed by its sha256 so every instance can fetch it."""
+
+    __tablename__ = "model_artifacts"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    size: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelVersion(db.Model):
+    """One imported bundle of one taxonomy: its labels, thresholds and manifest (metrics included)."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    taxonomy_id: Mapped[int] = mapped_column(ForeignKey("taxonomies.id"), index=True)
+    artifact_sha256: Mapped[str] = mapped_column(ForeignKey("model_artifacts.sha256"))
+    labels: Mapped[list[str]] = mapped_column(JSON)
+    thresholds: Mapped[list[float]] = mapped_column(JSON)
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    imported_by: Mapped[str | None] = mapped_column(String(120), default=None)
+    # "ready" after import; "failed" when a worker could not load it (validation_error says why).
+    status: Mapped[str] = mapped_column(String(20), default="ready")
+    validation_error: Mapped[str | None] = mapped_column(Text, default=None)
+    activated_at: Mapped[datetime | None] = mapped_column(default=None)
+    activated_by: Mapped[str | None] = mapped_column(String(120), default=None)
+
+    taxonomy: Mapped[Taxonomy] = relationship(back_populates="versions")
+    artifact: Mapped[ModelArtifact] = relationship(lazy="raise")
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.manifest.get("metrics") or {}
+
+
+class ActivationEvent(db.Model):
+    """Append-only log of activations; rollback walks it back."""
+
+    __tablename__ = "activation_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    taxonomy_id: Mapped[int] = mapped_column(ForeignKey("taxonomies.id"), index=True)
+    version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id"))
+    previous_version_id: Mapped[str | None] = mapped_column(ForeignKey("model_versions.id"), default=None)
+    # "import" (first version becomes active), "activate" or "rollback".
+    action: Mapped[str] = mapped_column(String(20))
+    actor: Mapped[str | None] = mapped_column(String(120), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Prediction(db.Model):
+    """One submitted abstract. Never modified after it is stored; corrections are AnnotationEvents."""
+
+    __tablename__ = "predictions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str | None] = mapped_column(Text, default=None)
+    abstract: Mapped[str] = mapped_column(Text)
+    text_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    # "web", "api" or "batch".
+    source: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # The CSV batch job this came from (issue 4 adds the batches table and its foreign key).
+    batch_id: Mapped[int | None] = mapped_column(Integer, default=None, index=True)
+
+    results: Mapped[list[PredictionResult]] = relationship(
+        back_populates="prediction", cascade="all, delete-orphan", order_by="PredictionResult.id"
+    )
+    events: Mapped[list[AnnotationEvent]] = relationship(
+        back_populates="prediction", order_by="AnnotationEvent.created_at"
+    )
+
+
+class PredictionResult(db.Model):
+    """What one model version said about one prediction: every label's score and the thresholds used."""
+
+    __tablename__ = "prediction_results"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id"), index=True)
+    taxonomy_id: Mapped[int] = mapped_column(ForeignKey("taxonomies.id"))
+    model_version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    scores: Mapped[dict[str, float]] = mapped_column(JSON)
+    labels: Mapped[list[str]] = mapped_column(JSON)
+    thresholds: Mapped[dict[str, float]] = mapped_column(JSON)
+    # Smallest |score - threshold| over the labels: the review queue shows the most uncertain first.
+    margin: Mapped[float] = mapped_column(Float, index=True)
+    # float32 little-endian pooled embedding, for similarity search later.
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+
+    prediction: Mapped[Prediction] = relationship(back_populates="results")
+    taxonomy: Mapped[Taxonomy] = relationship()
+    predicted: Mapped[list[PredictedLabel]] = relationship(cascade="all, delete-orphan")
+
+
+class PredictedLabel(db.Model):
+    """One predicted label, a row each, so history can filter by label on SQLite and PostgreSQL alike."""
+
+    __tablename__ = "predicted_labels"
+    __table_args__ = (Index("ix_predicted_labels_label_prediction", "label", "prediction_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("prediction_results.id"), index=True)
+    prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id"))
+    label: Mapped[str] = mapped_column(String(300))
+
+    prediction: Mapped[Prediction] = relationship()
+
+
+class User(UserMixin, db.Model):
+    """A curator or admin. Passwords are hashed; API tokens belong to a user and carry their role."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(120), unique=True)
+    role: Mapped[str] = mapped_column(String(20))
+    password_hash: Mapped[str | None] = mapped_column(String(300), default=None)
+    active: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    tokens: Mapped[list[ApiToken]] = relationship(back_populates="user")
+
+    @property
+    def is_active(self) -> bool:  # Flask-Login asks this
+        return self.active
+
+    def set_password(self, password: str) -> None:
+        self.password_hash = generate_password_hash(password)
+
+    def check_password(self, password: str) -> bool:
+        return bool(self.password_hash) and check_password_hash(self.password_hash or "", password)
+
+
+class ApiToken(db.Model):
+    """A bearer token; only its sha256 is stored, the plain value is shown once at creation."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(120), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    user: Mapped[User] = relationship(back_populates="tokens")
+
+    @staticmethod
+    def hash(token: str) -> str:
+        return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+    @classmethod
+    def issue(cls, user: User, name: str = "") -> tuple[ApiToken, str]:
+        """A new token row and the plain token (``pt_`` + 43 url-safe characters)."""
+        plain = "pt_" + secrets.token_urlsafe(32)
+        return cls(user=user, token_sha256=cls.hash(plain), name=name), plain
+
+    def usable(self, now: datetime | None = None) -> bool:
+        now = now or utcnow()
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now) and self.user.active
+
+
+class AnnotationEvent(db.Model):
+    """An append-only correction of one prediction in one taxonomy (who, when, added/removed, note).
+
+    Issue 4 records these; history already filters reviewed / not reviewed by their presence.
+    """
+
+    __tablename__ = "annotation_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id"), index=True)
+    taxonomy_id: Mapped[int] = mapped_column(ForeignKey("taxonomies.id"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    added: Mapped[list[str]] = mapped_column(JSON, default=list)
+    removed: Mapped[list[str]] = mapped_column(JSON, default=list)
+    note: Mapped[str] = mapped_column(Text, default="")
+
+    prediction: Mapped[Prediction] = relationship(back_populates="events")
+    user: Mapped[User] = relationship()

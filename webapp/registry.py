@@ -1,0 +1,385 @@
+"""The model registry (import, list, activate, roll back) and each worker's live models.
+
+The database holds every bundle (content-addressed by the sha256 of its deterministic ``.tar.gz``) and which
+version of each taxonomy is active. Each worker process runs one watcher thread that polls the active
+versions, loads a changed one off the request path (local disk cache first, the database blob otherwise),
+validates it and then swaps a single dict reference; requests keep whatever model they already grabbed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from flask import Flask, current_app
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from .bundle import MANIFEST_FILE, BundleError, pack, read_manifest, sha256_hex, unpack
+from .extensions import db
+from .inference import LoadedModel, load_and_validate
+from .models import ActivationEvent, ModelArtifact, ModelVersion, Taxonomy, utcnow
+
+log = logging.getLogger(__name__)
+EXTENSION_KEY = "papertag.live_models"
+
+
+class RegistryError(LookupError):
+    """An operation on the registry that cannot be done (unknown version, nothing to roll back to)."""
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    version: ModelVersion
+    created: bool
+    activated: bool
+
+
+def _read_source(source: str | os.PathLike[str] | bytes) -> bytes:
+    """Archive bytes from an upload, a ``.tar.gz`` path or a bundle directory."""
+    if isinstance(source, bytes):
+        return source
+    path = Path(source)
+    if path.is_dir():
+        return pack(path)
+    if not path.is_file():
+        raise BundleError(f"{path} is neither a bundle directory nor a .tar.gz file")
+    return path.read_bytes()
+
+
+def import_bundle(source: str | os.PathLike[str] | bytes, *, actor: str | None = None) -> ImportResult:
+    """Validate a bundle (unpack, load, smoke-predict) and store it; the same bundle twice is one version.
+
+    The first version of a taxonomy becomes its active version. Raises :class:`BundleError` with a message
+    that says what is wrong when the bundle cannot serve.
+    """
+    raw = _read_source(source)
+    with tempfile.TemporaryDirectory(prefix="papertag-import-") as tmp:
+        bundle_dir = Path(tmp) / "bundle"
+        manifest = unpack(raw, bundle_dir)
+        load_and_validate(bundle_dir, threads=1)
+        archive = pack(bundle_dir)  # canonical form, so equal content gives an equal address
+    sha = sha256_hex(archive)
+    version_id = f"{manifest.taxonomy_slug}-{sha[:10]}"
+    existing = db.session.get(ModelVersion, version_id)
+    if existing is not None:
+        return _same_version(existing, sha)
+    try:
+        taxonomy = db.session.scalar(select(Taxonomy).where(Taxonomy.slug == manifest.taxonomy_slug))
+        if taxonomy is None:
+            taxonomy = Taxonomy(slug=manifest.taxonomy_slug, name=manifest.taxonomy_name)
+            db.session.add(taxonomy)
+        if db.session.get(ModelArtifact, sha) is None:
+            db.session.add(ModelArtifact(sha256=sha, data=archive, size=len(archive)))
+        version = ModelVersion(
+            id=version_id,
+            taxonomy=taxonomy,
+            artifact_sha256=sha,
+            labels=list(manifest.labels),
+            thresholds=[float(t) for t in manifest.thresholds],
+            manifest=asdict(manifest),
+            imported_by=actor,
+        )
+        db.session.add(version)
+        db.session.flush()
+        activated = taxonomy.active_version_id is None
+        if activated:
+            _set_active(taxonomy, version, action="import", actor=actor)
+        db.session.commit()
+    except IntegrityError:
+        # Another process imported the same bundle (or taxonomy) at the same moment: use theirs.
+        db.session.rollback()
+        existing = db.session.get(ModelVersion, version_id)
+        if existing is None:
+            raise
+        return _same_version(existing, sha)
+    log.info("imported model version %s (%d labels)", version_id, len(manifest.labels))
+    return ImportResult(version, created=True, activated=activated)
+
+
+def _same_version(existing: ModelVersion, sha: str) -> ImportResult:
+    if existing.artifact_sha256 != sha:
+        raise BundleError(f"version id {existing.id} is taken by a different artifact ({existing.artifact_sha256})")
+    return ImportResult(existing, created=False, activated=False)
+
+
+def _set_active(taxonomy: Taxonomy, version: ModelVersion, *, action: str, actor: str | None) -> None:
+    db.session.add(
+        ActivationEvent(
+            taxonomy_id=taxonomy.id,
+            version_id=version.id,
+            previous_version_id=taxonomy.active_version_id,
+            action=action,
+            actor=actor,
+        )
+    )
+    taxonomy.active_version_id = version.id
+    version.activated_at = utcnow()
+    version.activated_by = actor
+
+
+def get_version(version_id: str) -> ModelVersion:
+    version = db.session.get(ModelVersion, version_id)
+    if version is None:
+        raise RegistryError(f"no model version {version_id!r} (see `flask models list`)")
+    return version
+
+
+def activate(version_id: str, *, actor: str | None = None) -> ModelVersion:
+    """Make a version its taxonomy's active one; every worker picks it up within a few seconds."""
+    version = get_version(version_id)
+    taxonomy = db.session.scalar(select(Taxonomy).where(Taxonomy.id == version.taxonomy_id).with_for_update())
+    assert taxonomy is not None
+    if taxonomy.active_version_id != version.id:
+        _set_active(taxonomy, version, action="activate", actor=actor)
+    db.session.commit()
+    return version
+
+
+def rollback(slug: str, *, actor: str | None = None) -> ModelVersion:
+    """Undo the activation that made the current version active, like popping a stack.
+
+    Rolling back twice goes two activations back; the version that was imported first has nothing before it.
+    """
+    taxonomy = db.session.scalar(select(Taxonomy).where(Taxonomy.slug == slug).with_for_update())
+    if taxonomy is None:
+        raise RegistryError(f"no taxonomy {slug!r}")
+    if taxonomy.active_version_id is None:
+        raise RegistryError(f"taxonomy {slug!r} has no active version")
+    made_active = db.session.scalar(
+        select(ActivationEvent)
+        .where(
+            ActivationEvent.taxonomy_id == taxonomy.id,
+            ActivationEvent.version_id == taxonomy.active_version_id,
+            ActivationEvent.action != "rollback",
+        )
+        .order_by(ActivationEvent.id.desc())
+        .limit(1)
+    )
+    if made_active is None or made_active.previous_version_id is None:
+        db.session.rollback()
+        raise RegistryError(f"{taxonomy.active_version_id} has no earlier version to roll back to")
+    target = get_version(made_active.previous_version_id)
+    _set_active(taxonomy, target, action="rollback", actor=actor)
+    db.session.commit()
+    return target
+
+
+def list_versions(slug: str | None = None) -> list[ModelVersion]:
+    stmt = select(ModelVersion).join(Taxonomy).order_by(Taxonomy.slug, ModelVersion.created_at, ModelVersion.id)
+    if slug:
+        stmt = stmt.where(Taxonomy.slug == slug)
+    return list(db.session.scalars(stmt))
+
+
+def import_defaults(bundles_dir: str | os.PathLike[str], *, actor: str = "import-defaults") -> list[str]:
+    """Import each bundle directory under ``bundles_dir`` whose taxonomy has no version yet.
+
+    Idempotent and safe to run from several processes at once. Returns one line per directory.
+    """
+    root = Path(bundles_dir)
+    report: list[str] = []
+    if not root.is_dir():
+        return [f"{root}: no default bundles directory, nothing to import"]
+    for bundle_dir in sorted(p for p in root.iterdir() if (p / MANIFEST_FILE).is_file()):
+        try:
+            manifest = read_manifest(bundle_dir)
+            has_versions = db.session.scalar(
+                select(ModelVersion.id).join(Taxonomy).where(Taxonomy.slug == manifest.taxonomy_slug).limit(1)
+            )
+            if has_versions:
+                report.append(f"{bundle_dir}: taxonomy {manifest.taxonomy_slug} already has versions, skipped")
+                continue
+            result = import_bundle(bundle_dir, actor=actor)
+            state = "active" if result.version.taxonomy.active_version_id == result.version.id else "inactive"
+            report.append(f"{bundle_dir}: imported {result.version.id} ({state})")
+        except BundleError as exc:
+            db.session.rollback()
+            report.append(f"{bundle_dir}: REFUSED: {exc}")
+    return report
+
+
+def default_ort_threads(workers: int) -> int:
+    """onnxruntime threads per worker so that workers x threads <= cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, workers))
+
+
+@dataclass(frozen=True)
+class LiveModel:
+    """A loaded version as one worker serves it."""
+
+    slug: str
+    taxonomy_id: int
+    taxonomy_name: str
+    version_id: str
+    model: LoadedModel
+    loaded_at: float
+
+
+class LiveModels:
+    """One worker's served models: ``current()`` returns an immutable snapshot ``{slug: LiveModel}``."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self._live: dict[str, LiveModel] = {}
+        self.errors: dict[str, str] = {}
+        self._failed_at: dict[str, float] = {}
+        self._refresh_lock = threading.Lock()
+        self._start_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+        self.last_poll_error: str | None = None
+        workers = int(app.config["WEB_CONCURRENCY"])
+        self.threads = int(app.config["ORT_THREADS"]) or default_ort_threads(workers)
+        self.cache_root = Path(app.config["DATA_DIR"]) / "model-cache"
+
+    def current(self) -> dict[str, LiveModel]:
+        self.ensure_started()
+        return self._live
+
+    def loaded(self) -> dict[str, str]:
+        """``{slug: version id}`` of what this worker serves right now."""
+        return {slug: live.version_id for slug, live in self._live.items()}
+
+    def ensure_started(self) -> None:
+        """Load the active models and start the watcher, once per process (so after a fork, never at import)."""
+        if self._pid == os.getpid():
+            return
+        with self._start_lock:
+            if self._pid == os.getpid():
+                return
+            if self._pid is not None:  # forked from a process that had models: never reuse its sessions
+                self._live, self.errors, self._failed_at = {}, {}, {}
+            self._stop = threading.Event()
+            try:
+                self.refresh()
+            except Exception as exc:  # the database may be down; the watcher keeps trying
+                self.last_poll_error = str(exc)
+                log.exception("could not load active models at start")
+            self._thread = threading.Thread(target=self._watch, name="papertag-model-watcher", daemon=True)
+            self._thread.start()
+            self._pid = os.getpid()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+        self._pid = None
+
+    def _watch(self) -> None:
+        interval = float(self.app.config["MODEL_POLL_SECONDS"])
+        while not self._stop.wait(interval):
+            try:
+                self.refresh()
+                self.last_poll_error = None
+            except Exception as exc:
+                self.last_poll_error = str(exc)
+                log.warning("model watcher could not poll the database: %s", exc)
+
+    def refresh(self) -> bool:
+        """Compare with the database's active versions and swap in any changed one. True if anything changed."""
+        with self._refresh_lock, self.app.app_context():
+            try:
+                return self._refresh()
+            finally:
+                db.session.remove()
+
+    def _refresh(self) -> bool:
+        rows = db.session.execute(
+            select(Taxonomy.id, Taxonomy.slug, Taxonomy.name, Taxonomy.active_version_id).where(
+                Taxonomy.active_version_id.is_not(None)
+            )
+        ).all()
+        new = dict(self._live)
+        changed = False
+        retry_after = float(self.app.config["MODEL_RETRY_SECONDS"])
+        for taxonomy_id, slug, name, version_id in rows:
+            have = new.get(slug)
+            if have is not None and have.version_id == version_id:
+                continue
+            failed = self._failed_at.get(version_id)
+            if failed is not None and time.monotonic() - failed < retry_after:
+                continue
+            try:
+                model = self._load(version_id)
+            except (BundleError, OSError) as exc:
+                self._record_failure(version_id, str(exc))
+                continue
+            new[slug] = LiveModel(slug, taxonomy_id, name, version_id, model, time.time())
+            self._clear_failure(version_id)
+            self.errors.pop(version_id, None)
+            self._failed_at.pop(version_id, None)
+            changed = True
+            log.info("worker %d now serves %s for %s", os.getpid(), version_id, slug)
+        active_slugs = {row.slug for row in rows}
+        for slug in [s for s in new if s not in active_slugs]:
+            del new[slug]
+            changed = True
+        if changed:
+            self._live = new  # the swap: one reference assignment
+        return changed
+
+    def _record_failure(self, version_id: str, message: str) -> None:
+        log.error("model version %s cannot serve, keeping the previous one: %s", version_id, message)
+        self.errors[version_id] = message
+        self._failed_at[version_id] = time.monotonic()
+        try:
+            version = db.session.get(ModelVersion, version_id)
+            if version is not None:
+                version.status, version.validation_error = "failed", message
+                db.session.commit()
+        except Exception:  # reporting is best effort; the worker keeps serving either way
+            db.session.rollback()
+            log.exception("could not record the failure of %s", version_id)
+
+    def _clear_failure(self, version_id: str) -> None:
+        version = db.session.get(ModelVersion, version_id)
+        if version is not None and version.status != "ready":
+            version.status, version.validation_error = "ready", None
+            db.session.commit()
+
+    def _load(self, version_id: str) -> LoadedModel:
+        """Load and validate a version: local cache, else the database blob (into the cache or a temp dir)."""
+        version = db.session.get(ModelVersion, version_id)
+        if version is None:
+            raise BundleError(f"active version {version_id} does not exist")
+        sha = version.artifact_sha256
+        cached = self.cache_root / sha
+        if (cached / MANIFEST_FILE).is_file():
+            try:
+                return self._validate(version, cached)
+            except BundleError as exc:
+                log.warning("cached copy of %s is unusable (%s); fetching it again", version_id, exc)
+                shutil.rmtree(cached, ignore_errors=True)
+        data = db.session.scalar(select(ModelArtifact.data).where(ModelArtifact.sha256 == sha))
+        if data is None:
+            raise BundleError(f"artifact {sha} of {version_id} is missing from the database")
+        if sha256_hex(data) != sha:
+            raise BundleError(f"artifact of {version_id} does not match its sha256 {sha}")
+        try:
+            unpack(data, cached)
+        except (OSError, BundleError) as exc:
+            log.warning("cannot write the model cache for %s (%s); loading from a temporary directory", version_id, exc)
+            with tempfile.TemporaryDirectory(prefix="papertag-model-") as tmp:
+                unpack(data, Path(tmp) / "bundle")
+                # onnxruntime and tokenizers read the files fully at load, so the directory can go afterwards.
+                return self._validate(version, Path(tmp) / "bundle")
+        return self._validate(version, cached)
+
+    def _validate(self, version: ModelVersion, bundle_dir: Path) -> LoadedModel:
+        model = load_and_validate(bundle_dir, threads=self.threads)
+        if model.labels != version.labels:
+            raise BundleError(f"bundle labels differ from the {len(version.labels)} registered for {version.id}")
+        return model
+
+
+def live_models() -> LiveModels:
+    return current_app.extensions[EXTENSION_KEY]

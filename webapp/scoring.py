@@ -1,0 +1,157 @@
+"""Checking submissions, running every active model over them and storing the predictions.
+
+Shared by the web form, the JSON API and (issue 4) CSV batches, so the rules are written once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flask import current_app
+
+from .bundle import compose_text
+from .extensions import db
+from .models import PredictedLabel, Prediction, PredictionResult
+from .registry import live_models
+
+
+class InputError(ValueError):
+    """A submission that cannot be predicted; the message tells the person what to change."""
+
+
+class NoModelError(RuntimeError):
+    """No taxonomy has an active, loaded model in this worker."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    title: str | None
+    abstract: str
+
+    @property
+    def text(self) -> str:
+        return compose_text(self.title, self.abstract)
+
+
+def _check_text(value: str, field: str) -> None:
+    if "\x00" in value:
+        raise InputError(f"{field} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{field} is not valid Unicode text") from exc
+
+
+def check_submission(title: Any, abstract: Any) -> Submission:
+    """Validate one title/abstract pair against the configured limits; raises :class:`InputError`."""
+    config = current_app.config
+    low, high, title_max = config["ABSTRACT_MIN_CHARS"], config["ABSTRACT_MAX_CHARS"], config["TITLE_MAX_CHARS"]
+    if abstract is None:
+        raise InputError("abstract is required")
+    if not isinstance(abstract, str):
+        raise InputError(f"abstract must be a string, not {type(abstract).__name__}")
+    if title is not None and not isinstance(title, str):
+        raise InputError(f"title must be a string, not {type(title).__name__}")
+    abstract = abstract.strip()
+    title = (title or "").strip() or None
+    if not abstract:
+        raise InputError("abstract is empty")
+    _check_text(abstract, "abstract")
+    if len(abstract) < low:
+        raise InputError(f"abstract is {len(abstract)} characters long; it must have at least {low}")
+    if len(abstract) > high:
+        raise InputError(f"abstract is {len(abstract)} characters long; it must have at most {high}")
+    if title is not None:
+        _check_text(title, "title")
+        if len(title) > title_max:
+            raise InputError(f"title is {len(title)} characters long; it must have at most {title_max}")
+    return Submission(title, abstract)
+
+
+def predict_and_store(submissions: list[Submission], source: str, batch_id: int | None = None) -> list[Prediction]:
+    """Score with each active taxonomy's model and store one Prediction per submission, in one commit."""
+    live = live_models().current()
+    if not live:
+        raise NoModelError("no model is active yet: import one with `flask --app wsgi models import PATH`")
+    texts = [s.text for s in submissions]
+    # Every taxonomy's model is the one grabbed above, even if the watcher swaps meanwhile.
+    scored = {slug: entry.model.score(texts) for slug, entry in sorted(live.items())}
+    predictions = []
+    for i, submission in enumerate(submissions):
+        prediction = Prediction(
+            title=submission.title,
+            abstract=submission.abstract,
+            text_sha256=hashlib.sha256(texts[i].encode("utf-8")).hexdigest(),
+            source=source,
+            batch_id=batch_id,
+        )
+        for slug, outputs in scored.items():
+            entry = live[slug]
+            labels, thresholds = entry.model.labels, entry.model.thresholds
+            probabilities = outputs[i].probabilities
+            order = np.argsort(-probabilities, kind="stable")
+            predicted = [labels[j] for j in order if probabilities[j] >= thresholds[j]]
+            result = PredictionResult(
+                taxonomy_id=entry.taxonomy_id,
+                model_version_id=entry.version_id,
+                scores={label: round(float(p), 6) for label, p in zip(labels, probabilities, strict=True)},
+                labels=predicted,
+                thresholds={label: round(float(t), 6) for label, t in zip(labels, thresholds, strict=True)},
+                margin=float(np.min(np.abs(probabilities - thresholds))),
+                embedding=np.asarray(outputs[i].embedding, dtype="<f4").tobytes(),
+            )
+            result.predicted = [PredictedLabel(prediction=prediction, label=label) for label in predicted]
+            prediction.results.append(result)
+        predictions.append(prediction)
+    db.session.add_all(predictions)
+    db.session.commit()
+    return predictions
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    label: str
+    score: float
+    threshold: float
+
+
+@dataclass(frozen=True)
+class ResultView:
+    """One taxonomy's answer as pages show it: predicted labels, the near misses, the version."""
+
+    slug: str
+    name: str
+    version_id: str
+    predicted: list[LabelScore]
+    near_misses: list[LabelScore]
+
+
+def result_view(result: PredictionResult, near_misses: int) -> ResultView:
+    ranked = sorted(result.scores.items(), key=lambda item: -item[1])
+    chosen = set(result.labels)
+    rows = [LabelScore(label, score, result.thresholds.get(label, 0.5)) for label, score in ranked]
+    return ResultView(
+        slug=result.taxonomy.slug,
+        name=result.taxonomy.name,
+        version_id=result.model_version_id,
+        predicted=[row for row in rows if row.label in chosen],
+        near_misses=[row for row in rows if row.label not in chosen][:near_misses],
+    )
+
+
+def prediction_json(prediction: Prediction) -> dict[str, Any]:
+    """The API shape of one prediction (PRODUCT contract)."""
+    return {
+        "id": prediction.id,
+        "results": {
+            result.taxonomy.slug: {
+                "model_version": result.model_version_id,
+                "labels": list(result.labels),
+                "scores": dict(result.scores),
+            }
+            for result in prediction.results
+        },
+    }

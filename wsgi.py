@@ -1,0 +1,5 @@
+"""gunicorn and `flask --app wsgi` entry point."""
+
+from webapp import create_app
+
+app = create_app()
