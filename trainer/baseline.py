@@ -12,8 +12,12 @@ from .thresholds import best_global_threshold
 
 
 def tfidf_baseline(
-    train_texts: list[str], train_targets: np.ndarray, val_texts: list[str], val_targets: np.ndarray,
-    test_texts: list[str], test_targets: np.ndarray,
+    train_texts: list[str],
+    train_targets: np.ndarray,
+    val_texts: list[str],
+    val_targets: np.ndarray,
+    test_texts: list[str],
+    test_targets: np.ndarray,
 ) -> dict[str, float]:
     """Fit on train, tune one global threshold on validation, report on test (same labels and splits)."""
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_features=200_000, sublinear_tf=True)

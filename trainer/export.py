@@ -20,12 +20,22 @@ OPSET = 17
 def export_fp32(model: Tagger, sample_ids: torch.Tensor, sample_mask: torch.Tensor, path: Path) -> Path:
     """Export with dynamic batch and sequence axes (the server pads per batch)."""
     model = model.eval().to("cpu").float()
-    dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-               "logits": {0: "batch"}, "embedding": {0: "batch"}}
+    dynamic = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "sequence"},
+        "logits": {0: "batch"},
+        "embedding": {0: "batch"},
+    }
     with torch.no_grad():
         torch.onnx.export(
-            model, (sample_ids, sample_mask), str(path), input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic, opset_version=OPSET, dynamo=False,
+            model,
+            (sample_ids, sample_mask),
+            str(path),
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes=dynamic,
+            opset_version=OPSET,
+            dynamo=False,
         )
     return path
 

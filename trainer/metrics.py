@@ -24,8 +24,13 @@ def summary(probabilities: np.ndarray, targets: np.ndarray, thresholds: list[flo
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         p, r, f, _ = precision_recall_fscore_support(truth, predicted, average="micro", zero_division=0)
         macro = f1_score(truth, predicted, average="macro", zero_division=0)
-    return {"micro_f1": round(float(f), 4), "micro_precision": round(float(p), 4),
-            "micro_recall": round(float(r), 4), "macro_f1": round(float(macro), 4), "examples": int(len(truth))}
+    return {
+        "micro_f1": round(float(f), 4),
+        "micro_precision": round(float(p), 4),
+        "micro_recall": round(float(r), 4),
+        "macro_f1": round(float(macro), 4),
+        "examples": int(len(truth)),
+    }
 
 
 def _curve(truth: np.ndarray, scores: np.ndarray) -> dict[str, list[float]]:
@@ -52,8 +57,13 @@ def full_report(
     per_label: dict[str, Any] = {}
     aucs = []
     for j, label in enumerate(labels):
-        entry: dict[str, Any] = {"precision": round(float(p[j]), 4), "recall": round(float(r[j]), 4),
-                                 "f1": round(float(f[j]), 4), "support": int(support[j]), "threshold": float(thresholds[j])}
+        entry: dict[str, Any] = {
+            "precision": round(float(p[j]), 4),
+            "recall": round(float(r[j]), 4),
+            "f1": round(float(f[j]), 4),
+            "support": int(support[j]),
+            "threshold": float(thresholds[j]),
+        }
         if 0 < support[j] < len(truth):
             auc = float(roc_auc_score(truth[:, j], probabilities[:, j]))
             aucs.append(auc)

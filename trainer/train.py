@@ -51,12 +51,23 @@ def load_dataset(config: TrainConfig, corrections: list[Paper] | None = None) ->
     splits: dict[str, list[Paper]] = {"train": [], "validation": [], "test": []}
     for paper in papers:
         splits[split_of(paper.id, config.test_fraction, config.validation_fraction)].append(paper)
-    summary = {"files": config.data, "papers": len(papers), "corrections": len(corrections or []),
-               "corrections_overriding": merged["overridden"], "corrections_added": merged["added"],
-               "splits": {name: len(items) for name, items in splits.items()},
-               "split_rule": f"sha256(id) bucket: test < {config.test_fraction}, "
-                             f"validation < {config.test_fraction + config.validation_fraction}"}
+    summary = {
+        "files": config.data,
+        "papers": len(papers),
+        "corrections": len(corrections or []),
+        "corrections_overriding": merged["overridden"],
+        "corrections_added": merged["added"],
+        "splits": {name: len(items) for name, items in splits.items()},
+        "split_rule": f"sha256(id) bucket: test < {config.test_fraction}, "
+        f"validation < {config.test_fraction + config.validation_fraction}",
+    }
     return splits, summary
+
+
+def test_split(config: TrainConfig, corrections: list[Paper] | None = None) -> list[Paper]:
+    """The frozen test papers of this config (with corrections applied), for the promotion gate."""
+    splits, _ = load_dataset(config, corrections)
+    return splits["test"]
 
 
 class Encoded(torch.utils.data.Dataset):
@@ -81,6 +92,7 @@ def make_collate(pad_id: int) -> Callable:
             input_ids[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
         return input_ids, mask, torch.stack([t for _, t in batch])
+
     return collate
 
 
@@ -112,8 +124,13 @@ def predict_probabilities(model: nn.Module, loader: DataLoader, device: torch.de
     return np.concatenate(outputs)
 
 
-def train(config: TrainConfig, out_dir: str | Path, corrections: list[Paper] | None = None,
-          base_model: str | None = None, progress: Progress | None = None) -> Path:
+def train(
+    config: TrainConfig,
+    out_dir: str | Path,
+    corrections: list[Paper] | None = None,
+    base_model: str | None = None,
+    progress: Progress | None = None,
+) -> Path:
     """Run one training and write the bundle to ``out_dir`` (atomically). Returns the bundle path."""
     report = progress or (lambda update: None)
     started = time.monotonic()
@@ -138,17 +155,27 @@ def train(config: TrainConfig, out_dir: str | Path, corrections: list[Paper] | N
     log.info("%d labels; papers per split %s; device %s", len(labels), data_summary["splits"], device)
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    encoded = {name: tokenizer(values, truncation=True, max_length=config.max_length)["input_ids"]
-               for name, values in texts.items()}
+    encoded = {
+        name: tokenizer(values, truncation=True, max_length=config.max_length)["input_ids"]
+        for name, values in texts.items()
+    }
     collate = make_collate(tokenizer.pad_token_id or 0)
     batch_size = config.gpu_batch_size if device.type == "cuda" else config.batch_size
     train_set = Encoded(encoded["train"], targets["train"])
     sampler = DistributedSampler(train_set, seed=config.seed) if distributed else None
     generator = torch.Generator().manual_seed(config.seed)
-    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-                              collate_fn=collate, generator=generator)
-    eval_loaders = {name: DataLoader(Encoded(encoded[name], targets[name]), batch_size=config.eval_batch_size,
-                                     collate_fn=collate) for name in ("validation", "test")}
+    train_loader = DataLoader(
+        train_set,
+        batch_size=batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        collate_fn=collate,
+        generator=generator,
+    )
+    eval_loaders = {
+        name: DataLoader(Encoded(encoded[name], targets[name]), batch_size=config.eval_batch_size, collate_fn=collate)
+        for name in ("validation", "test")
+    }
 
     model = Tagger(base_path, len(labels), config.encoder_layers).to(device)
     trainable = model
@@ -160,8 +187,12 @@ def train(config: TrainConfig, out_dir: str | Path, corrections: list[Paper] | N
     head_params = list(model.head.parameters())
     head_ids = {id(p) for p in head_params}
     optimizer = torch.optim.AdamW(
-        [{"params": [p for p in model.parameters() if id(p) not in head_ids], "lr": config.learning_rate},
-         {"params": head_params, "lr": config.head_learning_rate}], weight_decay=config.weight_decay)
+        [
+            {"params": [p for p in model.parameters() if id(p) not in head_ids], "lr": config.learning_rate},
+            {"params": head_params, "lr": config.head_learning_rate},
+        ],
+        weight_decay=config.weight_decay,
+    )
     total_steps = config.epochs * len(train_loader)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -175,8 +206,9 @@ def train(config: TrainConfig, out_dir: str | Path, corrections: list[Paper] | N
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", disable=not main_process, unit="batch")
         loss_sum, batches = 0.0, 0
         for input_ids, mask, batch_targets in bar:
-            with torch.autocast(device.type, dtype=torch.bfloat16 if use_bf16 else torch.float16,
-                                enabled=device.type == "cuda"):
+            with torch.autocast(
+                device.type, dtype=torch.bfloat16 if use_bf16 else torch.float16, enabled=device.type == "cuda"
+            ):
                 logits, _ = trainable(input_ids.to(device), mask.to(device))
             loss = loss_fn(logits.float(), batch_targets.to(device))
             loss.backward()
@@ -190,16 +222,35 @@ def train(config: TrainConfig, out_dir: str | Path, corrections: list[Paper] | N
             bar.set_postfix(loss=f"{running:.4f}")
             if main_process and step % 20 == 0:
                 elapsed = time.monotonic() - started
-                report({"status": "running", "epoch": epoch, "step": step, "total_steps": total_steps,
-                        "loss": round(running, 5), "eta_seconds": round(elapsed / step * (total_steps - step))})
+                report(
+                    {
+                        "status": "running",
+                        "epoch": epoch,
+                        "step": step,
+                        "total_steps": total_steps,
+                        "loss": round(running, 5),
+                        "eta_seconds": round(elapsed / step * (total_steps - step)),
+                    }
+                )
         validation = predict_probabilities(model, eval_loaders["validation"], device)
         threshold, micro_f1 = best_global_threshold(validation, targets["validation"])
         log.info("epoch %d: loss %.4f, validation micro-F1 %.4f at threshold %.3f", epoch, running, micro_f1, threshold)
-        report({"status": "running", "epoch": epoch, "step": step, "total_steps": total_steps,
-                "loss": round(running, 5), "validation_micro_f1": round(micro_f1, 4)})
+        report(
+            {
+                "status": "running",
+                "epoch": epoch,
+                "step": step,
+                "total_steps": total_steps,
+                "loss": round(running, 5),
+                "validation_micro_f1": round(micro_f1, 4),
+            }
+        )
         if micro_f1 > best["micro_f1"]:
-            best = {"micro_f1": micro_f1, "epoch": epoch,
-                    "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
+            best = {
+                "micro_f1": micro_f1,
+                "epoch": epoch,
+                "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+            }
         elif epoch - best["epoch"] >= config.patience:
             log.info("early stop: no validation gain for %d epochs (best epoch %d)", config.patience, best["epoch"])
             break
@@ -223,10 +274,15 @@ def train(config: TrainConfig, out_dir: str | Path, corrections: list[Paper] | N
         tokenizer_path = scratch / "tokenizer.json"
         tokenizer.backend_tokenizer.save(str(tokenizer_path))
         manifest = Manifest(
-            taxonomy_slug=config.taxonomy_slug, taxonomy_name=config.taxonomy_name, labels=labels,
-            thresholds=thresholds, max_length=config.max_length,
+            taxonomy_slug=config.taxonomy_slug,
+            taxonomy_name=config.taxonomy_name,
+            labels=labels,
+            thresholds=thresholds,
+            max_length=config.max_length,
             base_model=Path(base_path).name if base_model is None and not config.base_model else base_path,
-            created_at=datetime.now(UTC).isoformat(timespec="seconds"), training_data=data_summary, metrics={},
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            training_data=data_summary,
+            metrics={},
         )
         # Measure both ONNX graphs through the server's own inference code: the round trip of the contract.
         fp32_dir = write_bundle(scratch / "fp32", manifest, fp32_path, tokenizer_path)
@@ -242,18 +298,34 @@ def train(config: TrainConfig, out_dir: str | Path, corrections: list[Paper] | N
                 "torch_vs_onnx_fp32_max_abs_probability": round(max_abs_difference(test_torch, test_fp32), 6),
                 "fp32_vs_int8_max_abs_probability": round(max_abs_difference(test_fp32, test_int8), 6),
                 "fp32_vs_int8_mean_abs_probability": round(float(np.mean(np.abs(test_fp32 - test_int8))), 6),
-                "micro_f1_fp32": fp32_summary["micro_f1"], "micro_f1_int8": int8_report["micro_f1"],
+                "micro_f1_fp32": fp32_summary["micro_f1"],
+                "micro_f1_int8": int8_report["micro_f1"],
                 "micro_f1_delta": round(abs(fp32_summary["micro_f1"] - int8_report["micro_f1"]), 4),
             },
-            "training": {"best_epoch": best["epoch"], "epochs_run": epoch, "device": str(device),
-                         "seconds": round(time.monotonic() - started), "global_threshold": global_threshold,
-                         "config": asdict(config)},
+            "training": {
+                "best_epoch": best["epoch"],
+                "epochs_run": epoch,
+                "device": str(device),
+                "seconds": round(time.monotonic() - started),
+                "global_threshold": global_threshold,
+                "config": asdict(config),
+            },
         }
         if config.baseline:
-            manifest.metrics["baseline"] = tfidf_baseline(texts["train"], targets["train"], texts["validation"],
-                                                          targets["validation"], texts["test"], targets["test"])
+            manifest.metrics["baseline"] = tfidf_baseline(
+                texts["train"],
+                targets["train"],
+                texts["validation"],
+                targets["validation"],
+                texts["test"],
+                targets["test"],
+            )
         bundle = write_bundle(out_dir, manifest, int8_path, tokenizer_path)
-    log.info("bundle written to %s: test micro-F1 %.4f (int8), macro-F1 %.4f", bundle,
-             int8_report["micro_f1"], int8_report["macro_f1"])
-    report({"status": "finished", "metrics": metrics.summary(test_int8, targets["test"], thresholds)})
+    log.info(
+        "bundle written to %s: test micro-F1 %.4f (int8), macro-F1 %.4f",
+        bundle,
+        int8_report["micro_f1"],
+        int8_report["macro_f1"],
+    )
+    report({"metrics": metrics.summary(test_int8, targets["test"], thresholds)})
     return bundle

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -9,12 +10,14 @@ from flask import Blueprint, Response, abort, current_app, g, jsonify, request
 from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from .annotations import corrected_predictions
 from .auth import token_user_role
 from .bundle import BundleError
 from .extensions import db, limiter
 from .models import ModelVersion, Taxonomy
-from .registry import RegistryError, activate, import_bundle, list_versions, live_models
+from .registry import RegistryError, activate, import_bundle, list_versions, live_models, version_archive
 from .scoring import InputError, NoModelError, Submission, check_submission, predict_and_store, prediction_json
+from .training_runs import claim_next, create_run, get_run, run_json, update_run
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 health_bp = Blueprint("health", __name__)
@@ -144,6 +147,79 @@ def activate_model(version_id: str) -> Response:
     except RegistryError as exc:
         abort(404, description=str(exc))
     return jsonify(_version_json(version))
+
+
+@bp.get("/models/<version_id>/bundle")
+@token_user_role("curator")
+def download_model(version_id: str) -> Response:
+    """The version's bundle ``.tar.gz``, byte for byte as stored (its sha256 is the artifact address)."""
+    try:
+        archive = version_archive(version_id)
+    except RegistryError as exc:
+        abort(404, description=str(exc))
+    response = Response(archive, mimetype="application/gzip")
+    response.headers["Content-Disposition"] = f'attachment; filename="{version_id}.tar.gz"'
+    return response
+
+
+@bp.get("/annotations")
+@token_user_role("curator")
+def annotations() -> Response:
+    """JSON Lines, one line per corrected prediction and taxonomy (optionally ``?taxonomy=slug``)."""
+    slug = request.args.get("taxonomy") or None
+    if slug and db.session.scalar(select(Taxonomy.id).where(Taxonomy.slug == slug)) is None:
+        abort(404, description=f"no taxonomy {slug!r}")
+    lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in corrected_predictions(slug)]
+    return Response(lines, mimetype="application/x-ndjson")
+
+
+@bp.post("/training-runs")
+@token_user_role("admin")
+def start_training_run() -> tuple[Response, int]:
+    """The trainer announces a run it is starting (``{"taxonomy": slug, "config": {...}}``)."""
+    body = _json_body()
+    if not isinstance(body, dict) or not isinstance(body.get("taxonomy"), str):
+        abort(400, description='send {"taxonomy": "<slug>", "config": {...}}')
+    config = body.get("config") or {}
+    if not isinstance(config, dict):
+        abort(400, description='"config" must be an object')
+    try:
+        run = create_run(body["taxonomy"], config, requested_by=f"api:{g.api_user.name}")
+    except RegistryError as exc:
+        abort(404, description=str(exc))
+    return jsonify(run_json(run)), 201
+
+
+@bp.post("/training-runs/claim")
+@token_user_role("admin")
+def claim_training_run() -> tuple[Response, int]:
+    """A trainer worker takes the oldest queued run; 204 when there is none."""
+    run = claim_next(worker=f"api:{g.api_user.name}")
+    if run is None:
+        return Response(status=204), 204
+    return jsonify(run_json(run)), 200
+
+
+@bp.get("/training-runs/<int:run_id>")
+def training_run(run_id: int) -> Response:
+    try:
+        return jsonify(run_json(get_run(run_id)))
+    except RegistryError as exc:
+        abort(404, description=str(exc))
+
+
+@bp.patch("/training-runs/<int:run_id>")
+@token_user_role("admin")
+def update_training_run(run_id: int) -> Response:
+    body = _json_body()
+    if not isinstance(body, dict):
+        abort(400, description="send an object of progress fields")
+    try:
+        return jsonify(run_json(update_run(run_id, body)))
+    except RegistryError as exc:
+        abort(404, description=str(exc))
+    except ValueError as exc:
+        abort(400, description=str(exc))
 
 
 @health_bp.get("/healthz")

@@ -226,3 +226,29 @@ class AnnotationEvent(db.Model):
 
     prediction: Mapped[Prediction] = relationship(back_populates="events")
     user: Mapped[User] = relationship()
+
+
+class TrainingRun(db.Model):
+    """A training of one taxonomy: queued from the site or started by the trainer, with live progress."""
+
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    taxonomy_id: Mapped[int] = mapped_column(ForeignKey("taxonomies.id"), index=True)
+    # queued -> running -> finished | failed
+    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # epoch, step, total_steps, loss, eta_seconds, validation_micro_f1: whatever the trainer last reported.
+    progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    gate: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    candidate_version: Mapped[str | None] = mapped_column(String(80), default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    requested_by: Mapped[str | None] = mapped_column(String(120), default=None)
+    worker: Mapped[str | None] = mapped_column(String(120), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    updated_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    taxonomy: Mapped[Taxonomy] = relationship()

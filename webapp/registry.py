@@ -171,6 +171,20 @@ def rollback(slug: str, *, actor: str | None = None) -> ModelVersion:
     return target
 
 
+def version_archive(version_id: str) -> bytes:
+    """A version's bundle ``.tar.gz`` as stored (what the trainer downloads to compare against)."""
+    version = get_version(version_id)
+    artifact = db.session.get(ModelArtifact, version.artifact_sha256)
+    assert artifact is not None
+    return artifact.data
+
+
+def active_archive(slug: str) -> bytes | None:
+    """The active version's archive of a taxonomy, or None when it has none yet."""
+    active = db.session.scalar(select(Taxonomy.active_version_id).where(Taxonomy.slug == slug))
+    return version_archive(active) if active else None
+
+
 def list_versions(slug: str | None = None) -> list[ModelVersion]:
     stmt = select(ModelVersion).join(Taxonomy).order_by(Taxonomy.slug, ModelVersion.created_at, ModelVersion.id)
     if slug:

@@ -1,0 +1,170 @@
+"""Trainer: the smoke config trains a real (tiny) model, exports int8 ONNX and evaluates it honestly."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from trainer.__main__ import main
+from trainer.config import TrainConfig
+from trainer.data import Paper, merge_corrections, read_papers, split_of
+from trainer.thresholds import tune_thresholds
+from webapp.bundle import read_manifest
+from webapp.inference import load_and_validate
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE_CONFIG = REPO / "trainer" / "configs" / "smoke.json"
+PAPERS = REPO / "data" / "pwc-tasks" / "papers.jsonl.gz"
+
+
+@pytest.fixture(scope="module")
+def smoke_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("smoke") / "bundle"
+    assert main(["train", "--config", str(SMOKE_CONFIG), "--out", str(out)]) == 0
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def smoke_config_with(tmp_path: Path, **changes: object) -> Path:
+    config = json.loads(SMOKE_CONFIG.read_text()) | changes
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_smoke_bundle_is_valid_int8_and_serves(smoke_bundle: Path) -> None:
+    manifest = read_manifest(smoke_bundle)
+    assert manifest.taxonomy_slug == "research-tasks"
+    assert len(manifest.labels) >= 2 and len(manifest.thresholds) == len(manifest.labels)
+    graph = onnx.load(str(smoke_bundle / "model.onnx"))
+    assert any(node.op_type in {"MatMulInteger", "DynamicQuantizeMatMul"} for node in graph.graph.node)
+    model = load_and_validate(smoke_bundle)
+    scored = model.score(["We propose a new method for object detection in images."])
+    assert scored[0].probabilities.shape == (len(manifest.labels),)
+    assert np.isclose(np.linalg.norm(scored[0].embedding), 1.0, atol=1e-3)
+
+
+def test_smoke_bundle_metrics_are_complete(smoke_bundle: Path) -> None:
+    metrics = read_manifest(smoke_bundle).metrics
+    test = metrics["test"]
+    assert 0.0 <= test["micro_f1"] <= 1.0 and 0.0 <= test["macro_f1"] <= 1.0
+    some_label = next(iter(test["per_label"].values()))
+    assert {"precision", "recall", "f1", "support", "threshold"} <= set(some_label)
+    assert any("pr_curve" in entry and "roc_auc" in entry for entry in test["per_label"].values())
+    drift = metrics["drift"]
+    assert drift["torch_vs_onnx_fp32_max_abs_probability"] < 1e-3
+    assert drift["micro_f1_delta"] <= 0.05
+    assert "micro_f1" in metrics["baseline"]
+
+
+def test_evaluate_reproduces_the_bundles_test_metrics(smoke_bundle: Path, tmp_path: Path, capsys) -> None:
+    config = TrainConfig.load(SMOKE_CONFIG)
+    papers = read_papers(PAPERS)[: config.max_examples]
+    test_split = [p for p in papers if split_of(p.id, config.test_fraction, config.validation_fraction) == "test"]
+    data = write_jsonl(tmp_path / "test.jsonl", [p.__dict__ for p in test_split])
+    capsys.readouterr()
+    assert main(["evaluate", str(smoke_bundle), "--data", str(data)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["examples"] == len(test_split)
+    assert printed["micro_f1"] == pytest.approx(read_manifest(smoke_bundle).metrics["test"]["micro_f1"], abs=1e-4)
+
+
+def test_splits_are_deterministic_and_disjoint() -> None:
+    ids = [f"2101.{i:05d}" for i in range(2000)]
+    first = [split_of(i, 0.1, 0.1) for i in ids]
+    assert first == [split_of(i, 0.1, 0.1) for i in ids]
+    share = {name: first.count(name) / len(ids) for name in ("train", "validation", "test")}
+    assert 0.07 < share["test"] < 0.13 and 0.07 < share["validation"] < 0.13
+
+
+def test_corrections_override_by_id_or_text_and_add_new_papers() -> None:
+    base = [Paper("a", "Title A", "Abstract A.", ["X"]), Paper("b", "Title B", "Abstract  B.", ["Y"])]
+    corrections = [
+        Paper("prediction-7", "title b", "abstract b.", ["Z"]),
+        Paper("a", "", "ignored", ["W"]),
+        Paper("prediction-8", "New", "A new paper.", ["X"]),
+    ]
+    merged, counts = merge_corrections(base, corrections)
+    assert [p.labels for p in merged] == [["W"], ["Z"], ["X"]]
+    assert merged[0].abstract == "Abstract A."
+    assert counts == {"overridden": 2, "added": 1}
+
+
+def test_csv_data_with_separated_labels(tmp_path: Path) -> None:
+    path = tmp_path / "papers.csv"
+    path.write_text(
+        'ID,Title,Abstract,Labels\n1,T,"Some abstract, with comma.",Image Classification|Object Detection\n'
+    )
+    papers = read_papers(path)
+    assert papers[0].labels == ["Image Classification", "Object Detection"]
+
+
+def test_rare_labels_fall_back_to_the_global_threshold() -> None:
+    rng = np.random.default_rng(0)
+    targets = np.zeros((200, 2), dtype=np.float32)
+    targets[:60, 0] = 1
+    targets[0, 1] = 1
+    probabilities = np.clip(targets * 0.7 + rng.uniform(0, 0.3, targets.shape), 0, 1)
+    thresholds, fallback = tune_thresholds(probabilities, targets, min_support=4)
+    assert thresholds[1] == fallback
+    assert 0.3 <= thresholds[0] <= 0.7
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([], "holds no papers"),
+        ([{"id": "1", "title": "t", "abstract": "  ", "labels": ["A"]}], "no abstract text"),
+        ([{"id": "1", "title": "t", "abstract": "text", "labels": []}], "no labels"),
+        ([{"id": str(i), "abstract": "text", "labels": ["A"]} for i in range(50)], "needs 2 or more"),
+    ],
+)
+def test_bad_data_is_refused_with_a_clear_message(tmp_path: Path, capsys, rows: list, message: str) -> None:
+    data = write_jsonl(tmp_path / "papers.jsonl", rows)
+    out = tmp_path / "bundle"
+    code = main(
+        ["train", "--config", str(smoke_config_with(tmp_path, data=[str(data)], min_label_count=1)), "--out", str(out)]
+    )
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_data_file_unknown_keys_and_missing_base(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bundle"
+    assert main(["train", "--config", str(smoke_config_with(tmp_path, data=["nope.jsonl.gz"])), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--config", str(smoke_config_with(tmp_path, learning_rat=1)), "--out", str(out)]) == 2
+    assert "unknown config keys: learning_rat" in capsys.readouterr().err
+    assert main(["train", "--config", str(SMOKE_CONFIG), "--base", str(tmp_path / "no-model"), "--out", str(out)]) == 2
+    assert "base model folder" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "missing.json"), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_gzip_that_is_not_gzip_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "papers.jsonl.gz"
+    path.write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match="cannot be read"):
+        read_papers(path)
+    good = tmp_path / "good.jsonl.gz"
+    with gzip.open(good, "wt") as handle:
+        handle.write(json.dumps({"id": "1", "abstract": "text", "labels": ["A"]}) + "\n")
+    assert read_papers(good)[0].labels == ["A"]
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_cuda_training_path(tmp_path: Path) -> None:
+    config = smoke_config_with(tmp_path, device="cuda", epochs=1, baseline=False)
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "bundle")]) == 0
+    assert "cuda" in read_manifest(tmp_path / "bundle").metrics["training"]["device"]
