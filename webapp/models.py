@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flask_login import UserMixin
-from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from werkzeug.security import check_password_hash, generate_password_hash
 
@@ -214,6 +214,8 @@ class AnnotationEvent(db.Model):
     """
 
     __tablename__ = "annotation_events"
+    # The review queue asks "has this prediction an event in this taxonomy?" for every candidate row.
+    __table_args__ = (Index("ix_annotation_events_prediction_taxonomy", "prediction_id", "taxonomy_id"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id"), index=True)
@@ -226,6 +228,35 @@ class AnnotationEvent(db.Model):
 
     prediction: Mapped[Prediction] = relationship(back_populates="events")
     user: Mapped[User] = relationship()
+    taxonomy: Mapped[Taxonomy] = relationship()
+
+
+PROPOSAL_STATUSES = ("proposed", "accepted", "rejected")
+
+
+class LabelProposal(db.Model):
+    """A label a curator needs that the taxonomy lacks. An admin accepts it (perhaps renamed) or rejects it;
+    accepted labels are allowed in corrections and join the label set of the next training run."""
+
+    __tablename__ = "label_proposals"
+    __table_args__ = (UniqueConstraint("taxonomy_id", "label"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    taxonomy_id: Mapped[int] = mapped_column(ForeignKey("taxonomies.id"), index=True)
+    label: Mapped[str] = mapped_column(String(200))
+    # The prediction whose correction first needed the label (context for the admin deciding).
+    prediction_id: Mapped[int | None] = mapped_column(ForeignKey("predictions.id"), default=None)
+    proposed_by_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    status: Mapped[str] = mapped_column(String(20), default="proposed", index=True)
+    # The label as accepted: equal to ``label`` unless the admin renamed it.
+    final_label: Mapped[str | None] = mapped_column(String(200), default=None)
+    decided_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
+    decided_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    taxonomy: Mapped[Taxonomy] = relationship()
+    proposed_by: Mapped[User] = relationship(foreign_keys=[proposed_by_id])
+    decided_by: Mapped[User | None] = relationship(foreign_keys=[decided_by_id])
 
 
 class TrainingRun(db.Model):
