@@ -76,6 +76,13 @@ class ModelVersion(db.Model):
     def metrics(self) -> dict[str, Any]:
         return self.manifest.get("metrics") or {}
 
+    @property
+    def test_metrics(self) -> dict[str, Any]:
+        """The frozen-test-split figures models are compared by (bundles without a "test" section keep them
+        at the top level of their metrics)."""
+        metrics = self.metrics
+        return metrics.get("test") or metrics
+
 
 class ActivationEvent(db.Model):
     """Append-only log of activations; rollback walks it back."""
@@ -104,8 +111,8 @@ class Prediction(db.Model):
     # "web", "api" or "batch".
     source: Mapped[str] = mapped_column(String(20))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
-    # The CSV batch job this came from (issue 4 adds the batches table and its foreign key).
-    batch_id: Mapped[int | None] = mapped_column(Integer, default=None, index=True)
+    # The CSV batch job this came from.
+    batch_id: Mapped[int | None] = mapped_column(ForeignKey("batch_jobs.id"), default=None, index=True)
 
     results: Mapped[list[PredictionResult]] = relationship(
         back_populates="prediction", cascade="all, delete-orphan", order_by="PredictionResult.id"
@@ -283,3 +290,48 @@ class TrainingRun(db.Model):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
     taxonomy: Mapped[Taxonomy] = relationship()
+
+
+class BatchJob(db.Model):
+    """A CSV of abstracts tagged in the background. Its rows are stored with it, so a job whose process died
+    is resumed by another one; ``worker`` and ``heartbeat_at`` say who holds it and whether they are alive."""
+
+    __tablename__ = "batch_jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    created_by: Mapped[str | None] = mapped_column(String(120), default=None)
+    # queued -> running -> finished | failed
+    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    # The header as uploaded, and where title (optional) and abstract are in it.
+    columns: Mapped[list[str]] = mapped_column(JSON)
+    title_column: Mapped[int | None] = mapped_column(Integer, default=None)
+    abstract_column: Mapped[int] = mapped_column(Integer)
+    total_rows: Mapped[int] = mapped_column(Integer)
+    # Rows handled so far, tagged or skipped; progress is processed / total_rows.
+    processed: Mapped[int] = mapped_column(Integer, default=0)
+    skipped: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    worker: Mapped[str | None] = mapped_column(String(120), default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class BatchRow(db.Model):
+    """One uploaded CSV row, every cell as given; linked to its prediction once tagged, or given the reason it
+    was skipped."""
+
+    __tablename__ = "batch_rows"
+    __table_args__ = (Index("ix_batch_rows_job_row", "job_id", "row_number", unique=True),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("batch_jobs.id"))
+    # As a spreadsheet numbers it: the header is row 1.
+    row_number: Mapped[int] = mapped_column(Integer)
+    cells: Mapped[list[str]] = mapped_column(JSON)
+    prediction_id: Mapped[int | None] = mapped_column(ForeignKey("predictions.id"), default=None)
+    skip_reason: Mapped[str | None] = mapped_column(Text, default=None)
+
+    prediction: Mapped[Prediction | None] = relationship()
