@@ -71,8 +71,13 @@ def check_submission(title: Any, abstract: Any) -> Submission:
     return Submission(title, abstract)
 
 
-def predict_and_store(submissions: list[Submission], source: str, batch_id: int | None = None) -> list[Prediction]:
-    """Score with each active taxonomy's model and store one Prediction per submission, in one commit."""
+def predict_and_store(
+    submissions: list[Submission], source: str, batch_id: int | None = None, *, commit: bool = True
+) -> list[Prediction]:
+    """Score with each active taxonomy's model and store one Prediction per submission, in one commit.
+
+    ``commit=False`` only flushes, so a caller (a batch job) can commit its own bookkeeping atomically with them.
+    """
     live = live_models().current()
     if not live:
         raise NoModelError("no model is active yet: import one with `flask --app wsgi models import PATH`")
@@ -107,7 +112,10 @@ def predict_and_store(submissions: list[Submission], source: str, batch_id: int 
             prediction.results.append(result)
         predictions.append(prediction)
     db.session.add_all(predictions)
-    db.session.commit()
+    if commit:
+        db.session.commit()
+    else:
+        db.session.flush()
     return predictions
 
 
