@@ -48,6 +48,8 @@ class Defaults:
     NEAR_MISSES = 4
     # Anonymous prediction rate limit per client address (flask-limiter syntax).
     PREDICT_RATE_LIMIT = "120 per minute"
+    # Turn rate limiting off for load tests and benchmarks (never in production).
+    RATELIMIT_ENABLED = True
     # Per-process counters are enough for one machine; set a redis:// URI for several instances.
     RATELIMIT_STORAGE_URI = "memory://"
     RATELIMIT_HEADERS_ENABLED = True

@@ -32,7 +32,10 @@ def error_response(status: int, message: str) -> Response:
 def register(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
-        response = error_response(exc.code or 500, exc.description or exc.name)
+        message = exc.description or exc.name
+        if exc.code == 429:
+            message = f"too many requests (limit: {message}); try again in a minute"
+        response = error_response(exc.code or 500, message)
         if exc.code == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="papertag"'
         if exc.code == 405 and exc.get_headers():

@@ -1,0 +1,194 @@
+"""Registry: import (idempotent, validated), activate, rollback, the CLI and the bundle upload API."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient, FlaskCliRunner
+from sqlalchemy import select
+
+from tests.conftest import BundleFactory
+from webapp.bundle import BundleError, pack
+from webapp.extensions import db
+from webapp.models import ActivationEvent, ModelArtifact, ModelVersion, Taxonomy, User
+from webapp.registry import RegistryError, activate, import_bundle, rollback
+
+
+def active_version(app: Flask, slug: str = "test-tasks") -> str | None:
+    with app.app_context():
+        return db.session.scalar(select(Taxonomy.active_version_id).where(Taxonomy.slug == slug))
+
+
+def test_import_is_content_addressed_and_idempotent(
+    empty_app: Flask, make_bundle: BundleFactory, tmp_path: Path
+) -> None:
+    bundle = make_bundle(seed=1)
+    archive = tmp_path / "bundle.tar.gz"
+    archive.write_bytes(pack(bundle))
+    with empty_app.app_context():
+        first = import_bundle(bundle)
+        assert first.created and first.activated
+        again = import_bundle(bundle)
+        from_archive = import_bundle(archive)
+        assert not again.created and not from_archive.created
+        assert again.version.id == from_archive.version.id == first.version.id
+        sha = first.version.artifact_sha256
+        assert first.version.id == f"test-tasks-{sha[:10]}"
+        assert db.session.query(ModelArtifact).count() == 1
+        assert db.session.get(ModelArtifact, sha).size == len(pack(bundle))
+        assert first.version.manifest["metrics"]["micro_f1"] == pytest.approx(0.11)
+
+
+def test_second_version_is_inactive_until_activated_then_rolls_back(app: Flask, make_bundle: BundleFactory) -> None:
+    with app.app_context():
+        v1 = active_version(app)
+        v2 = import_bundle(make_bundle(seed=2)).version.id
+        v3 = import_bundle(make_bundle(seed=3)).version.id
+        assert active_version(app) == v1
+        activate(v2, actor="t")
+        activate(v3, actor="t")
+        assert active_version(app) == v3
+        assert rollback("test-tasks").id == v2  # undo the last activation ...
+        assert rollback("test-tasks").id == v1  # ... and the one before it
+        with pytest.raises(RegistryError, match="no earlier version"):
+            rollback("test-tasks")
+        assert active_version(app) == v1
+        actions = db.session.scalars(select(ActivationEvent.action).order_by(ActivationEvent.id)).all()
+        assert actions == ["import", "activate", "activate", "rollback", "rollback"]
+        with pytest.raises(RegistryError, match="no taxonomy"):
+            rollback("nope")
+        with pytest.raises(RegistryError, match="no model version"):
+            activate("nope-123")
+
+
+@pytest.mark.parametrize(
+    ("broken", "message"),
+    [
+        ("label-count", "model returns 7 scores but the bundle lists 8 labels"),
+        ("corrupt-onnx", "model.onnx cannot be loaded"),
+        ("nan", "smoke prediction returned non-finite scores"),
+    ],
+)
+def test_broken_bundles_are_refused(empty_app: Flask, make_bundle: BundleFactory, broken: str, message: str) -> None:
+    with empty_app.app_context():
+        with pytest.raises(BundleError, match=message):
+            import_bundle(make_bundle(seed=5, broken=broken))
+        assert db.session.query(ModelVersion).count() == 0
+        assert db.session.query(ModelArtifact).count() == 0
+
+
+def test_garbage_archive_is_refused(empty_app: Flask) -> None:
+    with empty_app.app_context(), pytest.raises(BundleError, match="not a readable .tar.gz"):
+        import_bundle(b"\x1f\x8b definitely not a gzip stream")
+
+
+def test_cli_import_list_activate_rollback(app: Flask, runner: FlaskCliRunner, make_bundle: BundleFactory) -> None:
+    v1 = active_version(app)
+    result = runner.invoke(args=["models", "import", str(make_bundle(seed=2))])
+    assert result.exit_code == 0, result.output
+    v2 = result.output.strip().splitlines()[-1]
+    assert v2.startswith("test-tasks-") and v2 != v1
+    assert "not active" in result.output
+    listing = runner.invoke(args=["models", "list"]).output
+    assert f"* {v1}" in listing and f"  {v2}" in listing
+    assert runner.invoke(args=["models", "activate", v2]).exit_code == 0
+    assert active_version(app) == v2
+    assert f"* {v2}" in runner.invoke(args=["models", "list"]).output
+    result = runner.invoke(args=["models", "rollback", "test-tasks"])
+    assert result.exit_code == 0 and v1 in result.output
+    assert active_version(app) == v1
+    result = runner.invoke(args=["models", "rollback", "test-tasks"])
+    assert result.exit_code != 0 and "no earlier version" in result.output
+    result = runner.invoke(args=["models", "activate", "missing-version"])
+    assert result.exit_code != 0 and "no model version" in result.output
+
+
+def test_cli_refuses_a_broken_bundle(app: Flask, runner: FlaskCliRunner, make_bundle: BundleFactory) -> None:
+    result = runner.invoke(args=["models", "import", str(make_bundle(seed=5, broken="label-count"))])
+    assert result.exit_code != 0
+    assert "bundle refused: model returns 7 scores but the bundle lists 8 labels" in result.output
+    with app.app_context():
+        assert db.session.query(ModelVersion).count() == 1
+
+
+def test_import_defaults_only_when_the_taxonomy_has_no_version(
+    empty_app: Flask, make_bundle: BundleFactory, tmp_path: Path
+) -> None:
+    defaults = tmp_path / "models"
+    defaults.mkdir()
+    shutil.copytree(make_bundle(seed=1), defaults / "test-tasks")
+    shutil.copytree(make_bundle(seed=1, slug="test-topics", name="Test topics"), defaults / "test-topics")
+    shutil.copytree(make_bundle(seed=1, broken="nan", slug="broken-one", name="Broken"), defaults / "broken-one")
+    empty_app.config["DEFAULT_BUNDLES_DIR"] = str(defaults)
+    runner = empty_app.test_cli_runner()
+    first = runner.invoke(args=["models", "import-defaults"])
+    assert first.exit_code == 0, first.output
+    assert "REFUSED: smoke prediction returned non-finite scores" in first.output
+    assert first.output.count("imported test-t") == 2
+    second = runner.invoke(args=["models", "import-defaults"])
+    assert "already has versions, skipped" in second.output and "imported" not in second.output
+    assert active_version(empty_app, "test-topics") is not None
+    empty_app.config["DEFAULT_BUNDLES_DIR"] = str(tmp_path / "missing")
+    assert "nothing to import" in runner.invoke(args=["models", "import-defaults"]).output
+
+
+def test_users_and_tokens(app: Flask, runner: FlaskCliRunner, client: FlaskClient, make_bundle: BundleFactory) -> None:
+    result = runner.invoke(args=["users", "create", "carol", "--role", "curator"], input="correct horse\n")
+    assert result.exit_code == 0 and "created curator carol" in result.output
+    short = runner.invoke(args=["users", "create", "dave"], input="short\n")
+    assert short.exit_code != 0 and "at least 8" in short.output
+    with app.app_context():
+        carol = db.session.scalar(select(User).where(User.name == "carol"))
+        assert carol.check_password("correct horse") and not carol.check_password("wrong")
+        assert "correct horse" not in carol.password_hash
+    curator = runner.invoke(args=["tokens", "create", "carol", "--role", "curator"]).output.strip().splitlines()[-1]
+    admin = runner.invoke(args=["tokens", "create", "root", "--role", "admin"]).output.strip().splitlines()[-1]
+    assert curator.startswith("pt_") and admin.startswith("pt_") and curator != admin
+    clash = runner.invoke(args=["tokens", "create", "carol", "--role", "admin"])
+    assert clash.exit_code != 0 and "exists with role curator" in clash.output
+
+    archive = pack(make_bundle(seed=2))
+    assert client.post("/api/v1/models", data=_upload(archive)).status_code == 401
+    response = client.post("/api/v1/models", data=_upload(archive), headers={"Authorization": "Bearer pt_wrong"})
+    assert response.status_code == 401 and "unknown" in response.get_json()["error"]
+    headers = {"Authorization": f"Bearer {curator}"}
+    response = client.post("/api/v1/models", data=_upload(archive), headers=headers)
+    assert response.status_code == 403 and "admin role" in response.get_json()["error"]
+
+    headers = {"Authorization": f"Bearer {admin}"}
+    response = client.post("/api/v1/models", data=_upload(archive), headers=headers)
+    assert response.status_code == 201, response.get_json()
+    body = response.get_json()
+    assert body["created"] and not body["active"] and body["taxonomy"] == "test-tasks"
+    again = client.post("/api/v1/models", data=archive, headers=headers, content_type="application/gzip")
+    assert again.status_code == 200 and again.get_json()["id"] == body["id"] and not again.get_json()["created"]
+    response = client.post(f"/api/v1/models/{body['id']}/activate", headers=headers)
+    assert response.status_code == 200 and response.get_json()["active"]
+    assert active_version(app) == body["id"]
+
+    broken = pack(make_bundle(seed=5, broken="corrupt-onnx"))
+    response = client.post("/api/v1/models", data=_upload(broken), headers=headers)
+    assert response.status_code == 422 and "model.onnx cannot be loaded" in response.get_json()["error"]
+    response = client.post("/api/v1/models", data={"other": (io.BytesIO(b"x"), "x.bin")}, headers=headers)
+    assert response.status_code == 400 and '"bundle"' in response.get_json()["error"]
+    response = client.post("/api/v1/models", json={"x": 1}, headers=headers)
+    assert response.status_code == 415
+    with app.app_context():
+        assert db.session.query(ModelVersion).count() == 2
+        assert db.session.query(ModelArtifact).count() == 2
+
+    listing = client.get("/api/v1/models").get_json()["models"]
+    assert {m["id"] for m in listing} == {body["id"], app_version_ids(app)[0]}
+
+
+def _upload(archive: bytes) -> dict:
+    return {"bundle": (io.BytesIO(archive), "bundle.tar.gz")}
+
+
+def app_version_ids(app: Flask) -> list[str]:
+    with app.app_context():
+        return db.session.scalars(select(ModelVersion.id).order_by(ModelVersion.created_at)).all()
