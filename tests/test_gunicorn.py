@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BundleFactory
+from webapp import create_app
+from webapp.registry import activate, rollback
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -95,7 +97,7 @@ def server(tmp_path: Path, make_bundle: BundleFactory):  # noqa: ANN201 - yields
 
 
 def wait_all_workers(port: int, master: int, version: str, start: float) -> float:
-    """Seconds from ``start`` (before the CLI command began) until every worker serves ``version``."""
+    """Seconds from ``start`` (the activation's commit) until every worker serves ``version``."""
     pids = worker_pids(master)
     assert len(pids) == 2
     switched: set[int] = set()
@@ -142,13 +144,18 @@ def test_swap_and_rollback_under_load_with_gunicorn(server, make_bundle: BundleF
         thread.start()
     try:
         time.sleep(0.5)
-        start = time.monotonic()
-        subprocess.run([*flask, "models", "activate", v2], cwd=REPO, env=env, check=True, capture_output=True)
-        print(f"every worker on {v2} {wait_all_workers(port, master, v2, start):.2f}s after `models activate` began")
+        # Activate here rather than through the CLI so the clock starts at the commit, not at the CLI's start-up
+        # (the CLI's activate and rollback are tested in test_registry.py).
+        operator = create_app({"DATA_DIR": env["DATA_DIR"], "SECRET_KEY": "operator", "TESTING": True})
+        with operator.app_context():
+            activate(v2, actor="test")
+            start = time.monotonic()
+        print(f"every worker on {v2} {wait_all_workers(port, master, v2, start):.2f}s after the commit")
         time.sleep(0.5)
-        start = time.monotonic()
-        subprocess.run([*flask, "models", "rollback", "test-tasks"], cwd=REPO, env=env, check=True, capture_output=True)
-        print(f"every worker on {v1} {wait_all_workers(port, master, v1, start):.2f}s after `models rollback` began")
+        with operator.app_context():
+            assert rollback("test-tasks", actor="test").id == v1
+            start = time.monotonic()
+        print(f"every worker back on {v1} {wait_all_workers(port, master, v1, start):.2f}s after the commit")
         time.sleep(0.5)
     finally:
         stop.set()
