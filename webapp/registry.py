@@ -142,6 +142,21 @@ def activate(version_id: str, *, actor: str | None = None) -> ModelVersion:
     return version
 
 
+def replaced_by(taxonomy_id: int, version_id: str) -> str | None:
+    """The version that was active before ``version_id`` was last made active (by an import or an
+    activation, not a rollback): what rolling back from it returns to, or None at the bottom of the stack."""
+    return db.session.scalar(
+        select(ActivationEvent.previous_version_id)
+        .where(
+            ActivationEvent.taxonomy_id == taxonomy_id,
+            ActivationEvent.version_id == version_id,
+            ActivationEvent.action != "rollback",
+        )
+        .order_by(ActivationEvent.id.desc())
+        .limit(1)
+    )
+
+
 def rollback(slug: str, *, actor: str | None = None) -> ModelVersion:
     """Undo the activation that made the current version active, like popping a stack.
 
@@ -152,20 +167,11 @@ def rollback(slug: str, *, actor: str | None = None) -> ModelVersion:
         raise RegistryError(f"no taxonomy {slug!r}")
     if taxonomy.active_version_id is None:
         raise RegistryError(f"taxonomy {slug!r} has no active version")
-    made_active = db.session.scalar(
-        select(ActivationEvent)
-        .where(
-            ActivationEvent.taxonomy_id == taxonomy.id,
-            ActivationEvent.version_id == taxonomy.active_version_id,
-            ActivationEvent.action != "rollback",
-        )
-        .order_by(ActivationEvent.id.desc())
-        .limit(1)
-    )
-    if made_active is None or made_active.previous_version_id is None:
+    previous = replaced_by(taxonomy.id, taxonomy.active_version_id)
+    if previous is None:
         db.session.rollback()
         raise RegistryError(f"{taxonomy.active_version_id} has no earlier version to roll back to")
-    target = get_version(made_active.previous_version_id)
+    target = get_version(previous)
     _set_active(taxonomy, target, action="rollback", actor=actor)
     db.session.commit()
     return target
