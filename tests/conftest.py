@@ -94,3 +94,37 @@ def client(app: Flask) -> FlaskClient:
 @pytest.fixture
 def runner(app: Flask) -> FlaskCliRunner:
     return app.test_cli_runner()
+
+
+PASSWORD = "correct horse battery"
+
+
+def add_user(app: Flask, name: str, role: str, password: str = PASSWORD) -> int:
+    """A user with a hashed password (what ``flask users create`` makes); returns its id."""
+    from webapp.models import User
+
+    with app.app_context():
+        user = User(name=name, role=role)
+        user.set_password(password)
+        db.session.add(user)
+        db.session.commit()
+        return user.id
+
+
+def signed_in(app: Flask, name: str, role: str) -> FlaskClient:
+    """A client signed in through the real sign-in form."""
+    add_user(app, name, role)
+    client = app.test_client()
+    response = client.post("/login", data={"name": name, "password": PASSWORD})
+    assert response.status_code == 302, response.get_data(as_text=True)
+    return client
+
+
+@pytest.fixture
+def curator_client(app: Flask) -> FlaskClient:
+    return signed_in(app, "cora", "curator")
+
+
+@pytest.fixture
+def admin_client(app: Flask) -> FlaskClient:
+    return signed_in(app, "ada", "admin")

@@ -121,11 +121,14 @@ def register_extensions(app: Flask) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
-    from . import admin, api, history, predict
+    from . import accounts, admin, api, curate, exports, history, predict
 
     app.register_blueprint(predict.bp)
     app.register_blueprint(history.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(accounts.bp)
+    app.register_blueprint(curate.bp)
+    app.register_blueprint(exports.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(api.health_bp)
     csrf.exempt(api.bp)

@@ -10,11 +10,13 @@ from flask import Blueprint, Response, abort, current_app, g, jsonify, request
 from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from .annotations import corrected_predictions
+from .annotations import corrected_predictions, event_json
 from .auth import token_user_role
 from .bundle import BundleError
+from .corrections import CorrectionError, accepted_labels, record_correction
+from .exports import download
 from .extensions import db, limiter
-from .models import ModelVersion, Taxonomy
+from .models import ModelVersion, Prediction, Taxonomy
 from .registry import RegistryError, activate, import_bundle, list_versions, live_models, version_archive
 from .scoring import InputError, NoModelError, Submission, check_submission, predict_and_store, prediction_json
 from .training_runs import claim_next, create_run, get_run, run_json, update_run
@@ -88,6 +90,8 @@ def taxonomies() -> Response:
                 "name": taxonomy.name,
                 "active_version": taxonomy.active_version_id,
                 "labels": list(active.labels) if active else [],
+                # Proposed labels an admin accepted: the next training run's label set includes them.
+                "accepted_labels": accepted_labels(taxonomy),
                 "versions": [v.id for v in taxonomy.versions],
             }
         )
@@ -171,6 +175,58 @@ def annotations() -> Response:
         abort(404, description=f"no taxonomy {slug!r}")
     lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in corrected_predictions(slug)]
     return Response(lines, mimetype="application/x-ndjson")
+
+
+@bp.get("/<any(predictions, annotations):kind>.<fmt>")
+@token_user_role("curator")
+def export(kind: str, fmt: str) -> Response:
+    """``predictions.jsonl|csv`` and ``annotations.jsonl|csv``, streamed (optionally ``?taxonomy=slug``)."""
+    return download(kind, fmt, request.args.get("taxonomy") or None)
+
+
+def _string_list(body: dict[str, Any], key: str) -> list[Any]:
+    value = body.get(key, [])
+    if not isinstance(value, list):
+        abort(400, description=f'"{key}" must be a list of label strings')
+    return value
+
+
+@bp.post("/predictions/<int:prediction_id>/annotations")
+@token_user_role("curator")
+def annotate(prediction_id: int) -> tuple[Response, int]:
+    """Record a correction: ``{"taxonomy": slug, "labels": [full new set], "note": "...", "propose": [...]}``.
+    The event holds the difference to the current labels; 201 when one was recorded, 200 for no change."""
+    body = _json_body()
+    if not isinstance(body, dict) or not isinstance(body.get("taxonomy"), str) or "labels" not in body:
+        abort(400, description='send {"taxonomy": "<slug>", "labels": [...], "note": "..."}')
+    prediction = db.session.get(Prediction, prediction_id)
+    if prediction is None:
+        abort(404, description=f"there is no prediction {prediction_id}")
+    taxonomy = db.session.scalar(select(Taxonomy).where(Taxonomy.slug == body["taxonomy"]))
+    if taxonomy is None:
+        abort(404, description=f"there is no taxonomy {body['taxonomy']!r}")
+    try:
+        outcome = record_correction(
+            prediction,
+            taxonomy,
+            g.api_user,
+            labels=_string_list(body, "labels"),
+            note=body.get("note", ""),
+            propose=_string_list(body, "propose"),
+        )
+    except CorrectionError as exc:
+        db.session.rollback()
+        abort(400, description=str(exc))
+    state = outcome.state
+    return jsonify(
+        id=prediction.id,
+        taxonomy=taxonomy.slug,
+        recorded=outcome.event is not None,
+        predicted=sorted(state.result.labels) if state.result else [],
+        labels=state.labels,
+        events=[event_json(e) for e in state.events],
+        proposed=[p.label for p in outcome.proposals],
+    ), (201 if outcome.event is not None else 200)
 
 
 @bp.post("/training-runs")

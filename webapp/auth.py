@@ -1,4 +1,4 @@
-"""Bearer-token authentication for the API's write endpoints (the token carries its user's role)."""
+"""Who may do what: Bearer tokens for the API (the token carries its user's role) and signed-in roles for pages."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from functools import wraps
 from typing import Any
 
 from flask import abort, g, request
+from flask_login import current_user
 from sqlalchemy import select
 
-from .extensions import db
-from .models import ApiToken, utcnow
+from .extensions import db, login_manager
+from .models import ApiToken, User, utcnow
 
 ROLE_RANK = {"curator": 1, "admin": 2}
 
@@ -33,6 +34,29 @@ def token_user_role(required: str) -> Callable[[Callable[..., Any]], Callable[..
             token.last_used_at = utcnow()
             db.session.commit()
             g.api_user = token.user
+            return view(*args, **kwargs)
+
+        return wrapped
+
+    return decorator
+
+
+def has_role(user: User | Any, required: str) -> bool:
+    """True for a signed-in user whose role is at least ``required`` (admins may do what curators may)."""
+    return bool(user.is_authenticated) and ROLE_RANK.get(user.role, 0) >= ROLE_RANK[required]
+
+
+def role_required(required: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Pages for signed-in users of at least ``required`` role: anonymous -> the sign-in page, too low -> 403.
+    Checked on the server for every request, whatever the templates show."""
+
+    def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(view)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if not current_user.is_authenticated:
+                return login_manager.unauthorized()
+            if not has_role(current_user, required):
+                abort(403, description=f"this page needs the {required} role")
             return view(*args, **kwargs)
 
         return wrapped

@@ -50,6 +50,8 @@ class Defaults:
     PREDICT_RATE_LIMIT = "120 per minute"
     # Turn rate limiting off for load tests and benchmarks (never in production).
     RATELIMIT_ENABLED = True
+    # Failed sign-ins allowed per client address and, separately, per user name (flask-limiter syntax).
+    LOGIN_RATE_LIMIT = "5 per minute"
     # Per-process counters are enough for one machine; set a redis:// URI for several instances.
     RATELIMIT_STORAGE_URI = "memory://"
     RATELIMIT_HEADERS_ENABLED = True
@@ -75,6 +77,7 @@ ENV_KEYS = (
     "MAX_CONTENT_LENGTH",
     "MAX_BUNDLE_UPLOAD_BYTES",
     "PREDICT_RATE_LIMIT",
+    "LOGIN_RATE_LIMIT",
     "RATELIMIT_STORAGE_URI",
     "RATELIMIT_ENABLED",
 )

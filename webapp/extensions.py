@@ -29,4 +29,7 @@ db = SQLAlchemy(model_class=Base)
 migrate = Migrate(render_as_batch=True, compare_type=True)
 csrf = CSRFProtect()
 login_manager = LoginManager()
+login_manager.login_view = "accounts.login"
+login_manager.login_message = "Sign in to continue."
+login_manager.login_message_category = "info"
 limiter = Limiter(key_func=get_remote_address)

@@ -6,7 +6,7 @@ from flask import Blueprint, abort, current_app, render_template, request
 from sqlalchemy import Select, exists, or_, select
 
 from .extensions import db
-from .models import AnnotationEvent, ModelVersion, PredictedLabel, Prediction, PredictionResult
+from .models import AnnotationEvent, ModelVersion, PredictedLabel, Prediction, PredictionResult, User
 from .scoring import result_view
 
 bp = Blueprint("history", __name__)
@@ -64,18 +64,24 @@ def index() -> str:
     )
     if page > 1 and page > (pagination.pages or 1):
         abort(404, description=f"there is no page {page}; the last page is {pagination.pages or 1}")
-    reviewed_ids = set()
+    reviewers: dict[int, list[str]] = {}  # prediction id -> who reviewed it
     if pagination.items:
         ids = [p.id for p in pagination.items]
-        reviewed_ids = set(
-            db.session.scalars(select(AnnotationEvent.prediction_id).where(AnnotationEvent.prediction_id.in_(ids)))
+        rows = db.session.execute(
+            select(AnnotationEvent.prediction_id, User.name)
+            .join(User, User.id == AnnotationEvent.user_id)
+            .where(AnnotationEvent.prediction_id.in_(ids))
+            .distinct()
+            .order_by(User.name)
         )
+        for prediction_id, name in rows:
+            reviewers.setdefault(prediction_id, []).append(name)
     versions = db.session.scalars(select(ModelVersion.id).order_by(ModelVersion.created_at.desc())).all()
     known_labels = sorted(set(db.session.scalars(select(PredictedLabel.label).distinct().limit(2000))))
     return render_template(
         "history/index.html",
         pagination=pagination,
-        reviewed_ids=reviewed_ids,
+        reviewers=reviewers,
         filters={"q": q, "label": label, "version": version, "reviewed": reviewed},
         reviewed_choices=REVIEWED_CHOICES,
         versions=versions,
