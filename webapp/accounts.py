@@ -13,6 +13,7 @@ from sqlalchemy.orm import selectinload
 from werkzeug.security import check_password_hash, generate_password_hash
 from werkzeug.wrappers import Response
 from wtforms import HiddenField, PasswordField, SelectField, StringField
+from wtforms.fields.choices import SelectChoice
 from wtforms.validators import DataRequired, Length
 
 from .auth import has_role, role_required
@@ -88,7 +89,9 @@ def logout() -> Response:
     return redirect(url_for("predict.index"))
 
 
-EXPIRY_CHOICES = [("30", "30 days"), ("90", "90 days"), ("365", "1 year"), ("0", "Never")]
+EXPIRY_CHOICES = [
+    SelectChoice(days, text) for days, text in (("30", "30 days"), ("90", "90 days"), ("365", "1 year"), ("0", "Never"))
+]
 
 
 class TokenForm(FlaskForm):
