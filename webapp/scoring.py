@@ -83,7 +83,8 @@ def predict_and_store(
         raise NoModelError("no model is active yet: import one with `flask --app wsgi models import PATH`")
     texts = [s.text for s in submissions]
     # Every taxonomy's model is the one grabbed above, even if the watcher swaps meanwhile.
-    scored = {slug: entry.model.score(texts) for slug, entry in sorted(live.items())}
+    batch_size = current_app.config["INFERENCE_BATCH_SIZE"]
+    scored = {slug: entry.model.score(texts, batch_size=batch_size) for slug, entry in sorted(live.items())}
     predictions = []
     for i, submission in enumerate(submissions):
         prediction = Prediction(
