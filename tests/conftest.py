@@ -13,6 +13,7 @@ from flask.testing import FlaskClient, FlaskCliRunner
 
 from tests.tiny_bundle import build_bundle, build_tokenizer, fixture_abstracts
 from webapp import create_app
+from webapp.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.extensions import db
 from webapp.registry import import_bundle, live_models
 
@@ -69,6 +70,7 @@ def empty_app(tmp_path: Path) -> Iterator[Flask]:
     app = make_app(tmp_path / "data")
     yield app
     live_models_of(app).stop()
+    app.extensions[BATCH_WORKER].stop()
     with app.app_context():
         db.engine.dispose()
 

@@ -111,9 +111,11 @@ def build_bundle(
     labels: list[str] | None = None,
     threshold: float = 0.5,
     broken: str | None = None,
+    metrics: dict | None = None,
 ) -> Path:
     """Write a bundle directory. ``broken``: "label-count" (model has one output fewer than the labels),
-    "corrupt-onnx" (model.onnx is garbage) or "nan" (the model's scores are NaN, so the smoke test fails)."""
+    "corrupt-onnx" (model.onnx is garbage) or "nan" (the model's scores are NaN, so the smoke test fails).
+    ``metrics`` replaces the placeholder figures (e.g. a trainer-shaped ``{"test": {...per_label...}}``)."""
     labels = list(labels or LABELS)
     vocab_size = Tokenizer.from_file(str(tokenizer_path)).get_vocab_size()
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,6 +134,6 @@ def build_bundle(
             base_model="tests/tiny_bundle.py",
             created_at="2025-01-01T00:00:00Z",
             training_data={"abstracts": 0, "note": f"random weights, seed {seed}"},
-            metrics={"micro_f1": 0.1 + seed / 100, "macro_f1": 0.05},
+            metrics=metrics or {"micro_f1": 0.1 + seed / 100, "macro_f1": 0.05},
         )
         return write_bundle(target, manifest, model_path, tokenizer_path)

@@ -121,7 +121,7 @@ def register_extensions(app: Flask) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
-    from . import accounts, admin, api, curate, exports, history, predict
+    from . import accounts, admin, api, batch, curate, exports, history, predict
 
     app.register_blueprint(predict.bp)
     app.register_blueprint(history.bp)
@@ -129,6 +129,7 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(accounts.bp)
     app.register_blueprint(curate.bp)
     app.register_blueprint(exports.bp)
+    app.register_blueprint(batch.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(api.health_bp)
     csrf.exempt(api.bp)

@@ -45,6 +45,14 @@ class Defaults:
     TITLE_MAX_CHARS = 500
     # Most abstracts in one API call (PRODUCT contract).
     MAX_BATCH = 64
+    # CSV batch jobs: most rows per file, largest upload (5,000 long abstracts fit), rows tagged per commit.
+    BATCH_MAX_ROWS = 5000
+    BATCH_MAX_UPLOAD_BYTES = 32 * 1024 * 1024
+    BATCH_CHUNK_SIZE = 32
+    # How often each web process looks for batch jobs left behind; uploads wake it at once (seconds).
+    BATCH_POLL_SECONDS = 10.0
+    # A running job whose heartbeat is older than this is taken over: its process died (seconds).
+    BATCH_STALE_SECONDS = 120.0
     # Rows per history page.
     HISTORY_PER_PAGE = 25
     # Greyed "just missed" labels shown under each taxonomy's predictions.
@@ -74,6 +82,7 @@ ENV_KEYS = (
     "DEFAULT_BUNDLES_DIR",
     "WEB_CONCURRENCY",
     "ORT_THREADS",
+    "INFERENCE_BATCH_SIZE",
     "MODEL_POLL_SECONDS",
     "MODEL_RETRY_SECONDS",
     "SQLITE_BUSY_TIMEOUT",
@@ -82,7 +91,6 @@ ENV_KEYS = (
     "PREDICT_RATE_LIMIT",
     "LOGIN_RATE_LIMIT",
     "RATELIMIT_STORAGE_URI",
-    "INFERENCE_BATCH_SIZE",
     "RATELIMIT_ENABLED",
 )
 

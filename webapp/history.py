@@ -25,9 +25,11 @@ def _escape_like(term: str) -> str:
     return term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def filtered_predictions(q: str, label: str, version: str, reviewed: str) -> Select:
+def filtered_predictions(q: str, label: str, version: str, reviewed: str, batch: int | None = None) -> Select:
     """The history query; every filter is optional."""
     stmt = select(Prediction).order_by(Prediction.created_at.desc(), Prediction.id.desc())
+    if batch is not None:
+        stmt = stmt.where(Prediction.batch_id == batch)
     if q:
         pattern = f"%{_escape_like(q)}%"
         stmt = stmt.where(
@@ -52,11 +54,14 @@ def index() -> str:
     q = request.args.get("q", "").strip()[:200]
     label = request.args.get("label", "").strip()[:300]
     version = request.args.get("version", "").strip()[:80]
+    batch = request.args.get("batch", "").strip()
+    if batch and (not batch.isdigit() or len(batch) > 9):
+        abort(400, description=f"batch must be a batch number, not {batch[:20]!r}")
     reviewed = request.args.get("reviewed", "")
     if reviewed not in REVIEWED_CHOICES:
         abort(400, description="reviewed must be 'yes', 'no' or empty")
     pagination = db.paginate(
-        filtered_predictions(q, label, version, reviewed),
+        filtered_predictions(q, label, version, reviewed, int(batch) if batch else None),
         page=page,
         per_page=current_app.config["HISTORY_PER_PAGE"],
         error_out=False,
@@ -82,7 +87,7 @@ def index() -> str:
         "history/index.html",
         pagination=pagination,
         reviewers=reviewers,
-        filters={"q": q, "label": label, "version": version, "reviewed": reviewed},
+        filters={"q": q, "label": label, "version": version, "reviewed": reviewed, "batch": batch},
         reviewed_choices=REVIEWED_CHOICES,
         versions=versions,
         known_labels=known_labels,

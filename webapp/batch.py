@@ -1,0 +1,545 @@
+"""CSV batch jobs: upload a CSV of abstracts, tag it in the background, download the result as CSV.
+
+The upload is read and checked in the request (so every problem with the file is a form error), then stored
+row by row in the database and tagged by a background thread in some web process, in chunks. Each chunk's
+predictions and its bookkeeping commit together, and a job is held by claiming it with a conditional UPDATE
+and renewing a heartbeat, so a job whose process died is resumed elsewhere and never processed twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import PurePath
+from typing import Any
+
+from flask import Blueprint, Flask, abort, current_app, flash, jsonify, redirect, render_template, request, url_for
+from flask import Response as FlaskResponse
+from flask_login import current_user
+from flask_wtf import FlaskForm
+from flask_wtf.file import FileAllowed, FileField, FileRequired
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import selectinload
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.utils import secure_filename
+from werkzeug.wrappers import Response
+
+from .auth import role_required
+from .extensions import db
+from .models import BatchJob, BatchRow, ModelVersion, Prediction, PredictionResult, utcnow
+from .scoring import InputError, NoModelError, Submission, check_submission, predict_and_store
+
+log = logging.getLogger(__name__)
+bp = Blueprint("batch", __name__, url_prefix="/batches")
+EXTENSION_KEY = "papertag.batch_worker"
+
+# What a misnamed upload really is, by its first bytes, so the error can say what to do instead.
+SIGNATURES = {
+    b"PK\x03\x04": "a ZIP archive (an Excel .xlsx workbook?)",
+    b"\xd0\xcf\x11\xe0": "an old Excel .xls workbook",
+    b"%PDF": "a PDF document",
+    b"\x1f\x8b": "a gzip archive",
+    b"\x89PNG": "a PNG image",
+}
+SAVE_AS_CSV = 'save it from your spreadsheet as "CSV UTF-8" and upload that'
+
+
+class CsvError(ValueError):
+    """The uploaded file cannot become a batch; the message says what is wrong and where."""
+
+
+@dataclass
+class ParsedCsv:
+    columns: list[str]
+    title_column: int | None
+    abstract_column: int
+    # (row number as a spreadsheet shows it, cells, reason it is skipped or None)
+    rows: list[tuple[int, list[str], str | None]] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        return sum(1 for _, _, reason in self.rows if reason)
+
+
+def decode_upload(raw: bytes) -> str:
+    """UTF-8 text of the upload, or a :class:`CsvError` naming what the file is or its first bad line."""
+    if not raw.strip():
+        raise CsvError("the file is empty")
+    for signature, kind in SIGNATURES.items():
+        if raw.startswith(signature):
+            raise CsvError(f"this is not a CSV file but {kind}; {SAVE_AS_CSV}")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise CsvError(f"the file is UTF-16 text; {SAVE_AS_CSV}")
+    if b"\x00" in raw:
+        raise CsvError(f"the file contains NUL bytes, so it is a binary file rather than a text CSV; {SAVE_AS_CSV}")
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # the byte-order mark Excel writes
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise CsvError(
+            f"line {line} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at character {column}); {SAVE_AS_CSV}"
+        ) from exc
+
+
+def _find_columns(header: list[str]) -> tuple[int | None, int]:
+    names = [name.strip().lower() for name in header]
+    for wanted in ("title", "abstract"):
+        if names.count(wanted) > 1:
+            raise CsvError(f"{names.count(wanted)} columns are named {wanted!r}; keep one")
+    if "abstract" not in names:
+        found = ", ".join(repr(name) for name in header) or "none"
+        raise CsvError(f"no 'abstract' column; the columns found are: {found}")
+    return (names.index("title") if "title" in names else None), names.index("abstract")
+
+
+def parse_csv(text: str, max_rows: int) -> ParsedCsv:
+    """Header and rows of a CSV; rows that cannot be tagged carry their reason instead of failing the file."""
+    first_line = text.split("\n", 1)[0]
+    try:  # only the separator is guessed from the header (Excel writes ";" in some locales); quoting is standard
+        delimiter = csv.Sniffer().sniff(first_line, delimiters=",;\t").delimiter
+    except csv.Error:  # one column, or nothing to tell the separators apart
+        delimiter = ","
+    reader = csv.reader(io.StringIO(text, newline=""), csv.excel, delimiter=delimiter)
+    try:
+        header = next(reader)
+        title_column, abstract_column = _find_columns(header)
+        parsed = ParsedCsv(list(header), title_column, abstract_column)
+        # Spreadsheet numbering: the header is row 1, and a cell with line breaks is still one row.
+        for row_number, cells in enumerate(reader, start=2):
+            if not any(cell.strip() for cell in cells):
+                continue
+            parsed.rows.append((row_number, *_check_row(cells, parsed)))
+    except csv.Error as exc:
+        raise CsvError(f"line {reader.line_num} cannot be read as CSV: {exc}") from exc
+    if not parsed.rows:
+        raise CsvError("the file has a header but no rows below it")
+    if len(parsed.rows) > max_rows:
+        raise CsvError(f"the file has {len(parsed.rows):,} rows; at most {max_rows:,} fit in one batch, so split it")
+    if parsed.skipped == len(parsed.rows):
+        first = "; ".join(f"row {number}: {reason}" for number, _, reason in parsed.rows[:3])
+        raise CsvError(f"none of the {len(parsed.rows):,} rows can be tagged ({first})")
+    return parsed
+
+
+def _check_row(cells: list[str], parsed: ParsedCsv) -> tuple[list[str], str | None]:
+    width = len(parsed.columns)
+    if len(cells) > width and any(cell.strip() for cell in cells[width:]):
+        return cells, f"it has {len(cells)} cells but the header has {width} columns"
+    cells = cells[:width] + [""] * (width - len(cells))
+    try:
+        row_submission(cells, parsed.title_column, parsed.abstract_column)
+    except InputError as exc:
+        return cells, str(exc)
+    return cells, None
+
+
+def row_submission(cells: list[str], title_column: int | None, abstract_column: int) -> Submission:
+    title = cells[title_column] if title_column is not None else None
+    return check_submission(title, cells[abstract_column])
+
+
+def create_job(filename: str, parsed: ParsedCsv, created_by: str | None) -> BatchJob:
+    """Store the job and all its rows in one commit; the background worker takes it from there."""
+    skipped = parsed.skipped
+    job = BatchJob(
+        filename=filename,
+        created_by=created_by,
+        columns=parsed.columns,
+        title_column=parsed.title_column,
+        abstract_column=parsed.abstract_column,
+        total_rows=len(parsed.rows),
+        processed=skipped,
+        skipped=skipped,
+    )
+    db.session.add(job)
+    db.session.flush()
+    db.session.add_all(
+        BatchRow(job_id=job.id, row_number=number, cells=cells, skip_reason=reason)
+        for number, cells, reason in parsed.rows
+    )
+    db.session.commit()
+    return job
+
+
+# --- the background worker -----------------------------------------------------------------------------------
+
+
+def _claimable(stale_before: Any) -> Any:
+    """Queued jobs, and running ones whose holder stopped renewing its heartbeat (its process died)."""
+    return or_(
+        BatchJob.status == "queued",
+        and_(BatchJob.status == "running", or_(BatchJob.heartbeat_at.is_(None), BatchJob.heartbeat_at < stale_before)),
+    )
+
+
+def claim_job(worker: str) -> int | None:
+    """Take the oldest claimable job; the conditional UPDATE lets exactly one worker win it."""
+    stale_before = utcnow() - timedelta(seconds=float(current_app.config["BATCH_STALE_SECONDS"]))
+    candidates = db.session.scalars(select(BatchJob.id).where(_claimable(stale_before)).order_by(BatchJob.id)).all()
+    for job_id in candidates:
+        now = utcnow()
+        claimed = db.session.execute(
+            update(BatchJob)
+            .where(BatchJob.id == job_id, _claimable(stale_before))
+            .values(
+                status="running", worker=worker, heartbeat_at=now, started_at=func.coalesce(BatchJob.started_at, now)
+            )
+        ).rowcount
+        db.session.commit()
+        if claimed:
+            return job_id
+    return None
+
+
+def process_job(job_id: int, worker: str) -> None:
+    """Tag the job's pending rows chunk by chunk until none is left, the job is lost to another worker, or
+    something fails (then the job is marked failed with the reason)."""
+    chunk = int(current_app.config["BATCH_CHUNK_SIZE"])
+    job = db.session.get(BatchJob, job_id)
+    assert job is not None
+    title_column, abstract_column = job.title_column, job.abstract_column
+    try:
+        while True:
+            rows = db.session.scalars(
+                select(BatchRow)
+                .where(BatchRow.job_id == job_id, BatchRow.prediction_id.is_(None), BatchRow.skip_reason.is_(None))
+                .order_by(BatchRow.row_number)
+                .limit(chunk)
+            ).all()
+            if not rows:
+                _finish(job_id, worker, status="finished")
+                return
+            if not _tag_chunk(job_id, worker, rows, title_column, abstract_column):
+                log.warning("batch job %d was taken over by another worker; %s stops", job_id, worker)
+                return
+    except NoModelError as exc:
+        db.session.rollback()
+        _finish(job_id, worker, status="failed", error=str(exc))
+    except Exception as exc:
+        db.session.rollback()
+        log.exception("batch job %d failed", job_id)
+        _finish(job_id, worker, status="failed", error=f"{exc.__class__.__name__}: {exc}")
+
+
+def _tag_chunk(job_id: int, worker: str, rows: list[BatchRow], title_column: int | None, abstract_column: int) -> bool:
+    """Predict one chunk and commit it with the job's counters, only while this worker still holds the job."""
+    valid: list[tuple[BatchRow, Submission]] = []
+    skipped = 0
+    for row in rows:
+        try:  # checked at upload too; checked again in case the limits changed meanwhile
+            valid.append((row, row_submission(row.cells, title_column, abstract_column)))
+        except InputError as exc:
+            row.skip_reason = str(exc)
+            skipped += 1
+    predictions = predict_and_store([s for _, s in valid], source="batch", batch_id=job_id, commit=False)
+    for (row, _), prediction in zip(valid, predictions, strict=True):
+        row.prediction_id = prediction.id
+    held = db.session.execute(
+        update(BatchJob)
+        .where(BatchJob.id == job_id, BatchJob.worker == worker, BatchJob.status == "running")
+        .values(
+            processed=BatchJob.processed + len(rows),
+            skipped=BatchJob.skipped + skipped,
+            heartbeat_at=utcnow(),
+        )
+    ).rowcount
+    if not held:
+        db.session.rollback()
+        return False
+    db.session.commit()
+    return True
+
+
+def _finish(job_id: int, worker: str, *, status: str, error: str | None = None) -> None:
+    db.session.execute(
+        update(BatchJob)
+        .where(BatchJob.id == job_id, BatchJob.worker == worker)
+        .values(status=status, error=error, finished_at=utcnow(), heartbeat_at=utcnow())
+    )
+    db.session.commit()
+
+
+class BatchWorker:
+    """One per process: a daemon thread that claims and processes batch jobs, woken by uploads and otherwise
+    polling now and then for jobs left behind by a process that died."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+    def ensure_started(self) -> None:
+        """Start the thread once per process (after gunicorn forks, not at import)."""
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, name="papertag-batch-worker", daemon=True)
+            self._thread.start()
+            self._pid = os.getpid()
+
+    def wake(self) -> None:
+        self.ensure_started()
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+        self._pid = None
+
+    def run_pending(self) -> int:
+        """Process every claimable job; returns how many were taken."""
+        taken = 0
+        with self.app.app_context():
+            try:
+                while not self._stop.is_set() and (job_id := claim_job(self.name)) is not None:
+                    log.info("batch job %d claimed by %s", job_id, self.name)
+                    process_job(job_id, self.name)
+                    taken += 1
+            finally:
+                db.session.remove()
+        return taken
+
+    def _run(self) -> None:
+        interval = float(self.app.config["BATCH_POLL_SECONDS"])
+        while not self._stop.is_set():
+            try:
+                self.run_pending()
+            except Exception as exc:  # the database may be away for a moment; try again on the next round
+                log.warning("batch worker %s could not look for jobs: %s", self.name, exc)
+            self._wake.wait(interval)
+            self._wake.clear()
+
+
+def batch_worker() -> BatchWorker:
+    return current_app.extensions[EXTENSION_KEY]
+
+
+@bp.record_once
+def _attach_worker(state: Any) -> None:
+    state.app.extensions[EXTENSION_KEY] = BatchWorker(state.app)
+
+
+@bp.before_app_request
+def _start_worker() -> None:
+    """Any request starts this process's worker, so jobs left by a dead process resume without an upload."""
+    batch_worker().ensure_started()
+
+
+# --- the result CSV ------------------------------------------------------------------------------------------
+
+
+def _result_taxonomies(job_id: int) -> dict[str, list[str]]:
+    """``{slug: labels}`` of every taxonomy that answered for the job (labels of all versions used, in order)."""
+    used = db.session.execute(
+        select(ModelVersion)
+        .where(
+            ModelVersion.id.in_(
+                select(PredictionResult.model_version_id)
+                .join(Prediction, Prediction.id == PredictionResult.prediction_id)
+                .where(Prediction.batch_id == job_id)
+            )
+        )
+        .options(selectinload(ModelVersion.taxonomy))
+        .order_by(ModelVersion.created_at)
+    ).scalars()
+    labels: dict[str, dict[str, None]] = {}
+    for version in used:
+        labels.setdefault(version.taxonomy.slug, {}).update(dict.fromkeys(version.labels))
+    return {slug: list(labels[slug]) for slug in sorted(labels)}
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    while name in taken:
+        name = f"papertag_{name}"
+    taken.add(name)
+    return name
+
+
+def result_csv(job: BatchJob, with_scores: bool, page_size: int = 500) -> Iterator[str]:
+    """The job's CSV: the uploaded columns, then ``prediction_id``, one column per taxonomy with its predicted
+    labels joined by ``; ``, with ``with_scores`` one ``<taxonomy>:<label>`` column per label, and ``skipped``."""
+    taxonomies = _result_taxonomies(job.id)
+    taken = set(job.columns)
+    header = list(job.columns) + [_unique("prediction_id", taken)]
+    header += [_unique(slug, taken) for slug in taxonomies]
+    if with_scores:
+        header += [_unique(f"{slug}:{label}", taken) for slug, labels in taxonomies.items() for label in labels]
+    header.append(_unique("skipped", taken))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+
+    def flush() -> str:
+        value = buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+        return value
+
+    writer.writerow(header)
+    yield flush()
+    after = 0
+    while True:
+        rows = db.session.scalars(
+            select(BatchRow)
+            .where(BatchRow.job_id == job.id, BatchRow.row_number > after)
+            .order_by(BatchRow.row_number)
+            .limit(page_size)
+            .options(
+                selectinload(BatchRow.prediction)
+                .selectinload(Prediction.results)
+                .selectinload(PredictionResult.taxonomy)
+            )
+        ).all()
+        if not rows:
+            return
+        for row in rows:
+            results = {r.taxonomy.slug: r for r in row.prediction.results} if row.prediction else {}
+            out = list(row.cells) + [row.prediction_id or ""]
+            out += ["; ".join(results[slug].labels) if slug in results else "" for slug in taxonomies]
+            if with_scores:
+                for slug, labels in taxonomies.items():
+                    scores = results[slug].scores if slug in results else {}
+                    out += [f"{scores[label]:.4f}" if label in scores else "" for label in labels]
+            out.append(row.skip_reason or "")
+            writer.writerow(out)
+        after = rows[-1].row_number
+        yield flush()
+
+
+# --- views ---------------------------------------------------------------------------------------------------
+
+
+class UploadForm(FlaskForm):
+    file = FileField(
+        "CSV file",
+        validators=[FileRequired("choose a CSV file"), FileAllowed(["csv", "txt", "tsv"], "upload a .csv file")],
+    )
+
+
+def job_json(job: BatchJob) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "status": job.status,
+        "filename": job.filename,
+        "total_rows": job.total_rows,
+        "processed": job.processed,
+        "skipped": job.skipped,
+        "tagged": job.processed - job.skipped,
+        "percent": round(100 * job.processed / job.total_rows) if job.total_rows else 100,
+        "error": job.error,
+        "created_at": job.created_at.isoformat() + "Z",
+        "finished_at": job.finished_at.isoformat() + "Z" if job.finished_at else None,
+    }
+
+
+def _get_job(job_id: int) -> BatchJob:
+    job = db.session.get(BatchJob, job_id)
+    if job is None:
+        abort(404, description=f"there is no batch job {job_id}")
+    return job
+
+
+def _render_index(form: UploadForm, status: int = 200, error: str | None = None) -> tuple[str, int]:
+    jobs = db.session.scalars(select(BatchJob).order_by(BatchJob.id.desc()).limit(50)).all()
+    config = current_app.config
+    return (
+        render_template(
+            "batch/index.html",
+            form=form,
+            jobs=jobs,
+            error=error,
+            max_rows=config["BATCH_MAX_ROWS"],
+            max_mb=config["BATCH_MAX_UPLOAD_BYTES"] // (1024 * 1024),
+            max_chars=config["ABSTRACT_MAX_CHARS"],
+        ),
+        status,
+    )
+
+
+@bp.get("")
+@role_required("curator")
+def index() -> tuple[str, int]:
+    return _render_index(UploadForm())
+
+
+@bp.post("")
+@role_required("curator")
+def upload() -> Response | tuple[str, int]:
+    config = current_app.config
+    request.max_content_length = config["BATCH_MAX_UPLOAD_BYTES"]
+    try:
+        form = UploadForm()
+    except RequestEntityTooLarge:
+        mb = config["BATCH_MAX_UPLOAD_BYTES"] // (1024 * 1024)
+        return _render_index(UploadForm(formdata=None), 413, error=f"the file is larger than {mb} MB; split it")
+    if not form.validate():
+        return _render_index(form, 400)
+    upload_file = form.file.data
+    filename = upload_file.filename or "upload.csv"
+    try:
+        parsed = parse_csv(decode_upload(upload_file.read()), int(config["BATCH_MAX_ROWS"]))
+    except CsvError as exc:
+        return _render_index(form, 400, error=f"{PurePath(filename).name}: {exc}")
+    job = create_job(PurePath(filename).name[:255], parsed, created_by=current_user.name)
+    batch_worker().wake()
+    flash(f"Batch #{job.id} queued: {job.total_rows:,} rows, {job.skipped:,} of them skipped.", "ok")
+    return redirect(url_for("batch.detail", job_id=job.id))
+
+
+@bp.get("/<int:job_id>")
+@role_required("curator")
+def detail(job_id: int) -> str:
+    job = _get_job(job_id)
+    skipped_rows = db.session.scalars(
+        select(BatchRow)
+        .where(BatchRow.job_id == job.id, BatchRow.skip_reason.is_not(None))
+        .order_by(BatchRow.row_number)
+        .limit(200)
+    ).all()
+    stale_before = utcnow() - timedelta(seconds=float(current_app.config["BATCH_STALE_SECONDS"]))
+    waiting = job.status == "running" and (job.heartbeat_at is None or job.heartbeat_at < stale_before)
+    return render_template(
+        "batch/detail.html", job=job, status=job_json(job), skipped_rows=skipped_rows, waiting=waiting
+    )
+
+
+@bp.get("/<int:job_id>/status")
+@role_required("curator")
+def status(job_id: int) -> FlaskResponse:
+    """What the job page polls to move its progress bar."""
+    return jsonify(job_json(_get_job(job_id)))
+
+
+@bp.get("/<int:job_id>/results.csv")
+@role_required("curator")
+def results(job_id: int) -> FlaskResponse:
+    job = _get_job(job_id)
+    if job.status != "finished":
+        abort(409, description=f"batch job {job.id} is {job.status}; its results can be downloaded once it finishes")
+    with_scores = request.args.get("scores") == "1"
+    stem = secure_filename(PurePath(job.filename).stem) or "batch"
+    name = f"{stem}-tagged{'-scores' if with_scores else ''}.csv"
+    body = list(result_csv(job, with_scores))
+    response = FlaskResponse(body, mimetype="text/csv")
+    response.headers["Content-Disposition"] = f'attachment; filename="{name}"'
+    return response
