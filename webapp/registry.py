@@ -222,7 +222,7 @@ def import_defaults(bundles_dir: str | os.PathLike[str], *, actor: str = "import
         except BundleError as exc:
             db.session.rollback()
             report.append(f"{bundle_dir}: REFUSED: {exc}")
-    return report
+    return report or [f"{root}: no bundle directories, nothing to import"]
 
 
 def default_ort_threads(workers: int) -> int:
