@@ -27,12 +27,6 @@ bp = Blueprint("admin", __name__)
 TRAINER_CONFIGS = REPO_ROOT / "trainer" / "configs"
 
 
-class ActionForm(FlaskForm):
-    """An Activate or Roll back button: only the CSRF token and where to come back to."""
-
-    next = HiddenField()
-
-
 class RetrainForm(FlaskForm):
     taxonomy = HiddenField()
     config = SelectField("Trainer config", choices=[])
@@ -54,6 +48,7 @@ def trainer_configs(slug: str) -> list[str]:
 
 
 def _back(default: str) -> Response:
+    """Back to the page the button was on (its form says which), else ``default``."""
     return redirect(safe_next(request.form.get("next")) or default)
 
 
@@ -70,7 +65,6 @@ def models() -> str:
         loaded=live_models().loaded(),
         errors=live_models().errors,
         can_roll_back={t.slug: _can_roll_back(t) for t in taxonomies},
-        form=ActionForm(),
     )
 
 
@@ -82,8 +76,6 @@ def _can_roll_back(taxonomy: Taxonomy) -> bool:
 @bp.post("/models/<version_id>/activate")
 @role_required("admin")
 def activate_version(version_id: str) -> Response:
-    if not ActionForm().validate():
-        abort(400, description="the form expired; reload the page and try again")
     try:
         version = activate(version_id, actor=current_user.name)
     except RegistryError as exc:
@@ -95,8 +87,6 @@ def activate_version(version_id: str) -> Response:
 @bp.post("/taxonomies/<slug>/rollback")
 @role_required("admin")
 def rollback_taxonomy(slug: str) -> Response:
-    if not ActionForm().validate():
-        abort(400, description="the form expired; reload the page and try again")
     try:
         version = rollback(slug, actor=current_user.name)
     except RegistryError as exc:
@@ -130,12 +120,14 @@ def training_runs() -> str:
 def retrain() -> Response:
     """Queue a training run; a trainer worker (``python -m trainer worker``) claims it."""
     form = RetrainForm()
-    form.config.choices = trainer_configs(form.taxonomy.data or "")
-    if not form.validate():
-        problems = "; ".join(message for messages in form.errors.values() for message in messages)
-        flash(f"Nothing queued: {problems}.", "error")
+    slug = form.taxonomy.data or ""
+    form.config.choices = trainer_configs(slug)
+    if not form.validate():  # the only check is that the config trains this taxonomy (CSRF is app-wide)
+        known = ", ".join(form.config.choices) or "none"
+        flash(
+            f"Nothing queued: no trainer config {form.config.data!r} trains {slug!r} (those that do: {known}).", "error"
+        )
         return redirect(url_for("admin.training_runs"))
-    slug = form.taxonomy.data
     busy = db.session.scalar(
         select(TrainingRun.id)
         .join(Taxonomy)
@@ -187,7 +179,6 @@ def training_run(run_id: int) -> str:
         baseline_metrics=baseline_metrics,
         labels=label_comparison(candidate_metrics, baseline_metrics) if candidate else [],
         can_roll_back=_can_roll_back(run.taxonomy),
-        form=ActionForm(),
     )
 
 
