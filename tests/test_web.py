@@ -195,3 +195,26 @@ def test_database_url_normalisation() -> None:
     assert database_uri("postgresql://u@h:5432/db", "/x") == "postgresql+psycopg://u@h:5432/db"
     assert database_uri("postgresql+psycopg://u@h/db", "/x") == "postgresql+psycopg://u@h/db"
     assert database_uri("", "/srv/data") == "sqlite:////srv/data/papertag.db"
+
+
+def test_unexpected_errors_are_a_clean_500_that_rolls_back(tmp_path: Path) -> None:
+    app = make_app(tmp_path / "boom")
+
+    def boom() -> str:
+        db.session.add(User(name="half-written", role="curator"))
+        db.session.flush()
+        raise RuntimeError("bug")
+
+    app.add_url_rule("/api/v1/boom", "api_boom", boom)
+    app.add_url_rule("/boom", "boom", boom)
+    try:
+        client = app.test_client()
+        response = client.get("/api/v1/boom")
+        assert response.status_code == 500 and list(response.get_json()) == ["error"]
+        assert "bug" not in response.get_data(as_text=True)  # no internals leak
+        response = client.get("/boom")
+        assert response.status_code == 500 and "<html" in response.get_data(as_text=True)
+        with app.app_context():
+            assert db.session.scalar(select(User).where(User.name == "half-written")) is None
+    finally:
+        live_models_of(app).stop()
