@@ -293,9 +293,13 @@ def test_batches_need_a_signed_in_curator(app: Flask, abstracts: list[dict]) -> 
     assert admin.get("/batches/999").status_code == 404
 
 
-def test_upload_needs_a_csrf_token(tmp_path: Path, abstracts: list[dict]) -> None:
+def test_upload_needs_a_csrf_token_and_may_exceed_the_general_request_limit(
+    tmp_path: Path, abstracts: list[dict], make_bundle
+) -> None:  # noqa: ANN001
     app = make_app(tmp_path / "data", WTF_CSRF_ENABLED=True)
     try:
+        with app.app_context():
+            import_bundle(make_bundle(seed=1))
         add_user(app, "cora", "curator")
         client = app.test_client()
         login_page = client.get("/login").get_data(as_text=True)
@@ -304,5 +308,21 @@ def test_upload_needs_a_csrf_token(tmp_path: Path, abstracts: list[dict]) -> Non
         response = upload(client, make_csv(paper_rows(abstracts, 2)))
         assert response.status_code == 400 and "CSRF token is missing" in response.get_data(as_text=True)
         assert job_count(app) == 0
+        # With the token, a file over the app-wide 2 MB request limit is still accepted: the batch limit applies
+        # before CSRFProtect reads the body.
+        page = client.get("/batches").get_data(as_text=True)
+        csrf_token = page.split('name="csrf_token" type="hidden" value="')[1].split('"')[0]
+        rows = paper_rows(abstracts, 20)
+        rows = [rows[0] + ["notes"]] + [row + ["n" * 120_000] for row in rows[1:]]
+        content = make_csv(rows)
+        assert len(content) > app.config["MAX_CONTENT_LENGTH"]
+        response = client.post(
+            "/batches",
+            data={"file": (io.BytesIO(content), "big.csv"), "csrf_token": csrf_token},
+            content_type="multipart/form-data",
+        )
+        job_id = job_id_of(response)
+        status = wait_for(client, job_id)
+        assert status["tagged"] == 20, status
     finally:
         app.extensions["papertag.batch_worker"].stop()

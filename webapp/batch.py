@@ -476,6 +476,20 @@ def _render_index(form: UploadForm, status: int = 200, error: str | None = None)
     )
 
 
+@bp.url_value_preprocessor
+def _upload_limit(endpoint: str | None, _values: dict[str, Any] | None) -> None:
+    """Allow uploads their own size limit. Set here because this runs before any ``before_request`` hook,
+    CSRFProtect's included, and that hook is what first reads the body."""
+    if endpoint == "batch.upload":
+        request.max_content_length = current_app.config["BATCH_MAX_UPLOAD_BYTES"]
+
+
+@bp.errorhandler(RequestEntityTooLarge)
+def _too_large(_exc: RequestEntityTooLarge) -> tuple[str, int]:
+    mb = current_app.config["BATCH_MAX_UPLOAD_BYTES"] // (1024 * 1024)
+    return _render_index(UploadForm(formdata=None), 413, error=f"the file is larger than {mb} MB; split it")
+
+
 @bp.get("")
 @role_required("curator")
 def index() -> tuple[str, int]:
@@ -486,12 +500,7 @@ def index() -> tuple[str, int]:
 @role_required("curator")
 def upload() -> Response | tuple[str, int]:
     config = current_app.config
-    request.max_content_length = config["BATCH_MAX_UPLOAD_BYTES"]
-    try:
-        form = UploadForm()
-    except RequestEntityTooLarge:
-        mb = config["BATCH_MAX_UPLOAD_BYTES"] // (1024 * 1024)
-        return _render_index(UploadForm(formdata=None), 413, error=f"the file is larger than {mb} MB; split it")
+    form = UploadForm()
     if not form.validate():
         return _render_index(form, 400)
     upload_file = form.file.data
