@@ -326,3 +326,18 @@ def test_upload_needs_a_csrf_token_and_may_exceed_the_general_request_limit(
         assert status["tagged"] == 20, status
     finally:
         app.extensions["papertag.batch_worker"].stop()
+
+
+def test_rows_that_break_limits_changed_after_upload_are_skipped_while_processing(
+    app: Flask, abstracts: list[dict]
+) -> None:
+    job_id = _stored_job(app, abstracts, 5)
+    with app.app_context():
+        app.config["ABSTRACT_MAX_CHARS"] = 100
+        assert claim_job("w:1") == job_id
+        process_job(job_id, "w:1")
+        job = db.session.get(BatchJob, job_id)
+        assert (job.status, job.processed, job.skipped) == ("finished", 5, 5)
+        reasons = db.session.scalars(select(BatchRow.skip_reason).where(BatchRow.job_id == job_id)).all()
+        assert all("it must have at most 100" in reason for reason in reasons)
+    assert _counts(app, job_id) == (0, 0, "finished")

@@ -240,7 +240,8 @@ def _tag_chunk(job_id: int, worker: str, rows: list[BatchRow], title_column: int
         except InputError as exc:
             row.skip_reason = str(exc)
             skipped += 1
-    predictions = predict_and_store([s for _, s in valid], source="batch", batch_id=job_id, commit=False)
+    submissions = [submission for _, submission in valid]
+    predictions = predict_and_store(submissions, source="batch", batch_id=job_id, commit=False) if valid else []
     for (row, _), prediction in zip(valid, predictions, strict=True):
         row.prediction_id = prediction.id
     held = db.session.execute(
