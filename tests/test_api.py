@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 from flask import Flask
 from flask.testing import FlaskClient
 
+from tests.conftest import live_models_of
 from tests.tiny_bundle import LABELS
 from webapp.extensions import db
 from webapp.models import Prediction, PredictionResult
+from webapp.registry import default_ort_threads
 
 
 def test_predict_single_returns_contract_shape(client: FlaskClient, app: Flask, abstracts: list[dict]) -> None:
@@ -96,3 +100,13 @@ def test_scores_stored_for_every_label(client: FlaskClient, app: Flask, abstract
         row = db.session.query(PredictionResult).one()
         assert list(row.scores) == LABELS
         assert abs(row.margin - min(abs(row.scores[label] - 0.5) for label in LABELS)) < 1e-5
+
+
+def test_no_model_is_loaded_before_the_first_request(app: Flask, client: FlaskClient) -> None:
+    """onnxruntime sessions must be created after gunicorn forks: building the app loads nothing."""
+    live = live_models_of(app)
+    assert live.loaded() == {} and live._thread is None
+    health = client.get("/healthz").get_json()
+    assert health["worker"]["loaded"] and health["worker"]["ort_threads"] == 1
+    assert default_ort_threads(2) == max(1, len(os.sched_getaffinity(0)) // 2)
+    assert default_ort_threads(64) == 1
