@@ -77,7 +77,7 @@ def test_body_over_the_limit_is_413_json(client: FlaskClient, app: Flask) -> Non
     body = json.dumps({"abstract": "word " * 500_000})  # 2.5 MB > MAX_CONTENT_LENGTH (2 MiB)
     response = client.post("/api/v1/predict", data=body, content_type="application/json")
     assert response.status_code == 413
-    assert "error" in response.get_json()
+    assert response.get_json()["error"] == f"the request body is over the {2 * 1024 * 1024} byte limit"
     assert stored(app) == 0
 
 

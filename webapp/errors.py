@@ -35,6 +35,8 @@ def register(app: Flask) -> None:
         message = exc.description or exc.name
         if exc.code == 429:
             message = f"too many requests (limit: {message}); try again in a minute"
+        elif exc.code == 413:
+            message = f"the request body is over the {request.max_content_length} byte limit"
         response = error_response(exc.code or 500, message)
         if exc.code == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="papertag"'
