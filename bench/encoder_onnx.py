@@ -97,7 +97,7 @@ def build_encoder(path: Path, shape: Shape, n_labels: int, *, seed: int = 0, qua
         x = g.layer_norm(g.op("Add", [x, g.linear(context, h, h)]), h)
         up = g.linear(x, h, shape.ffn)
         # GELU (erf form), which onnxruntime fuses.
-        erf = g.op("Erf", [g.op("Mul", [up, g.const(np.array(1 / math.sqrt(2), dtype=np.float32))])])
+        erf = g.op("Erf", [g.op("Div", [up, g.const(np.array(math.sqrt(2), dtype=np.float32))])])
         half = g.op("Mul", [up, g.const(np.array(0.5, dtype=np.float32))])
         gelu = g.op("Mul", [half, g.op("Add", [erf, g.const(np.array(1.0, dtype=np.float32))])])
         x = g.layer_norm(g.op("Add", [x, g.linear(gelu, shape.ffn, h)]), h)
