@@ -40,7 +40,7 @@ def test_import_is_content_addressed_and_idempotent(
         assert first.version.id == f"test-tasks-{sha[:10]}"
         assert db.session.query(ModelArtifact).count() == 1
         assert db.session.get(ModelArtifact, sha).size == len(pack(bundle))
-        assert first.version.manifest["metrics"]["micro_f1"] == pytest.approx(0.11)
+        assert first.version.test_metrics["micro_f1"] == pytest.approx(0.11)
 
 
 def test_second_version_is_inactive_until_activated_then_rolls_back(app: Flask, make_bundle: BundleFactory) -> None:

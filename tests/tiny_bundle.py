@@ -134,6 +134,6 @@ def build_bundle(
             base_model="tests/tiny_bundle.py",
             created_at="2025-01-01T00:00:00Z",
             training_data={"abstracts": 0, "note": f"random weights, seed {seed}"},
-            metrics=metrics or {"micro_f1": 0.1 + seed / 100, "macro_f1": 0.05},
+            metrics=metrics or {"test": {"micro_f1": 0.1 + seed / 100, "macro_f1": 0.05}},
         )
         return write_bundle(target, manifest, model_path, tokenizer_path)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m trainer train|evaluate``."""
+"""Command line: ``python -m trainer train|evaluate|worker``."""
 
 from __future__ import annotations
 
@@ -7,13 +7,23 @@ import json
 import logging
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig
 from .data import DataError
 from .model import BaseModelError
-from .publish import PublishError
+from .publish import PublishError, Target
+
+
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--publish", metavar="URL", help="site to read corrections from and register bundles with")
+    where.add_argument("--database", metavar="URL", help="site database to read corrections from and register with")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("PAPERTAG_TOKEN"),
+        help="admin API token for --publish (default: $PAPERTAG_TOKEN)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,60 +33,52 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="JSON config, e.g. trainer/configs/default.json")
     train.add_argument("--out", default="out/bundle", help="bundle directory to write (replaced atomically)")
     train.add_argument("--base", help="Hugging Face encoder folder (overrides the config's base_model)")
-    where = train.add_mutually_exclusive_group()
-    where.add_argument("--publish", metavar="URL", help="site to read corrections from and register the bundle with")
-    where.add_argument("--database", metavar="URL", help="site database to read corrections from and register with")
-    train.add_argument(
-        "--token",
-        default=os.environ.get("PAPERTAG_TOKEN"),
-        help="admin API token for --publish (default: $PAPERTAG_TOKEN)",
-    )
+    add_target_arguments(train)
     train.add_argument("--force", action="store_true", help="activate even if the promotion gate fails")
+    worker = commands.add_parser("worker", help="train the runs queued from the site, one after another")
+    add_target_arguments(worker)
+    worker.add_argument("--runs-dir", default="runs", help="where each run's bundle is written")
+    worker.add_argument("--once", action="store_true", help="process at most one queued run, then exit")
+    worker.add_argument("--poll", type=float, default=10.0, help="seconds between checks for queued runs")
     evaluate = commands.add_parser("evaluate", help="print a bundle's metrics on a labelled file")
     evaluate.add_argument("bundle", help="bundle directory")
     evaluate.add_argument("--data", required=True, help="labelled JSONL/CSV file")
     return parser
 
 
+def _target(args: argparse.Namespace) -> Target | None:
+    from .publish import DatabaseTarget, SiteTarget
+
+    if args.publish:
+        return SiteTarget(args.publish, args.token)
+    if args.database:
+        return DatabaseTarget(args.database)
+    return None
+
+
 def run_train(args: argparse.Namespace) -> int:
-    from .publish import DatabaseTarget, SiteTarget, publish
-    from .train import test_split, train
+    from .train import train
+    from .worker import train_and_publish
 
     config = TrainConfig.load(args.config)
-    target = None
-    if args.publish:
-        target = SiteTarget(args.publish, args.token)
-    elif args.database:
-        target = DatabaseTarget(args.database)
+    target = _target(args)
     if target is None:
         print(train(config, args.out, base_model=args.base))
         return 0
-    # Read corrections first: an unreachable site or a refused token fails now, not after an hour of training.
-    corrections = target.corrections(config.taxonomy_slug)
-    run_id = target.start_run(config.taxonomy_slug, asdict(config))
-    try:
-        bundle = train(
-            config,
-            args.out,
-            corrections=corrections,
-            base_model=args.base,
-            progress=lambda update: target.report(run_id, update),
-        )
-        outcome = publish(target, bundle, test_split(config, corrections), force=args.force)
-    except Exception as exc:
-        target.report(run_id, {"status": "failed", "error": f"{exc.__class__.__name__}: {exc}"})
-        raise
-    target.report(
-        run_id,
-        {
-            "status": "finished",
-            "candidate_version": outcome["version"],
-            "activated": outcome["activated"],
-            "gate": outcome["gate"],
-        },
-    )
+    outcome = train_and_publish(target, config, Path(args.out), base_model=args.base, force=args.force)
     print(json.dumps(outcome, indent=2))
     print(outcome["version"])
+    return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from .worker import work
+
+    target = _target(args)
+    if target is None:
+        raise PublishError("the worker needs --publish URL or --database URL")
+    finished = work(target, Path(args.runs_dir), once=args.once, poll_seconds=args.poll)
+    print(f"{finished} training run(s) finished")
     return 0
 
 
@@ -91,7 +93,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    handlers = {"train": run_train, "evaluate": run_evaluate}
+    handlers = {"train": run_train, "evaluate": run_evaluate, "worker": run_worker}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, BaseModelError, PublishError) as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ class PublishError(RuntimeError):
 class Target(Protocol):
     def corrections(self, slug: str) -> list[Paper]: ...
     def start_run(self, slug: str, config: dict[str, Any]) -> int | None: ...
+    def claim(self) -> dict[str, Any] | None: ...
     def report(self, run_id: int | None, update: dict[str, Any]) -> None: ...
     def active_bundle(self, slug: str, into: Path) -> Path | None: ...
     def register(self, bundle_dir: Path) -> str: ...
@@ -79,6 +81,10 @@ class SiteTarget:
     def start_run(self, slug: str, config: dict[str, Any]) -> int | None:
         return int(self._call("POST", "/api/v1/training-runs", json={"taxonomy": slug, "config": config}).json()["id"])
 
+    def claim(self) -> dict[str, Any] | None:
+        response = self._call("POST", "/api/v1/training-runs/claim")
+        return None if response.status_code == 204 else response.json()
+
     def report(self, run_id: int | None, update: dict[str, Any]) -> None:
         if run_id is None:
             return
@@ -98,7 +104,7 @@ class SiteTarget:
 
     def register(self, bundle_dir: Path) -> str:
         files = {"bundle": (f"{bundle_dir.name}.tar.gz", pack(bundle_dir), "application/gzip")}
-        return self._call("POST", "/api/v1/models", files=files).json()["version"]
+        return self._call("POST", "/api/v1/models", files=files).json()["id"]
 
     def activate(self, version: str) -> None:
         self._call("POST", f"/api/v1/models/{version}/activate")
@@ -142,6 +148,13 @@ class DatabaseTarget:
 
         with self._context():
             return create_run(slug, config, requested_by="trainer-cli").id
+
+    def claim(self) -> dict[str, Any] | None:
+        from webapp.training_runs import claim_next, run_json
+
+        with self._context():
+            run = claim_next(worker=f"trainer@{socket.gethostname()}")
+            return run_json(run) if run else None
 
     def report(self, run_id: int | None, update: dict[str, Any]) -> None:
         from webapp.training_runs import update_run

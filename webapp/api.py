@@ -99,7 +99,7 @@ def taxonomies() -> Response:
 
 
 def _version_json(version: ModelVersion) -> dict[str, Any]:
-    metrics = version.metrics
+    test = version.test_metrics
     return {
         "id": version.id,
         "taxonomy": version.taxonomy.slug,
@@ -110,7 +110,7 @@ def _version_json(version: ModelVersion) -> dict[str, Any]:
         "imported_by": version.imported_by,
         "status": version.status,
         "validation_error": version.validation_error,
-        "metrics": {k: metrics[k] for k in ("micro_f1", "macro_f1") if k in metrics},
+        "metrics": {k: test[k] for k in ("micro_f1", "macro_f1") if k in test},
     }
 
 

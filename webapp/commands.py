@@ -33,7 +33,7 @@ def models_list(taxonomy: str | None) -> None:
         click.echo("no model versions; import one with `flask --app wsgi models import PATH`")
     for v in versions:
         active = "*" if v.taxonomy.active_version_id == v.id else " "
-        metrics = v.metrics
+        metrics = v.test_metrics
         f1 = " ".join(f"{k}={metrics[k]:.3f}" for k in ("micro_f1", "macro_f1") if isinstance(metrics.get(k), float))
         status = "" if v.status == "ready" else f" [{v.status}: {v.validation_error}]"
         click.echo(f"{active} {v.id}  {len(v.labels)} labels  {v.created_at:%Y-%m-%d %H:%M}  {f1}{status}".rstrip())

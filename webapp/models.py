@@ -78,10 +78,8 @@ class ModelVersion(db.Model):
 
     @property
     def test_metrics(self) -> dict[str, Any]:
-        """The frozen-test-split figures models are compared by (bundles without a "test" section keep them
-        at the top level of their metrics)."""
-        metrics = self.metrics
-        return metrics.get("test") or metrics
+        """The frozen-test-split figures models are compared by (the trainer writes them under ``test``)."""
+        return self.metrics.get("test") or {}
 
 
 class ActivationEvent(db.Model):
