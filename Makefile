@@ -43,6 +43,7 @@ run: $(SERVE_STAMP)
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
 test: $(DEV_STAMP) $(TRAIN_STAMP)
+	sh tests/services/chromium.sh
 	$(BIN)/python -m pytest
 
 lint: $(DEV_STAMP)
