@@ -42,9 +42,13 @@ run: $(SERVE_STAMP)
 	$(BIN)/flask --app wsgi models import-defaults
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
+# Two passes: the whole suite on SQLite, then again on a throwaway PostgreSQL server (postgres.sh installs
+# Debian's postgresql if missing and serves on a Unix socket) without the slow `trainer` tests; stopped either way.
 test: $(DEV_STAMP) $(TRAIN_STAMP)
 	sh tests/services/chromium.sh
 	$(BIN)/python -m pytest
+	url=$$(sh tests/services/postgres.sh start) && TEST_DATABASE_URL="$$url" $(BIN)/python -m pytest -m "not trainer"; \
+	status=$$?; sh tests/services/postgres.sh stop; exit $$status
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .

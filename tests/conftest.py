@@ -1,15 +1,23 @@
 """Shared fixtures: a real app on a real SQLite file (migrated with the real migrations) serving real tiny
-ONNX bundles built by :mod:`tests.tiny_bundle`."""
+ONNX bundles built by :mod:`tests.tiny_bundle`.
+
+With ``TEST_DATABASE_URL`` set (a PostgreSQL server, see ``tests/services/postgres.sh``), every data directory
+gets a fresh PostgreSQL database of its own instead of SQLite, dropped after the test."""
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import flask_migrate
+import psycopg
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
+from psycopg import sql
+from sqlalchemy.engine import make_url
 
 from tests.tiny_bundle import build_bundle, build_tokenizer, fixture_abstracts
 from webapp import create_app
@@ -18,6 +26,50 @@ from webapp.extensions import db
 from webapp.registry import import_bundle, live_models
 
 BundleFactory = Callable[..., Path]
+TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "")
+# Databases made for the current test: resolved data dir -> URL (dropped by _drop_test_databases).
+_databases: dict[str, str] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "trainer: trains real models (slow); run on the SQLite pass only")
+
+
+def _admin_connection() -> psycopg.Connection:
+    """An autocommit connection to the PostgreSQL server's maintenance database (CREATE/DROP DATABASE)."""
+    try:
+        return psycopg.connect(TEST_DATABASE_URL, autocommit=True)
+    except psycopg.OperationalError as exc:
+        pytest.fail(
+            f"TEST_DATABASE_URL={TEST_DATABASE_URL} is unreachable ({exc}); start it with "
+            "`tests/services/postgres.sh start`"
+        )
+
+
+def database_url_for(data_dir: Path) -> str:
+    """The ``DATABASE_URL`` for apps (in-process or gunicorn) on ``data_dir``: "" (SQLite in the data dir), or on
+    the PostgreSQL pass a fresh database, the same one for every app on that data dir as for instances sharing it."""
+    if not TEST_DATABASE_URL:
+        return ""
+    key = str(data_dir.resolve())
+    if key not in _databases:
+        name = f"papertag_test_{uuid.uuid4().hex[:12]}"
+        with _admin_connection() as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        _databases[key] = make_url(TEST_DATABASE_URL).set(database=name).render_as_string(hide_password=False)
+    return _databases[key]
+
+
+@pytest.fixture(autouse=True)
+def _drop_test_databases() -> Iterator[None]:
+    """Keep PostgreSQL tests isolated: drop each test's databases (FORCE closes what its apps left open)."""
+    yield
+    if not _databases:
+        return
+    with _admin_connection() as conn:
+        while _databases:
+            name = make_url(_databases.popitem()[1]).database
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +108,7 @@ def make_app(data_dir: Path, **overrides: object) -> Flask:
         "DEFAULT_BUNDLES_DIR": str(data_dir / "no-default-models"),
         "MODEL_POLL_SECONDS": 0.2,
         "ORT_THREADS": 1,
+        "DATABASE_URL": database_url_for(data_dir),
         **overrides,
     }
     app = create_app(config)

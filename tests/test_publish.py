@@ -24,6 +24,8 @@ from webapp.training_runs import create_run, get_run
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_CONFIG = str(REPO / "trainer" / "configs" / "smoke.json")
+# Trains real models: the SQLite pass of `make test` runs these, the PostgreSQL pass deselects them.
+pytestmark = pytest.mark.trainer
 
 
 def first_paper() -> dict:

@@ -20,6 +20,8 @@ from webapp.inference import load_and_validate
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_CONFIG = REPO / "trainer" / "configs" / "smoke.json"
 PAPERS = REPO / "data" / "pwc-tasks" / "papers.jsonl.gz"
+# Trains real models: the SQLite pass of `make test` runs these, the PostgreSQL pass deselects them.
+pytestmark = pytest.mark.trainer
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,74 @@
+#!/bin/sh
+# A throwaway PostgreSQL server for the test suite's PostgreSQL pass (Debian's `postgresql` package).
+#   postgres.sh start   install the package if missing, create the cluster if missing, start it (idempotent);
+#                       prints the DATABASE_URL to give the tests as TEST_DATABASE_URL
+#   postgres.sh url     prints that URL
+#   postgres.sh stop    stops the server (the cluster stays for the next start)
+# The server listens on a Unix socket only (no TCP port), trusts local connections and skips fsync:
+# it holds nothing but test databases. Needs root to install the package; runs the server as `postgres`.
+set -eu
+
+PG_ROOT=${PAPERTAG_PG_ROOT:-/tmp/papertag-pg}
+PG_PORT=${PAPERTAG_PG_PORT:-54329}
+DATA="$PG_ROOT/data"
+URL="postgresql://postgres@/postgres?host=$PG_ROOT&port=$PG_PORT"
+
+pg_bin() {
+  # The newest installed server's binaries (Debian keeps them off PATH).
+  dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  [ -n "$dir" ] && [ -x "$dir/pg_ctl" ] && echo "$dir"
+}
+
+# Run a server binary as the postgres user (initdb and postgres refuse to run as root).
+as_postgres() {
+  if [ "$(id -u)" = 0 ]; then
+    runuser -u postgres -- "$@"
+  else
+    "$@"
+  fi
+}
+
+install() {
+  if pg_bin >/dev/null; then
+    return
+  fi
+  if [ "$(id -u)" != 0 ]; then
+    echo "postgres.sh: PostgreSQL is not installed; run as root or: apt-get install postgresql" >&2
+    exit 1
+  fi
+  echo "postgres.sh: installing Debian's postgresql package" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >&2
+  apt-get install -y -q --no-install-recommends postgresql >&2
+}
+
+start() {
+  install
+  bin=$(pg_bin)
+  mkdir -p "$PG_ROOT"
+  [ "$(id -u)" = 0 ] && chown postgres: "$PG_ROOT"
+  if [ ! -f "$DATA/PG_VERSION" ]; then
+    as_postgres "$bin/initdb" --no-sync --pgdata "$DATA" --username postgres --auth trust --encoding UTF8 --locale C.UTF-8 >&2
+  fi
+  if ! as_postgres "$bin/pg_ctl" status --pgdata "$DATA" >/dev/null 2>&1; then
+    # Enough connections for many test apps (each pools a few) and gunicorn workers at once.
+    as_postgres "$bin/pg_ctl" start --pgdata "$DATA" --wait --log "$PG_ROOT/server.log" \
+      -o "-p $PG_PORT -k $PG_ROOT -h '' -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" >&2 \
+      || { cat "$PG_ROOT/server.log" >&2; exit 1; }
+  fi
+  echo "$URL"
+}
+
+stop() {
+  bin=$(pg_bin) || return 0
+  if [ -f "$DATA/PG_VERSION" ] && as_postgres "$bin/pg_ctl" status --pgdata "$DATA" >/dev/null 2>&1; then
+    as_postgres "$bin/pg_ctl" stop --pgdata "$DATA" --mode fast --wait >&2
+  fi
+}
+
+case "${1:-}" in
+  start) start ;;
+  url) echo "$URL" ;;
+  stop) stop ;;
+  *) echo "usage: $0 start|url|stop" >&2; exit 2 ;;
+esac
