@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +173,16 @@ def test_cuda_training_path(tmp_path: Path) -> None:
     config = smoke_config_with(tmp_path, device="cuda", epochs=1, baseline=False)
     assert main(["train", "--config", str(config), "--out", str(tmp_path / "bundle")]) == 0
     assert "cuda" in read_manifest(tmp_path / "bundle").metrics["training"]["device"]
+
+
+def test_distributed_training_with_torchrun(tmp_path: Path) -> None:
+    """The DistributedDataParallel path (gloo on the CPU here, NCCL on GPUs) trains and exports once."""
+    config = smoke_config_with(tmp_path, epochs=1, baseline=False)
+    out = tmp_path / "bundle"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "trainer", "train", "--config", str(config), "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_manifest(out).metrics["training"]["processes"] == 2
+    load_and_validate(out)

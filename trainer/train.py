@@ -134,7 +134,8 @@ def train(
     """Run one training and write the bundle to ``out_dir`` (atomically). Returns the bundle path."""
     report = progress or (lambda update: None)
     started = time.monotonic()
-    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    distributed = world_size > 1
     device = pick_device(config)
     if distributed:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -180,7 +181,8 @@ def train(
     model = Tagger(base_path, len(labels), config.encoder_layers).to(device)
     trainable = model
     if distributed:
-        trainable = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        trainable = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     positives = targets["train"].sum(axis=0)
     pos_weight = np.clip((len(targets["train"]) - positives) / np.maximum(positives, 1), 1.0, config.max_pos_weight)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float32, device=device))
@@ -306,6 +308,7 @@ def train(
                 "best_epoch": best["epoch"],
                 "epochs_run": epoch,
                 "device": str(device),
+                "processes": world_size,
                 "seconds": round(time.monotonic() - started),
                 "global_threshold": global_threshold,
                 "config": asdict(config),

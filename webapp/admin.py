@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
+from flask import Blueprint, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 from flask_wtf import FlaskForm
 from sqlalchemy import select
@@ -76,10 +76,7 @@ def _can_roll_back(taxonomy: Taxonomy) -> bool:
 @bp.post("/models/<version_id>/activate")
 @role_required("admin")
 def activate_version(version_id: str) -> Response:
-    try:
-        version = activate(version_id, actor=current_user.name)
-    except RegistryError as exc:
-        abort(404, description=str(exc))
+    version = activate(version_id, actor=current_user.name)
     flash(f"{version.id} is now the active {version.taxonomy.name} model; every worker switches within seconds.", "ok")
     return _back(url_for("admin.models"))
 
@@ -137,10 +134,7 @@ def retrain() -> Response:
     if busy is not None:
         flash(f"Nothing queued: run #{busy} for {slug} is still queued or running.", "error")
         return redirect(url_for("admin.training_run", run_id=busy))
-    try:
-        run = create_run(slug, {"config": form.config.data}, requested_by=current_user.name, queued=True)
-    except RegistryError as exc:
-        abort(404, description=str(exc))
+    run = create_run(slug, {"config": form.config.data}, requested_by=current_user.name, queued=True)
     flash(f"Training run #{run.id} queued with the {form.config.data!r} config.", "ok")
     return redirect(url_for("admin.training_run", run_id=run.id))
 
@@ -159,10 +153,7 @@ def label_comparison(candidate: dict[str, Any], active: dict[str, Any]) -> list[
 @bp.get("/training/<int:run_id>")
 @role_required("admin")
 def training_run(run_id: int) -> str:
-    try:
-        run = get_run(run_id)
-    except RegistryError as exc:
-        abort(404, description=str(exc))
+    run = get_run(run_id)
     candidate = db.session.get(ModelVersion, run.candidate_version) if run.candidate_version else None
     active_id = run.taxonomy.active_version_id
     active = db.session.get(ModelVersion, active_id) if active_id else None

@@ -17,7 +17,7 @@ from .corrections import CorrectionError, accepted_labels, record_correction
 from .exports import download
 from .extensions import db, limiter
 from .models import ModelVersion, Prediction, Taxonomy
-from .registry import RegistryError, activate, import_bundle, list_versions, live_models, version_archive
+from .registry import activate, import_bundle, list_versions, live_models, version_archive
 from .scoring import InputError, NoModelError, Submission, check_submission, predict_and_store, prediction_json
 from .training_runs import claim_next, create_run, get_run, run_json, update_run
 
@@ -146,22 +146,14 @@ def upload_model() -> tuple[Response, int]:
 @bp.post("/models/<version_id>/activate")
 @token_user_role("admin")
 def activate_model(version_id: str) -> Response:
-    try:
-        version = activate(version_id, actor=f"api:{g.api_user.name}")
-    except RegistryError as exc:
-        abort(404, description=str(exc))
-    return jsonify(_version_json(version))
+    return jsonify(_version_json(activate(version_id, actor=f"api:{g.api_user.name}")))
 
 
 @bp.get("/models/<version_id>/bundle")
 @token_user_role("curator")
 def download_model(version_id: str) -> Response:
     """The version's bundle ``.tar.gz``, byte for byte as stored (its sha256 is the artifact address)."""
-    try:
-        archive = version_archive(version_id)
-    except RegistryError as exc:
-        abort(404, description=str(exc))
-    response = Response(archive, mimetype="application/gzip")
+    response = Response(version_archive(version_id), mimetype="application/gzip")
     response.headers["Content-Disposition"] = f'attachment; filename="{version_id}.tar.gz"'
     return response
 
@@ -239,10 +231,7 @@ def start_training_run() -> tuple[Response, int]:
     config = body.get("config") or {}
     if not isinstance(config, dict):
         abort(400, description='"config" must be an object')
-    try:
-        run = create_run(body["taxonomy"], config, requested_by=f"api:{g.api_user.name}")
-    except RegistryError as exc:
-        abort(404, description=str(exc))
+    run = create_run(body["taxonomy"], config, requested_by=f"api:{g.api_user.name}")
     return jsonify(run_json(run)), 201
 
 
@@ -258,10 +247,7 @@ def claim_training_run() -> tuple[Response, int]:
 
 @bp.get("/training-runs/<int:run_id>")
 def training_run(run_id: int) -> Response:
-    try:
-        return jsonify(run_json(get_run(run_id)))
-    except RegistryError as exc:
-        abort(404, description=str(exc))
+    return jsonify(run_json(get_run(run_id)))
 
 
 @bp.patch("/training-runs/<int:run_id>")
@@ -272,8 +258,6 @@ def update_training_run(run_id: int) -> Response:
         abort(400, description="send an object of progress fields")
     try:
         return jsonify(run_json(update_run(run_id, body)))
-    except RegistryError as exc:
-        abort(404, description=str(exc))
     except ValueError as exc:
         abort(400, description=str(exc))
 

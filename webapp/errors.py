@@ -9,6 +9,7 @@ from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from .extensions import db
+from .registry import RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,12 @@ def register(app: Flask) -> None:
         if exc.code == 405 and exc.get_headers():
             response.headers.update({k: v for k, v in exc.get_headers() if k == "Allow"})
         return response
+
+    @app.errorhandler(RegistryError)
+    def unknown_record(exc: RegistryError) -> Response:
+        """An unknown version, taxonomy or training run named in the URL or body."""
+        db.session.rollback()
+        return error_response(404, str(exc))
 
     @app.errorhandler(OperationalError)
     def database_unavailable(exc: OperationalError) -> Response:
