@@ -18,6 +18,9 @@ preload_app = False
 timeout = 60
 graceful_timeout = 30
 keepalive = 5
+# No control socket: papertag is run by signals and its CLI, and the default path (~/.gunicorn/gunicorn.ctl) is
+# one per user, so several instances on one machine (or the tests' servers) would take it from each other.
+control_socket_disable = True
 # Logs to stdout/stderr (Render and systemd collect them).
 accesslog = "-"
 errorlog = "-"
