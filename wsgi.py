@@ -1,5 +1,8 @@
 """gunicorn and `flask --app wsgi` entry point."""
 
-from webapp import create_app
+from webapp import ConfigurationError, create_app
 
-app = create_app()
+try:
+    app = create_app()
+except ConfigurationError as exc:  # one clear line for the operator rather than a traceback
+    raise SystemExit(f"papertag cannot start: {exc}") from None
