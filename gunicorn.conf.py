@@ -5,6 +5,7 @@ the CPU busy while others wait on the database. No preload_app: each worker impo
 and creates its own onnxruntime sessions (never share a live session across fork).
 """
 
+import ctypes
 import os
 
 # Loopback by default (a laptop); Render sets HOST=0.0.0.0 and PORT.
@@ -26,6 +27,18 @@ accesslog = "-"
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
+
+
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each thread its own malloc arena, which multiplies a threaded worker's RSS; two per process
+    keep a worker near its single-threaded footprint. Set here, in the master, so forked workers inherit it."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # -8 is M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
+
+
+_limit_malloc_arenas()
 
 
 def post_worker_init(worker):  # noqa: ANN001, ANN201 - gunicorn's hook signature

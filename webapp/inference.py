@@ -31,7 +31,7 @@ class Scored:
 
 
 class LoadedModel:
-    """A bundle ready to predict. Thread-safe: onnxruntime sessions accept concurrent ``run`` calls."""
+    """A bundle ready to predict. Thread-safe: threads tokenise in parallel and take turns on the session."""
 
     def __init__(self, bundle_dir: str | os.PathLike[str], *, threads: int = 1, cache_size: int = 256) -> None:
         self.bundle_dir = Path(bundle_dir)
@@ -65,6 +65,9 @@ class LoadedModel:
         self._cache: OrderedDict[str, Scored] = OrderedDict()
         self._cache_size = cache_size
         self._cache_lock = threading.Lock()
+        # One run at a time per session: its intra-op threads are already this process's share of the cores,
+        # so concurrent runs would only oversubscribe them and hold several batches' activations in memory.
+        self._run_lock = threading.Lock()
 
     def smoke_test(self) -> None:
         """Predict once and check the output shape: a bundle that fails this never serves."""
@@ -81,7 +84,8 @@ class LoadedModel:
         encodings = self.tokenizer.encode_batch(texts)
         ids = np.asarray([e.ids for e in encodings], dtype=np.int64)
         mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int64)
-        logits, embedding = self.session.run(list(OUTPUT_NAMES), {"input_ids": ids, "attention_mask": mask})
+        with self._run_lock:
+            logits, embedding = self.session.run(list(OUTPUT_NAMES), {"input_ids": ids, "attention_mask": mask})
         return logits, embedding
 
     def logits(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
