@@ -133,7 +133,11 @@ def test_a_version_that_fails_to_load_never_serves(
     v1 = current_version(app)
     client.get("/healthz")
     live = live_models_of(app)
-    for broken, message in (("corrupt-onnx", "model.onnx cannot be loaded"), ("label-count", "returns 7 scores")):
+    for broken, message in (
+        ("corrupt-onnx", "model.onnx cannot be loaded"),
+        ("label-count", "returns 7 scores"),
+        ("nan", "smoke prediction returned non-finite scores"),
+    ):
         bad = _store_unvalidated(app, make_bundle(seed=7, broken=broken))
         deadline = time.monotonic() + SWAP_DEADLINE
         while bad not in live.errors:

@@ -178,6 +178,8 @@ def unpack(archive: bytes, target: str | os.PathLike[str]) -> Manifest:
                     assert extracted is not None
                     (staging / member.name).write_bytes(extracted.read())
         except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as exc:
+            if isinstance(exc, OSError) and exc.errno is not None:  # the disk (full, read-only), not the bundle
+                raise
             raise BundleError(f"not a readable .tar.gz bundle: {exc}") from exc
         manifest = read_manifest(staging)
         if target.exists():
