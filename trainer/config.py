@@ -45,7 +45,11 @@ class TrainConfig:
     )
     patience: int = field(default=2, metadata={"help": "Epochs without validation micro-F1 gain before stopping."})
     threshold_min_support: int = field(
-        default=4, metadata={"help": "Validation positives a label needs for its own threshold; else the global one."}
+        default=0,
+        metadata={
+            "help": "Validation positives a label needs for its own threshold, else it gets the global one; "
+            "0 = choose by cross-validation on the validation split."
+        },
     )
     seed: int = field(default=13, metadata={"help": "Random seed for initialisation and shuffling."})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})

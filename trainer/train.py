@@ -30,7 +30,7 @@ from .config import TrainConfig
 from .data import Paper, apply_aliases, choose_labels, merge_corrections, multi_hot, read_papers, split_of
 from .export import export_fp32, max_abs_difference, quantize_int8
 from .model import Tagger, resolve_base_model
-from .thresholds import best_global_threshold, tune_thresholds
+from .thresholds import best_global_threshold, choose_min_support, tune_thresholds
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
@@ -265,7 +265,11 @@ def train(
     model = model.to("cpu").float().eval()
     cpu = torch.device("cpu")
     validation = predict_probabilities(model, eval_loaders["validation"], cpu)
-    thresholds, global_threshold = tune_thresholds(validation, targets["validation"], config.threshold_min_support)
+    min_support = config.threshold_min_support or choose_min_support(validation, targets["validation"])
+    # 0 means one global threshold: no label has more positives than the whole split.
+    thresholds, global_threshold = tune_thresholds(
+        validation, targets["validation"], min_support or len(targets["validation"]) + 1
+    )
     test_torch = predict_probabilities(model, eval_loaders["test"], cpu)
 
     with tempfile.TemporaryDirectory(prefix="papertag-export-") as scratch:
@@ -311,6 +315,7 @@ def train(
                 "processes": world_size,
                 "seconds": round(time.monotonic() - started),
                 "global_threshold": global_threshold,
+                "threshold_min_support": min_support,
                 "config": asdict(config),
             },
         }
