@@ -68,8 +68,8 @@ def _configure_secret(app: Flask) -> None:
         return
     if app.config["PAPERTAG_ENV"] == "production":
         raise ConfigurationError(
-            "SECRET_KEY must be set when PAPERTAG_ENV=production "
-            "(a long random string, the same for every worker: python -c 'import secrets; print(secrets.token_hex(32))')"
+            "SECRET_KEY must be set when PAPERTAG_ENV=production (a long random string, the same for every "
+            "worker: python -c 'import secrets; print(secrets.token_hex(32))')"
         )
     path = Path(app.config["DATA_DIR"]) / "secret_key"
     try:  # O_EXCL: when several workers start at once, exactly one writes and all read the same key
