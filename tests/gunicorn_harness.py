@@ -16,14 +16,15 @@ from contextlib import contextmanager
 from datetime import UTC
 from pathlib import Path
 
-from sqlalchemy import Connection, create_engine, text
+from sqlalchemy import Connection, create_engine, select
 
 from webapp.config import database_uri
+from webapp.models import ModelVersion
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 # Generous for a busy 2-core CI machine: gunicorn imports onnxruntime in every worker before answering.
-START_SECONDS = 60.0
+START_SECONDS = 120.0
 WARM_UP = {"abstract": "A warm-up abstract about parsing."}
 
 
@@ -100,8 +101,12 @@ def gunicorn(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
             print(f"cold start to first prediction: {time.monotonic() - started:.2f}s")
             yield proc
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            proc.terminate()  # graceful: workers finish their requests (gunicorn's graceful_timeout is 30 s)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
 
 
 def worker_pids(master: int) -> set[int]:
@@ -135,7 +140,7 @@ def database(env: dict[str, str]) -> Iterator[Connection]:
 def activated_at(env: dict[str, str], version: str) -> float:
     """Seconds since the epoch at which ``version`` was last made active (set just before the commit)."""
     with database(env) as conn:
-        stamp = conn.execute(text("SELECT activated_at FROM model_versions WHERE id = :id"), {"id": version}).scalar()
+        stamp = conn.execute(select(ModelVersion.activated_at).where(ModelVersion.id == version)).scalar()
     assert stamp is not None, f"{version} was never activated"
     return stamp.replace(tzinfo=UTC).timestamp()
 

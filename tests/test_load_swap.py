@@ -19,6 +19,7 @@ from sqlalchemy import text
 
 from tests.conftest import TEST_DATABASE_URL, BundleFactory, database_url_for
 from tests.gunicorn_harness import (
+    START_SECONDS,
     activated_at,
     app_env,
     database,
@@ -239,7 +240,10 @@ def test_sigkilled_worker_loses_only_its_own_requests(served: Served, abstracts:
         killed = time.time()
         load.wait_for("a respawned worker", lambda: len(worker_pids(master) - before) == 1)
         [respawned] = worker_pids(master) - before
-        load.wait_for(f"worker {respawned} serving {served.v1}", lambda: serves(port, respawned, served.v1))
+        # It boots like any worker (imports the app, loads the model): as long as a start may take.
+        load.wait_for(
+            f"worker {respawned} serving {served.v1}", lambda: serves(port, respawned, served.v1), START_SECONDS
+        )
         load.wait_for("requests after the kill", lambda: len(load.successes(killed)) >= 4 * CLIENTS)
 
     failures = load.failures()
