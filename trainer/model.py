@@ -43,6 +43,9 @@ class Tagger(nn.Module):
             self.encoder = AutoModel.from_pretrained(base_path)
         except (OSError, ValueError) as exc:
             raise BaseModelError(f"cannot load base model from {base_path}: {exc}") from exc
+        if getattr(self.encoder, "pooler", None) is not None:
+            # The [CLS] pooler is unused with mean pooling; left in, DDP would wait for its gradients forever.
+            self.encoder.pooler = None
         if encoder_layers and hasattr(self.encoder, "encoder") and hasattr(self.encoder.encoder, "layer"):
             self.encoder.encoder.layer = self.encoder.encoder.layer[:encoder_layers]
             self.encoder.config.num_hidden_layers = encoder_layers
