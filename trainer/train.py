@@ -199,6 +199,11 @@ def train(
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
 
+    def progress_of(epoch: int, step: int, loss: float, **extra: float) -> dict[str, Any]:
+        """One training-run progress update (the site shows it live)."""
+        fields = {"epoch": epoch, "step": step, "total_steps": total_steps, "loss": round(loss, 5)}
+        return {"status": "running", **fields, **extra}
+
     best = {"micro_f1": -1.0, "epoch": 0, "state": None}
     step = 0
     for epoch in range(1, config.epochs + 1):
@@ -224,29 +229,11 @@ def train(
             bar.set_postfix(loss=f"{running:.4f}")
             if main_process and step % 20 == 0:
                 elapsed = time.monotonic() - started
-                report(
-                    {
-                        "status": "running",
-                        "epoch": epoch,
-                        "step": step,
-                        "total_steps": total_steps,
-                        "loss": round(running, 5),
-                        "eta_seconds": round(elapsed / step * (total_steps - step)),
-                    }
-                )
+                report(progress_of(epoch, step, running, eta_seconds=round(elapsed / step * (total_steps - step))))
         validation = predict_probabilities(model, eval_loaders["validation"], device)
         threshold, micro_f1 = best_global_threshold(validation, targets["validation"])
         log.info("epoch %d: loss %.4f, validation micro-F1 %.4f at threshold %.3f", epoch, running, micro_f1, threshold)
-        report(
-            {
-                "status": "running",
-                "epoch": epoch,
-                "step": step,
-                "total_steps": total_steps,
-                "loss": round(running, 5),
-                "validation_micro_f1": round(micro_f1, 4),
-            }
-        )
+        report(progress_of(epoch, step, running, validation_micro_f1=round(micro_f1, 4)))
         if micro_f1 > best["micro_f1"]:
             best = {
                 "micro_f1": micro_f1,
