@@ -28,6 +28,13 @@ class TrainConfig:
     max_labels: int = field(default=0, metadata={"help": "Keep only the N most frequent labels (0 = no limit)."})
     label_aliases: dict[str, str] = field(default_factory=dict, metadata={"help": "Map of label -> canonical label."})
     max_examples: int = field(default=0, metadata={"help": "Use only the first N papers (0 = all); for smoke runs."})
+    sample_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "Keep a deterministic, unbiased share of the papers (by a hash of the id; 1 = all): "
+            "a large set trained within a CPU budget."
+        },
+    )
     test_fraction: float = field(default=0.1, metadata={"help": "Frozen test split, by hash of paper id."})
     validation_fraction: float = field(
         default=0.1, metadata={"help": "Validation split for early stopping/thresholds."}
@@ -87,6 +94,8 @@ class TrainConfig:
             raise ConfigError("data must be a non-empty list of file paths")
         if not 0 < self.test_fraction < 0.5 or not 0 < self.validation_fraction < 0.5:
             raise ConfigError("test_fraction and validation_fraction must lie between 0 and 0.5")
+        if not 0 < self.sample_fraction <= 1:
+            raise ConfigError("sample_fraction must lie in (0, 1]")
         if self.epochs < 1 or self.batch_size < 1 or self.max_length < 8:
             raise ConfigError("epochs and batch_size must be positive and max_length at least 8")
         if self.device not in {"auto", "cpu", "cuda"}:

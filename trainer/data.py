@@ -125,9 +125,19 @@ def merge_corrections(papers: list[Paper], corrections: Iterable[Paper]) -> tupl
     return merged, counts
 
 
+def _bucket(key: str) -> float:
+    """A uniform number in [0, 1) fixed by ``key``."""
+    return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) / 2**32
+
+
+def in_sample(paper_id: str, fraction: float) -> bool:
+    """Whether a paper belongs to the deterministic ``fraction`` sample (salted: independent of its split)."""
+    return fraction >= 1 or _bucket(f"sample:{paper_id}") < fraction
+
+
 def split_of(paper_id: str, test_fraction: float, validation_fraction: float) -> str:
     """Deterministic split by a hash of the id: a paper never moves between splits as data grows."""
-    bucket = int(hashlib.sha256(paper_id.encode("utf-8")).hexdigest()[:8], 16) / 2**32
+    bucket = _bucket(paper_id)
     if bucket < test_fraction:
         return "test"
     if bucket < test_fraction + validation_fraction:

@@ -27,7 +27,16 @@ from webapp.inference import LoadedModel
 from . import metrics
 from .baseline import tfidf_baseline
 from .config import TrainConfig
-from .data import Paper, apply_aliases, choose_labels, merge_corrections, multi_hot, read_papers, split_of
+from .data import (
+    Paper,
+    apply_aliases,
+    choose_labels,
+    in_sample,
+    merge_corrections,
+    multi_hot,
+    read_papers,
+    split_of,
+)
 from .export import export_fp32, max_abs_difference, quantize_int8
 from .model import Tagger, resolve_base_model
 from .thresholds import best_global_threshold, choose_min_support, tune_thresholds
@@ -44,6 +53,7 @@ def load_dataset(config: TrainConfig, corrections: list[Paper] | None = None) ->
         path = Path(name) if Path(name).is_absolute() else REPO_ROOT / name
         papers.extend(read_papers(path))
     papers = list({p.id: p for p in papers}.values())
+    papers = [p for p in papers if in_sample(p.id, config.sample_fraction)]
     if config.max_examples:
         papers = papers[: config.max_examples]
     papers, merged = merge_corrections(papers, corrections or [])
