@@ -15,7 +15,7 @@ import pytest
 
 from trainer.__main__ import main
 from trainer.config import TrainConfig
-from trainer.data import Paper, merge_corrections, read_papers, split_of
+from trainer.data import Paper, in_sample, merge_corrections, read_papers, split_of
 from trainer.thresholds import tune_thresholds
 from webapp.bundle import read_manifest
 from webapp.inference import load_and_validate
@@ -89,6 +89,22 @@ def test_splits_are_deterministic_and_disjoint() -> None:
     assert first == [split_of(i, 0.1, 0.1) for i in ids]
     share = {name: first.count(name) / len(ids) for name in ("train", "validation", "test")}
     assert 0.07 < share["test"] < 0.13 and 0.07 < share["validation"] < 0.13
+
+
+def test_sample_fraction_keeps_a_stable_share_independent_of_the_split() -> None:
+    ids = [f"2503.{i:05d}" for i in range(4000)]
+    kept = [i for i in ids if in_sample(i, 0.3)]
+    assert 0.27 < len(kept) / len(ids) < 0.33
+    assert kept == [i for i in ids if in_sample(i, 0.3)]
+    assert set(kept) <= {i for i in ids if in_sample(i, 0.6)}  # a larger sample contains a smaller one
+    assert all(in_sample(i, 1.0) for i in ids)
+    test_share = sum(split_of(i, 0.1, 0.1) == "test" for i in kept) / len(kept)
+    assert 0.07 < test_share < 0.13  # the sample does not skew the splits
+
+
+def test_sample_fraction_out_of_range_is_refused(tmp_path: Path, capsys) -> None:
+    assert main(["train", "--config", str(smoke_config_with(tmp_path, sample_fraction=0)), "--out", str(tmp_path)]) != 0
+    assert "sample_fraction" in capsys.readouterr().err
 
 
 def test_corrections_override_by_id_or_text_and_add_new_papers() -> None:
@@ -179,10 +195,24 @@ def test_distributed_training_with_torchrun(tmp_path: Path) -> None:
     """The DistributedDataParallel path (gloo on the CPU here, NCCL on GPUs) trains and exports once."""
     config = smoke_config_with(tmp_path, epochs=1, baseline=False)
     out = tmp_path / "bundle"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "trainer", "train", "--config", str(config), "--out", str(out)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "trainer",
+        "train",
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_manifest(out).metrics["training"]["processes"] == 2
     load_and_validate(out)
