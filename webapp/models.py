@@ -333,3 +333,21 @@ class BatchRow(db.Model):
     skip_reason: Mapped[str | None] = mapped_column(Text, default=None)
 
     prediction: Mapped[Prediction | None] = relationship()
+
+
+class ReplayReport(db.Model):
+    """What a candidate version would change if activated, computed by re-scoring stored abstracts with it and
+    with the active version (``webapp/replay.py``); kept so the replay page shows it without recomputing."""
+
+    __tablename__ = "replay_reports"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    taxonomy_id: Mapped[int] = mapped_column(ForeignKey("taxonomies.id"))
+    candidate_version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    active_version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id"))
+    sample_size: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(120), default=None)
+    report: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+    taxonomy: Mapped[Taxonomy] = relationship()
