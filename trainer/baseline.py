@@ -7,8 +7,9 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 
+from webapp.tuning import best_global_threshold
+
 from .metrics import summary
-from .thresholds import best_global_threshold
 
 
 def tfidf_baseline(

@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from webapp.bundle import Manifest, write_bundle
 from webapp.inference import LoadedModel
+from webapp.tuning import best_global_threshold, tune_thresholds
 
 from . import metrics
 from .baseline import tfidf_baseline
@@ -39,7 +40,7 @@ from .data import (
 )
 from .export import export_fp32, max_abs_difference, quantize_int8
 from .model import Tagger, resolve_base_model
-from .thresholds import best_global_threshold, choose_min_support, tune_thresholds
+from .thresholds import choose_min_support
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
