@@ -124,7 +124,7 @@ def register_extensions(app: Flask) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
-    from . import accounts, admin, api, batch, curate, exports, history, predict
+    from . import accounts, admin, api, batch, curate, exports, history, predict, replay
 
     app.register_blueprint(predict.bp)
     app.register_blueprint(history.bp)
@@ -133,9 +133,12 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(curate.bp)
     app.register_blueprint(exports.bp)
     app.register_blueprint(batch.bp)
+    app.register_blueprint(replay.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(api.health_bp)
+    app.register_blueprint(replay.api_bp)
     csrf.exempt(api.bp)
+    csrf.exempt(replay.api_bp)
 
 
 def register_errorhandlers(app: Flask) -> None:

@@ -53,6 +53,9 @@ class Defaults:
     BATCH_POLL_SECONDS = 10.0
     # A running job whose heartbeat is older than this is taken over: its process died (seconds).
     BATCH_STALE_SECONDS = 120.0
+    # Stored abstracts a replay re-scores with a candidate and the active model, reviewed ones first: 200 take
+    # seconds with the default model (bench/replay_time.py), so a replay runs within its request.
+    REPLAY_SAMPLE_SIZE = 200
     # Rows per history page.
     HISTORY_PER_PAGE = 25
     # Greyed "just missed" labels shown under each taxonomy's predictions.

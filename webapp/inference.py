@@ -69,6 +69,11 @@ class LoadedModel:
         # so concurrent runs would only oversubscribe them and hold several batches' activations in memory.
         self._run_lock = threading.Lock()
 
+    def predicted(self, probabilities: np.ndarray) -> list[str]:
+        """The labels at or above their threshold, most probable first: what a prediction stores and replay compares."""
+        order = np.argsort(-probabilities, kind="stable")
+        return [self.labels[j] for j in order if probabilities[j] >= self.thresholds[j]]
+
     def smoke_test(self) -> None:
         """Predict once and check the output shape: a bundle that fails this never serves."""
         try:

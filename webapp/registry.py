@@ -225,6 +225,43 @@ def import_defaults(bundles_dir: str | os.PathLike[str], *, actor: str = "import
     return report or [f"{root}: no bundle directories, nothing to import"]
 
 
+def load_version(version_id: str, cache_root: Path, *, threads: int) -> LoadedModel:
+    """Load and validate a version: ``cache_root/<sha256>`` first, else the database blob (unpacked into the
+    cache, or a temporary directory when the cache cannot be written). Raises :class:`BundleError`."""
+    version = db.session.get(ModelVersion, version_id)
+    if version is None:
+        raise BundleError(f"version {version_id} does not exist")
+    sha = version.artifact_sha256
+    cached = cache_root / sha
+    if (cached / MANIFEST_FILE).is_file():
+        try:
+            return _validate(version, cached, threads)
+        except BundleError as exc:
+            log.warning("cached copy of %s is unusable (%s); fetching it again", version_id, exc)
+            shutil.rmtree(cached, ignore_errors=True)
+    data = db.session.scalar(select(ModelArtifact.data).where(ModelArtifact.sha256 == sha))
+    if data is None:
+        raise BundleError(f"artifact {sha} of {version_id} is missing from the database")
+    if sha256_hex(data) != sha:
+        raise BundleError(f"artifact of {version_id} does not match its sha256 {sha}")
+    try:
+        unpack(data, cached)
+    except (OSError, BundleError) as exc:
+        log.warning("cannot write the model cache for %s (%s); loading from a temporary directory", version_id, exc)
+        with tempfile.TemporaryDirectory(prefix="papertag-model-") as tmp:
+            unpack(data, Path(tmp) / "bundle")
+            # onnxruntime and tokenizers read the files fully at load, so the directory can go afterwards.
+            return _validate(version, Path(tmp) / "bundle", threads)
+    return _validate(version, cached, threads)
+
+
+def _validate(version: ModelVersion, bundle_dir: Path, threads: int) -> LoadedModel:
+    model = load_and_validate(bundle_dir, threads=threads)
+    if model.labels != version.labels:
+        raise BundleError(f"bundle labels differ from the {len(version.labels)} registered for {version.id}")
+    return model
+
+
 def default_ort_threads(workers: int) -> int:
     """onnxruntime threads per worker so that workers x threads <= cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -329,7 +366,7 @@ class LiveModels:
             if failed is not None and time.monotonic() - failed < retry_after:
                 continue
             try:
-                model = self._load(version_id)
+                model = load_version(version_id, self.cache_root, threads=self.threads)
             except (BundleError, OSError) as exc:
                 self._record_failure(version_id, str(exc))
                 continue
@@ -365,40 +402,6 @@ class LiveModels:
         if version is not None and version.status != "ready":
             version.status, version.validation_error = "ready", None
             db.session.commit()
-
-    def _load(self, version_id: str) -> LoadedModel:
-        """Load and validate a version: local cache, else the database blob (into the cache or a temp dir)."""
-        version = db.session.get(ModelVersion, version_id)
-        if version is None:
-            raise BundleError(f"active version {version_id} does not exist")
-        sha = version.artifact_sha256
-        cached = self.cache_root / sha
-        if (cached / MANIFEST_FILE).is_file():
-            try:
-                return self._validate(version, cached)
-            except BundleError as exc:
-                log.warning("cached copy of %s is unusable (%s); fetching it again", version_id, exc)
-                shutil.rmtree(cached, ignore_errors=True)
-        data = db.session.scalar(select(ModelArtifact.data).where(ModelArtifact.sha256 == sha))
-        if data is None:
-            raise BundleError(f"artifact {sha} of {version_id} is missing from the database")
-        if sha256_hex(data) != sha:
-            raise BundleError(f"artifact of {version_id} does not match its sha256 {sha}")
-        try:
-            unpack(data, cached)
-        except (OSError, BundleError) as exc:
-            log.warning("cannot write the model cache for %s (%s); loading from a temporary directory", version_id, exc)
-            with tempfile.TemporaryDirectory(prefix="papertag-model-") as tmp:
-                unpack(data, Path(tmp) / "bundle")
-                # onnxruntime and tokenizers read the files fully at load, so the directory can go afterwards.
-                return self._validate(version, Path(tmp) / "bundle")
-        return self._validate(version, cached)
-
-    def _validate(self, version: ModelVersion, bundle_dir: Path) -> LoadedModel:
-        model = load_and_validate(bundle_dir, threads=self.threads)
-        if model.labels != version.labels:
-            raise BundleError(f"bundle labels differ from the {len(version.labels)} registered for {version.id}")
-        return model
 
 
 def live_models() -> LiveModels:

@@ -98,8 +98,7 @@ def predict_and_store(
             entry = live[slug]
             labels, thresholds = entry.model.labels, entry.model.thresholds
             probabilities = outputs[i].probabilities
-            order = np.argsort(-probabilities, kind="stable")
-            predicted = [labels[j] for j in order if probabilities[j] >= thresholds[j]]
+            predicted = entry.model.predicted(probabilities)
             result = PredictionResult(
                 taxonomy_id=entry.taxonomy_id,
                 model_version_id=entry.version_id,
