@@ -124,7 +124,7 @@ def register_extensions(app: Flask) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
-    from . import accounts, admin, api, batch, curate, exports, history, predict, replay
+    from . import accounts, admin, api, batch, curate, exports, history, learned_thresholds, predict, quality, replay
 
     app.register_blueprint(predict.bp)
     app.register_blueprint(history.bp)
@@ -134,10 +134,16 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(exports.bp)
     app.register_blueprint(batch.bp)
     app.register_blueprint(replay.bp)
+    app.register_blueprint(quality.bp)
+    app.register_blueprint(learned_thresholds.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(api.health_bp)
     app.register_blueprint(replay.api_bp)
+    app.register_blueprint(quality.api_bp)
+    app.register_blueprint(learned_thresholds.api_bp)
     csrf.exempt(api.bp)
+    csrf.exempt(quality.api_bp)
+    csrf.exempt(learned_thresholds.api_bp)
     csrf.exempt(replay.api_bp)
 
 

@@ -60,6 +60,12 @@ class Defaults:
     HISTORY_PER_PAGE = 25
     # Greyed "just missed" labels shown under each taxonomy's predictions.
     NEAR_MISSES = 4
+    # Live quality: a label is flagged once this many reviewed predictions involve it (TP + FP + FN), fewer
+    # say little, and its live F1 is more than QUALITY_DROP_MARGIN below its offline test F1.
+    QUALITY_MIN_EVIDENCE = 10
+    QUALITY_DROP_MARGIN = 0.15
+    # Reviewed positives a label needs before its threshold is re-tuned from reviews; others keep the trained one.
+    THRESHOLD_MIN_EVIDENCE = 8
     # Anonymous prediction rate limit per client address (flask-limiter syntax).
     PREDICT_RATE_LIMIT = "120 per minute"
     # Turn rate limiting off for load tests and benchmarks (never in production).
