@@ -124,7 +124,21 @@ def register_extensions(app: Flask) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
-    from . import accounts, admin, api, batch, curate, exports, history, learned_thresholds, predict, quality, replay
+    from . import (
+        accounts,
+        admin,
+        api,
+        batch,
+        curate,
+        explain,
+        exports,
+        history,
+        learned_thresholds,
+        predict,
+        quality,
+        replay,
+        similar,
+    )
 
     app.register_blueprint(predict.bp)
     app.register_blueprint(history.bp)
@@ -134,6 +148,8 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(exports.bp)
     app.register_blueprint(batch.bp)
     app.register_blueprint(replay.bp)
+    app.register_blueprint(explain.bp)
+    app.register_blueprint(similar.bp)
     app.register_blueprint(quality.bp)
     app.register_blueprint(learned_thresholds.bp)
     app.register_blueprint(api.bp)

@@ -58,8 +58,14 @@ class Defaults:
     REPLAY_SAMPLE_SIZE = 200
     # Rows per history page.
     HISTORY_PER_PAGE = 25
-    # Greyed "just missed" labels shown under each taxonomy's predictions.
+    # Greyed "just missed" labels shown under each taxonomy's predictions (explanations cover them too).
     NEAR_MISSES = 4
+    # Texts per onnxruntime run when explaining (the full text + one per sentence): 16 covers the sentences a
+    # 128-token model reads in one run; more sentences take another run rather than more memory.
+    EXPLAIN_BATCH_SIZE = 16
+    # Similar past abstracts shown on a prediction's page, and the most the API returns (?k=).
+    SIMILAR_K = 5
+    SIMILAR_MAX_K = 50
     # Live quality: a label is flagged once this many reviewed predictions involve it (TP + FP + FN), fewer
     # say little, and its live F1 is more than QUALITY_DROP_MARGIN below its offline test F1.
     QUALITY_MIN_EVIDENCE = 10

@@ -5,9 +5,11 @@ from __future__ import annotations
 from flask import Blueprint, abort, current_app, render_template, request
 from sqlalchemy import Select, exists, or_, select
 
+from .explain import page_panel
 from .extensions import db
 from .models import AnnotationEvent, ModelVersion, PredictedLabel, Prediction, PredictionResult, User
 from .scoring import result_view
+from .similar import similar_papers
 
 bp = Blueprint("history", __name__)
 
@@ -95,15 +97,22 @@ def index() -> str:
 
 
 @bp.get("/predictions/<int:prediction_id>")
-def detail(prediction_id: int) -> str:
+def detail(prediction_id: int) -> tuple[str, int]:
     prediction = db.session.get(Prediction, prediction_id)
     if prediction is None:
         abort(404, description=f"there is no prediction {prediction_id}")
     near = current_app.config["NEAR_MISSES"]
     views = [result_view(result, near) for result in prediction.results]
-    return render_template(
+    # ?explain=<slug>&label=...: the explanation rendered here, for browsers without JavaScript.
+    slug = request.args.get("explain", "").strip()[:63]
+    panel = page_panel(prediction, slug, request.args.get("label", "").strip())
+    similar = {r.taxonomy.slug: similar_papers(r, current_app.config["SIMILAR_K"]) for r in prediction.results}
+    page = render_template(
         "history/detail.html",
         prediction=prediction,
         views=views,
         is_new=request.args.get("new") == "1",
+        panel=panel,
+        similar=similar,
     )
+    return page, panel.status

@@ -22,6 +22,11 @@ from .bundle import INPUT_NAMES, MODEL_FILE, OUTPUT_NAMES, TOKENIZER_FILE, Bundl
 SMOKE_TEXT = "Smoke test. We train a convolutional network for image classification and evaluate it."
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Per-label probabilities from logits (in float64, so large logits do not overflow)."""
+    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+
+
 @dataclass(frozen=True)
 class Scored:
     """One text's output: a probability per label (bundle order) and its pooled embedding."""
@@ -114,7 +119,7 @@ class LoadedModel:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             logits, embedding = self._run([text_of[k] for k in chunk])
-            probabilities = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+            probabilities = sigmoid(logits)
             for i, key in enumerate(chunk):
                 results[key] = Scored(probabilities[i].astype(np.float32), embedding[i])
         with self._cache_lock:
