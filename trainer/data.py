@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from webapp.bundle import compose_text
+from webapp.surgery import LabelMap
 
 LABEL_SEPARATORS = ("|", ";")
 
@@ -149,6 +150,14 @@ def apply_aliases(papers: list[Paper], aliases: dict[str, str]) -> list[Paper]:
     if not aliases:
         return papers
     return [Paper(p.id, p.title, p.abstract, sorted({aliases.get(x, x) for x in p.labels})) for p in papers]
+
+
+def relabel(papers: list[Paper], label_map: LabelMap) -> list[Paper]:
+    """The site's label changes (renames, merges, keyword splits) applied to every paper, base data included, by
+    the same rule the site reads its stored labels with."""
+    if not label_map:
+        return papers
+    return [Paper(p.id, p.title, p.abstract, label_map.map_labels(p.labels, p.text)) for p in papers]
 
 
 def choose_labels(train: list[Paper], min_count: int, max_labels: int = 0) -> list[str]:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import requests
 
 from webapp.bundle import BundleError, pack, unpack
+from webapp.surgery import LabelMap
 
 from .data import Paper
 from .evaluate import evaluate_papers
@@ -34,6 +35,7 @@ class PublishError(RuntimeError):
 
 class Target(Protocol):
     def corrections(self, slug: str) -> list[Paper]: ...
+    def label_changes(self, slug: str) -> LabelMap: ...
     def start_run(self, slug: str, config: dict[str, Any]) -> int | None: ...
     def claim(self) -> dict[str, Any] | None: ...
     def report(self, run_id: int | None, update: dict[str, Any]) -> None: ...
@@ -77,6 +79,13 @@ class SiteTarget:
     def corrections(self, slug: str) -> list[Paper]:
         response = self._call("GET", "/api/v1/annotations", params={"taxonomy": slug}, stream=True)
         return [paper_from_annotation(json.loads(line)) for line in response.iter_lines() if line.strip()]
+
+    def label_changes(self, slug: str) -> LabelMap:
+        """The taxonomy's renames, merges and splits (none for a taxonomy the site does not know yet)."""
+        taxonomies = self._call("GET", "/api/v1/taxonomies").json()["taxonomies"]
+        if slug not in {t["slug"] for t in taxonomies}:
+            return LabelMap()
+        return LabelMap.from_json(self._call("GET", f"/api/v1/taxonomies/{slug}/label-changes").json()["rules"])
 
     def start_run(self, slug: str, config: dict[str, Any]) -> int | None:
         return int(self._call("POST", "/api/v1/training-runs", json={"taxonomy": slug, "config": config}).json()["id"])
@@ -142,6 +151,15 @@ class DatabaseTarget:
 
         with self._context():
             return [paper_from_annotation(line) for line in corrected_predictions(slug)]
+
+    def label_changes(self, slug: str) -> LabelMap:
+        from webapp.annotations import label_map
+        from webapp.extensions import db
+        from webapp.models import Taxonomy
+
+        with self._context():
+            taxonomy_id = db.session.scalar(db.select(Taxonomy.id).where(Taxonomy.slug == slug))
+            return label_map(taxonomy_id) if taxonomy_id is not None else LabelMap()
 
     def start_run(self, slug: str, config: dict[str, Any]) -> int | None:
         from webapp.training_runs import create_run

@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from webapp.bundle import Manifest, write_bundle
 from webapp.inference import LoadedModel
+from webapp.surgery import LabelMap
 from webapp.tuning import best_global_threshold, tune_thresholds
 
 from . import metrics
@@ -36,6 +37,7 @@ from .data import (
     merge_corrections,
     multi_hot,
     read_papers,
+    relabel,
     split_of,
 )
 from .export import export_fp32, max_abs_difference, quantize_int8
@@ -47,8 +49,11 @@ Progress = Callable[[dict[str, Any]], None]
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_dataset(config: TrainConfig, corrections: list[Paper] | None = None) -> tuple[dict[str, list[Paper]], dict]:
-    """Base files plus corrections, split deterministically; also a summary for bundle.json."""
+def load_dataset(
+    config: TrainConfig, corrections: list[Paper] | None = None, label_map: LabelMap | None = None
+) -> tuple[dict[str, list[Paper]], dict]:
+    """Base files plus corrections, relabelled by the site's label changes, split deterministically; also a
+    summary for bundle.json."""
     papers: list[Paper] = []
     for name in config.data:
         path = Path(name) if Path(name).is_absolute() else REPO_ROOT / name
@@ -59,6 +64,7 @@ def load_dataset(config: TrainConfig, corrections: list[Paper] | None = None) ->
         papers = papers[: config.max_examples]
     papers, merged = merge_corrections(papers, corrections or [])
     papers = apply_aliases(papers, config.label_aliases)
+    papers = relabel(papers, label_map or LabelMap())
     splits: dict[str, list[Paper]] = {"train": [], "validation": [], "test": []}
     for paper in papers:
         splits[split_of(paper.id, config.test_fraction, config.validation_fraction)].append(paper)
@@ -68,6 +74,7 @@ def load_dataset(config: TrainConfig, corrections: list[Paper] | None = None) ->
         "corrections": len(corrections or []),
         "corrections_overriding": merged["overridden"],
         "corrections_added": merged["added"],
+        "label_changes": [rule.id for rule in (label_map or LabelMap()).rules],
         "splits": {name: len(items) for name, items in splits.items()},
         "split_rule": f"sha256(id) bucket: test < {config.test_fraction}, "
         f"validation < {config.test_fraction + config.validation_fraction}",
@@ -75,9 +82,12 @@ def load_dataset(config: TrainConfig, corrections: list[Paper] | None = None) ->
     return splits, summary
 
 
-def test_split(config: TrainConfig, corrections: list[Paper] | None = None) -> list[Paper]:
-    """The frozen test papers of this config (with corrections applied), for the promotion gate."""
-    splits, _ = load_dataset(config, corrections)
+def test_split(
+    config: TrainConfig, corrections: list[Paper] | None = None, label_map: LabelMap | None = None
+) -> list[Paper]:
+    """The frozen test papers of this config (with corrections and label changes applied), for the promotion
+    gate."""
+    splits, _ = load_dataset(config, corrections, label_map)
     return splits["test"]
 
 
@@ -141,6 +151,7 @@ def train(
     corrections: list[Paper] | None = None,
     base_model: str | None = None,
     progress: Progress | None = None,
+    label_map: LabelMap | None = None,
 ) -> Path:
     """Run one training and write the bundle to ``out_dir`` (atomically). Returns the bundle path."""
     report = progress or (lambda update: None)
@@ -157,7 +168,7 @@ def train(
     set_seed(config.seed)
     base_path = resolve_base_model(base_model or config.base_model)
 
-    splits, data_summary = load_dataset(config, corrections)
+    splits, data_summary = load_dataset(config, corrections, label_map)
     labels = choose_labels(splits["train"], config.min_label_count, config.max_labels)
     targets = {name: multi_hot(items, labels) for name, items in splits.items()}
     texts = {name: [p.text for p in items] for name, items in splits.items()}

@@ -28,6 +28,7 @@ def train_and_publish(
     """Corrections in, bundle out, through the gate; the run record follows every step (failures too)."""
     # Read corrections first: an unreachable site or a refused token fails now, not after an hour of training.
     corrections = target.corrections(config.taxonomy_slug)
+    label_map = target.label_changes(config.taxonomy_slug)
     if run_id is None:
         run_id = target.start_run(config.taxonomy_slug, asdict(config))
     try:
@@ -37,8 +38,9 @@ def train_and_publish(
             corrections=corrections,
             base_model=base_model,
             progress=lambda update: target.report(run_id, update),
+            label_map=label_map,
         )
-        outcome = publish(target, bundle, test_split(config, corrections), force=force)
+        outcome = publish(target, bundle, test_split(config, corrections, label_map), force=force)
     except Exception as exc:
         target.report(run_id, {"status": "failed", "error": f"{exc.__class__.__name__}: {exc}"})
         raise

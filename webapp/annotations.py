@@ -1,28 +1,146 @@
-"""Corrections: the current gold labels derived from the append-only annotation events.
+"""Corrections: the current gold labels derived from the append-only annotation events and the taxonomy's label
+changes.
 
 The original prediction is never changed; a prediction's current labels in a taxonomy are what its model
-predicted, with each event's added and removed labels applied in order.
+predicted, with each event's added and removed labels applied in order, then read through the label changes
+(renames, merges, splits: ``webapp/surgery.py``) that are not undone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from flask import g
+from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.orm import selectinload
 
+from .bundle import compose_text
 from .extensions import db
-from .models import AnnotationEvent, LabelProposal, Prediction, PredictionResult, Taxonomy
+from .models import AnnotationEvent, LabelChange, LabelProposal, PredictedLabel, Prediction, PredictionResult, Taxonomy
+from .surgery import LabelMap, Rule
+
+
+def label_map(taxonomy_id: int) -> LabelMap:
+    """The taxonomy's label changes not undone, oldest first; read once per request (app context)."""
+    maps: dict[int, LabelMap] = g.setdefault("label_maps", {})
+    if taxonomy_id not in maps:
+        changes = db.session.scalars(
+            select(LabelChange)
+            .where(LabelChange.taxonomy_id == taxonomy_id, LabelChange.undone_at.is_(None))
+            .order_by(LabelChange.id)
+        )
+        maps[taxonomy_id] = LabelMap(Rule.from_payload(c.id, c.kind, c.payload, c.created_at) for c in changes)
+    return maps[taxonomy_id]
+
+
+def forget_label_maps() -> None:
+    """After recording or undoing a change, so this request reads the new mapping."""
+    g.pop("label_maps", None)
+
+
+def prediction_text(prediction: Prediction) -> str:
+    """The text split keywords are looked for in (the same the model and the trainer read)."""
+    return compose_text(prediction.title, prediction.abstract)
 
 
 def current_labels(result: PredictionResult | None, events: list[AnnotationEvent]) -> list[str]:
-    """Predicted labels with the events applied in order (events must belong to the result's taxonomy)."""
-    labels = list(result.labels) if result is not None else []
+    """Predicted labels with the events applied in order (events must belong to the result's taxonomy), in
+    today's names. Each event is applied in the names of its own time (the changes made before it), so an old
+    removal of one merged label keeps its sibling, and a new removal under the merged name removes both."""
+    if result is None and not events:
+        return []
+    taxonomy_id = result.taxonomy_id if result is not None else events[0].taxonomy_id
+    labels_map = label_map(taxonomy_id)
+    text = prediction_text(result.prediction if result is not None else events[0].prediction)
+    labels = set(result.labels) if result is not None else set()
     for event in sorted(events, key=lambda e: (e.created_at, e.id)):
-        labels = [label for label in labels if label not in set(event.removed)]
-        labels += [label for label in event.added if label not in labels]
-    return sorted(labels)
+        removed, kept = set(event.removed), set()
+        for label in labels - removed:
+            then = labels_map.map_label(label, text, until=event.created_at)
+            kept |= then - removed if then & removed else {label}
+        labels = kept | set(event.added)
+    return labels_map.map_labels(labels, text)
+
+
+@dataclass(frozen=True)
+class MappedResult:
+    """What a model said, in today's label names: predicted labels (best first), every label's score and
+    threshold."""
+
+    labels: list[str]
+    scores: dict[str, float]
+    thresholds: dict[str, float]
+
+
+def mapped_result(result: PredictionResult) -> MappedResult:
+    labels_map = label_map(result.taxonomy_id)
+    if not labels_map:
+        return MappedResult(list(result.labels), dict(result.scores), dict(result.thresholds))
+    text = prediction_text(result.prediction)
+    pairs = labels_map.map_scores(result.scores, result.thresholds, text)
+    labels = sorted(labels_map.map_labels(result.labels, text), key=lambda label: -pairs.get(label, (0.0, 0.0))[0])
+    return MappedResult(
+        labels, {label: s for label, (s, _) in pairs.items()}, {label: t for label, (_, t) in pairs.items()}
+    )
+
+
+def prediction_texts(ids: Iterable[int]) -> dict[int, str]:
+    """Prediction id -> its text, fetched in chunks (a database limits the parameters of one query)."""
+    ids, texts = sorted(set(ids)), {}
+    for start in range(0, len(ids), 500):
+        rows = db.session.execute(
+            select(Prediction.id, Prediction.title, Prediction.abstract).where(
+                Prediction.id.in_(ids[start : start + 500])
+            )
+        )
+        texts.update({pid: compose_text(title, abstract) for pid, title, abstract in rows})
+    return texts
+
+
+def results_with_label(label: str) -> Select:
+    """Ids of the prediction results whose predicted labels read as ``label`` now, whatever name they were
+    stored under (the history and review queue filters)."""
+    changed = list(
+        db.session.scalars(select(LabelChange.taxonomy_id).where(LabelChange.undone_at.is_(None)).distinct())
+    )
+    conditions = [and_(PredictionResult.taxonomy_id.not_in(changed), PredictedLabel.label == label)]
+    for taxonomy_id in changed:
+        names, by_text = label_map(taxonomy_id).sources(label)
+        if by_text:  # a keyword split: the paper's text decides which target a stored label became
+            conditions.append(PredictionResult.id.in_(_routed_to(label, taxonomy_id, names)))
+        else:
+            conditions.append(
+                and_(PredictionResult.taxonomy_id == taxonomy_id, PredictedLabel.label.in_(sorted(names)))
+            )
+    return (
+        select(PredictedLabel.result_id)
+        .join(PredictionResult, PredictionResult.id == PredictedLabel.result_id)
+        .where(or_(*conditions))
+    )
+
+
+def _routed_to(label: str, taxonomy_id: int, names: set[str]) -> list[int]:
+    rows = db.session.execute(
+        select(PredictedLabel.result_id, PredictedLabel.prediction_id, PredictedLabel.label)
+        .join(PredictionResult, PredictionResult.id == PredictedLabel.result_id)
+        .where(PredictionResult.taxonomy_id == taxonomy_id, PredictedLabel.label.in_(sorted(names)))
+    ).all()
+    texts = prediction_texts(pid for _, pid, _ in rows)
+    labels_map = label_map(taxonomy_id)
+    return sorted({rid for rid, pid, stored in rows if label in labels_map.map_label(stored, texts[pid])})
+
+
+def known_labels(limit: int = 2000) -> list[str]:
+    """Predicted labels found in the history, in today's names (the filters' suggestions)."""
+    rows = db.session.execute(
+        select(PredictionResult.taxonomy_id, PredictedLabel.label)
+        .join(PredictionResult, PredictionResult.id == PredictedLabel.result_id)
+        .distinct()
+        .limit(limit)
+    )
+    return sorted({name for taxonomy_id, label in rows for name in label_map(taxonomy_id).vocabulary([label])})
 
 
 def event_json(event: AnnotationEvent) -> dict[str, Any]:
@@ -73,13 +191,15 @@ def corrected_predictions(taxonomy_slug: str | None = None) -> Iterator[dict[str
     for (prediction_id, taxonomy_id), events in groups.items():
         prediction = db.session.get(Prediction, prediction_id)
         result = next((r for r in prediction.results if r.taxonomy_id == taxonomy_id), None)
+        # An accepted proposal's final name may itself have been renamed since: map after the decisions.
+        trainable = trainable_labels(current_labels(result, events), decisions[taxonomy_id])
         yield {
             "id": prediction.id,
             "title": prediction.title or "",
             "abstract": prediction.abstract,
             "taxonomy": slugs[taxonomy_id],
             "model_version": result.model_version_id if result else None,
-            "predicted": sorted(result.labels) if result else [],
-            "labels": trainable_labels(current_labels(result, events), decisions[taxonomy_id]),
+            "predicted": sorted(mapped_result(result).labels) if result else [],
+            "labels": label_map(taxonomy_id).map_labels(trainable, prediction_text(prediction)),
             "events": [event_json(e) for e in events],
         }

@@ -10,12 +10,23 @@ from flask import Blueprint, Response, abort, current_app, g, jsonify, request
 from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from .annotations import corrected_predictions, event_json
+from .annotations import corrected_predictions, event_json, label_map, mapped_result
 from .auth import token_user_role
 from .bundle import BundleError
 from .corrections import CorrectionError, accepted_labels, record_correction
 from .exports import download
 from .extensions import db, limiter
+from .labels import (
+    SurgeryError,
+    change_json,
+    change_log_json,
+    change_or_404,
+    check_change,
+    preview,
+    record_change,
+    taxonomy_or_404,
+    undo_change,
+)
 from .models import ModelVersion, Prediction, Taxonomy
 from .registry import activate, import_bundle, list_versions, live_models, version_archive
 from .scoring import InputError, NoModelError, Submission, check_submission, predict_and_store, prediction_json
@@ -89,13 +100,55 @@ def taxonomies() -> Response:
                 "slug": taxonomy.slug,
                 "name": taxonomy.name,
                 "active_version": taxonomy.active_version_id,
-                "labels": list(active.labels) if active else [],
+                # In today's names (label surgery: /api/v1/taxonomies/<slug>/label-changes).
+                "labels": label_map(taxonomy.id).vocabulary(active.labels) if active else [],
                 # Proposed labels an admin accepted: the next training run's label set includes them.
-                "accepted_labels": accepted_labels(taxonomy),
+                "accepted_labels": label_map(taxonomy.id).vocabulary(accepted_labels(taxonomy)),
                 "versions": [v.id for v in taxonomy.versions],
             }
         )
     return jsonify(taxonomies=out)
+
+
+@bp.get("/taxonomies/<slug>/label-changes")
+def label_changes(slug: str) -> Response:
+    """The label set now, every label change (undone ones too) and the compiled rules the trainer applies."""
+    return jsonify(change_log_json(taxonomy_or_404(slug)))
+
+
+@bp.post("/taxonomies/<slug>/label-changes")
+@token_user_role("admin")
+def make_label_change(slug: str) -> tuple[Response, int]:
+    """``{"kind": "rename", "from", "to"}``, ``{"kind": "merge", "sources", "into"}`` or ``{"kind": "split",
+    "label", "targets": [{"name", "keywords"}]}`` with an optional ``"note"``; ``"preview": true`` answers what
+    the change would touch and stores nothing."""
+    taxonomy = taxonomy_or_404(slug)
+    body = _json_body()
+    if not isinstance(body, dict):
+        abort(400, description='send an object such as {"kind": "rename", "from": "...", "to": "..."}')
+    kind = body.get("kind")
+    try:
+        if body.get("preview") is True:
+            checked = check_change(taxonomy, kind, body)
+            return jsonify(kind=kind, payload=checked, preview=preview(taxonomy, kind, checked)), 200
+        made = record_change(taxonomy, kind, body, actor=f"api:{g.api_user.name}", note=body.get("note", ""))
+    except SurgeryError as exc:
+        db.session.rollback()
+        abort(400, description=str(exc))
+    return jsonify(change_json(made)), 201
+
+
+@bp.post("/taxonomies/<slug>/label-changes/<int:change_id>/undo")
+@token_user_role("admin")
+def undo_label_change(slug: str, change_id: int) -> Response:
+    """Mark a change undone; 409 while a later change or a correction depends on it."""
+    made = change_or_404(taxonomy_or_404(slug), change_id)
+    try:
+        undo_change(made, actor=f"api:{g.api_user.name}")
+    except SurgeryError as exc:
+        db.session.rollback()
+        abort(409, description=str(exc))
+    return jsonify(change_json(made))
 
 
 def _version_json(version: ModelVersion) -> dict[str, Any]:
@@ -214,7 +267,7 @@ def annotate(prediction_id: int) -> tuple[Response, int]:
         id=prediction.id,
         taxonomy=taxonomy.slug,
         recorded=outcome.event is not None,
-        predicted=sorted(state.result.labels) if state.result else [],
+        predicted=sorted(mapped_result(state.result).labels) if state.result else [],
         labels=state.labels,
         events=[event_json(e) for e in state.events],
         proposed=[p.label for p in outcome.proposals],

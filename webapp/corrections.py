@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
-from .annotations import current_labels, label_decisions
+from .annotations import current_labels, label_decisions, label_map
 from .extensions import db
 from .models import AnnotationEvent, LabelProposal, ModelVersion, Prediction, PredictionResult, Taxonomy, User, utcnow
 
@@ -60,14 +60,20 @@ def check_note(raw: object) -> str:
 
 
 def taxonomy_labels(taxonomy: Taxonomy) -> list[str]:
-    """Labels a correction may use without a proposal: every model version's labels plus accepted proposals."""
+    """Labels a correction may use without a proposal: every model version's labels plus accepted proposals,
+    renamed, merged and split by the taxonomy's label changes."""
+    return label_map(taxonomy.id).vocabulary(stored_labels(taxonomy))
+
+
+def stored_labels(taxonomy: Taxonomy) -> set[str]:
+    """Every name the taxonomy's versions and accepted proposals use, including names label changes retired."""
     labels: set[str] = set()
     for version_labels in db.session.scalars(
         select(ModelVersion.labels).where(ModelVersion.taxonomy_id == taxonomy.id)
     ):
         labels.update(version_labels)
     labels.update(accepted_labels(taxonomy))
-    return sorted(labels)
+    return labels
 
 
 def accepted_labels(taxonomy: Taxonomy) -> list[str]:
@@ -147,8 +153,10 @@ def record_correction(
     allowed = known | pending_labels(taxonomy) | set(seen) | set(state.labels)
     unknown = sorted(wanted - allowed)
     if unknown:
+        renamed = {label: label_map(taxonomy.id).vocabulary([label]) for label in unknown}
+        hints = "".join(f"; {old} is now {' or '.join(new)}" for old, new in renamed.items() if new != [old])
         raise CorrectionError(
-            f"not labels of {taxonomy.name} ({taxonomy.slug}): {', '.join(unknown)}; "
+            f"not labels of {taxonomy.name} ({taxonomy.slug}): {', '.join(unknown)}{hints}; "
             "check the spelling or propose them as new labels"
         )
     proposals = _proposals(taxonomy, prediction, user, proposed - known)

@@ -11,6 +11,7 @@ from sqlalchemy.orm import selectinload
 from werkzeug.wrappers import Response
 from wtforms import HiddenField, SelectMultipleField, StringField, TextAreaField
 
+from .annotations import known_labels, mapped_result, results_with_label
 from .auth import role_required
 from .corrections import (
     MAX_LABEL_CHARS,
@@ -23,7 +24,7 @@ from .corrections import (
     taxonomy_state,
 )
 from .extensions import db
-from .models import AnnotationEvent, LabelProposal, PredictedLabel, Prediction, PredictionResult, Taxonomy
+from .models import AnnotationEvent, LabelProposal, Prediction, PredictionResult, Taxonomy
 
 bp = Blueprint("curate", __name__, url_prefix="/curate")
 
@@ -66,9 +67,7 @@ def queue_query(taxonomy_slug: str = "", label: str = "") -> Select:
     if taxonomy_slug:
         stmt = stmt.join(Taxonomy, Taxonomy.id == PredictionResult.taxonomy_id).where(Taxonomy.slug == taxonomy_slug)
     if label:
-        stmt = stmt.where(
-            PredictionResult.id.in_(select(PredictedLabel.result_id).where(PredictedLabel.label == label))
-        )
+        stmt = stmt.where(PredictionResult.id.in_(results_with_label(label)))
     return stmt
 
 
@@ -112,9 +111,8 @@ def queue() -> str:
         error_out=False,
     )
     taxonomies = db.session.scalars(select(Taxonomy).order_by(Taxonomy.slug)).all()
-    labels = sorted(set(db.session.scalars(select(PredictedLabel.label).distinct().limit(5000))))
     return render_template(
-        "curate/queue.html", pagination=pagination, filters=args, taxonomies=taxonomies, known_labels=labels
+        "curate/queue.html", pagination=pagination, filters=args, taxonomies=taxonomies, known_labels=known_labels(5000)
     )
 
 
@@ -166,8 +164,9 @@ def _render_page(
 def _label_choices(state: TaxonomyState, ticked: set[str] | None, near_misses: int = 5) -> list[dict[str, object]]:
     """Checkboxes: every current label and the best-scoring labels not assigned; ticked are the current
     labels, or what the curator had ticked when their save failed."""
-    scores = state.result.scores if state.result else {}
-    thresholds = state.result.thresholds if state.result else {}
+    mapped = mapped_result(state.result) if state.result else None
+    scores = mapped.scores if mapped else {}
+    thresholds = mapped.thresholds if mapped else {}
     current = set(state.labels)
     extra = sorted((label for label in scores if label not in current), key=lambda label: -scores[label])
     rows = sorted(current, key=lambda label: (-scores.get(label, 2.0), label)) + extra[:near_misses]

@@ -13,7 +13,7 @@ from flask import Blueprint, Response, abort, render_template, request, stream_w
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from .annotations import corrected_predictions, current_labels
+from .annotations import corrected_predictions, current_labels, mapped_result
 from .auth import role_required
 from .extensions import db
 from .models import Prediction, PredictionResult, Taxonomy
@@ -52,12 +52,13 @@ def prediction_records(taxonomy_slug: str | None = None) -> Iterator[dict[str, A
             if taxonomy_slug and result.taxonomy.slug != taxonomy_slug:
                 continue
             events = [e for e in prediction.events if e.taxonomy_id == result.taxonomy_id]
+            mapped = mapped_result(result)
             results[result.taxonomy.slug] = {
                 "model_version": result.model_version_id,
-                "predicted": sorted(result.labels),
+                "predicted": sorted(mapped.labels),
                 "labels": current_labels(result, events),
                 "reviewed": bool(events),
-                "scores": dict(result.scores),
+                "scores": mapped.scores,
             }
         yield {
             "id": prediction.id,

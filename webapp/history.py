@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, abort, current_app, render_template, request
 from sqlalchemy import Select, exists, or_, select
 
+from .annotations import known_labels, results_with_label
 from .explain import page_panel
 from .extensions import db
 from .models import AnnotationEvent, ModelVersion, PredictedLabel, Prediction, PredictionResult, User
@@ -38,7 +39,9 @@ def filtered_predictions(q: str, label: str, version: str, reviewed: str, batch:
             or_(Prediction.title.ilike(pattern, escape="\\"), Prediction.abstract.ilike(pattern, escape="\\"))
         )
     if label:
-        stmt = stmt.where(Prediction.id.in_(select(PredictedLabel.prediction_id).where(PredictedLabel.label == label)))
+        # Today's name finds items stored under the names it replaced (label surgery).
+        with_label = select(PredictedLabel.prediction_id).where(PredictedLabel.result_id.in_(results_with_label(label)))
+        stmt = stmt.where(Prediction.id.in_(with_label))
     if version:
         made_by = select(PredictionResult.prediction_id).where(PredictionResult.model_version_id == version)
         stmt = stmt.where(Prediction.id.in_(made_by))
@@ -84,7 +87,6 @@ def index() -> str:
         for prediction_id, name in rows:
             reviewers.setdefault(prediction_id, []).append(name)
     versions = db.session.scalars(select(ModelVersion.id).order_by(ModelVersion.created_at.desc())).all()
-    known_labels = sorted(set(db.session.scalars(select(PredictedLabel.label).distinct().limit(2000))))
     return render_template(
         "history/index.html",
         pagination=pagination,
@@ -92,7 +94,7 @@ def index() -> str:
         filters={"q": q, "label": label, "version": version, "reviewed": reviewed, "batch": batch},
         reviewed_choices=REVIEWED_CHOICES,
         versions=versions,
-        known_labels=known_labels,
+        known_labels=known_labels(),
     )
 
 

@@ -236,6 +236,27 @@ class AnnotationEvent(db.Model):
     taxonomy: Mapped[Taxonomy] = relationship()
 
 
+class LabelChange(db.Model):
+    """An append-only rename, merge or split of a taxonomy's labels (``webapp/surgery.py`` reads the payload).
+    Stored predictions and events keep their names; pages map them through the changes not undone. Undo sets
+    ``undone_at``/``undone_by`` and deletes nothing."""
+
+    __tablename__ = "label_changes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    taxonomy_id: Mapped[int] = mapped_column(ForeignKey("taxonomies.id"), index=True)
+    # "rename", "merge" or "split"
+    kind: Mapped[str] = mapped_column(String(20))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    actor: Mapped[str | None] = mapped_column(String(120), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    undone_at: Mapped[datetime | None] = mapped_column(default=None)
+    undone_by: Mapped[str | None] = mapped_column(String(120), default=None)
+    note: Mapped[str] = mapped_column(Text, default="")
+
+    taxonomy: Mapped[Taxonomy] = relationship()
+
+
 PROPOSAL_STATUSES = ("proposed", "accepted", "rejected")
 
 

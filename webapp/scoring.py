@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from flask import current_app
 
+from .annotations import mapped_result
 from .bundle import compose_text
 from .extensions import db
 from .models import PredictedLabel, Prediction, PredictionResult
@@ -138,9 +139,11 @@ class ResultView:
 
 
 def result_view(result: PredictionResult, near_misses: int) -> ResultView:
-    ranked = sorted(result.scores.items(), key=lambda item: -item[1])
-    chosen = set(result.labels)
-    rows = [LabelScore(label, score, result.thresholds.get(label, 0.5)) for label, score in ranked]
+    """In today's label names (label surgery); a merged label shows its best source's score."""
+    mapped = mapped_result(result)
+    ranked = sorted(mapped.scores.items(), key=lambda item: -item[1])
+    chosen = set(mapped.labels)
+    rows = [LabelScore(label, score, mapped.thresholds.get(label, 0.5)) for label, score in ranked]
     return ResultView(
         slug=result.taxonomy.slug,
         name=result.taxonomy.name,
@@ -151,15 +154,13 @@ def result_view(result: PredictionResult, near_misses: int) -> ResultView:
 
 
 def prediction_json(prediction: Prediction) -> dict[str, Any]:
-    """The API shape of one prediction (PRODUCT contract)."""
-    return {
-        "id": prediction.id,
-        "results": {
-            result.taxonomy.slug: {
-                "model_version": result.model_version_id,
-                "labels": list(result.labels),
-                "scores": dict(result.scores),
-            }
-            for result in prediction.results
-        },
-    }
+    """The API shape of one prediction (PRODUCT contract), in today's label names."""
+    results = {}
+    for result in prediction.results:
+        mapped = mapped_result(result)
+        results[result.taxonomy.slug] = {
+            "model_version": result.model_version_id,
+            "labels": mapped.labels,
+            "scores": mapped.scores,
+        }
+    return {"id": prediction.id, "results": results}
