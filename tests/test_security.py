@@ -108,6 +108,7 @@ def test_every_form_refuses_a_post_without_csrf_token(research_app: Flask) -> No
         "admin.activate_version": f"/models/{version}/activate",
         "admin.rollback_taxonomy": "/taxonomies/research-tasks/rollback",
         "admin.retrain": "/training",
+        "learned.learn_from_reviews": "/models/research-tasks/thresholds",
     }
     forms = {
         rule.endpoint
