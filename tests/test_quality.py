@@ -54,8 +54,10 @@ def predict(client: FlaskClient, abstracts: list[dict]) -> list[dict]:
     return [{"id": p["id"], **p["results"][SLUG]} for p in response.get_json()["predictions"]]
 
 
-def correct(client: FlaskClient, headers: dict[str, str], prediction_id: int, labels: set[str], note: str = "") -> None:
-    body = {"taxonomy": SLUG, "labels": sorted(labels), "note": note}
+def correct(
+    client: FlaskClient, headers: dict[str, str], prediction_id: int, labels: set[str], note: str = "", slug: str = SLUG
+) -> None:
+    body = {"taxonomy": slug, "labels": sorted(labels), "note": note}
     response = client.post(f"/api/v1/predictions/{prediction_id}/annotations", json=body, headers=headers)
     assert response.status_code in (200, 201), response.get_json()
 
