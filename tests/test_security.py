@@ -106,6 +106,7 @@ def test_every_form_refuses_a_post_without_csrf_token(research_app: Flask) -> No
         "curate.decide": "/curate/labels/1",
         "batch.upload": "/batches",
         "admin.activate_version": f"/models/{version}/activate",
+        "replay.replay": f"/models/{version}/replay",
         "admin.rollback_taxonomy": "/taxonomies/research-tasks/rollback",
         "admin.retrain": "/training",
         "learned.learn_from_reviews": "/models/research-tasks/thresholds",
