@@ -371,3 +371,16 @@ def test_exports_csv_use_the_new_names(app: Flask, client: FlaskClient, predicte
     )
     cells = [row[f"{SLUG}.predicted"] for row in rows]
     assert any("In CSV" in cell for cell in cells) and not any(label in cell.split("|") for cell in cells)
+
+
+def test_accepted_proposals_follow_a_rename(app: Flask, client: FlaskClient, predicted: list[int]) -> None:
+    admin, curator = token(app), token(app, "cora", "curator")
+    body = {"taxonomy": SLUG, "labels": [], "propose": ["Novel Task"]}
+    assert client.post(f"/api/v1/predictions/{predicted[0]}/annotations", json=body, headers=curator).status_code == 201
+    root = signed_in(app, "root", "admin")
+    assert root.post("/curate/labels/1", data={"action": "accept", "final_label": "Novel Task"}).status_code == 302
+    assert change(client, admin, kind="rename", **{"from": "Novel Task", "to": "Newer Task"}).status_code == 201
+    (taxonomy,) = client.get("/api/v1/taxonomies").get_json()["taxonomies"]
+    assert taxonomy["accepted_labels"] == ["Newer Task"]
+    assert annotations(client, curator) == {predicted[0]: ["Newer Task"]}
+    assert "(now Newer Task)" in root.get("/curate/labels").get_data(as_text=True)

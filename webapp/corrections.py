@@ -62,7 +62,7 @@ def check_note(raw: object) -> str:
 def taxonomy_labels(taxonomy: Taxonomy) -> list[str]:
     """Labels a correction may use without a proposal: every model version's labels plus accepted proposals,
     renamed, merged and split by the taxonomy's label changes."""
-    return label_map(taxonomy.id).vocabulary(stored_labels(taxonomy))
+    return sorted(label_map(taxonomy.id).vocabulary(stored_labels(taxonomy)))
 
 
 def stored_labels(taxonomy: Taxonomy) -> set[str]:

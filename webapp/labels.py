@@ -26,7 +26,15 @@ from .auth import role_required
 from .bundle import compose_text
 from .corrections import MAX_NOTE_CHARS, CorrectionError, check_label, check_note, stored_labels, taxonomy_labels
 from .extensions import db
-from .models import AnnotationEvent, LabelChange, PredictedLabel, PredictionResult, Taxonomy, utcnow
+from .models import (
+    AnnotationEvent,
+    LabelChange,
+    LabelProposal,
+    PredictedLabel,
+    PredictionResult,
+    Taxonomy,
+    utcnow,
+)
 from .registry import RegistryError
 from .surgery import KINDS, Rule
 
@@ -378,6 +386,12 @@ def describe(change: LabelChange) -> str:
         t["name"] + (f" ({', '.join(t['keywords'])})" if t["keywords"] else " (default)") for t in payload["targets"]
     ]
     return f"{payload['label']} → {' | '.join(parts)}"
+
+
+@bp.app_template_filter("label_now")
+def proposal_label_now(proposal: LabelProposal) -> list[str]:
+    """An accepted proposal's label after the taxonomy's label changes (a split label: all its targets)."""
+    return label_map(proposal.taxonomy_id).vocabulary([proposal.final_label or proposal.label])
 
 
 @bp.app_template_filter("labels_now")

@@ -158,7 +158,7 @@ def similar_papers(result: PredictionResult, k: int) -> list[SimilarPaper]:
     for result_id, prediction_id, similarity in nearest:
         theirs = events.get(prediction_id, [])
         other = results[result_id]
-        labels = current_labels(other, theirs) if theirs else list(other.labels)
+        labels = current_labels(other, theirs)  # without events: the predicted labels, in today's names
         papers.append(SimilarPaper(other.prediction, similarity, labels, bool(theirs)))
     return papers
 

@@ -122,12 +122,14 @@ class LabelMap:
         return sorted({new for label in labels for new in self.map_label(label, text, until)})
 
     def vocabulary(self, labels: Iterable[str]) -> list[str]:
-        """A label set renamed, merged and split (a split label becomes all of its targets)."""
-        current = set(labels)
+        """A label list renamed, merged and split (a split label becomes all of its targets), in its order: a new
+        name takes the place of its first source."""
+        current = list(dict.fromkeys(labels))
         for rule in self.rules:
-            if current & set(rule.sources):
-                current = (current - set(rule.sources)) | {t.name for t in rule.targets}
-        return sorted(current)
+            if set(current) & set(rule.sources):
+                replaced = ([t.name for t in rule.targets] if label in rule.sources else [label] for label in current)
+                current = list(dict.fromkeys(name for names in replaced for name in names))
+        return current
 
     def sources(self, label: str) -> tuple[set[str], bool]:
         """Stored names that may read as ``label`` now (none for a retired name), and whether a keyword split
