@@ -370,5 +370,3 @@ class ReplayReport(db.Model):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     created_by: Mapped[str | None] = mapped_column(String(120), default=None)
     report: Mapped[dict[str, Any]] = mapped_column(JSON)
-
-    taxonomy: Mapped[Taxonomy] = relationship()

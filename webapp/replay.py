@@ -83,6 +83,7 @@ def sample(taxonomy: Taxonomy, size: int) -> list[Sampled]:
 
 
 def predicted_sets(model: LoadedModel, texts: list[str]) -> list[set[str]]:
+    """Each text's labels as serving would predict them (``LoadedModel.score``, then its thresholds)."""
     batch_size = current_app.config["INFERENCE_BATCH_SIZE"]
     return [set(model.predicted(scored.probabilities)) for scored in model.score(texts, batch_size=batch_size)]
 
