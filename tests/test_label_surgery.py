@@ -9,6 +9,7 @@ import io
 import json
 import re
 import threading
+from pathlib import Path
 
 import pytest
 from flask import Flask
@@ -16,12 +17,16 @@ from flask.testing import FlaskClient
 from sqlalchemy import select, text
 from werkzeug.serving import make_server
 
-from tests.conftest import signed_in
+from tests.conftest import BundleFactory, make_app, signed_in
+from trainer.__main__ import main
 from trainer.data import Paper, relabel
 from trainer.publish import DatabaseTarget, SiteTarget
-from webapp.bundle import compose_text
+from webapp.bundle import compose_text, read_manifest
+from webapp.config import REPO_ROOT
 from webapp.extensions import db
+from webapp.labels import record_change, taxonomy_or_404
 from webapp.models import LabelChange, PredictionResult
+from webapp.registry import import_bundle
 
 SLUG = "test-tasks"
 STORED_TABLES = ("predictions", "prediction_results", "predicted_labels", "annotation_events")
@@ -384,3 +389,23 @@ def test_accepted_proposals_follow_a_rename(app: Flask, client: FlaskClient, pre
     assert taxonomy["accepted_labels"] == ["Newer Task"]
     assert annotations(client, curator) == {predicted[0]: ["Newer Task"]}
     assert "(now Newer Task)" in root.get("/curate/labels").get_data(as_text=True)
+
+
+@pytest.mark.trainer
+def test_the_next_training_run_uses_the_new_label_set(tmp_path: Path, make_bundle: BundleFactory) -> None:
+    """A real (smoke) training against the site's database: its base papers are relabelled by the site's changes."""
+    site = make_app(tmp_path / "site")
+    with site.app_context():
+        import_bundle(make_bundle(seed=3, slug="research-tasks", name="Research tasks"), actor="tests")
+        taxonomy = taxonomy_or_404("research-tasks")
+        record_change(taxonomy, "rename", {"from": "Image Classification", "to": "Whole-Image Classification"}, "t")
+        record_change(
+            taxonomy, "merge", {"sources": ["Question Answering", "Machine Translation"], "into": "QA+MT"}, "t"
+        )
+    database = site.config["SQLALCHEMY_DATABASE_URI"]
+    config = str(REPO_ROOT / "trainer" / "configs" / "smoke.json")
+    assert main(["train", "--config", config, "--out", str(tmp_path / "out"), "--database", database, "--force"]) == 0
+    manifest = read_manifest(tmp_path / "out")
+    assert {"Whole-Image Classification", "QA+MT"} <= set(manifest.labels)
+    assert not {"Image Classification", "Question Answering", "Machine Translation"} & set(manifest.labels)
+    assert manifest.training_data["label_changes"] == [1, 2]
