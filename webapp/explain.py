@@ -165,6 +165,7 @@ def explain_result(prediction: Prediction, result: PredictionResult) -> dict[str
     probabilities, drops, read = occlusion(model, full, variants, config["EXPLAIN_BATCH_SIZE"])
     view = result_view(result, config["NEAR_MISSES"])
     index = {label: i for i, label in enumerate(model.labels)}
+    predicted = {row.label for row in view.predicted}
     labels = []
     for row in view.predicted + view.near_misses:
         j = index.get(row.label)
@@ -173,7 +174,7 @@ def explain_result(prediction: Prediction, result: PredictionResult) -> dict[str
         labels.append(
             {
                 "label": row.label,
-                "predicted": row.label in result.labels,
+                "predicted": row.label in predicted,
                 "score": round(float(probabilities[j]), 6),
                 "threshold": round(float(model.thresholds[j]), 6),
                 "sentences": [
