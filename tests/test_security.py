@@ -29,6 +29,7 @@ from webapp.models import (
     AnnotationEvent,
     ApiToken,
     BatchJob,
+    LabelChange,
     LabelProposal,
     Prediction,
     TrainingRun,
@@ -68,7 +69,16 @@ def sign_in_with_csrf(app: Flask, name: str, role: str) -> FlaskClient:
     return client
 
 
-WRITE_TABLES = (Prediction, AnnotationEvent, ApiToken, BatchJob, LabelProposal, TrainingRun, ActivationEvent)
+WRITE_TABLES = (
+    Prediction,
+    AnnotationEvent,
+    ApiToken,
+    BatchJob,
+    LabelProposal,
+    LabelChange,
+    TrainingRun,
+    ActivationEvent,
+)
 
 
 def row_counts(app: Flask) -> dict[str, int]:
@@ -110,6 +120,8 @@ def test_every_form_refuses_a_post_without_csrf_token(research_app: Flask) -> No
         "admin.rollback_taxonomy": "/taxonomies/research-tasks/rollback",
         "admin.retrain": "/training",
         "learned.learn_from_reviews": "/models/research-tasks/thresholds",
+        "labels.change": "/taxonomies/research-tasks/labels/rename",
+        "labels.undo": "/taxonomies/research-tasks/labels/changes/1/undo",
     }
     forms = {
         rule.endpoint
