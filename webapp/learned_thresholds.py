@@ -104,7 +104,7 @@ def learn(slug: str, *, min_evidence: int, actor: str) -> Learned:
     if taxonomy.active_version_id is None:
         raise LearnError(f"{slug} has no active version to learn thresholds for")
     parent = get_version(taxonomy.active_version_id)
-    items = reviews(taxonomy.id, parent.id)
+    items = reviews(taxonomy.id, parent.id, with_scores=True)
     labels, trained = list(parent.labels), [float(t) for t in parent.thresholds]
     probabilities = np.array([[item.scores.get(label, 0.0) for label in labels] for item in items]).reshape(
         -1, len(labels)

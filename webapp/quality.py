@@ -19,12 +19,12 @@ from typing import Any
 from flask import Blueprint, Response, abort, current_app, jsonify, render_template, request
 from flask_login import current_user
 from sqlalchemy import select
-from sqlalchemy.orm import defer
+from sqlalchemy.orm import load_only, selectinload
 
 from .annotations import current_labels
 from .auth import has_role
 from .extensions import db
-from .models import AnnotationEvent, ModelVersion, PredictionResult, Taxonomy
+from .models import AnnotationEvent, ModelVersion, Prediction, PredictionResult, Taxonomy
 from .registry import RegistryError, get_version
 
 bp = Blueprint("quality", __name__)
@@ -37,23 +37,37 @@ class Review:
 
     prediction_id: int
     version_id: str
-    scores: dict[str, float]
+    scores: dict[str, float]  # empty unless asked for
     predicted: frozenset[str]
     gold: frozenset[str]
     reviewed_at: datetime  # the latest event: when the gold reached its current state
 
 
-def reviews(taxonomy_id: int, version_id: str | None = None) -> list[Review]:
-    """Every reviewed prediction of a taxonomy (of one version when given), oldest prediction first."""
+def reviews(taxonomy_id: int, version_id: str | None = None, *, with_scores: bool = False) -> list[Review]:
+    """Every reviewed prediction of a taxonomy (of one version when given), oldest prediction first.
+
+    Scores (a number per label, most of a row's bytes) are read only ``with_scores``; counting needs labels only.
+    """
     events: dict[int, list[AnnotationEvent]] = {}
     for event in db.session.scalars(
         select(AnnotationEvent).where(AnnotationEvent.taxonomy_id == taxonomy_id).order_by(AnnotationEvent.id)
     ):
         events.setdefault(event.prediction_id, []).append(event)
     reviewed = select(AnnotationEvent.prediction_id).where(AnnotationEvent.taxonomy_id == taxonomy_id)
+    columns = [
+        PredictionResult.prediction_id,
+        PredictionResult.taxonomy_id,
+        PredictionResult.model_version_id,
+        PredictionResult.labels,
+        *([PredictionResult.scores] if with_scores else []),
+    ]
     query = (
         select(PredictionResult)
-        .options(defer(PredictionResult.embedding))
+        # current_labels reads each paper's text (label splits route by it): one query for all, not one each.
+        .options(
+            load_only(*columns),
+            selectinload(PredictionResult.prediction).load_only(Prediction.title, Prediction.abstract),
+        )
         .where(PredictionResult.taxonomy_id == taxonomy_id, PredictionResult.prediction_id.in_(reviewed))
         .order_by(PredictionResult.prediction_id)
     )
@@ -66,7 +80,7 @@ def reviews(taxonomy_id: int, version_id: str | None = None) -> list[Review]:
             Review(
                 prediction_id=result.prediction_id,
                 version_id=result.model_version_id,
-                scores=dict(result.scores),
+                scores=dict(result.scores) if with_scores else {},
                 predicted=frozenset(result.labels),
                 gold=frozenset(current_labels(result, own)),
                 reviewed_at=max(e.created_at for e in own),
