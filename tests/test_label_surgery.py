@@ -18,6 +18,7 @@ from sqlalchemy import select, text
 from werkzeug.serving import make_server
 
 from tests.conftest import BundleFactory, make_app, signed_in
+from tests.test_batch import job_id_of, make_csv, paper_rows, upload, wait_for
 from trainer.__main__ import main
 from trainer.data import Paper, relabel
 from trainer.publish import DatabaseTarget, SiteTarget
@@ -389,6 +390,19 @@ def test_accepted_proposals_follow_a_rename(app: Flask, client: FlaskClient, pre
     assert taxonomy["accepted_labels"] == ["Newer Task"]
     assert annotations(client, curator) == {predicted[0]: ["Newer Task"]}
     assert "(now Newer Task)" in root.get("/curate/labels").get_data(as_text=True)
+
+
+def test_batch_results_csv_uses_the_new_names(app: Flask, client: FlaskClient, abstracts: list[dict]) -> None:
+    curator = signed_in(app, "cora", "curator")
+    job_id = job_id_of(upload(curator, make_csv(paper_rows(abstracts, 6))))
+    assert wait_for(curator, job_id)["status"] == "finished"
+    (label,) = most_predicted(app)
+    change(client, token(app), kind="rename", **{"from": label, "to": "Batch Name"})
+    csv_text = curator.get(f"/batches/{job_id}/results.csv?scores=1").get_data(as_text=True)
+    rows = list(csv.DictReader(io.StringIO(csv_text)))
+    assert f"{SLUG}:Batch Name" in rows[0] and f"{SLUG}:{label}" not in rows[0]
+    assert any("Batch Name" in row[SLUG].split("; ") for row in rows)
+    assert not any(label in row[SLUG].split("; ") for row in rows)
 
 
 @pytest.mark.trainer

@@ -31,6 +31,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.utils import secure_filename
 from werkzeug.wrappers import Response
 
+from .annotations import label_map, mapped_result
 from .auth import role_required
 from .extensions import db
 from .models import BatchJob, BatchRow, ModelVersion, Prediction, PredictionResult, utcnow
@@ -365,9 +366,12 @@ def _result_taxonomies(job_id: int) -> dict[str, list[str]]:
         .order_by(ModelVersion.created_at)
     ).scalars()
     labels: dict[str, dict[str, None]] = {}
+    taxonomy_ids: dict[str, int] = {}
     for version in used:
         labels.setdefault(version.taxonomy.slug, {}).update(dict.fromkeys(version.labels))
-    return {slug: list(labels[slug]) for slug in sorted(labels)}
+        taxonomy_ids[version.taxonomy.slug] = version.taxonomy_id
+    # In today's names (label surgery), like the result pages.
+    return {slug: label_map(taxonomy_ids[slug]).vocabulary(labels[slug]) for slug in sorted(labels)}
 
 
 def _unique(name: str, taken: set[str]) -> str:
@@ -414,7 +418,7 @@ def result_csv(job: BatchJob, with_scores: bool, page_size: int = 500) -> Iterat
         if not rows:
             return
         for row in rows:
-            results = {r.taxonomy.slug: r for r in row.prediction.results} if row.prediction else {}
+            results = {r.taxonomy.slug: mapped_result(r) for r in row.prediction.results} if row.prediction else {}
             out = list(row.cells) + [row.prediction_id or ""]
             out += ["; ".join(results[slug].labels) if slug in results else "" for slug in taxonomies]
             if with_scores:
