@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 from flask import Blueprint, Response, abort, current_app, jsonify, request
 from sqlalchemy import select
 
+from .annotations import label_map
 from .api import predict_rate_limit
 from .bundle import compose_text
 from .extensions import db, limiter
@@ -27,6 +29,7 @@ from .inference import LoadedModel, sigmoid
 from .models import Prediction, PredictionResult, Taxonomy
 from .registry import LiveModel, live_models
 from .scoring import result_view
+from .surgery import LabelMap
 
 bp = Blueprint("explain", __name__)
 
@@ -153,6 +156,20 @@ def live_model_for(result: PredictionResult) -> LiveModel:
     return live
 
 
+def output_index(model: LoadedModel, probabilities: np.ndarray, labels_map: LabelMap) -> Callable[[str], int | None]:
+    """Today's label name -> the model output that reads as it: itself, or after label surgery the stored name it
+    came from (of a merge, the source that clears its threshold by the most, as the result page shows it)."""
+    index = {label: i for i, label in enumerate(model.labels)}
+
+    def find(label: str) -> int | None:
+        if label in index:
+            return index[label]
+        sources = [index[name] for name in labels_map.sources(label)[0] if name in index]
+        return max(sources, key=lambda j: probabilities[j] - model.thresholds[j], default=None)
+
+    return find
+
+
 def explain_result(prediction: Prediction, result: PredictionResult) -> dict[str, Any]:
     """One taxonomy's explanation: the stored result's predicted labels and its near misses, each with its
     score by the explaining model and every unit's drop; units past the model's max length are ``read: false``."""
@@ -164,11 +181,11 @@ def explain_result(prediction: Prediction, result: PredictionResult) -> dict[str
     config = current_app.config
     probabilities, drops, read = occlusion(model, full, variants, config["EXPLAIN_BATCH_SIZE"])
     view = result_view(result, config["NEAR_MISSES"])
-    index = {label: i for i, label in enumerate(model.labels)}
+    output = output_index(model, probabilities, label_map(result.taxonomy_id))
     predicted = {row.label for row in view.predicted}
     labels = []
     for row in view.predicted + view.near_misses:
-        j = index.get(row.label)
+        j = output(row.label)
         if j is None:  # the serving version has no such label
             continue
         labels.append(

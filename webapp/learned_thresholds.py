@@ -34,6 +34,7 @@ from flask import (
 from flask_login import current_user
 from sqlalchemy import select
 
+from .annotations import label_map
 from .api import _json_body
 from .auth import has_role, role_required, token_user_role
 from .bundle import MANIFEST_FILE, BundleError, unpack
@@ -109,9 +110,11 @@ def learn(slug: str, *, min_evidence: int, actor: str) -> Learned:
     probabilities = np.array([[item.scores.get(label, 0.0) for label in labels] for item in items]).reshape(
         -1, len(labels)
     )
-    targets = np.array([[label in item.gold for label in labels] for item in items], dtype=bool).reshape(
-        -1, len(labels)
-    )
+    # Gold is in today's label names: an output label is a positive when what it reads as now was kept or added.
+    labels_map = label_map(taxonomy.id)
+    targets = np.array(
+        [[bool(labels_map.map_label(label, item.text) & item.gold) for label in labels] for item in items], dtype=bool
+    ).reshape(-1, len(labels))
     evidence = targets.sum(axis=0)
     if not items or evidence.max() < min_evidence:
         raise LearnError(

@@ -21,7 +21,7 @@ from flask_login import current_user
 from sqlalchemy import select
 from sqlalchemy.orm import load_only, selectinload
 
-from .annotations import current_labels
+from .annotations import current_labels, label_map, prediction_text
 from .auth import has_role
 from .extensions import db
 from .models import AnnotationEvent, ModelVersion, Prediction, PredictionResult, Taxonomy
@@ -37,8 +37,9 @@ class Review:
 
     prediction_id: int
     version_id: str
-    scores: dict[str, float]  # empty unless asked for
-    predicted: frozenset[str]
+    scores: dict[str, float]  # empty unless asked for, keyed by the version's own label names
+    text: str  # what the model read; label splits route by it
+    predicted: frozenset[str]  # in today's label names, like gold
     gold: frozenset[str]
     reviewed_at: datetime  # the latest event: when the gold reached its current state
 
@@ -73,15 +74,18 @@ def reviews(taxonomy_id: int, version_id: str | None = None, *, with_scores: boo
     )
     if version_id is not None:
         query = query.where(PredictionResult.model_version_id == version_id)
+    # Gold comes back in today's label names (label surgery), so the model's labels are read in them too.
+    labels_map = label_map(taxonomy_id)
     out = []
     for result in db.session.scalars(query):
-        own = events[result.prediction_id]
+        own, text = events[result.prediction_id], prediction_text(result.prediction)
         out.append(
             Review(
                 prediction_id=result.prediction_id,
                 version_id=result.model_version_id,
                 scores=dict(result.scores) if with_scores else {},
-                predicted=frozenset(result.labels),
+                text=text,
+                predicted=frozenset(labels_map.map_labels(result.labels, text)),
                 gold=frozenset(current_labels(result, own)),
                 reviewed_at=max(e.created_at for e in own),
             )
@@ -195,11 +199,14 @@ def version_quality(version: ModelVersion, items: list[Review]) -> VersionQualit
     config = current_app.config
     min_evidence, margin = int(config["QUALITY_MIN_EVIDENCE"]), float(config["QUALITY_DROP_MARGIN"])
     offline_version, offline = offline_reference(version)
+    # Rows in today's label names; a label renamed, merged or split since training has no offline figure.
     per_label = offline.get("per_label") or {}
+    offline_f1 = {label: (per_label.get(label) or {}).get("f1") for label in version.labels}
     rows = {
-        label: LabelQuality(label=label, offline_f1=(per_label.get(label) or {}).get("f1")) for label in version.labels
+        label: LabelQuality(label=label, offline_f1=offline_f1.get(label))
+        for label in label_map(version.taxonomy_id).vocabulary(version.labels)
     }
-    known = set(version.labels)
+    known = set(rows)
     for item in items:
         predicted, gold = item.predicted & known, item.gold & known
         for label in predicted & gold:

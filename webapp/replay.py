@@ -21,13 +21,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 from werkzeug.exceptions import Conflict, NotFound
 
-from .annotations import current_labels
+from .annotations import current_labels, label_map
 from .auth import role_required, token_user_role
 from .bundle import BundleError, compose_text
 from .extensions import db
 from .inference import LoadedModel
 from .models import AnnotationEvent, ModelVersion, Prediction, PredictionResult, ReplayReport, Taxonomy
 from .registry import get_version, live_models, load_version
+from .surgery import LabelMap
 
 bp = Blueprint("replay", __name__)
 api_bp = Blueprint("replay_api", __name__, url_prefix="/api/v1")
@@ -82,10 +83,14 @@ def sample(taxonomy: Taxonomy, size: int) -> list[Sampled]:
     return sampled + [Sampled(by_id[prediction_id], None) for prediction_id in other_ids]
 
 
-def predicted_sets(model: LoadedModel, texts: list[str]) -> list[set[str]]:
-    """Each text's labels as serving would predict them (``LoadedModel.score``, then its thresholds)."""
+def predicted_sets(model: LoadedModel, texts: list[str], labels_map: LabelMap) -> list[set[str]]:
+    """Each text's labels as serving would predict them (``LoadedModel.score``, then its thresholds), in today's
+    label names (label surgery), as the gold labels are."""
     batch_size = current_app.config["INFERENCE_BATCH_SIZE"]
-    return [set(model.predicted(scored.probabilities)) for scored in model.score(texts, batch_size=batch_size)]
+    return [
+        set(labels_map.map_labels(model.predicted(scored.probabilities), text))
+        for scored, text in zip(model.score(texts, batch_size=batch_size), texts, strict=True)
+    ]
 
 
 def micro_f1(pairs: list[tuple[set[str], set[str]]]) -> float | None:
@@ -179,7 +184,10 @@ def run_replay(version_id: str, *, actor: str | None) -> ReplayReport:
     active_model, candidate_model = _load(active_id), _load(version_id)
     sampled = sample(taxonomy, int(current_app.config["REPLAY_SAMPLE_SIZE"]))
     texts = [compose_text(item.prediction.title, item.prediction.abstract) for item in sampled]
-    figures = compare(sampled, predicted_sets(active_model, texts), predicted_sets(candidate_model, texts))
+    labels_map = label_map(taxonomy.id)
+    figures = compare(
+        sampled, predicted_sets(active_model, texts, labels_map), predicted_sets(candidate_model, texts, labels_map)
+    )
     report = ReplayReport(
         taxonomy_id=taxonomy.id,
         candidate_version_id=version_id,
