@@ -180,7 +180,10 @@ def test_config_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(key, raising=False)
     (tmp_path / "config.py").write_text("HISTORY_PER_PAGE = 7\nNEAR_MISSES = 2\nMODEL_POLL_SECONDS = 3.0\n")
     monkeypatch.setenv("MODEL_POLL_SECONDS", "1.5")
+    monkeypatch.setenv("REPLAY_SAMPLE_SIZE", "50")
+    monkeypatch.setenv("QUALITY_DROP_MARGIN", "0.2")
     app = create_app({"DATA_DIR": str(tmp_path), "NEAR_MISSES": 3})
+    assert (app.config["REPLAY_SAMPLE_SIZE"], app.config["QUALITY_DROP_MARGIN"]) == (50, 0.2)
     assert app.config["HISTORY_PER_PAGE"] == 7  # instance file over the default
     assert app.config["MODEL_POLL_SECONDS"] == 1.5  # environment over the instance file, typed
     assert app.config["NEAR_MISSES"] == 3  # test mapping over everything
