@@ -12,7 +12,7 @@ from flask.testing import FlaskClient, FlaskCliRunner
 from sqlalchemy import select
 
 from tests.conftest import BundleFactory
-from webapp.bundle import BundleError, pack
+from webapp.bundle import BundleError, pack, unpack
 from webapp.extensions import db
 from webapp.models import ActivationEvent, ModelArtifact, ModelVersion, Taxonomy, User
 from webapp.registry import RegistryError, activate, import_bundle, rollback
@@ -192,3 +192,17 @@ def _upload(archive: bytes) -> dict:
 def app_version_ids(app: Flask) -> list[str]:
     with app.app_context():
         return db.session.scalars(select(ModelVersion.id).order_by(ModelVersion.created_at)).all()
+
+
+def test_a_cached_bundle_in_place_is_never_replaced_under_a_reader(tmp_path: Path, make_bundle: BundleFactory) -> None:
+    """Workers booting together unpack the same artifact into the model cache: the first copy renamed into place
+    stays (another worker may be reading it), later ones are dropped; an ordinary unpack still replaces."""
+    archive = pack(make_bundle(seed=1))
+    cached = tmp_path / "model-cache" / "sha"
+    unpack(archive, cached, keep_existing=True)
+    first = {path.name: path.stat().st_ino for path in cached.iterdir()}
+    unpack(archive, cached, keep_existing=True)
+    assert {path.name: path.stat().st_ino for path in cached.iterdir()} == first
+    assert [p.name for p in cached.parent.iterdir()] == ["sha"], "a dropped copy was left behind"
+    unpack(archive, cached)
+    assert {path.name: path.stat().st_ino for path in cached.iterdir()} != first

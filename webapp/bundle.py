@@ -156,10 +156,12 @@ def pack(bundle_dir: str | os.PathLike[str]) -> bytes:
     return raw.getvalue()
 
 
-def unpack(archive: bytes, target: str | os.PathLike[str]) -> Manifest:
+def unpack(archive: bytes, target: str | os.PathLike[str], *, keep_existing: bool = False) -> Manifest:
     """Unpack an archive made by :func:`pack` into ``target`` (atomically) and return its manifest.
 
-    Only the three bundle files are accepted, as plain files at the top level.
+    Only the three bundle files are accepted, as plain files at the top level. ``keep_existing`` is for a
+    content-addressed target (the model cache): when another process put it in place first, its copy stays, since
+    that process may be reading it, and ours is dropped.
     """
     if len(archive) > MAX_ARCHIVE_BYTES:
         raise BundleError(f"bundle archive is {len(archive)} bytes, over the {MAX_ARCHIVE_BYTES} byte limit")
@@ -182,9 +184,17 @@ def unpack(archive: bytes, target: str | os.PathLike[str]) -> Manifest:
                 raise
             raise BundleError(f"not a readable .tar.gz bundle: {exc}") from exc
         manifest = read_manifest(staging)
-        if target.exists():
+        if keep_existing and (target / MANIFEST_FILE).is_file():
+            shutil.rmtree(staging)
+            return manifest
+        if target.exists() and not keep_existing:
             shutil.rmtree(target)
-        staging.rename(target)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not keep_existing or not (target / MANIFEST_FILE).is_file():
+                raise
+            shutil.rmtree(staging)  # another process renamed its copy into place between our check and rename
         return manifest
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

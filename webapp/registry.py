@@ -245,7 +245,7 @@ def load_version(version_id: str, cache_root: Path, *, threads: int) -> LoadedMo
     if sha256_hex(data) != sha:
         raise BundleError(f"artifact of {version_id} does not match its sha256 {sha}")
     try:
-        unpack(data, cached)
+        unpack(data, cached, keep_existing=True)
     except (OSError, BundleError) as exc:
         log.warning("cannot write the model cache for %s (%s); loading from a temporary directory", version_id, exc)
         with tempfile.TemporaryDirectory(prefix="papertag-model-") as tmp:
