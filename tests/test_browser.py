@@ -10,6 +10,7 @@ import io
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,16 +84,25 @@ def site(tmp_path: Path, make_bundle: BundleFactory) -> Iterator[Site]:
         active, other = (result.version.id for result in versions)
     add_user(app, "cora", "curator")
     add_user(app, "ada", "admin")
+    with served(app) as url:
+        yield Site(url, app, active, other)
+
+
+@contextmanager
+def served(app: Flask) -> Iterator[str]:
+    """``app`` on a real HTTP server in a thread, at the URL yielded; stopped with its background threads after."""
     server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=QuietRequestHandler)
     thread = threading.Thread(target=server.serve_forever, name="browser-test-server", daemon=True)
     thread.start()
-    yield Site(f"http://127.0.0.1:{server.server_port}", app, active, other)
-    server.shutdown()
-    thread.join(timeout=10)
-    live_models_of(app).stop()
-    app.extensions[BATCH_WORKER].stop()
-    with app.app_context():
-        db.engine.dispose()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        live_models_of(app).stop()
+        app.extensions[BATCH_WORKER].stop()
+        with app.app_context():
+            db.engine.dispose()
 
 
 @pytest.fixture

@@ -4,21 +4,17 @@ README's screenshot (``test-artifacts/screenshots/taxonomies.jpg``, 1100 px wide
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from flask import Flask
 from playwright.sync_api import Page, expect
-from werkzeug.serving import make_server
 
 from tests import test_browser
-from tests.conftest import live_models_of, make_app
-from tests.test_browser import SCREENSHOTS, QuietRequestHandler, check_layout
-from webapp.batch import EXTENSION_KEY as BATCH_WORKER
+from tests.conftest import make_app
+from tests.test_browser import SCREENSHOTS, check_layout, served
 from webapp.config import REPO_ROOT
-from webapp.extensions import db
 
 browser = test_browser.browser
 README_VIEWPORT = {"width": 1100, "height": 900}
@@ -37,16 +33,8 @@ def shipped_site(tmp_path: Path) -> Iterator[tuple[str, Flask]]:
     app = make_app(tmp_path / "data", DEFAULT_BUNDLES_DIR=str(REPO_ROOT / "models"))
     result = app.test_cli_runner().invoke(args=["models", "import-defaults"])
     assert result.exit_code == 0, result.output
-    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=QuietRequestHandler)
-    thread = threading.Thread(target=server.serve_forever, name="browser-test-server", daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}", app
-    server.shutdown()
-    thread.join(timeout=10)
-    live_models_of(app).stop()
-    app.extensions[BATCH_WORKER].stop()
-    with app.app_context():
-        db.engine.dispose()
+    with served(app) as url:
+        yield url, app
 
 
 @pytest.fixture
