@@ -107,8 +107,14 @@ def served(app: Flask) -> Iterator[str]:
 
 @pytest.fixture
 def page(browser: Browser, site: Site) -> Iterator[Page]:
+    with checked_page(browser, site.url, DESKTOP) as opened:
+        yield opened
+
+
+@contextmanager
+def checked_page(browser: Browser, url: str, viewport: dict[str, int]) -> Iterator[Page]:
     """A fresh browser profile; fails the test on any script error or CSP violation (both reach the console)."""
-    context = browser.new_context(base_url=site.url, viewport=DESKTOP, accept_downloads=True)
+    context = browser.new_context(base_url=url, viewport=viewport, accept_downloads=True)
     context.set_default_timeout(WAIT_MS)
     opened = context.new_page()
     problems: list[str] = []

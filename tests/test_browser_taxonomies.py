@@ -13,7 +13,7 @@ from playwright.sync_api import Page, expect
 
 from tests import test_browser
 from tests.conftest import make_app
-from tests.test_browser import SCREENSHOTS, check_layout, served
+from tests.test_browser import SCREENSHOTS, check_layout, checked_page, served
 from webapp.config import REPO_ROOT
 
 browser = test_browser.browser
@@ -39,15 +39,8 @@ def shipped_site(tmp_path: Path) -> Iterator[tuple[str, Flask]]:
 
 @pytest.fixture
 def page(browser, shipped_site: tuple[str, Flask]) -> Iterator[Page]:
-    context = browser.new_context(base_url=shipped_site[0], viewport=README_VIEWPORT)
-    context.set_default_timeout(test_browser.WAIT_MS)
-    opened = context.new_page()
-    problems: list[str] = []
-    opened.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
-    opened.on("pageerror", lambda error: problems.append(str(error)))
-    yield opened
-    context.close()
-    assert not problems, f"the browser reported errors (script or Content-Security-Policy): {problems}"
+    with checked_page(browser, shipped_site[0], README_VIEWPORT) as opened:
+        yield opened
 
 
 def test_one_abstract_tagged_by_both_shipped_taxonomies(page: Page) -> None:
