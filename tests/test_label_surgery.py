@@ -25,9 +25,9 @@ from trainer.publish import DatabaseTarget, SiteTarget
 from webapp.bundle import compose_text, read_manifest
 from webapp.config import REPO_ROOT
 from webapp.extensions import db
-from webapp.labels import record_change, taxonomy_or_404
+from webapp.labels import record_change
 from webapp.models import LabelChange, PredictionResult
-from webapp.registry import import_bundle
+from webapp.registry import get_taxonomy, import_bundle
 
 SLUG = "test-tasks"
 STORED_TABLES = ("predictions", "prediction_results", "predicted_labels", "annotation_events")
@@ -411,7 +411,7 @@ def test_the_next_training_run_uses_the_new_label_set(tmp_path: Path, make_bundl
     site = make_app(tmp_path / "site")
     with site.app_context():
         import_bundle(make_bundle(seed=3, slug="research-tasks", name="Research tasks"), actor="tests")
-        taxonomy = taxonomy_or_404("research-tasks")
+        taxonomy = get_taxonomy("research-tasks")
         record_change(taxonomy, "rename", {"from": "Image Classification", "to": "Whole-Image Classification"}, "t")
         record_change(
             taxonomy, "merge", {"sources": ["Question Answering", "Machine Translation"], "into": "QA+MT"}, "t"

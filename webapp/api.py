@@ -24,11 +24,10 @@ from .labels import (
     check_change,
     preview,
     record_change,
-    taxonomy_or_404,
     undo_change,
 )
 from .models import ModelVersion, Prediction, Taxonomy
-from .registry import activate, import_bundle, list_versions, live_models, version_archive
+from .registry import activate, get_taxonomy, import_bundle, list_versions, live_models, version_archive
 from .scoring import InputError, NoModelError, Submission, check_submission, predict_and_store, prediction_json
 from .training_runs import claim_next, create_run, get_run, run_json, update_run
 
@@ -40,7 +39,7 @@ def predict_rate_limit() -> str:
     return current_app.config["PREDICT_RATE_LIMIT"]
 
 
-def _json_body() -> Any:
+def json_body() -> Any:
     if not request.is_json:
         abort(415, description="send the body as JSON with Content-Type: application/json")
     body = request.get_json(silent=True)
@@ -81,7 +80,7 @@ def _submissions(body: Any) -> list[Submission]:
 @bp.post("/predict")
 @limiter.limit(predict_rate_limit)
 def predict() -> Response:
-    submissions = _submissions(_json_body())
+    submissions = _submissions(json_body())
     try:
         predictions = predict_and_store(submissions, source="api")
     except NoModelError as exc:
@@ -113,7 +112,7 @@ def taxonomies() -> Response:
 @bp.get("/taxonomies/<slug>/label-changes")
 def label_changes(slug: str) -> Response:
     """The label set now, every label change (undone ones too) and the compiled rules the trainer applies."""
-    return jsonify(change_log_json(taxonomy_or_404(slug)))
+    return jsonify(change_log_json(get_taxonomy(slug)))
 
 
 @bp.post("/taxonomies/<slug>/label-changes")
@@ -122,8 +121,8 @@ def make_label_change(slug: str) -> tuple[Response, int]:
     """``{"kind": "rename", "from", "to"}``, ``{"kind": "merge", "sources", "into"}`` or ``{"kind": "split",
     "label", "targets": [{"name", "keywords"}]}`` with an optional ``"note"``; ``"preview": true`` answers what
     the change would touch and stores nothing."""
-    taxonomy = taxonomy_or_404(slug)
-    body = _json_body()
+    taxonomy = get_taxonomy(slug)
+    body = json_body()
     if not isinstance(body, dict):
         abort(400, description='send an object such as {"kind": "rename", "from": "...", "to": "..."}')
     kind = body.get("kind")
@@ -142,7 +141,7 @@ def make_label_change(slug: str) -> tuple[Response, int]:
 @token_user_role("admin")
 def undo_label_change(slug: str, change_id: int) -> Response:
     """Mark a change undone; 409 while a later change or a correction depends on it."""
-    made = change_or_404(taxonomy_or_404(slug), change_id)
+    made = change_or_404(get_taxonomy(slug), change_id)
     try:
         undo_change(made, actor=f"api:{g.api_user.name}")
     except SurgeryError as exc:
@@ -241,7 +240,7 @@ def _string_list(body: dict[str, Any], key: str) -> list[Any]:
 def annotate(prediction_id: int) -> tuple[Response, int]:
     """Record a correction: ``{"taxonomy": slug, "labels": [full new set], "note": "...", "propose": [...]}``.
     The event holds the difference to the current labels; 201 when one was recorded, 200 for no change."""
-    body = _json_body()
+    body = json_body()
     if not isinstance(body, dict) or not isinstance(body.get("taxonomy"), str) or "labels" not in body:
         abort(400, description='send {"taxonomy": "<slug>", "labels": [...], "note": "..."}')
     prediction = db.session.get(Prediction, prediction_id)
@@ -278,7 +277,7 @@ def annotate(prediction_id: int) -> tuple[Response, int]:
 @token_user_role("admin")
 def start_training_run() -> tuple[Response, int]:
     """The trainer announces a run it is starting (``{"taxonomy": slug, "config": {...}}``)."""
-    body = _json_body()
+    body = json_body()
     if not isinstance(body, dict) or not isinstance(body.get("taxonomy"), str):
         abort(400, description='send {"taxonomy": "<slug>", "config": {...}}')
     config = body.get("config") or {}
@@ -306,7 +305,7 @@ def training_run(run_id: int) -> Response:
 @bp.patch("/training-runs/<int:run_id>")
 @token_user_role("admin")
 def update_training_run(run_id: int) -> Response:
-    body = _json_body()
+    body = json_body()
     if not isinstance(body, dict):
         abort(400, description="send an object of progress fields")
     try:

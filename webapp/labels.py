@@ -35,7 +35,7 @@ from .models import (
     Taxonomy,
     utcnow,
 )
-from .registry import RegistryError
+from .registry import get_taxonomy
 from .surgery import KINDS, Rule
 
 bp = Blueprint("labels", __name__)
@@ -45,13 +45,6 @@ MAX_KEYWORDS = 50
 
 class SurgeryError(ValueError):
     """A label change that cannot be made (or undone) as asked; the message says why."""
-
-
-def taxonomy_or_404(slug: str) -> Taxonomy:
-    taxonomy = db.session.scalar(select(Taxonomy).where(Taxonomy.slug == slug))
-    if taxonomy is None:
-        raise RegistryError(f"there is no taxonomy {slug!r}")
-    return taxonomy
 
 
 def _name(raw: object, what: str) -> str:
@@ -330,14 +323,14 @@ def _render(taxonomy: Taxonomy, status: int = 200, **active: Any) -> tuple[str, 
 @bp.get("/taxonomies/<slug>/labels")
 @role_required("admin")
 def index(slug: str) -> tuple[str, int]:
-    return _render(taxonomy_or_404(slug))
+    return _render(get_taxonomy(slug))
 
 
 @bp.post("/taxonomies/<slug>/labels/<kind>")
 @role_required("admin")
 def change(slug: str, kind: str) -> Response | tuple[str, int]:
     """Preview (``action=preview``) or apply a rename, merge or split."""
-    taxonomy = taxonomy_or_404(slug)
+    taxonomy = get_taxonomy(slug)
     if kind not in FORMS:
         abort(404, description=f"there is no label change {kind!r}; there are {', '.join(KINDS)}")
     form = FORMS[kind]()  # CSRF was checked app-wide before this view
@@ -364,7 +357,7 @@ def change_or_404(taxonomy: Taxonomy, change_id: int) -> LabelChange:
 @bp.post("/taxonomies/<slug>/labels/changes/<int:change_id>/undo")
 @role_required("admin")
 def undo(slug: str, change_id: int) -> Response:
-    made = change_or_404(taxonomy_or_404(slug), change_id)
+    made = change_or_404(get_taxonomy(slug), change_id)
     try:
         undo_change(made, actor=current_user.name)
     except SurgeryError as exc:

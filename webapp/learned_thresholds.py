@@ -32,16 +32,15 @@ from flask import (
     url_for,
 )
 from flask_login import current_user
-from sqlalchemy import select
 
 from .annotations import label_map
-from .api import _json_body
+from .api import json_body
 from .auth import has_role, role_required, token_user_role
 from .bundle import MANIFEST_FILE, BundleError, unpack
 from .extensions import db
-from .models import ModelVersion, Taxonomy
+from .models import ModelVersion
 from .quality import Review, reviews
-from .registry import RegistryError, get_version, import_bundle, version_archive
+from .registry import RegistryError, get_taxonomy, get_version, import_bundle, version_archive
 from .tuning import f1_score, label_thresholds, micro_counts, micro_f1
 
 bp = Blueprint("learned", __name__)
@@ -99,9 +98,7 @@ def gate(learned_f1: float, trained_f1: float) -> dict[str, Any]:
 def learn(slug: str, *, min_evidence: int, actor: str) -> Learned:
     """Learn thresholds for ``slug``'s active version from its reviews and import them as a new, inactive
     version. The same reviews give the same bundle, so learning twice is one version."""
-    taxonomy = db.session.scalar(select(Taxonomy).where(Taxonomy.slug == slug))
-    if taxonomy is None:
-        raise RegistryError(f"no taxonomy {slug!r}")
+    taxonomy = get_taxonomy(slug)
     if taxonomy.active_version_id is None:
         raise LearnError(f"{slug} has no active version to learn thresholds for")
     parent = get_version(taxonomy.active_version_id)
@@ -238,7 +235,7 @@ def learn_api(slug: str) -> tuple[Response, int]:
     """Learn thresholds from the active version's reviews (optional body ``{"min_evidence": N}``): 201 with the
     new version and the gate's verdict, 200 when these reviews were learned before, 422 when there is nothing
     to learn (nothing is created then)."""
-    min_evidence = _min_evidence(_json_body() if request.get_data() else None)
+    min_evidence = _min_evidence(json_body() if request.get_data() else None)
     try:
         result = learn(slug, min_evidence=min_evidence, actor=f"api:{g.api_user.name}")
     except (LearnError, BundleError) as exc:

@@ -25,7 +25,7 @@ from .annotations import current_labels, label_map, prediction_text
 from .auth import has_role
 from .extensions import db
 from .models import AnnotationEvent, ModelVersion, Prediction, PredictionResult, Taxonomy
-from .registry import RegistryError, get_version
+from .registry import RegistryError, get_taxonomy, get_version
 
 bp = Blueprint("quality", __name__)
 api_bp = Blueprint("quality_api", __name__, url_prefix="/api/v1")
@@ -235,9 +235,7 @@ def version_quality(version: ModelVersion, items: list[Review]) -> VersionQualit
 def taxonomy_quality(slug: str, version_id: str = "") -> tuple[Taxonomy, VersionQuality | None, dict[str, int]]:
     """A taxonomy, the quality of one of its versions (the active one unless ``version_id``; None when it has
     none) and how many reviewed predictions each of its versions made."""
-    taxonomy = db.session.scalar(select(Taxonomy).where(Taxonomy.slug == slug))
-    if taxonomy is None:
-        raise RegistryError(f"no taxonomy {slug!r}")
+    taxonomy = get_taxonomy(slug)
     version_id = version_id or taxonomy.active_version_id or ""
     version = get_version(version_id) if version_id else None
     if version is not None and version.taxonomy_id != taxonomy.id:

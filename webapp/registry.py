@@ -124,6 +124,13 @@ def _set_active(taxonomy: Taxonomy, version: ModelVersion, *, action: str, actor
     version.activated_by = actor
 
 
+def get_taxonomy(slug: str) -> Taxonomy:
+    taxonomy = db.session.scalar(select(Taxonomy).where(Taxonomy.slug == slug))
+    if taxonomy is None:
+        raise RegistryError(f"there is no taxonomy {slug!r}")
+    return taxonomy
+
+
 def get_version(version_id: str) -> ModelVersion:
     version = db.session.get(ModelVersion, version_id)
     if version is None:
