@@ -54,12 +54,17 @@ def build_tokenizer(path: Path, vocab_size: int = 600) -> Path:
     return path
 
 
-def build_onnx(path: Path, vocab_size: int, n_labels: int, *, seed: int, hidden: int = 32, bias: float = 0.0) -> Path:
-    """logits = mean_pool(E[input_ids], mask) @ W + b; embedding = L2-normalised mean pool."""
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="papertag-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def build_encoder(path: Path, vocab_size: int, *, seed: int, hidden: int = 32) -> Path:
+    """pooled = mean of E[input_ids] over the attention mask."""
     rng = np.random.default_rng(seed)
-    embedding = rng.normal(0, 1.0, (vocab_size, hidden)).astype(np.float32)
-    weight = rng.normal(0, 3.0, (hidden, n_labels)).astype(np.float32)
-    bias_values = np.full((n_labels,), bias, dtype=np.float32) + rng.normal(0, 0.5, n_labels).astype(np.float32)
     nodes = [
         helper.make_node("Gather", ["E", "input_ids"], ["tokens"]),
         helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT),
@@ -69,36 +74,47 @@ def build_onnx(path: Path, vocab_size: int, n_labels: int, *, seed: int, hidden:
         helper.make_node("ReduceSum", ["mask3", "axis1"], ["count"], keepdims=0),
         helper.make_node("Max", ["count", "eps"], ["count_safe"]),
         helper.make_node("Div", ["summed", "count_safe"], ["pooled"]),
-        helper.make_node("MatMul", ["pooled", "W"], ["projected"]),
-        helper.make_node("Add", ["projected", "b"], ["logits"]),
-        helper.make_node("LpNormalization", ["pooled"], ["embedding"], axis=1, p=2),
     ]
     initializers = [
-        numpy_helper.from_array(embedding, "E"),
-        numpy_helper.from_array(weight, "W"),
-        numpy_helper.from_array(bias_values, "b"),
+        numpy_helper.from_array(rng.normal(0, 1.0, (vocab_size, hidden)).astype(np.float32), "E"),
         numpy_helper.from_array(np.array([2], dtype=np.int64), "axis2"),
         numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
         numpy_helper.from_array(np.array([1e-6], dtype=np.float32), "eps"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny-papertag",
-        [
-            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
-        ],
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_labels]),
-            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", hidden]),
-        ],
-        initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="papertag-tests")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
+    ]
+    outputs = [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", hidden])]
+    return _save(helper.make_graph(nodes, "tiny-encoder", inputs, outputs, initializers), path)
+
+
+def build_head(path: Path, n_labels: int, *, seed: int, hidden: int = 32, bias: float = 0.0) -> Path:
+    """logits = pooled @ W + b; domain = max cosine similarity to a few random reference vectors."""
+    rng = np.random.default_rng(seed + 1000)
+    weight = rng.normal(0, 3.0, (hidden, n_labels)).astype(np.float32)
+    bias_values = np.full((n_labels,), bias, dtype=np.float32) + rng.normal(0, 0.5, n_labels).astype(np.float32)
+    references = rng.normal(0, 1.0, (hidden, 8)).astype(np.float32)
+    references /= np.linalg.norm(references, axis=0, keepdims=True)
+    nodes = [
+        helper.make_node("MatMul", ["pooled", "W"], ["projected"]),
+        helper.make_node("Add", ["projected", "b"], ["logits"]),
+        helper.make_node("LpNormalization", ["pooled"], ["normalised"], axis=1, p=2),
+        helper.make_node("MatMul", ["normalised", "R"], ["similarities"]),
+        helper.make_node("ReduceMax", ["similarities", "axis1"], ["domain"], keepdims=0),
+    ]
+    initializers = [
+        numpy_helper.from_array(weight, "W"),
+        numpy_helper.from_array(bias_values, "b"),
+        numpy_helper.from_array(references, "R"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+    ]
+    inputs = [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", hidden])]
+    outputs = [
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_labels]),
+        helper.make_tensor_value_info("domain", TensorProto.FLOAT, ["batch"]),
+    ]
+    return _save(helper.make_graph(nodes, "tiny-head", inputs, outputs, initializers), path)
 
 
 def build_bundle(
@@ -112,28 +128,38 @@ def build_bundle(
     threshold: float = 0.5,
     broken: str | None = None,
     metrics: dict | None = None,
+    best_guess: bool = False,
+    domain_threshold: float | None = None,
+    max_windows: int = 1,
+    encoder_seed: int = 0,
 ) -> Path:
-    """Write a bundle directory. ``broken``: "label-count" (model has one output fewer than the labels),
-    "corrupt-onnx" (model.onnx is garbage) or "nan" (the model's scores are NaN, so the smoke test fails).
-    ``metrics`` replaces the placeholder figures (e.g. a trainer-shaped ``{"test": {...per_label...}}``)."""
+    """Write a bundle directory. ``broken``: "label-count" (the head has one output fewer than the labels),
+    "corrupt-onnx" (head.onnx is garbage) or "nan" (the head's scores are NaN, so the smoke test fails).
+    ``metrics`` replaces the placeholder figures (e.g. a trainer-shaped ``{"test": {...per_label...}}``).
+    Bundles with the same ``encoder_seed`` carry the same encoder bytes, so they share one encoder pass."""
     labels = list(labels or LABELS)
     vocab_size = Tokenizer.from_file(str(tokenizer_path)).get_vocab_size()
     with tempfile.TemporaryDirectory() as tmp:
-        model_path = Path(tmp) / "model.onnx"
+        encoder_path = build_encoder(Path(tmp) / "encoder.onnx", vocab_size, seed=encoder_seed)
+        head_path = Path(tmp) / "head.onnx"
         outputs = len(labels) - 1 if broken == "label-count" else len(labels)
         bias = float("nan") if broken == "nan" else 0.0
-        build_onnx(model_path, vocab_size, outputs, seed=seed, bias=bias)
+        build_head(head_path, outputs, seed=seed, bias=bias)
         if broken == "corrupt-onnx":
-            model_path.write_bytes(b"this is not an onnx model" * 10)
+            head_path.write_bytes(b"this is not an onnx model" * 10)
         manifest = Manifest(
             taxonomy_slug=slug,
             taxonomy_name=name,
             labels=labels,
             thresholds=[threshold] * len(labels),
             max_length=128,
+            max_windows=max_windows,
+            window_overlap=8 if max_windows > 1 else 0,
+            best_guess=best_guess,
+            domain_threshold=domain_threshold,
             base_model="tests/tiny_bundle.py",
             created_at="2025-01-01T00:00:00Z",
             training_data={"abstracts": 0, "note": f"random weights, seed {seed}"},
             metrics=metrics or {"test": {"micro_f1": 0.1 + seed / 100, "macro_f1": 0.05}},
         )
-        return write_bundle(target, manifest, model_path, tokenizer_path)
+        return write_bundle(target, manifest, encoder_path, head_path, tokenizer_path)

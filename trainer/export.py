@@ -1,4 +1,4 @@
-"""ONNX export, dynamic int8 quantisation and the parity checks that guard them."""
+"""ONNX export of the encoder and onnxruntime's dynamic int8 quantisation."""
 
 from __future__ import annotations
 
@@ -7,32 +7,45 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from onnx import TensorProto
 from onnxruntime.quantization import QuantType, quantize_dynamic
+from torch import nn
 
-from webapp.bundle import INPUT_NAMES, OUTPUT_NAMES
+from webapp.bundle import ENCODER_INPUTS, ENCODER_OUTPUT
 
-from .model import Tagger
+from .model import Tagger, mean_pool
 
 log = logging.getLogger(__name__)
 OPSET = 17
 
 
-def export_fp32(model: Tagger, sample_ids: torch.Tensor, sample_mask: torch.Tensor, path: Path) -> Path:
-    """Export with dynamic batch and sequence axes (the server pads per batch)."""
-    model = model.eval().to("cpu").float()
+class PooledEncoder(nn.Module):
+    """The encoder half of a :class:`Tagger`: token ids -> mean-pooled vector (the bundle's ``encoder.onnx``)."""
+
+    def __init__(self, tagger: Tagger) -> None:
+        super().__init__()
+        self.encoder = tagger.encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return mean_pool(hidden, attention_mask)
+
+
+def export_encoder(model: Tagger, sample_ids: torch.Tensor, sample_mask: torch.Tensor, path: Path) -> Path:
+    """Export with dynamic batch and sequence axes (the server pads per batch of windows)."""
+    encoder = PooledEncoder(model.eval().to("cpu").float()).eval()
     dynamic = {
         "input_ids": {0: "batch", 1: "sequence"},
         "attention_mask": {0: "batch", 1: "sequence"},
-        "logits": {0: "batch"},
-        "embedding": {0: "batch"},
+        ENCODER_OUTPUT: {0: "batch"},
     }
     with torch.no_grad():
         torch.onnx.export(
-            model,
+            encoder,
             (sample_ids, sample_mask),
             str(path),
-            input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
+            input_names=list(ENCODER_INPUTS),
+            output_names=[ENCODER_OUTPUT],
             dynamic_axes=dynamic,
             opset_version=OPSET,
             dynamo=False,
@@ -40,9 +53,23 @@ def export_fp32(model: Tagger, sample_ids: torch.Tensor, sample_mask: torch.Tens
     return path
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path) -> Path:
-    """Dynamic int8 quantisation of the weights (activations stay float), onnxruntime's own tool."""
-    quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+def quantize_int8(fp32_path: Path, int8_path: Path, op_types: list[str] | None = None) -> Path:
+    """Dynamic int8 quantisation of the weights (activations stay float), onnxruntime's own tool. Its INFO lines
+    and its advice to pre-process (which does not apply to dynamic quantisation) are kept out of the output."""
+    quantization_log = logging.getLogger()
+    level = quantization_log.level
+    quantization_log.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(
+            str(fp32_path),
+            str(int8_path),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=op_types,
+            # Shape inference cannot type the outputs of the TF-IDF graph's custom-domain ops.
+            extra_options={"DefaultTensorType": TensorProto.FLOAT},
+        )
+    finally:
+        quantization_log.setLevel(level)
     return int8_path
 
 

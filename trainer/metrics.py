@@ -73,3 +73,82 @@ def full_report(
     report["macro_roc_auc"] = round(float(np.mean(aucs)), 4) if aucs else None
     report["per_label"] = per_label
     return report
+
+
+def decisions(
+    probabilities: np.ndarray,
+    thresholds: list[float] | np.ndarray,
+    *,
+    best_guess: bool,
+    off_domain: np.ndarray | None = None,
+) -> np.ndarray:
+    """What the product shows, as a 0/1 matrix: labels at or above their threshold; where none passes and
+    ``best_guess`` is on, the most probable label (unless the abstract is flagged off-domain)."""
+    predicted = decide(probabilities, thresholds)
+    if best_guess and len(predicted):
+        empty = predicted.sum(axis=1) == 0
+        if off_domain is not None:
+            empty &= ~off_domain
+        rows = np.flatnonzero(empty)
+        predicted[rows, np.argmax(probabilities[rows], axis=1)] = 1
+    return predicted
+
+
+def product_report(
+    probabilities: np.ndarray,
+    targets: np.ndarray,
+    thresholds: list[float] | np.ndarray,
+    *,
+    best_guess: bool,
+    domain: np.ndarray | None = None,
+    domain_threshold: float | None = None,
+    negatives: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """The figures that say how the tags serve people, on one split:
+
+    - micro/macro F1 of what is shown (best guesses included) and of the thresholded labels alone;
+    - ``empty_share``: in-scope papers (at least one gold label) shown no label at all;
+    - ``negative_fp_rate``: label-free papers (``negatives``: true negatives, not papers whose labels were all
+      dropped as too rare) shown a label;
+    - ``hit_at_1/3/5``: single-label papers whose label is among the 1/3/5 highest scores;
+    - ``off_domain_share``: papers flagged as unlike the training papers.
+    """
+    off_domain = None
+    if domain is not None and domain_threshold is not None:
+        off_domain = domain < domain_threshold
+    shown = decisions(probabilities, thresholds, best_guess=best_guess, off_domain=off_domain)
+    truth = targets.astype(int)
+    in_scope = truth.sum(axis=1) > 0
+    negatives = np.zeros(len(truth), dtype=bool) if negatives is None else np.asarray(negatives, dtype=bool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        p, r, f, _ = precision_recall_fscore_support(truth, shown, average="micro", zero_division=0)
+        macro = f1_score(truth, shown, average="macro", zero_division=0)
+        samples = (
+            f1_score(truth[in_scope], shown[in_scope], average="samples", zero_division=0) if in_scope.any() else 0
+        )
+    report: dict[str, Any] = {
+        "micro_f1": round(float(f), 4),
+        "micro_precision": round(float(p), 4),
+        "micro_recall": round(float(r), 4),
+        "macro_f1": round(float(macro), 4),
+        "samples_f1": round(float(samples), 4),
+        "examples": int(len(truth)),
+        "in_scope": int(in_scope.sum()),
+        "empty_share": round(float((shown[in_scope].sum(axis=1) == 0).mean()), 4) if in_scope.any() else None,
+        "negatives": int(negatives.sum()),
+        "negative_fp_rate": round(float((shown[negatives].sum(axis=1) > 0).mean()), 4) if negatives.any() else None,
+        "best_guess": best_guess,
+    }
+    if best_guess:
+        report["thresholded_only"] = summary(probabilities, targets, thresholds)
+    single = np.flatnonzero(truth.sum(axis=1) == 1)
+    report["single_label"] = int(len(single))
+    if len(single):
+        gold = truth[single].argmax(axis=1)
+        rank = (probabilities[single] > probabilities[single, gold][:, None]).sum(axis=1)
+        for k in (1, 3, 5):
+            report[f"hit_at_{k}"] = round(float((rank < k).mean()), 4)
+    if off_domain is not None:
+        report["off_domain_share"] = round(float(off_domain.mean()), 4)
+    return report

@@ -1,11 +1,17 @@
-"""The training run: data -> fine-tuned tagger -> thresholds -> ONNX int8 bundle with honest metrics."""
+"""The training run: data -> shared encoder (fine-tuned, or reused frozen) -> a head per taxonomy with lexical
+evidence -> thresholds -> format-2 bundle, with figures on the random test split and on the newest papers, beside
+the TF-IDF baseline.
+
+Designs (embedding head, fusion weight, thresholds, off-domain cut) are chosen on the validation split; the test
+and newest splits are only reported.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import math
 import os
-import random
 import tempfile
 import time
 from collections.abc import Callable
@@ -15,71 +21,103 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
-from tqdm.auto import tqdm
-from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-from webapp.bundle import Manifest, write_bundle
-from webapp.inference import LoadedModel
+from webapp.bundle import ENCODER_FILE, TOKENIZER_FILE, Manifest, read_manifest, sha256_file, write_bundle
+from webapp.inference import Encoder, LoadedModel, Reading
 from webapp.surgery import LabelMap
-from webapp.tuning import best_global_threshold, tune_thresholds
+from webapp.tuning import tune_thresholds
 
 from . import metrics
 from .baseline import tfidf_baseline
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import (
     Paper,
     apply_aliases,
+    arxiv_order,
     choose_labels,
     in_sample,
     merge_corrections,
     multi_hot,
+    newest_cutoff,
     read_papers,
     relabel,
     split_of,
 )
-from .export import export_fp32, max_abs_difference, quantize_int8
-from .model import Tagger, resolve_base_model
+from .heads import LinearHead, build_head, choose_head, domain_references
 from .thresholds import choose_min_support
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SPLITS = ("train", "validation", "test", "newest")
+# Rough CPU rates on 2 cores (bench/train_throughput.py): abstracts fine-tuned per second at 128 tokens, windows
+# encoded per second by the int8 encoder. Only for the estimate printed before training starts.
+CPU_FINETUNE_RATE = 12.0
+CPU_ENCODE_RATE = 90.0
+
+
+def _resolve(name: str) -> Path:
+    return Path(name) if Path(name).is_absolute() else REPO_ROOT / name
 
 
 def load_dataset(
     config: TrainConfig, corrections: list[Paper] | None = None, label_map: LabelMap | None = None
 ) -> tuple[dict[str, list[Paper]], dict]:
-    """Base files plus corrections, relabelled by the site's label changes, split deterministically; also a
-    summary for bundle.json."""
+    """Base files plus corrections, relabelled by the site's label changes, split deterministically: the newest
+    dated papers first (by arXiv id), then train/validation/test by a hash of the id (or test = ``test_data``);
+    also a summary for bundle.json."""
     papers: list[Paper] = []
     for name in config.data:
-        path = Path(name) if Path(name).is_absolute() else REPO_ROOT / name
-        papers.extend(read_papers(path))
+        papers.extend(read_papers(_resolve(name), config.fields))
     papers = list({p.id: p for p in papers}.values())
     papers = [p for p in papers if in_sample(p.id, config.sample_fraction)]
     if config.max_examples:
         papers = papers[: config.max_examples]
     papers, merged = merge_corrections(papers, corrections or [])
+    test_papers: list[Paper] = []
+    for name in config.test_data:
+        test_papers.extend(read_papers(_resolve(name), config.fields))
     papers = apply_aliases(papers, config.label_aliases)
     papers = relabel(papers, label_map or LabelMap())
-    splits: dict[str, list[Paper]] = {"train": [], "validation": [], "test": []}
+    test_papers = relabel(apply_aliases(test_papers, config.label_aliases), label_map or LabelMap())
+    corrected = {p.id for p in corrections or []}
+    # Corrections always train: they are what curators asked the model to learn.
+    cutoff = newest_cutoff([p for p in papers if p.id not in corrected], config.newest_fraction)
+    splits: dict[str, list[Paper]] = {name: [] for name in SPLITS}
     for paper in papers:
-        splits[split_of(paper.id, config.test_fraction, config.validation_fraction)].append(paper)
+        order = arxiv_order(paper.id)
+        if paper.id in corrected:
+            splits["train"].append(paper)
+        elif cutoff is not None and order is not None and order >= cutoff:
+            splits["newest"].append(paper)
+        else:
+            split = split_of(paper.id, config.test_fraction, config.validation_fraction)
+            splits["train" if split == "test" and config.test_data else split].append(paper)
+    if config.test_data:
+        splits["test"] = test_papers
     summary = {
         "files": config.data,
+        "test_files": config.test_data,
         "papers": len(papers),
+        "label_free_papers": sum(1 for p in papers if not p.labels),
         "corrections": len(corrections or []),
         "corrections_overriding": merged["overridden"],
         "corrections_added": merged["added"],
         "label_changes": [rule.id for rule in (label_map or LabelMap()).rules],
         "splits": {name: len(items) for name, items in splits.items()},
-        "split_rule": f"sha256(id) bucket: test < {config.test_fraction}, "
-        f"validation < {config.test_fraction + config.validation_fraction}",
+        "split_rule": _split_rule(config, cutoff),
     }
     return splits, summary
+
+
+def _split_rule(config: TrainConfig, cutoff: tuple[int, int, int] | None) -> str:
+    newest = "newest: none (no arXiv ids)"
+    if cutoff:
+        year, month, number = cutoff
+        newest = f"newest: arXiv id from {year}-{month:02d} #{number} on ({config.newest_fraction:.0%} of dated papers)"
+    test = f"test: {', '.join(config.test_data)}; " if config.test_data else ""
+    bounds = f"test < {config.test_fraction}, validation < {config.test_fraction + config.validation_fraction}"
+    return f"{newest}; {test}sha256(id) bucket: {bounds}"
 
 
 def test_split(
@@ -91,58 +129,145 @@ def test_split(
     return splits["test"]
 
 
-class Encoded(torch.utils.data.Dataset):
-    """Token ids per paper (unpadded) and multi-hot targets; batches are padded by :func:`collate`."""
-
-    def __init__(self, ids: list[list[int]], targets: np.ndarray) -> None:
-        self.ids, self.targets = ids, torch.from_numpy(targets)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> tuple[list[int], torch.Tensor]:
-        return self.ids[index], self.targets[index]
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
 
 
-def make_collate(pad_id: int) -> Callable:
-    def collate(batch: list[tuple[list[int], torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (ids, _) in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
-        return input_ids, mask, torch.stack([t for _, t in batch])
+class ReadingCache:
+    """Pooled vectors per (encoder, windows, text) on disk, so a retrain only encodes texts it has not seen."""
 
-    return collate
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: dict[str, Reading] = {}
+        if path.is_file():
+            with np.load(path) as data:
+                for key, pooled, read, total in zip(
+                    data["keys"], data["pooled"], data["read"], data["total"], strict=True
+                ):
+                    self.entries[str(key)] = Reading(pooled, int(read), int(total))
+
+    def read(self, encoder: Encoder, texts: list[str], batch_size: int) -> list[Reading]:
+        keys = [hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts]
+        todo = list(dict.fromkeys(k for k in keys if k not in self.entries))
+        text_of = dict(zip(keys, texts, strict=True))
+        for start in range(0, len(todo), 1024):
+            chunk = todo[start : start + 1024]
+            self.entries.update(zip(chunk, encoder.run([text_of[k] for k in chunk], batch_size), strict=True))
+            log.info("encoded %d of %d new texts", min(start + 1024, len(todo)), len(todo))
+        if todo:
+            self.save()
+        return [self.entries[k] for k in keys]
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        keys = list(self.entries)
+        staging = self.path.with_suffix(".tmp.npz")
+        np.savez(
+            staging,
+            keys=np.asarray(keys),
+            pooled=np.stack([self.entries[k].pooled for k in keys]),
+            read=np.asarray([self.entries[k].read_tokens for k in keys]),
+            total=np.asarray([self.entries[k].total_tokens for k in keys]),
+        )
+        staging.replace(self.path)
 
 
-def pick_device(config: TrainConfig) -> torch.device:
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("config asks for device 'cuda' but no CUDA GPU is available")
-    if config.device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+def _estimate(config: TrainConfig, splits: dict[str, list[Paper]], fine_tune: bool, cached: bool) -> str:
+    """A rough time for this run on this machine's CPU, printed before it starts."""
+    cores = max(1, os.cpu_count() or 1) / 2
+    seconds = sum(len(v) for v in splits.values()) * 2.0 / (CPU_ENCODE_RATE * cores)
+    if fine_tune and not cached:
+        seconds += config.epochs * len(splits["train"]) / (CPU_FINETUNE_RATE * cores)
+    return f"about {max(1, round(seconds / 60))} min on {os.cpu_count()} CPU cores (much less on a GPU)"
 
 
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
+def _window_manifest(config: TrainConfig, labels: list[str], base: str) -> Manifest:
+    return Manifest(
+        taxonomy_slug=config.taxonomy_slug,
+        taxonomy_name=config.taxonomy_name,
+        labels=labels,
+        thresholds=[0.5] * len(labels),
+        max_length=config.max_length,
+        max_windows=config.max_windows,
+        window_overlap=config.window_overlap,
+        base_model=base,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
 
 
-@torch.no_grad()
-def predict_probabilities(model: nn.Module, loader: DataLoader, device: torch.device) -> np.ndarray:
-    model.eval()
-    outputs = []
-    for input_ids, mask, _ in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits, _ = model(input_ids.to(device), mask.to(device))
-        outputs.append(torch.sigmoid(logits.float()).cpu().numpy())
-    return np.concatenate(outputs)
+def _encoder_source(
+    config: TrainConfig,
+    base_model: str | None,
+    texts: dict[str, list[str]],
+    targets: dict[str, np.ndarray],
+    labels: list[str],
+    work_dir: Path,
+    report: Progress,
+) -> tuple[Path, Path, LinearHead | None, dict[str, Any], str, TrainConfig]:
+    """The encoder this run uses: an earlier bundle's (frozen), or one fine-tuned here (cached in ``work_dir`` by
+    everything that determines it, so re-running the head stage costs no second fine-tune)."""
+    if config.frozen_encoder:
+        source = _resolve(config.encoder)
+        manifest = read_manifest(source)
+        windows = {
+            "max_length": manifest.max_length,
+            "max_windows": manifest.max_windows,
+            "window_overlap": manifest.window_overlap,
+        }
+        if any(getattr(config, k) != v for k, v in windows.items()):
+            log.info("windows follow the reused encoder's bundle: %s", windows)
+            config = TrainConfig(**{**asdict(config), **windows})
+        info = {"encoder": "frozen", "from": config.encoder, "encoder_sha256": manifest.encoder_sha256}
+        return source / ENCODER_FILE, source / TOKENIZER_FILE, None, info, manifest.base_model, config
+    from .finetune import finetune
+    from .model import resolve_base_model
+
+    base_path = resolve_base_model(base_model or config.base_model)
+    key = _fingerprint(
+        {
+            k: v
+            for k, v in asdict(config).items()
+            if k
+            not in {
+                "taxonomy_name",
+                "baseline",
+                "best_guess",
+                "domain_quantile",
+                "lexical",
+                "lexical_max_features",
+                "lexical_c",
+                "head_c",
+                "threshold_min_support",
+                "max_windows",
+                "window_overlap",
+                "eval_batch_size",
+            }
+        },
+        base_path,
+        labels,
+        _fingerprint(texts["train"], targets["train"].tolist()),
+    )
+    cached = work_dir / f"finetune-{key}"
+    if (cached / "info.json").is_file():
+        log.info("reusing the encoder fine-tuned earlier with the same settings and data: %s", cached)
+        head = np.load(cached / "head.npz")
+        info = json.loads((cached / "info.json").read_text())
+        return (
+            cached / ENCODER_FILE,
+            cached / TOKENIZER_FILE,
+            LinearHead(head["weight"], head["bias"]),
+            info,
+            Path(base_path).name,
+            config,
+        )
+    tuned = finetune(config, base_path, texts, targets, cached, report)
+    if tuned is None:  # a non-main process of a distributed run
+        raise SystemExit(0)
+    np.savez(cached / "head.npz", weight=tuned.head_weight, bias=tuned.head_bias)
+    info = {"encoder": "fine-tuned", **tuned.info}
+    (cached / "info.json").write_text(json.dumps(info))
+    name = Path(base_path).name if base_model is None and not config.base_model else base_path
+    return tuned.encoder_path, tuned.tokenizer_path, LinearHead(tuned.head_weight, tuned.head_bias), info, name, config
 
 
 def train(
@@ -152,197 +277,155 @@ def train(
     base_model: str | None = None,
     progress: Progress | None = None,
     label_map: LabelMap | None = None,
+    work_dir: str | Path | None = None,
 ) -> Path:
     """Run one training and write the bundle to ``out_dir`` (atomically). Returns the bundle path."""
     report = progress or (lambda update: None)
     started = time.monotonic()
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    distributed = world_size > 1
-    device = pick_device(config)
-    if distributed:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = torch.distributed.get_rank() if distributed else 0
-    main_process = rank == 0
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
-    set_seed(config.seed)
-    base_path = resolve_base_model(base_model or config.base_model)
-
+    work_dir = Path(work_dir) if work_dir else REPO_ROOT / "out" / "work"
     splits, data_summary = load_dataset(config, corrections, label_map)
-    labels = choose_labels(splits["train"], config.min_label_count, config.max_labels)
-    targets = {name: multi_hot(items, labels) for name, items in splits.items()}
-    texts = {name: [p.text for p in items] for name, items in splits.items()}
+    labels, dropped = choose_labels(splits["train"], config.min_label_count, config.max_labels)
+    if dropped:
+        log.info(
+            "%d labels dropped, seen in fewer than min_label_count=%d training papers: %s",
+            len(dropped),
+            config.min_label_count,
+            "; ".join(f"{label} ({count})" for label, count in dropped),
+        )
+    data_summary["labels_dropped"] = len(dropped)
     for name in ("validation", "test"):
         if not splits[name]:
-            raise ValueError(f"the {name} split is empty: use more data or a larger {name}_fraction")
-    log.info("%d labels; papers per split %s; device %s", len(labels), data_summary["splits"], device)
+            raise ConfigError(f"the {name} split is empty: use more data or a larger {name}_fraction")
+    targets = {name: multi_hot(items, labels) for name, items in splits.items()}
+    texts = {name: [p.text for p in items] for name, items in splits.items()}
+    negatives = {name: np.asarray([not p.labels for p in items], dtype=bool) for name, items in splits.items()}
+    log.info("%d labels; papers per split %s", len(labels), data_summary["splits"])
+    log.info("estimated time: %s", _estimate(config, splits, not config.frozen_encoder, False))
+    report({"status": "running", "stage": "preparing the encoder"})
 
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    encoded = {
-        name: tokenizer(values, truncation=True, max_length=config.max_length)["input_ids"]
-        for name, values in texts.items()
-    }
-    collate = make_collate(tokenizer.pad_token_id or 0)
-    batch_size = config.gpu_batch_size if device.type == "cuda" else config.batch_size
-    train_set = Encoded(encoded["train"], targets["train"])
-    sampler = DistributedSampler(train_set, seed=config.seed) if distributed else None
-    generator = torch.Generator().manual_seed(config.seed)
-    train_loader = DataLoader(
-        train_set,
-        batch_size=batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        collate_fn=collate,
-        generator=generator,
+    encoder_path, tokenizer_path, joint_head, encoder_info, base_name, config = _encoder_source(
+        config, base_model, texts, targets, labels, work_dir, report
     )
-    eval_loaders = {
-        name: DataLoader(Encoded(encoded[name], targets[name]), batch_size=config.eval_batch_size, collate_fn=collate)
-        for name in ("validation", "test")
-    }
-
-    model = Tagger(base_path, len(labels), config.encoder_layers).to(device)
-    trainable = model
-    if distributed:
-        device_ids = [device.index] if device.type == "cuda" else None
-        trainable = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    positives = targets["train"].sum(axis=0)
-    pos_weight = np.clip((len(targets["train"]) - positives) / np.maximum(positives, 1), 1.0, config.max_pos_weight)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float32, device=device))
-    head_params = list(model.head.parameters())
-    head_ids = {id(p) for p in head_params}
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in model.parameters() if id(p) not in head_ids], "lr": config.learning_rate},
-            {"params": head_params, "lr": config.head_learning_rate},
-        ],
-        weight_decay=config.weight_decay,
-    )
-    total_steps = config.epochs * len(train_loader)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-    def progress_of(epoch: int, step: int, loss: float, **extra: float) -> dict[str, Any]:
-        """One training-run progress update (the site shows it live)."""
-        fields = {"epoch": epoch, "step": step, "total_steps": total_steps, "loss": round(loss, 5)}
-        return {"status": "running", **fields, **extra}
-
-    best = {"micro_f1": -1.0, "epoch": 0, "state": None}
-    step = 0
-    for epoch in range(1, config.epochs + 1):
-        trainable.train()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", disable=not main_process, unit="batch")
-        loss_sum, batches = 0.0, 0
-        for input_ids, mask, batch_targets in bar:
-            with torch.autocast(
-                device.type, dtype=torch.bfloat16 if use_bf16 else torch.float16, enabled=device.type == "cuda"
-            ):
-                logits, _ = trainable(input_ids.to(device), mask.to(device))
-            loss = loss_fn(logits.float(), batch_targets.to(device))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss_sum, batches = loss_sum + loss.item(), batches + 1
-            running = loss_sum / batches
-            bar.set_postfix(loss=f"{running:.4f}")
-            if main_process and step % 20 == 0:
-                elapsed = time.monotonic() - started
-                report(progress_of(epoch, step, running, eta_seconds=round(elapsed / step * (total_steps - step))))
-        validation = predict_probabilities(model, eval_loaders["validation"], device)
-        threshold, micro_f1 = best_global_threshold(validation, targets["validation"])
-        log.info("epoch %d: loss %.4f, validation micro-F1 %.4f at threshold %.3f", epoch, running, micro_f1, threshold)
-        report(progress_of(epoch, step, running, validation_micro_f1=round(micro_f1, 4)))
-        if micro_f1 > best["micro_f1"]:
-            best = {
-                "micro_f1": micro_f1,
-                "epoch": epoch,
-                "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
-            }
-        elif epoch - best["epoch"] >= config.patience:
-            log.info("early stop: no validation gain for %d epochs (best epoch %d)", config.patience, best["epoch"])
-            break
-    if distributed:
-        torch.distributed.destroy_process_group()
-    if not main_process:
-        return Path(out_dir)
-
-    model.load_state_dict(best["state"])
-    model = model.to("cpu").float().eval()
-    cpu = torch.device("cpu")
-    validation = predict_probabilities(model, eval_loaders["validation"], cpu)
-    min_support = config.threshold_min_support or choose_min_support(validation, targets["validation"])
-    # 0 means one global threshold: no label has more positives than the whole split.
-    thresholds, global_threshold = tune_thresholds(
-        validation, targets["validation"], min_support or len(targets["validation"]) + 1
-    )
-    test_torch = predict_probabilities(model, eval_loaders["test"], cpu)
-
-    with tempfile.TemporaryDirectory(prefix="papertag-export-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="papertag-head-") as scratch:
         scratch = Path(scratch)
-        sample_ids, sample_mask, _ = next(iter(eval_loaders["test"]))
-        fp32_path = export_fp32(model, sample_ids[:2], sample_mask[:2], scratch / "model.fp32.onnx")
-        int8_path = quantize_int8(fp32_path, scratch / "model.onnx")
-        tokenizer_path = scratch / "tokenizer.json"
-        tokenizer.backend_tokenizer.save(str(tokenizer_path))
-        manifest = Manifest(
-            taxonomy_slug=config.taxonomy_slug,
-            taxonomy_name=config.taxonomy_name,
-            labels=labels,
-            thresholds=thresholds,
-            max_length=config.max_length,
-            base_model=Path(base_path).name if base_model is None and not config.base_model else base_path,
-            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            training_data=data_summary,
-            metrics={},
+        provisional = _window_manifest(config, labels, base_name)
+        encoder = Encoder(encoder_path, tokenizer_path, provisional, threads=os.cpu_count() or 1)
+        windows = (config.max_length, config.max_windows, config.window_overlap)
+        cache = ReadingCache(work_dir / "readings" / f"{_fingerprint(sha256_file(encoder_path), windows)}.npz")
+        report({"status": "running", "stage": "reading the abstracts with the encoder"})
+        readings = {name: cache.read(encoder, texts[name], config.eval_batch_size) for name in SPLITS}
+        pooled = {
+            name: np.stack([r.pooled for r in readings[name]]) if readings[name] else np.zeros((0, 1), dtype=np.float32)
+            for name in SPLITS
+        }
+        report({"status": "running", "stage": "fitting the head and the lexical classifier"})
+        design = choose_head(
+            pooled,
+            texts,
+            targets,
+            joint_head=joint_head,
+            head_c=config.head_c,
+            lexical=config.lexical,
+            lexical_max_features=config.lexical_max_features,
+            lexical_c=config.lexical_c,
         )
-        # Measure both ONNX graphs through the server's own inference code: the round trip of the contract.
-        fp32_dir = write_bundle(scratch / "fp32", manifest, fp32_path, tokenizer_path)
-        int8_dir = write_bundle(scratch / "int8", manifest, int8_path, tokenizer_path)
-        test_fp32 = 1 / (1 + np.exp(-LoadedModel(fp32_dir, threads=os.cpu_count() or 1).logits(texts["test"])))
-        test_int8 = 1 / (1 + np.exp(-LoadedModel(int8_dir, threads=os.cpu_count() or 1).logits(texts["test"])))
-        fp32_summary = metrics.summary(test_fp32, targets["test"], thresholds)
-        int8_report = metrics.full_report(test_int8, targets["test"], thresholds, labels)
+        head_path = build_head(
+            scratch / "head.onnx",
+            design.embedding_head,
+            domain_references(pooled["train"], config.seed),
+            design.lexical,
+            design.lexical_head,
+            design.encoder_weight,
+        )
+        fp32_head = head_path.with_suffix(".fp32.onnx")
+        best_guess = config.best_guess == "on" or (
+            config.best_guess == "auto" and not any(not p.labels for p in splits["train"])
+        )
+        candidate = write_bundle(scratch / "candidate", provisional, encoder_path, head_path, tokenizer_path)
+        model = LoadedModel(candidate, threads=os.cpu_count() or 1)
+
+        def outputs(name: str, served: LoadedModel = model) -> tuple[np.ndarray, np.ndarray]:
+            logits, domain = served.head_outputs(texts[name], readings[name])
+            return 1 / (1 + np.exp(-logits.astype(np.float64))), domain
+
+        validation, validation_domain = outputs("validation")
+        min_support = config.threshold_min_support or choose_min_support(validation, targets["validation"])
+        thresholds, global_threshold = tune_thresholds(
+            validation, targets["validation"], min_support or len(targets["validation"]) + 1
+        )
+        domain_threshold = round(float(np.quantile(validation_domain, config.domain_quantile)), 4)
+        manifest = _window_manifest(config, labels, base_name)
+        manifest.thresholds = thresholds
+        manifest.best_guess = best_guess
+        manifest.domain_threshold = domain_threshold
+        manifest.training_data = data_summary
+        decision: dict[str, Any] = {"best_guess": best_guess, "domain_threshold": domain_threshold}
+        figures: dict[str, Any] = {}
+        for name in ("validation", "test", "newest"):
+            if texts[name]:
+                probabilities, domain = outputs(name)
+                figures[name] = metrics.product_report(
+                    probabilities, targets[name], thresholds, domain=domain, negatives=negatives[name], **decision
+                )
+                reading = readings[name]
+                figures[name]["truncated_share"] = round(float(np.mean([r.truncated for r in reading])), 4)
+        test = outputs("test")[0]
+        figures["test"].update(
+            {
+                k: v
+                for k, v in metrics.full_report(test, targets["test"], thresholds, labels).items()
+                if k in ("per_label", "macro_roc_auc")
+            }
+        )
+        # int8 against fp32 of the head (the encoder was quantised once, when it was made).
+        fp32_dir = write_bundle(scratch / "fp32", manifest, encoder_path, fp32_head, tokenizer_path)
+        fp32 = LoadedModel(fp32_dir, threads=os.cpu_count() or 1)
+        fp32_test = outputs("test", fp32)[0]
+        fp32_report = metrics.product_report(fp32_test, targets["test"], thresholds, **decision)
         manifest.metrics = {
-            "test": int8_report,
-            "validation": metrics.summary(validation, targets["validation"], thresholds),
+            **figures,
             "drift": {
-                "torch_vs_onnx_fp32_max_abs_probability": round(max_abs_difference(test_torch, test_fp32), 6),
-                "fp32_vs_int8_max_abs_probability": round(max_abs_difference(test_fp32, test_int8), 6),
-                "fp32_vs_int8_mean_abs_probability": round(float(np.mean(np.abs(test_fp32 - test_int8))), 6),
-                "micro_f1_fp32": fp32_summary["micro_f1"],
-                "micro_f1_int8": int8_report["micro_f1"],
-                "micro_f1_delta": round(abs(fp32_summary["micro_f1"] - int8_report["micro_f1"]), 4),
+                "head_fp32_vs_int8_max_abs_probability": round(float(np.max(np.abs(fp32_test - test))), 6)
+                if len(test)
+                else 0.0,
+                "micro_f1_fp32": fp32_report["micro_f1"],
+                "micro_f1_int8": figures["test"]["micro_f1"],
+                "micro_f1_delta": round(abs(fp32_report["micro_f1"] - figures["test"]["micro_f1"]), 4),
             },
             "training": {
-                "best_epoch": best["epoch"],
-                "epochs_run": epoch,
-                "device": str(device),
-                "processes": world_size,
-                "seconds": round(time.monotonic() - started),
-                "global_threshold": global_threshold,
+                **encoder_info,
+                "design": design.choices,
                 "threshold_min_support": min_support,
+                "global_threshold": global_threshold,
+                "seconds": round(time.monotonic() - started),
                 "config": asdict(config),
             },
         }
         if config.baseline:
-            manifest.metrics["baseline"] = tfidf_baseline(
-                texts["train"],
-                targets["train"],
-                texts["validation"],
-                targets["validation"],
-                texts["test"],
-                targets["test"],
-            )
-        bundle = write_bundle(out_dir, manifest, int8_path, tokenizer_path)
-    log.info(
-        "bundle written to %s: test micro-F1 %.4f (int8), macro-F1 %.4f",
-        bundle,
-        int8_report["micro_f1"],
-        int8_report["macro_f1"],
+            report({"status": "running", "stage": "fitting the TF-IDF baseline"})
+            manifest.metrics["baseline"] = tfidf_baseline(texts, targets, negatives)
+        bundle = write_bundle(out_dir, manifest, encoder_path, head_path, tokenizer_path)
+    log.info("bundle written to %s in %.0f s", bundle, time.monotonic() - started)
+    for line in figures_table(manifest.metrics):
+        log.info(line)
+    report(
+        {
+            "metrics": {
+                k: figures["test"][k] for k in ("micro_f1", "macro_f1", "micro_precision", "micro_recall", "examples")
+            }
+        }
     )
-    report({"metrics": metrics.summary(test_int8, targets["test"], thresholds)})
     return bundle
+
+
+def figures_table(figures: dict[str, Any]) -> list[str]:
+    """The model's figures beside the baseline's on each reported split, as printed lines."""
+    keys = ("micro_f1", "macro_f1", "empty_share", "hit_at_3", "negative_fp_rate")
+    rows = [f"{'split':<8} {'':<9}" + "".join(f"{key:>18}" for key in keys)]
+    for split in ("test", "newest"):
+        for who, source in (("model", figures), ("baseline", figures.get("baseline", {}))):
+            values = source.get(split)
+            if values:
+                cells = "".join(f"{'-' if values.get(k) is None else format(values[k], '.3f'):>18}" for k in keys)
+                rows.append(f"{split:<8} {who:<9}{cells}")
+    return rows

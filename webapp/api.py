@@ -28,7 +28,15 @@ from .labels import (
 )
 from .models import ModelVersion, Prediction, Taxonomy
 from .registry import activate, get_taxonomy, import_bundle, list_versions, live_models, version_archive
-from .scoring import InputError, NoModelError, Submission, check_submission, predict_and_store, prediction_json
+from .scoring import (
+    InputError,
+    NoModelError,
+    Submission,
+    check_submission,
+    chosen_models,
+    predict_and_store,
+    prediction_json,
+)
 from .training_runs import claim_next, create_run, get_run, run_json, update_run
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -80,9 +88,13 @@ def _submissions(body: Any) -> list[Submission]:
 @bp.post("/predict")
 @limiter.limit(predict_rate_limit)
 def predict() -> Response:
-    submissions = _submissions(json_body())
+    body = json_body()
+    submissions = _submissions(body)
     try:
-        predictions = predict_and_store(submissions, source="api")
+        models = chosen_models(body.get("taxonomies"))
+        predictions = predict_and_store(submissions, source="api", models=models)
+    except InputError as exc:
+        abort(400, description=str(exc))
     except NoModelError as exc:
         abort(503, description=str(exc))
     return jsonify(predictions=[prediction_json(p) for p in predictions])

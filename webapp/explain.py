@@ -125,10 +125,9 @@ def variant_texts(prediction: Prediction, units: list[Unit]) -> list[str]:
     return texts
 
 
-def _token_ids(model: LoadedModel, texts: list[str]) -> list[tuple[int, ...]]:
-    """What the model reads of each text, after truncation to its max length (padding dropped)."""
-    encodings = model.tokenizer.encode_batch(texts)
-    return [tuple(i for i, m in zip(e.ids, e.attention_mask, strict=True) if m) for e in encodings]
+def _read_ids(model: LoadedModel, texts: list[str]) -> list[tuple[tuple[int, ...], ...]]:
+    """What the encoder reads of each text: its windows' token ids (text past the last window is not read)."""
+    return [tuple(tuple(window) for window in model.encoder.windows(text)[0]) for text in texts]
 
 
 def occlusion(
@@ -137,11 +136,15 @@ def occlusion(
     """Full-text probabilities, each variant's drop (full - variant) per label, and which variants the model
     reads differently from the full text, from one batched, uncached pass.
 
-    A variant whose tokens equal the full text's (its sentence lies past the max length, so the model never
-    read it) is not run: its drop is exactly zero and it is marked unread.
+    A variant whose windows equal the full text's (its sentence lies past the last window, so the encoder never
+    read it) is not run when the head has no lexical part reading the whole text: its drop is exactly zero and it
+    is marked unread.
     """
-    ids = _token_ids(model, [full, *variants])
-    read = np.array([tokens != ids[0] for tokens in ids[1:]], dtype=bool)
+    if model.reads_text:
+        read = np.ones(len(variants), dtype=bool)
+    else:
+        ids = _read_ids(model, [full, *variants])
+        read = np.array([tokens != ids[0] for tokens in ids[1:]], dtype=bool)
     changed = [variants[i] for i in np.flatnonzero(read)]
     probabilities = sigmoid(model.logits([full, *changed], batch_size=batch_size))
     drops = np.zeros((len(variants), len(model.labels)), dtype=np.float64)

@@ -1,7 +1,9 @@
-"""A loaded bundle: onnxruntime session + tokenizer. No Flask here, so the trainer can reuse it.
+"""A loaded bundle: the shared encoder (windows over the whole abstract -> one pooled vector) and this taxonomy's
+head (pooled vector + text -> fused logits, domain similarity). No Flask here, so the trainer reuses it.
 
 Sessions must be created after gunicorn forks (PRODUCT principle 5): nothing in this module creates one
-at import time.
+at import time. Bundles with the same encoder bytes share one :class:`Encoder` per process, so an abstract costs
+one encoder pass whatever the number of active taxonomies (principle 8).
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import weakref
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +21,18 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from .bundle import INPUT_NAMES, MODEL_FILE, OUTPUT_NAMES, TOKENIZER_FILE, BundleError, Manifest, read_manifest
+from .bundle import (
+    ENCODER_FILE,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUT,
+    HEAD_FILE,
+    HEAD_OUTPUTS,
+    HEAD_TEXT_INPUT,
+    TOKENIZER_FILE,
+    BundleError,
+    Manifest,
+    read_manifest,
+)
 
 SMOKE_TEXT = "Smoke test. We train a convolutional network for image classification and evaluate it."
 
@@ -27,101 +42,120 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
 
 
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, threads)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for broken graphs
+        raise BundleError(f"{path.name} cannot be loaded: {exc}") from exc
+
+
 @dataclass(frozen=True)
-class Scored:
-    """One text's output: a probability per label (bundle order) and its pooled embedding."""
+class Reading:
+    """What the encoder made of one text: the pooled vector and how much of the text it read."""
 
-    probabilities: np.ndarray
-    embedding: np.ndarray
+    pooled: np.ndarray
+    read_tokens: int
+    total_tokens: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.read_tokens < self.total_tokens
 
 
-class LoadedModel:
-    """A bundle ready to predict. Thread-safe: threads tokenise in parallel and take turns on the session."""
+class Encoder:
+    """``encoder.onnx`` + ``tokenizer.json`` reading each text in windows of ``max_length`` tokens.
 
-    def __init__(self, bundle_dir: str | os.PathLike[str], *, threads: int = 1, cache_size: int = 256) -> None:
-        self.bundle_dir = Path(bundle_dir)
-        self.manifest: Manifest = read_manifest(self.bundle_dir)
-        self.labels = self.manifest.labels
-        self.thresholds = np.asarray(self.manifest.thresholds, dtype=np.float32)
+    Windows hold ``max_length - 2`` content tokens between the tokenizer's own start and end tokens, consecutive
+    windows share ``overlap`` tokens, at most ``max_windows`` are read; a text's pooled vector is the windows'
+    pooled vectors averaged with their token counts as weights (the mean over every token read). Thread-safe.
+    """
+
+    def __init__(
+        self, encoder_path: Path, tokenizer_path: Path, manifest: Manifest, *, threads: int = 1, cache_size: int = 256
+    ) -> None:
         try:
-            self.tokenizer = Tokenizer.from_file(str(self.bundle_dir / TOKENIZER_FILE))
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
         except Exception as exc:  # tokenizers raises bare Exceptions for malformed files
             raise BundleError(f"tokenizer.json cannot be loaded: {exc}") from exc
-        # Truncation is applied before the post-processor adds [CLS]/[SEP], so the end token survives.
-        self.tokenizer.enable_truncation(self.manifest.max_length)
-        self.tokenizer.enable_padding(pad_id=self.tokenizer.token_to_id("[PAD]") or 0)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, threads)
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            self.session = ort.InferenceSession(
-                str(self.bundle_dir / MODEL_FILE), options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own exception types for broken graphs
-            raise BundleError(f"model.onnx cannot be loaded: {exc}") from exc
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        specials = self.tokenizer.encode("", add_special_tokens=True).ids
+        self.prefix, self.suffix = specials[:1], specials[1:]
+        self.pad_id = self.tokenizer.token_to_id("[PAD]") or self.tokenizer.token_to_id("<pad>") or 0
+        self.content = manifest.max_length - len(specials)
+        self.step = self.content - manifest.window_overlap
+        self.max_windows = manifest.max_windows
+        self.session = _session(encoder_path, threads)
         inputs = {i.name for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
-        if not set(INPUT_NAMES) <= inputs:
-            raise BundleError(f"model.onnx inputs are {sorted(inputs)}, expected {list(INPUT_NAMES)}")
-        if list(OUTPUT_NAMES) != outputs[: len(OUTPUT_NAMES)]:
-            raise BundleError(f"model.onnx outputs are {outputs}, expected {list(OUTPUT_NAMES)}")
-        self._cache: OrderedDict[str, Scored] = OrderedDict()
+        if not set(ENCODER_INPUTS) <= inputs or ENCODER_OUTPUT not in outputs:
+            raise BundleError(
+                f"encoder.onnx has inputs {sorted(inputs)} and outputs {outputs}; expected inputs "
+                f"{list(ENCODER_INPUTS)} and output {ENCODER_OUTPUT!r}"
+            )
+        self._cache: OrderedDict[str, Reading] = OrderedDict()
         self._cache_size = cache_size
         self._cache_lock = threading.Lock()
-        # One run at a time per session: its intra-op threads are already this process's share of the cores,
-        # so concurrent runs would only oversubscribe them and hold several batches' activations in memory.
+        # One run at a time per session: its intra-op threads are already this process's share of the cores.
         self._run_lock = threading.Lock()
 
-    def predicted(self, probabilities: np.ndarray) -> list[str]:
-        """The labels at or above their threshold, most probable first: what a prediction stores and replay compares."""
-        order = np.argsort(-probabilities, kind="stable")
-        return [self.labels[j] for j in order if probabilities[j] >= self.thresholds[j]]
+    def windows(self, text: str) -> tuple[list[list[int]], int, int]:
+        """The token-id windows the encoder reads of ``text``, the content tokens they cover and the text's total."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        starts = list(range(0, max(1, len(ids) - self.content + self.step), self.step))[: self.max_windows] or [0]
+        windows = [self.prefix + ids[s : s + self.content] + self.suffix for s in starts]
+        read = min(len(ids), starts[-1] + self.content)
+        return windows, read, len(ids)
 
-    def smoke_test(self) -> None:
-        """Predict once and check the output shape: a bundle that fails this never serves."""
-        try:
-            logits, embedding = self._run([SMOKE_TEXT])
-        except Exception as exc:
-            raise BundleError(f"smoke prediction failed: {exc}") from exc
-        if logits.shape != (1, len(self.labels)):
-            raise BundleError(f"model returns {logits.shape[-1]} scores but the bundle lists {len(self.labels)} labels")
-        if not np.all(np.isfinite(logits)):
-            raise BundleError("smoke prediction returned non-finite scores")
+    def run(self, texts: list[str], batch_size: int = 32) -> list[Reading]:
+        """Read every text (uncached): all windows of the batch, sorted by length so padding wastes little."""
+        owners, flat, read, total = [], [], [], []
+        for index, text in enumerate(texts):
+            windows, covered, length = self.windows(text)
+            owners.extend([index] * len(windows))
+            flat.extend(windows)
+            read.append(covered)
+            total.append(length)
+        order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
+        pooled = np.zeros((len(flat), 0), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(flat[i]) for i in chunk)
+            ids = np.full((len(chunk), width), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(chunk), width), dtype=np.int64)
+            for row, i in enumerate(chunk):
+                ids[row, : len(flat[i])] = flat[i]
+                mask[row, : len(flat[i])] = 1
+            with self._run_lock:
+                (out,) = self.session.run([ENCODER_OUTPUT], {"input_ids": ids, "attention_mask": mask})
+            if pooled.shape[1] != out.shape[1]:
+                pooled = np.zeros((len(flat), out.shape[1]), dtype=np.float32)
+            pooled[chunk] = out
+        weights = np.asarray([len(w) for w in flat], dtype=np.float64)
+        results = []
+        for index in range(len(texts)):
+            rows = [i for i, owner in enumerate(owners) if owner == index]
+            vector = np.average(pooled[rows], axis=0, weights=weights[rows]).astype(np.float32)
+            results.append(Reading(vector, read[index], total[index]))
+        return results
 
-    def _run(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        encodings = self.tokenizer.encode_batch(texts)
-        ids = np.asarray([e.ids for e in encodings], dtype=np.int64)
-        mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int64)
-        with self._run_lock:
-            logits, embedding = self.session.run(list(OUTPUT_NAMES), {"input_ids": ids, "attention_mask": mask})
-        return logits, embedding
-
-    def logits(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        """Raw logits for many texts, uncached (used by evaluation and parity checks)."""
-        parts = [self._run(texts[i : i + batch_size])[0] for i in range(0, len(texts), batch_size)]
-        return np.concatenate(parts) if parts else np.zeros((0, len(self.labels)), dtype=np.float32)
-
-    def score(self, texts: list[str], batch_size: int = 16) -> list[Scored]:
-        """Probabilities and embeddings for each text; repeated texts come from a small LRU cache."""
+    def read(self, texts: list[str], batch_size: int = 32) -> list[Reading]:
+        """:meth:`run` with a small LRU cache of repeated texts."""
         keys = [hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts]
-        results: dict[str, Scored] = {}
+        results: dict[str, Reading] = {}
         with self._cache_lock:
             for key in keys:
                 if key in self._cache:
                     self._cache.move_to_end(key)
                     results[key] = self._cache[key]
-        todo = list(dict.fromkeys(k for k in keys if k not in results))
         text_of = dict(zip(keys, texts, strict=True))
-        # Sort by length so each padded batch wastes little work.
-        todo.sort(key=lambda k: len(text_of[k]))
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            logits, embedding = self._run([text_of[k] for k in chunk])
-            probabilities = sigmoid(logits)
-            for i, key in enumerate(chunk):
-                results[key] = Scored(probabilities[i].astype(np.float32), embedding[i])
+        todo = list(dict.fromkeys(k for k in keys if k not in results))
+        results.update(zip(todo, self.run([text_of[k] for k in todo], batch_size), strict=True))
         with self._cache_lock:
             for key in todo:
                 self._cache[key] = results[key]
@@ -129,6 +163,143 @@ class LoadedModel:
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return [results[k] for k in keys]
+
+
+_encoders: weakref.WeakValueDictionary[tuple, Encoder] = weakref.WeakValueDictionary()
+_encoders_lock = threading.Lock()
+
+
+def shared_encoder(bundle_dir: Path, manifest: Manifest, threads: int) -> Encoder:
+    """The process's :class:`Encoder` for these encoder bytes, tokenizer and windows: made once, shared by every
+    loaded bundle that carries them, dropped when none does."""
+    digest = hashlib.sha256()
+    for name in (ENCODER_FILE, TOKENIZER_FILE):
+        digest.update(hashlib.sha256((bundle_dir / name).read_bytes()).digest())
+    key = (digest.hexdigest(), manifest.max_length, manifest.max_windows, manifest.window_overlap, threads)
+    with _encoders_lock:
+        encoder = _encoders.get(key)
+        if encoder is None:
+            encoder = Encoder(bundle_dir / ENCODER_FILE, bundle_dir / TOKENIZER_FILE, manifest, threads=threads)
+            _encoders[key] = encoder
+        return encoder
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One text's answer from one taxonomy: a probability per label (bundle order), the normalised embedding (for
+    similar papers), the similarity to the training papers and how much of the text was read."""
+
+    probabilities: np.ndarray
+    embedding: np.ndarray
+    domain: float
+    read_tokens: int
+    total_tokens: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The labels shown for one answer. ``best_guess``: none passed its threshold, so the most probable one is
+    given, marked as below threshold. ``off_domain``: the abstract is unlike every training paper."""
+
+    labels: list[str]
+    best_guess: bool
+    off_domain: bool
+
+
+class LoadedModel:
+    """A bundle ready to predict: the (shared) encoder and this taxonomy's head. Thread-safe."""
+
+    def __init__(self, bundle_dir: str | os.PathLike[str], *, threads: int = 1) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest: Manifest = read_manifest(self.bundle_dir)
+        self.labels = self.manifest.labels
+        self.thresholds = np.asarray(self.manifest.thresholds, dtype=np.float32)
+        self.encoder = shared_encoder(self.bundle_dir, self.manifest, threads)
+        self.head = _session(self.bundle_dir / HEAD_FILE, threads)
+        inputs = {i.name for i in self.head.get_inputs()}
+        outputs = [o.name for o in self.head.get_outputs()]
+        if ENCODER_OUTPUT not in inputs or not inputs <= {ENCODER_OUTPUT, HEAD_TEXT_INPUT}:
+            raise BundleError(f"head.onnx inputs are {sorted(inputs)}, expected pooled (and text)")
+        if list(HEAD_OUTPUTS) != outputs[: len(HEAD_OUTPUTS)]:
+            raise BundleError(f"head.onnx outputs are {outputs}, expected {list(HEAD_OUTPUTS)}")
+        self.reads_text = HEAD_TEXT_INPUT in inputs
+        self._head_lock = threading.Lock()
+
+    def head_outputs(self, texts: list[str], readings: list[Reading]) -> tuple[np.ndarray, np.ndarray]:
+        """Fused logits [texts, labels] and domain similarities [texts] from the encoder's readings."""
+        if not texts:
+            return np.zeros((0, len(self.labels)), dtype=np.float32), np.zeros((0,), dtype=np.float32)
+        feed: dict[str, np.ndarray] = {ENCODER_OUTPUT: np.stack([r.pooled for r in readings]).astype(np.float32)}
+        if self.reads_text:
+            feed[HEAD_TEXT_INPUT] = np.asarray(texts, dtype=object).reshape(-1, 1)
+        with self._head_lock:
+            logits, domain = self.head.run(list(HEAD_OUTPUTS), feed)
+        return logits, domain.reshape(-1)
+
+    def score_readings(self, texts: list[str], readings: list[Reading]) -> list[Scored]:
+        logits, domain = self.head_outputs(texts, readings)
+        probabilities = sigmoid(logits).astype(np.float32)
+        scored = []
+        for i, reading in enumerate(readings):
+            norm = float(np.linalg.norm(reading.pooled)) or 1.0
+            embedding = (reading.pooled / norm).astype(np.float32)
+            scored.append(
+                Scored(probabilities[i], embedding, float(domain[i]), reading.read_tokens, reading.total_tokens)
+            )
+        return scored
+
+    def score(self, texts: list[str], batch_size: int = 16) -> list[Scored]:
+        """Probabilities, embeddings and reading figures for each text; repeated texts come from the encoder's
+        cache."""
+        return self.score_readings(texts, self.encoder.read(texts, batch_size))
+
+    def logits(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """Raw fused logits for many texts, uncached (evaluation, explanations, parity checks)."""
+        return self.head_outputs(texts, self.encoder.run(texts, batch_size))[0]
+
+    def decide(self, probabilities: np.ndarray, domain: float) -> Decision:
+        """The labels at or above their threshold, most probable first; else the best guess (if the bundle asks
+        for one and the abstract is not off-domain)."""
+        order = np.argsort(-probabilities, kind="stable")
+        passing = [self.labels[j] for j in order if probabilities[j] >= self.thresholds[j]]
+        threshold = self.manifest.domain_threshold
+        off_domain = threshold is not None and domain < threshold
+        if passing or not self.manifest.best_guess or off_domain:
+            return Decision(passing, False, off_domain)
+        return Decision([self.labels[int(order[0])]], True, off_domain)
+
+    def predicted(self, scored: Scored) -> list[str]:
+        """The labels a stored prediction gets: what replay compares."""
+        return self.decide(scored.probabilities, scored.domain).labels
+
+    def smoke_test(self) -> None:
+        """Predict texts of several lengths (up to the last window) and check shapes and finiteness: a bundle that
+        fails this never serves."""
+        texts = [SMOKE_TEXT, " ".join([SMOKE_TEXT] * 6), " ".join([SMOKE_TEXT] * 40)]
+        try:
+            readings = self.encoder.run(texts)
+            logits, domain = self.head_outputs(texts, readings)
+        except Exception as exc:
+            raise BundleError(f"smoke prediction failed: {exc}") from exc
+        if logits.shape != (len(texts), len(self.labels)):
+            raise BundleError(f"model returns {logits.shape[-1]} scores but the bundle lists {len(self.labels)} labels")
+        pooled = np.stack([r.pooled for r in readings])
+        if not (np.all(np.isfinite(logits)) and np.all(np.isfinite(domain)) and np.all(np.isfinite(pooled))):
+            raise BundleError("smoke prediction returned non-finite scores")
+        if pooled.shape[1] > 4096:
+            raise BundleError(f"the encoder's pooled vector has {pooled.shape[1]} values; at most 4096 are stored")
+
+
+def score_all(models: Mapping[str, LoadedModel], texts: list[str], batch_size: int = 16) -> dict[str, list[Scored]]:
+    """Every model's answers for ``texts`` with one encoder pass per distinct encoder (usually one for all)."""
+    readings: dict[int, list[Reading]] = {}
+    results = {}
+    for key, model in models.items():
+        encoder_id = id(model.encoder)
+        if encoder_id not in readings:
+            readings[encoder_id] = model.encoder.read(texts, batch_size)
+        results[key] = model.score_readings(texts, readings[encoder_id])
+    return results
 
 
 def load_and_validate(bundle_dir: str | os.PathLike[str], *, threads: int = 1) -> LoadedModel:

@@ -11,6 +11,7 @@ from typing import Any
 
 from flask_login import UserMixin
 from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from werkzeug.security import check_password_hash, generate_password_hash
 
@@ -136,6 +137,14 @@ class PredictionResult(db.Model):
     margin: Mapped[float] = mapped_column(Float, index=True)
     # float32 little-endian pooled embedding, for similarity search later.
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    # No label passed its threshold, so ``labels`` holds the most probable one, shown as below threshold.
+    best_guess: Mapped[bool] = mapped_column(default=False, server_default=sa_false())
+    # Cosine similarity to the nearest training paper, and whether it fell below the bundle's off-domain cut.
+    domain: Mapped[float | None] = mapped_column(Float, default=None)
+    off_domain: Mapped[bool] = mapped_column(default=False, server_default=sa_false())
+    # Word pieces the encoder read of the text, of how many: the page says when text was not read.
+    read_tokens: Mapped[int | None] = mapped_column(default=None)
+    total_tokens: Mapped[int | None] = mapped_column(default=None)
 
     prediction: Mapped[Prediction] = relationship(back_populates="results")
     taxonomy: Mapped[Taxonomy] = relationship()

@@ -21,7 +21,7 @@ from flask import Flask, current_app
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from .bundle import MANIFEST_FILE, BundleError, pack, read_manifest, sha256_hex, unpack
+from .bundle import FORMAT_VERSION, MANIFEST_FILE, BundleError, pack, read_manifest, sha256_hex, unpack
 from .extensions import db
 from .inference import LoadedModel, load_and_validate
 from .models import ActivationEvent, ModelArtifact, ModelVersion, Taxonomy, utcnow
@@ -206,7 +206,9 @@ def list_versions(slug: str | None = None) -> list[ModelVersion]:
 
 
 def import_defaults(bundles_dir: str | os.PathLike[str], *, actor: str = "import-defaults") -> list[str]:
-    """Import each bundle directory under ``bundles_dir`` whose taxonomy has no version yet.
+    """Import each bundle directory under ``bundles_dir`` whose taxonomy has no version yet, or whose active
+    version is of an older bundle format that this release no longer serves (then the shipped one is activated in
+    its place; the old version stays in the history).
 
     Idempotent and safe to run from several processes at once. Returns one line per directory.
     """
@@ -217,13 +219,23 @@ def import_defaults(bundles_dir: str | os.PathLike[str], *, actor: str = "import
     for bundle_dir in sorted(p for p in root.iterdir() if (p / MANIFEST_FILE).is_file()):
         try:
             manifest = read_manifest(bundle_dir)
-            has_versions = db.session.scalar(
-                select(ModelVersion.id).join(Taxonomy).where(Taxonomy.slug == manifest.taxonomy_slug).limit(1)
+            taxonomy = db.session.scalar(select(Taxonomy).where(Taxonomy.slug == manifest.taxonomy_slug))
+            has_versions = taxonomy is not None and db.session.scalar(
+                select(ModelVersion.id).where(ModelVersion.taxonomy_id == taxonomy.id).limit(1)
             )
-            if has_versions:
+            active = db.session.get(ModelVersion, taxonomy.active_version_id) if taxonomy is not None else None
+            outdated = active is not None and active.manifest.get("format_version", 1) < FORMAT_VERSION
+            if has_versions and not outdated:
                 report.append(f"{bundle_dir}: taxonomy {manifest.taxonomy_slug} already has versions, skipped")
                 continue
             result = import_bundle(bundle_dir, actor=actor)
+            if outdated and result.version.taxonomy.active_version_id != result.version.id:
+                activate(result.version.id, actor=actor)
+                report.append(
+                    f"{bundle_dir}: imported {result.version.id} (active, replacing {active.id}, "
+                    f"a format-{active.manifest.get('format_version', 1)} bundle this release does not serve)"
+                )
+                continue
             state = "active" if result.version.taxonomy.active_version_id == result.version.id else "inactive"
             report.append(f"{bundle_dir}: imported {result.version.id} ({state})")
         except BundleError as exc:

@@ -15,8 +15,9 @@ from flask import current_app
 from .annotations import mapped_result
 from .bundle import compose_text
 from .extensions import db
+from .inference import score_all
 from .models import PredictedLabel, Prediction, PredictionResult
-from .registry import live_models
+from .registry import LiveModel, live_models
 
 
 class InputError(ValueError):
@@ -72,20 +73,40 @@ def check_submission(title: Any, abstract: Any) -> Submission:
     return Submission(title, abstract)
 
 
-def predict_and_store(
-    submissions: list[Submission], source: str, batch_id: int | None = None, *, commit: bool = True
-) -> list[Prediction]:
-    """Score with each active taxonomy's model and store one Prediction per submission, in one commit.
-
-    ``commit=False`` only flushes, so a caller (a batch job) can commit its own bookkeeping atomically with them.
-    """
+def chosen_models(slugs: Any = None) -> dict[str, LiveModel]:
+    """The live models a submission is scored with: every active taxonomy, or those ``slugs`` name (a list of
+    taxonomy slugs, from the API's optional ``taxonomies``). Raises :class:`InputError` or :class:`NoModelError`."""
     live = live_models().current()
     if not live:
         raise NoModelError("no model is active yet: import one with `flask --app wsgi models import PATH`")
+    if slugs is None:
+        return dict(live)
+    if not isinstance(slugs, list) or not slugs or not all(isinstance(s, str) for s in slugs):
+        raise InputError("taxonomies must be a non-empty list of taxonomy slugs")
+    unknown = sorted(set(slugs) - set(live))
+    if unknown:
+        raise InputError(f"no active model for taxonomies {unknown}; active: {sorted(live)}")
+    return {slug: live[slug] for slug in slugs}
+
+
+def predict_and_store(
+    submissions: list[Submission],
+    source: str,
+    batch_id: int | None = None,
+    *,
+    commit: bool = True,
+    models: dict[str, LiveModel] | None = None,
+) -> list[Prediction]:
+    """Score with each chosen taxonomy's model (all active ones by default; one encoder pass for all of them) and
+    store one Prediction per submission, in one commit.
+
+    ``commit=False`` only flushes, so a caller (a batch job) can commit its own bookkeeping atomically with them.
+    """
+    live = models if models is not None else chosen_models()
     texts = [s.text for s in submissions]
     # Every taxonomy's model is the one grabbed above, even if the watcher swaps meanwhile.
     batch_size = current_app.config["INFERENCE_BATCH_SIZE"]
-    scored = {slug: entry.model.score(texts, batch_size=batch_size) for slug, entry in sorted(live.items())}
+    scored = score_all({slug: entry.model for slug, entry in sorted(live.items())}, texts, batch_size)
     predictions = []
     for i, submission in enumerate(submissions):
         prediction = Prediction(
@@ -98,18 +119,24 @@ def predict_and_store(
         for slug, outputs in scored.items():
             entry = live[slug]
             labels, thresholds = entry.model.labels, entry.model.thresholds
-            probabilities = outputs[i].probabilities
-            predicted = entry.model.predicted(probabilities)
+            answer = outputs[i]
+            probabilities = answer.probabilities
+            decision = entry.model.decide(probabilities, answer.domain)
             result = PredictionResult(
                 taxonomy_id=entry.taxonomy_id,
                 model_version_id=entry.version_id,
                 scores={label: round(float(p), 6) for label, p in zip(labels, probabilities, strict=True)},
-                labels=predicted,
+                labels=decision.labels,
                 thresholds={label: round(float(t), 6) for label, t in zip(labels, thresholds, strict=True)},
                 margin=float(np.min(np.abs(probabilities - thresholds))),
-                embedding=np.asarray(outputs[i].embedding, dtype="<f4").tobytes(),
+                embedding=np.asarray(answer.embedding, dtype="<f4").tobytes(),
+                best_guess=decision.best_guess,
+                domain=round(answer.domain, 6),
+                off_domain=decision.off_domain,
+                read_tokens=answer.read_tokens,
+                total_tokens=answer.total_tokens,
             )
-            result.predicted = [PredictedLabel(prediction=prediction, label=label) for label in predicted]
+            result.predicted = [PredictedLabel(prediction=prediction, label=label) for label in decision.labels]
             prediction.results.append(result)
         predictions.append(prediction)
     db.session.add_all(predictions)
@@ -136,6 +163,15 @@ class ResultView:
     version_id: str
     predicted: list[LabelScore]
     near_misses: list[LabelScore]
+    best_guess: bool
+    off_domain: bool
+    read_tokens: int | None
+    total_tokens: int | None
+
+    @property
+    def truncated(self) -> bool:
+        """Whether part of the text was not read by the model."""
+        return self.read_tokens is not None and self.total_tokens is not None and self.read_tokens < self.total_tokens
 
 
 def result_view(result: PredictionResult, near_misses: int) -> ResultView:
@@ -150,6 +186,10 @@ def result_view(result: PredictionResult, near_misses: int) -> ResultView:
         version_id=result.model_version_id,
         predicted=[row for row in rows if row.label in chosen],
         near_misses=[row for row in rows if row.label not in chosen][:near_misses],
+        best_guess=result.best_guess,
+        off_domain=result.off_domain,
+        read_tokens=result.read_tokens,
+        total_tokens=result.total_tokens,
     )
 
 
@@ -162,5 +202,9 @@ def prediction_json(prediction: Prediction) -> dict[str, Any]:
             "model_version": result.model_version_id,
             "labels": mapped.labels,
             "scores": mapped.scores,
+            "below_threshold": result.best_guess,
+            "off_domain": result.off_domain,
+            "tokens_read": result.read_tokens,
+            "tokens_total": result.total_tokens,
         }
     return {"id": prediction.id, "results": results}

@@ -1,0 +1,239 @@
+"""Fine-tuning the shared encoder (torch): MiniLM + mean pooling + a linear head, trained end to end on the first
+window of each abstract, then exported as ``encoder.onnx`` (int8) and the head's weights.
+
+This is the step that needs a GPU to be quick; everything after it (heads, lexical part, fusion, thresholds) runs on
+the frozen encoder in minutes on a CPU (:mod:`trainer.heads`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+
+from webapp.tuning import best_global_threshold
+
+from .config import TrainConfig
+from .export import export_encoder, quantize_int8
+from .model import Tagger
+
+log = logging.getLogger(__name__)
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class FineTuned:
+    """What fine-tuning leaves for the rest of the run: the int8 encoder, its tokenizer and the jointly trained
+    head (weights over the pooled embedding)."""
+
+    encoder_path: Path
+    tokenizer_path: Path
+    head_weight: np.ndarray  # [hidden, labels]
+    head_bias: np.ndarray  # [labels]
+    info: dict[str, Any]
+
+
+class Encoded(torch.utils.data.Dataset):
+    """Token ids per paper (unpadded) and multi-hot targets; batches are padded by :func:`make_collate`."""
+
+    def __init__(self, ids: list[list[int]], targets: np.ndarray) -> None:
+        self.ids, self.targets = ids, torch.from_numpy(targets)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> tuple[list[int], torch.Tensor]:
+        return self.ids[index], self.targets[index]
+
+
+def make_collate(pad_id: int) -> Callable:
+    def collate(batch: list[tuple[list[int], torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (ids, _) in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+        return input_ids, mask, torch.stack([t for _, t in batch])
+
+    return collate
+
+
+def pick_device(config: TrainConfig) -> torch.device:
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("config asks for device 'cuda' but no CUDA GPU is available")
+    if config.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+@torch.no_grad()
+def predict_probabilities(model: nn.Module, loader: DataLoader, device: torch.device) -> np.ndarray:
+    model.eval()
+    outputs = []
+    for input_ids, mask, _ in loader:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits, _ = model(input_ids.to(device), mask.to(device))
+        outputs.append(torch.sigmoid(logits.float()).cpu().numpy())
+    return np.concatenate(outputs)
+
+
+def finetune(
+    config: TrainConfig,
+    base_path: str,
+    texts: dict[str, list[str]],
+    targets: dict[str, np.ndarray],
+    work_dir: Path,
+    progress: Progress | None = None,
+) -> FineTuned | None:
+    """Fine-tune on ``texts["train"]``, early-stop on validation micro-F1, export the best epoch's encoder to
+    ``work_dir``. Returns None in the non-main processes of a distributed (torchrun) run."""
+    report = progress or (lambda update: None)
+    started = time.monotonic()
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    distributed = world_size > 1
+    device = pick_device(config)
+    if distributed:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = torch.distributed.get_rank() if distributed else 0
+    main_process = rank == 0
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    set_seed(config.seed)
+    n_labels = targets["train"].shape[1]
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    encoded = {
+        name: tokenizer(texts[name], truncation=True, max_length=config.max_length)["input_ids"]
+        for name in ("train", "validation")
+    }
+    collate = make_collate(tokenizer.pad_token_id or 0)
+    batch_size = config.gpu_batch_size if device.type == "cuda" else config.batch_size
+    train_set = Encoded(encoded["train"], targets["train"])
+    sampler = DistributedSampler(train_set, seed=config.seed) if distributed else None
+    generator = torch.Generator().manual_seed(config.seed)
+    train_loader = DataLoader(
+        train_set,
+        batch_size=batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        collate_fn=collate,
+        generator=generator,
+    )
+    validation_loader = DataLoader(
+        Encoded(encoded["validation"], targets["validation"]), batch_size=config.eval_batch_size, collate_fn=collate
+    )
+
+    model = Tagger(base_path, n_labels, config.encoder_layers).to(device)
+    trainable = model
+    if distributed:
+        device_ids = [device.index] if device.type == "cuda" else None
+        trainable = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    positives = targets["train"].sum(axis=0)
+    pos_weight = np.clip((len(targets["train"]) - positives) / np.maximum(positives, 1), 1.0, config.max_pos_weight)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float32, device=device))
+    head_params = list(model.head.parameters())
+    head_ids = {id(p) for p in head_params}
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in model.parameters() if id(p) not in head_ids], "lr": config.learning_rate},
+            {"params": head_params, "lr": config.head_learning_rate},
+        ],
+        weight_decay=config.weight_decay,
+    )
+    total_steps = config.epochs * len(train_loader)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+    def progress_of(epoch: int, step: int, loss: float, **extra: float) -> dict[str, Any]:
+        """One training-run progress update (the site shows it live)."""
+        fields = {"epoch": epoch, "step": step, "total_steps": total_steps, "loss": round(loss, 5)}
+        return {"status": "running", "stage": "fine-tuning the encoder", **fields, **extra}
+
+    best: dict[str, Any] = {"micro_f1": -1.0, "epoch": 0, "state": None}
+    step, epoch, running = 0, 0, 0.0
+    for epoch in range(1, config.epochs + 1):
+        trainable.train()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", disable=not main_process, unit="batch")
+        loss_sum, batches = 0.0, 0
+        for input_ids, mask, batch_targets in bar:
+            with torch.autocast(
+                device.type, dtype=torch.bfloat16 if use_bf16 else torch.float16, enabled=device.type == "cuda"
+            ):
+                logits, _ = trainable(input_ids.to(device), mask.to(device))
+            loss = loss_fn(logits.float(), batch_targets.to(device))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_sum, batches = loss_sum + loss.item(), batches + 1
+            running = loss_sum / batches
+            bar.set_postfix(loss=f"{running:.4f}")
+            if main_process and step % 20 == 0:
+                elapsed = time.monotonic() - started
+                report(progress_of(epoch, step, running, eta_seconds=round(elapsed / step * (total_steps - step))))
+        validation = predict_probabilities(model, validation_loader, device)
+        threshold, micro_f1 = best_global_threshold(validation, targets["validation"])
+        log.info("epoch %d: loss %.4f, validation micro-F1 %.4f at threshold %.3f", epoch, running, micro_f1, threshold)
+        report(progress_of(epoch, step, running, validation_micro_f1=round(micro_f1, 4)))
+        if micro_f1 > best["micro_f1"]:
+            best = {
+                "micro_f1": micro_f1,
+                "epoch": epoch,
+                "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+            }
+        elif epoch - best["epoch"] >= config.patience:
+            log.info("early stop: no validation gain for %d epochs (best epoch %d)", config.patience, best["epoch"])
+            break
+    if distributed:
+        torch.distributed.destroy_process_group()
+    if not main_process:
+        return None
+
+    model.load_state_dict(best["state"])
+    model = model.to("cpu").float().eval()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    sample = tokenizer(
+        texts["validation"][:2], truncation=True, max_length=config.max_length, padding=True, return_tensors="pt"
+    )
+    fp32_path = export_encoder(model, sample["input_ids"], sample["attention_mask"], work_dir / "encoder.fp32.onnx")
+    encoder_path = quantize_int8(fp32_path, work_dir / "encoder.onnx")
+    tokenizer_path = work_dir / "tokenizer.json"
+    tokenizer.backend_tokenizer.save(str(tokenizer_path))
+    weight = model.head.weight.detach().numpy().T.astype(np.float32)
+    bias = model.head.bias.detach().numpy().astype(np.float32)
+    info = {
+        "best_epoch": best["epoch"],
+        "epochs_run": epoch,
+        "validation_micro_f1_first_window": round(float(best["micro_f1"]), 4),
+        "device": str(device),
+        "processes": world_size,
+        "seconds": round(time.monotonic() - started),
+    }
+    return FineTuned(encoder_path, tokenizer_path, weight, bias, info)

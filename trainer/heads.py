@@ -1,0 +1,245 @@
+"""A taxonomy's head on the frozen shared encoder: a logistic-regression head on the pooled embedding, a TF-IDF +
+logistic-regression classifier on the text, their fusion (weight chosen on validation) and the off-domain
+reference, all written as one ``head.onnx`` that onnxruntime serves (no torch: this runs in minutes on a CPU).
+
+The lexical classifier is fitted on the features the served graph itself computes (skl2onnx's TF-IDF graph run by
+onnxruntime), so what was tuned is what serves.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from scipy import sparse
+from skl2onnx import convert_sklearn
+from skl2onnx.common.data_types import StringTensorType
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+
+from webapp.bundle import ENCODER_OUTPUT, HEAD_OUTPUTS, HEAD_TEXT_INPUT
+from webapp.tuning import best_global_threshold
+
+from .export import OPSET, quantize_int8
+
+log = logging.getLogger(__name__)
+# sklearn's default token pattern, which onnxruntime's Tokenizer op runs as a regular expression.
+TOKEN_PATTERN = r"\b\w\w+\b"
+# A locale every Linux has: skl2onnx's default en_US.UTF-8 is missing on slim images and onnxruntime refuses it.
+LOCALE = "C.UTF-8"
+HEAD_C_CHOICES = (0.3, 1.0, 3.0)
+FUSION_GRID = np.round(np.linspace(0.0, 1.0, 11), 2)
+DOMAIN_REFERENCES = 2048
+UNFITTED_BIAS = -12.0
+
+
+@dataclass
+class LinearHead:
+    """logits = features @ weight + bias."""
+
+    weight: np.ndarray  # [features, labels]
+    bias: np.ndarray  # [labels]
+
+    def logits(self, features: np.ndarray | sparse.spmatrix) -> np.ndarray:
+        return np.asarray(features @ self.weight) + self.bias
+
+
+def fit_logistic(features: np.ndarray | sparse.spmatrix, targets: np.ndarray, c: float) -> LinearHead:
+    """One L2 logistic regression per label (labels without a positive get a strongly negative bias)."""
+    n_features, n_labels = features.shape[1], targets.shape[1]
+    weight = np.zeros((n_features, n_labels), dtype=np.float32)
+    bias = np.full(n_labels, UNFITTED_BIAS, dtype=np.float32)
+    for j in range(n_labels):
+        column = targets[:, j]
+        if 0 < column.sum() < len(column):
+            model = LogisticRegression(C=c, max_iter=300, tol=1e-3)
+            model.fit(features, column)
+            weight[:, j] = model.coef_[0]
+            bias[j] = model.intercept_[0]
+    return LinearHead(weight, bias)
+
+
+def standardised_head(pooled: np.ndarray, targets: np.ndarray, c: float) -> LinearHead:
+    """Logistic regression on standardised embeddings, the scaling folded back into the weights."""
+    mean, scale = pooled.mean(axis=0), pooled.std(axis=0) + 1e-6
+    head = fit_logistic((pooled - mean) / scale, targets, c)
+    weight = head.weight / scale[:, None]
+    return LinearHead(weight.astype(np.float32), (head.bias - mean @ weight).astype(np.float32))
+
+
+def validation_f1(logits: np.ndarray, targets: np.ndarray) -> float:
+    return best_global_threshold(1 / (1 + np.exp(-logits)), targets)[1]
+
+
+class Lexical:
+    """TF-IDF (1-2 grams) as an ONNX graph, and its features computed by onnxruntime."""
+
+    def __init__(self, train_texts: list[str], max_features: int) -> None:
+        self.vectorizer = TfidfVectorizer(
+            ngram_range=(1, 2), min_df=2, max_features=max_features, sublinear_tf=True, token_pattern=TOKEN_PATTERN
+        )
+        self.vectorizer.fit(train_texts)
+        self.graph = convert_sklearn(
+            self.vectorizer,
+            initial_types=[(HEAD_TEXT_INPUT, StringTensorType([None, 1]))],
+            target_opset=OPSET,
+            options={id(self.vectorizer): {"tokenexp": TOKEN_PATTERN}},
+        )
+        for node in self.graph.graph.node:
+            if node.op_type == "StringNormalizer":
+                kept = [a for a in node.attribute if a.name != "locale"]
+                del node.attribute[:]
+                node.attribute.extend([*kept, helper.make_attribute("locale", LOCALE)])
+        self._session = ort.InferenceSession(self.graph.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    @property
+    def size(self) -> int:
+        return len(self.vectorizer.vocabulary_)
+
+    def features(self, texts: list[str], batch_size: int = 512) -> sparse.csr_matrix:
+        parts = []
+        for start in range(0, len(texts), batch_size):
+            batch = np.asarray(texts[start : start + batch_size], dtype=object).reshape(-1, 1)
+            parts.append(sparse.csr_matrix(self._session.run(None, {HEAD_TEXT_INPUT: batch})[0]))
+        return sparse.vstack(parts).tocsr() if parts else sparse.csr_matrix((0, self.size), dtype=np.float32)
+
+
+def domain_references(pooled: np.ndarray, seed: int) -> np.ndarray:
+    """Normalised training embeddings an abstract is compared with ([hidden, references])."""
+    rng = np.random.default_rng(seed)
+    picks = rng.permutation(len(pooled))[:DOMAIN_REFERENCES]
+    chosen = pooled[np.sort(picks)]
+    return (chosen / (np.linalg.norm(chosen, axis=1, keepdims=True) + 1e-9)).T.astype(np.float32)
+
+
+def build_head(
+    path: Path,
+    embedding_head: LinearHead,
+    references: np.ndarray,
+    lexical: Lexical | None = None,
+    lexical_head: LinearHead | None = None,
+    encoder_weight: float = 1.0,
+) -> Path:
+    """Write ``head.onnx`` (fp32): logits = w * embedding head + (1 - w) * lexical head; domain = max cosine
+    similarity to the reference embeddings. Then quantise its matrix products to int8 beside it."""
+    hidden, n_labels = embedding_head.weight.shape
+    initializers = [
+        numpy_helper.from_array((encoder_weight * embedding_head.weight).astype(np.float32), "embedding_weight"),
+        numpy_helper.from_array((encoder_weight * embedding_head.bias).astype(np.float32), "embedding_bias"),
+        numpy_helper.from_array(references, "references"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", [ENCODER_OUTPUT, "embedding_weight"], ["embedding_product"]),
+        helper.make_node("Add", ["embedding_product", "embedding_bias"], ["embedding_logits"]),
+        helper.make_node("LpNormalization", [ENCODER_OUTPUT], ["normalised"], axis=1, p=2),
+        helper.make_node("MatMul", ["normalised", "references"], ["similarities"]),
+        helper.make_node("ReduceMax", ["similarities", "axis1"], [HEAD_OUTPUTS[1]], keepdims=0),
+    ]
+    inputs = [helper.make_tensor_value_info(ENCODER_OUTPUT, TensorProto.FLOAT, ["batch", hidden])]
+    opsets = [helper.make_opsetid("", 18)]
+    if lexical is not None and lexical_head is not None:
+        lexical_graph = lexical.graph.graph
+        (tfidf_output,) = [o.name for o in lexical_graph.output]
+        initializers += list(lexical_graph.initializer) + [
+            numpy_helper.from_array(((1 - encoder_weight) * lexical_head.weight).astype(np.float32), "lexical_weight"),
+            numpy_helper.from_array(((1 - encoder_weight) * lexical_head.bias).astype(np.float32), "lexical_bias"),
+        ]
+        nodes = (
+            list(lexical_graph.node)
+            + nodes
+            + [
+                helper.make_node("MatMul", [tfidf_output, "lexical_weight"], ["lexical_product"]),
+                helper.make_node("Add", ["lexical_product", "lexical_bias"], ["lexical_logits"]),
+                helper.make_node("Add", ["embedding_logits", "lexical_logits"], [HEAD_OUTPUTS[0]]),
+            ]
+        )
+        inputs.append(helper.make_tensor_value_info(HEAD_TEXT_INPUT, TensorProto.STRING, ["batch", 1]))
+        opsets += [o for o in lexical.graph.opset_import if o.domain not in ("", "ai.onnx")]
+    else:
+        nodes.append(helper.make_node("Identity", ["embedding_logits"], [HEAD_OUTPUTS[0]]))
+    graph = helper.make_graph(
+        nodes,
+        "papertag-head",
+        inputs,
+        [
+            helper.make_tensor_value_info(HEAD_OUTPUTS[0], TensorProto.FLOAT, ["batch", n_labels]),
+            helper.make_tensor_value_info(HEAD_OUTPUTS[1], TensorProto.FLOAT, ["batch"]),
+        ],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="papertag-trainer")
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    fp32_path = path.with_suffix(".fp32.onnx")
+    onnx.save(model, str(fp32_path))
+    return quantize_int8(fp32_path, path, op_types=["MatMul"])
+
+
+@dataclass
+class HeadDesign:
+    """The head chosen on validation, with the figures that chose it."""
+
+    embedding_head: LinearHead
+    lexical: Lexical | None
+    lexical_head: LinearHead | None
+    encoder_weight: float
+    choices: dict
+
+
+def choose_head(
+    pooled: dict[str, np.ndarray],
+    texts: dict[str, list[str]],
+    targets: dict[str, np.ndarray],
+    *,
+    joint_head: LinearHead | None,
+    head_c: float,
+    lexical: bool,
+    lexical_max_features: int,
+    lexical_c: float,
+) -> HeadDesign:
+    """Fit the candidates on the training split and keep what scores best on validation (micro-F1 at the best
+    global threshold): the embedding head (the one trained jointly with the encoder, or a logistic regression at
+    each strength), the lexical classifier, and the fusion weight between them."""
+    choices: dict = {"embedding_head": {}}
+    candidates: dict[str, LinearHead] = {}
+    if joint_head is not None:
+        candidates["joint"] = joint_head
+    for c in (head_c,) if head_c else HEAD_C_CHOICES:
+        candidates[f"logistic C={c}"] = standardised_head(pooled["train"], targets["train"], c)
+    scored = {
+        name: validation_f1(head.logits(pooled["validation"]), targets["validation"])
+        for name, head in candidates.items()
+    }
+    choices["embedding_head"] = {name: round(f1, 4) for name, f1 in scored.items()}
+    best_name = max(scored, key=scored.get)
+    embedding_head = candidates[best_name]
+    choices["embedding_head_chosen"] = best_name
+    log.info("embedding head: %s (validation micro-F1 %s)", best_name, choices["embedding_head"])
+    if not lexical:
+        return HeadDesign(embedding_head, None, None, 1.0, choices)
+    vectorizer = Lexical(texts["train"], lexical_max_features)
+    lexical_head = fit_logistic(vectorizer.features(texts["train"]), targets["train"], lexical_c)
+    embedding_logits = embedding_head.logits(pooled["validation"])
+    lexical_logits = lexical_head.logits(vectorizer.features(texts["validation"]))
+    fusion = {
+        float(w): validation_f1(w * embedding_logits + (1 - w) * lexical_logits, targets["validation"])
+        for w in FUSION_GRID
+    }
+    weight = max(fusion, key=lambda w: (round(fusion[w], 4), w))
+    choices["fusion_validation_micro_f1"] = {str(w): round(f1, 4) for w, f1 in fusion.items()}
+    choices["encoder_weight"] = weight
+    choices["lexical_features"] = vectorizer.size
+    log.info(
+        "fusion: encoder weight %.1f (validation micro-F1 %.4f; lexical alone %.4f, embedding alone %.4f)",
+        weight,
+        fusion[weight],
+        fusion[0.0],
+        fusion[1.0],
+    )
+    return HeadDesign(embedding_head, vectorizer, lexical_head, weight, choices)
