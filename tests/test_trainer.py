@@ -15,8 +15,17 @@ import pytest
 
 from trainer.__main__ import main
 from trainer.config import TrainConfig
-from trainer.data import Paper, in_sample, merge_corrections, read_papers, split_of
+from trainer.data import (
+    Paper,
+    arxiv_order,
+    in_sample,
+    merge_corrections,
+    newest_cutoff,
+    read_papers,
+    split_of,
+)
 from trainer.thresholds import tune_thresholds
+from trainer.train import load_dataset
 from webapp.bundle import read_manifest
 from webapp.inference import load_and_validate
 
@@ -28,9 +37,15 @@ pytestmark = pytest.mark.trainer
 
 
 @pytest.fixture(scope="module")
-def smoke_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def work_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trainer's cache (fine-tuned encoders, encoded abstracts), shared by this module's runs."""
+    return tmp_path_factory.mktemp("work")
+
+
+@pytest.fixture(scope="module")
+def smoke_bundle(tmp_path_factory: pytest.TempPathFactory, work_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("smoke") / "bundle"
-    assert main(["train", "--config", str(SMOKE_CONFIG), "--out", str(out)]) == 0
+    assert main(["train", "--config", str(SMOKE_CONFIG), "--out", str(out), "--work-dir", str(work_dir)]) == 0
     return out
 
 
@@ -50,12 +65,20 @@ def test_smoke_bundle_is_valid_int8_and_serves(smoke_bundle: Path) -> None:
     manifest = read_manifest(smoke_bundle)
     assert manifest.taxonomy_slug == "research-tasks"
     assert len(manifest.labels) >= 2 and len(manifest.thresholds) == len(manifest.labels)
-    graph = onnx.load(str(smoke_bundle / "model.onnx"))
-    assert any(node.op_type in {"MatMulInteger", "DynamicQuantizeMatMul"} for node in graph.graph.node)
+    assert manifest.format_version == 2 and manifest.max_windows == 2 and manifest.best_guess
+    for name in ("encoder.onnx", "head.onnx"):
+        graph = onnx.load(str(smoke_bundle / name))
+        assert any(node.op_type in {"MatMulInteger", "DynamicQuantizeMatMul"} for node in graph.graph.node), name
+    head = onnx.load(str(smoke_bundle / "head.onnx"))
+    assert {"Tokenizer", "TfIdfVectorizer"} <= {node.op_type for node in head.graph.node}  # lexical evidence
     model = load_and_validate(smoke_bundle)
-    scored = model.score(["We propose a new method for object detection in images."])
-    assert scored[0].probabilities.shape == (len(manifest.labels),)
-    assert np.isclose(np.linalg.norm(scored[0].embedding), 1.0, atol=1e-3)
+    assert model.reads_text
+    long_text = " ".join(["We propose a new method for object detection in images."] * 40)
+    short, long = model.score(["We propose a new method for object detection in images.", long_text])
+    assert short.probabilities.shape == (len(manifest.labels),)
+    assert np.isclose(np.linalg.norm(short.embedding), 1.0, atol=1e-3)
+    assert short.read_tokens == short.total_tokens
+    assert long.read_tokens == manifest.read_tokens < long.total_tokens
 
 
 def test_smoke_bundle_metrics_are_complete(smoke_bundle: Path) -> None:
@@ -66,21 +89,131 @@ def test_smoke_bundle_metrics_are_complete(smoke_bundle: Path) -> None:
     assert {"precision", "recall", "f1", "support", "threshold"} <= set(some_label)
     assert any("pr_curve" in entry and "roc_auc" in entry for entry in test["per_label"].values())
     drift = metrics["drift"]
-    assert drift["torch_vs_onnx_fp32_max_abs_probability"] < 1e-3
+    assert drift["scope"] == "encoder and head"
+    assert metrics["training"]["torch_vs_onnx_fp32_max_abs_pooled"] < 1e-3
     assert drift["micro_f1_delta"] <= 0.05
-    assert "micro_f1" in metrics["baseline"]
+    for split in ("test", "newest"):
+        for figures in (metrics[split], metrics["baseline"][split]):
+            assert {"micro_f1", "macro_f1", "empty_share", "hit_at_1", "hit_at_3", "hit_at_5"} <= set(figures)
+        assert metrics[split]["empty_share"] == 0.0  # a best guess whenever nothing passes
+    assert metrics["newest"]["examples"] == len(_splits(TrainConfig.load(SMOKE_CONFIG))["newest"]) > 0
+    design = metrics["training"]["design"]
+    assert set(design["fusion_validation_micro_f1"]) == {str(w / 10) for w in range(11)}
+    assert 0.0 <= design["encoder_weight"] <= 1.0
 
 
 def test_evaluate_reproduces_the_bundles_test_metrics(smoke_bundle: Path, tmp_path: Path, capsys) -> None:
-    config = TrainConfig.load(SMOKE_CONFIG)
-    papers = read_papers(PAPERS)[: config.max_examples]
-    test_split = [p for p in papers if split_of(p.id, config.test_fraction, config.validation_fraction) == "test"]
+    test_split = _splits(TrainConfig.load(SMOKE_CONFIG))["test"]
     data = write_jsonl(tmp_path / "test.jsonl", [p.__dict__ for p in test_split])
     capsys.readouterr()
     assert main(["evaluate", str(smoke_bundle), "--data", str(data)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["examples"] == len(test_split)
     assert printed["micro_f1"] == pytest.approx(read_manifest(smoke_bundle).metrics["test"]["micro_f1"], abs=1e-4)
+
+
+def _splits(config: TrainConfig) -> dict[str, list[Paper]]:
+    return load_dataset(config)[0]
+
+
+def test_newest_split_holds_the_latest_arxiv_ids_and_nothing_else_does() -> None:
+    splits = _splits(TrainConfig.load(SMOKE_CONFIG))
+    newest = [arxiv_order(p.id) for p in splits["newest"]]
+    others = [arxiv_order(p.id) for name in ("train", "validation", "test") for p in splits[name]]
+    assert newest and min(newest) > max(order for order in others if order is not None)
+    total = sum(len(items) for items in splits.values())
+    assert 0.07 < len(newest) / total < 0.13
+
+
+def test_arxiv_order_reads_new_and_old_style_ids() -> None:
+    assert arxiv_order("2106.15989") == (2021, 6, 15989)
+    assert arxiv_order("arXiv:0710.3742v2") == (2007, 10, 3742)
+    assert arxiv_order("hep-th/9901001") == (1999, 1, 1)
+    assert arxiv_order("cs.LG/0703001") == (2007, 3, 1)
+    assert arxiv_order("10838") is None and arxiv_order("2113.00001") is None
+    assert newest_cutoff([Paper(i, "", "x", []) for i in ("2101.00001", "2012.99999", "x")], 0.5) == (2021, 1, 1)
+
+
+def byo_rows(count: int, offset: int = 0) -> list[dict]:
+    """A brought set shaped like a biomedical one: `pmid`, `text`, `hallmarks`, no title; papers that are about
+    neither kept task carry an explicit empty label list (true negatives)."""
+    kept = {"Object Detection", "Semantic Segmentation", "Image Classification"}
+    rows = []
+    for paper in read_papers(PAPERS)[offset : offset + count]:
+        rows.append(
+            {
+                "pmid": int(paper.id.replace(".", "")[-7:]) + offset,
+                "text": paper.abstract,
+                "hallmarks": sorted(kept & set(paper.labels)),
+            }
+        )
+    return rows
+
+
+def test_a_brought_set_with_mapped_fields_negatives_and_its_own_test_file(
+    smoke_bundle: Path, tmp_path: Path, work_dir: Path, capsys
+) -> None:
+    """Field names from the config, label-free rows as "none of these" (so no best guess), a separate test file,
+    the reused frozen encoder (the same bytes as the bundle it came from), the figures beside the baseline."""
+    train_file = write_jsonl(tmp_path / "train.jsonl", byo_rows(500))
+    test_file = write_jsonl(tmp_path / "test.jsonl", byo_rows(150, offset=500))
+    config = smoke_config_with(
+        tmp_path,
+        data=[str(train_file)],
+        test_data=[str(test_file)],
+        fields={"id": "pmid", "title": "", "abstract": "text", "labels": "hallmarks"},
+        encoder=str(smoke_bundle),
+        min_label_count=5,
+        max_examples=0,
+        threshold_min_support=0,
+    )
+    out = tmp_path / "byo"
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), "--out", str(out), "--work-dir", str(work_dir)]) == 0
+    manifest = read_manifest(out)
+    assert manifest.encoder_sha256 == read_manifest(smoke_bundle).encoder_sha256
+    assert (out / "encoder.onnx").read_bytes() == (smoke_bundle / "encoder.onnx").read_bytes()
+    assert manifest.metrics["training"]["encoder"] == "frozen"
+    assert manifest.best_guess is False  # label-free papers are right to get no label
+    test = manifest.metrics["test"]
+    negatives = sum(1 for row in byo_rows(150, offset=500) if not row["hallmarks"])
+    assert test["examples"] == 150 and test["negatives"] == negatives > 0
+    assert 0.0 <= test["negative_fp_rate"] <= 1.0
+    assert manifest.metrics["baseline"]["test"]["negatives"] == negatives
+    assert "newest" not in manifest.metrics  # pmids are not arXiv ids: nothing is dated
+    assert manifest.training_data["label_free_papers"] > 0
+    assert main(["evaluate", str(out), "--data", str(test_file), "--config", str(config)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["micro_f1"] == pytest.approx(test["micro_f1"], abs=1e-4)
+    assert printed["negative_fp_rate"] == pytest.approx(test["negative_fp_rate"], abs=1e-4)
+
+
+def test_training_output_names_dropped_labels_estimates_time_and_hides_quantizer_chatter(tmp_path: Path) -> None:
+    config = smoke_config_with(tmp_path, epochs=1, baseline=False, max_examples=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "train",
+            "--config",
+            str(config),
+            "--out",
+            str(tmp_path / "bundle"),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "labels dropped, seen in fewer than min_label_count=8 training papers" in output
+    assert "estimated time: about" in output
+    assert "Quantization parameters" not in output and "pre-processing before quantization" not in output
+    assert "micro_f1" in output and "baseline" in output  # the closing table
 
 
 def test_splits_are_deterministic_and_disjoint() -> None:
@@ -145,7 +278,9 @@ def test_rare_labels_fall_back_to_the_global_threshold() -> None:
     [
         ([], "holds no papers"),
         ([{"id": "1", "title": "t", "abstract": "  ", "labels": ["A"]}], "no abstract text"),
-        ([{"id": "1", "title": "t", "abstract": "text", "labels": []}], "no labels"),
+        ([{"id": "1", "title": "t", "abstract": "text"}], "no 'labels' field"),
+        ([{"id": "1", "title": "t", "abstract": "text", "labels": 3}], "labels must be a list of strings"),
+        ([{"id": ["1"], "title": "t", "abstract": "text", "labels": []}], "id must be a string or a number"),
         ([{"id": str(i), "abstract": "text", "labels": ["A"]} for i in range(50)], "needs 2 or more"),
     ],
 )
@@ -187,7 +322,8 @@ def test_gzip_that_is_not_gzip_is_refused(tmp_path: Path) -> None:
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA GPU on this machine")
 def test_cuda_training_path(tmp_path: Path) -> None:
     config = smoke_config_with(tmp_path, device="cuda", epochs=1, baseline=False)
-    assert main(["train", "--config", str(config), "--out", str(tmp_path / "bundle")]) == 0
+    out, work = str(tmp_path / "bundle"), str(tmp_path / "work")
+    assert main(["train", "--config", str(config), "--out", out, "--work-dir", work]) == 0
     assert "cuda" in read_manifest(tmp_path / "bundle").metrics["training"]["device"]
 
 
@@ -209,6 +345,8 @@ def test_distributed_training_with_torchrun(tmp_path: Path) -> None:
         str(config),
         "--out",
         str(out),
+        "--work-dir",
+        str(tmp_path / "work"),
     ]
     result = subprocess.run(
         command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}

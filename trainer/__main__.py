@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from webapp.bundle import BundleError
+
 from .config import ConfigError, TrainConfig
 from .data import DataError
 from .model import BaseModelError
@@ -33,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="JSON config, e.g. trainer/configs/default.json")
     train.add_argument("--out", default="out/bundle", help="bundle directory to write (replaced atomically)")
     train.add_argument("--base", help="Hugging Face encoder folder (overrides the config's base_model)")
+    train.add_argument(
+        "--work-dir",
+        default=None,
+        help="cache of fine-tuned encoders and encoded abstracts, reused by later runs (default: out/work)",
+    )
     add_target_arguments(train)
     train.add_argument("--force", action="store_true", help="activate even if the promotion gate fails")
     worker = commands.add_parser("worker", help="train the runs queued from the site, one after another")
@@ -43,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="print a bundle's metrics on a labelled file")
     evaluate.add_argument("bundle", help="bundle directory")
     evaluate.add_argument("--data", required=True, help="labelled JSONL/CSV file")
+    evaluate.add_argument(
+        "--config", help="a training config whose `fields` map the file's field names (e.g. pmid -> id)"
+    )
     return parser
 
 
@@ -63,9 +73,11 @@ def run_train(args: argparse.Namespace) -> int:
     config = TrainConfig.load(args.config)
     target = _target(args)
     if target is None:
-        print(train(config, args.out, base_model=args.base))
+        print(train(config, args.out, base_model=args.base, work_dir=args.work_dir))
         return 0
-    outcome = train_and_publish(target, config, Path(args.out), base_model=args.base, force=args.force)
+    outcome = train_and_publish(
+        target, config, Path(args.out), base_model=args.base, force=args.force, work_dir=args.work_dir
+    )
     print(json.dumps(outcome, indent=2))
     print(outcome["version"])
     return 0
@@ -85,7 +97,8 @@ def run_worker(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_bundle
 
-    result = evaluate_bundle(Path(args.bundle), Path(args.data))
+    fields = TrainConfig.load(args.config).fields if args.config else None
+    result = evaluate_bundle(Path(args.bundle), Path(args.data), fields)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -96,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": run_train, "evaluate": run_evaluate, "worker": run_worker}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, BaseModelError, PublishError) as exc:
+    except (ConfigError, DataError, BaseModelError, PublishError, BundleError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

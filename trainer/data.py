@@ -37,6 +37,8 @@ class Paper:
     title: str
     abstract: str
     labels: list[str]
+    # A curator's correction (or a paper a correction overrode): it always trains, whatever its id says.
+    corrected: bool = False
 
     @property
     def text(self) -> str:
@@ -146,10 +148,11 @@ def merge_corrections(papers: list[Paper], corrections: Iterable[Paper]) -> tupl
         index = by_id.get(correction.id, by_text.get(text_key(correction.title, correction.abstract)))
         if index is None:
             by_text[text_key(correction.title, correction.abstract)] = len(merged)
-            merged.append(correction)
+            merged.append(Paper(correction.id, correction.title, correction.abstract, correction.labels, True))
             counts["added"] += 1
         else:
-            merged[index] = Paper(merged[index].id, merged[index].title, merged[index].abstract, correction.labels)
+            base = merged[index]
+            merged[index] = Paper(base.id, base.title, base.abstract, correction.labels, True)
             counts["overridden"] += 1
     return merged, counts
 
@@ -198,7 +201,9 @@ def split_of(paper_id: str, test_fraction: float, validation_fraction: float) ->
 def apply_aliases(papers: list[Paper], aliases: dict[str, str]) -> list[Paper]:
     if not aliases:
         return papers
-    return [Paper(p.id, p.title, p.abstract, sorted({aliases.get(x, x) for x in p.labels})) for p in papers]
+    return [
+        Paper(p.id, p.title, p.abstract, sorted({aliases.get(x, x) for x in p.labels}), p.corrected) for p in papers
+    ]
 
 
 def relabel(papers: list[Paper], label_map: LabelMap) -> list[Paper]:
@@ -206,7 +211,7 @@ def relabel(papers: list[Paper], label_map: LabelMap) -> list[Paper]:
     the same rule the site reads its stored labels with."""
     if not label_map:
         return papers
-    return [Paper(p.id, p.title, p.abstract, label_map.map_labels(p.labels, p.text)) for p in papers]
+    return [Paper(p.id, p.title, p.abstract, label_map.map_labels(p.labels, p.text), p.corrected) for p in papers]
 
 
 def choose_labels(train: list[Paper], min_count: int, max_labels: int = 0) -> tuple[list[str], list[tuple[str, int]]]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
@@ -27,7 +28,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 from webapp.tuning import best_global_threshold
 
 from .config import TrainConfig
-from .export import export_encoder, quantize_int8
+from .export import PooledEncoder, export_encoder, max_abs_difference, quantize_int8
 from .model import Tagger
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,15 @@ def predict_probabilities(model: nn.Module, loader: DataLoader, device: torch.de
             logits, _ = model(input_ids.to(device), mask.to(device))
         outputs.append(torch.sigmoid(logits.float()).cpu().numpy())
     return np.concatenate(outputs)
+
+
+@torch.no_grad()
+def encoder_parity(model: Tagger, onnx_path: Path, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:
+    """Largest difference between torch's pooled vectors and the exported fp32 graph's on the same batch."""
+    expected = PooledEncoder(model).eval()(input_ids, attention_mask).numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (actual,) = session.run(None, {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})
+    return round(max_abs_difference(expected, actual), 6)
 
 
 def finetune(
@@ -224,6 +234,7 @@ def finetune(
     )
     fp32_path = export_encoder(model, sample["input_ids"], sample["attention_mask"], work_dir / "encoder.fp32.onnx")
     encoder_path = quantize_int8(fp32_path, work_dir / "encoder.onnx")
+    parity = encoder_parity(model, fp32_path, sample["input_ids"], sample["attention_mask"])
     tokenizer_path = work_dir / "tokenizer.json"
     tokenizer.backend_tokenizer.save(str(tokenizer_path))
     weight = model.head.weight.detach().numpy().T.astype(np.float32)
@@ -232,6 +243,7 @@ def finetune(
         "best_epoch": best["epoch"],
         "epochs_run": epoch,
         "validation_micro_f1_first_window": round(float(best["micro_f1"]), 4),
+        "torch_vs_onnx_fp32_max_abs_pooled": parity,
         "device": str(device),
         "processes": world_size,
         "seconds": round(time.monotonic() - started),

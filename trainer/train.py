@@ -43,8 +43,10 @@ from .data import (
     relabel,
     split_of,
 )
+from .evaluate import served_outputs
+from .export import max_abs_difference
 from .heads import LinearHead, build_head, choose_head, domain_references
-from .thresholds import choose_min_support
+from .thresholds import choose_min_support, guessing_thresholds
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
@@ -80,13 +82,12 @@ def load_dataset(
     papers = apply_aliases(papers, config.label_aliases)
     papers = relabel(papers, label_map or LabelMap())
     test_papers = relabel(apply_aliases(test_papers, config.label_aliases), label_map or LabelMap())
-    corrected = {p.id for p in corrections or []}
     # Corrections always train: they are what curators asked the model to learn.
-    cutoff = newest_cutoff([p for p in papers if p.id not in corrected], config.newest_fraction)
+    cutoff = newest_cutoff([p for p in papers if not p.corrected], config.newest_fraction)
     splits: dict[str, list[Paper]] = {name: [] for name in SPLITS}
     for paper in papers:
         order = arxiv_order(paper.id)
-        if paper.id in corrected:
+        if paper.corrected:
             splits["train"].append(paper)
         elif cutoff is not None and order is not None and order >= cutoff:
             splits["newest"].append(paper)
@@ -172,11 +173,11 @@ class ReadingCache:
         staging.replace(self.path)
 
 
-def _estimate(config: TrainConfig, splits: dict[str, list[Paper]], fine_tune: bool, cached: bool) -> str:
-    """A rough time for this run on this machine's CPU, printed before it starts."""
+def _estimate(config: TrainConfig, splits: dict[str, list[Paper]]) -> str:
+    """A rough time for this run on this machine's CPU (no cache counted), printed before it starts."""
     cores = max(1, os.cpu_count() or 1) / 2
     seconds = sum(len(v) for v in splits.values()) * 2.0 / (CPU_ENCODE_RATE * cores)
-    if fine_tune and not cached:
+    if not config.frozen_encoder:
         seconds += config.epochs * len(splits["train"]) / (CPU_FINETUNE_RATE * cores)
     return f"about {max(1, round(seconds / 60))} min on {os.cpu_count()} CPU cores (much less on a GPU)"
 
@@ -300,7 +301,7 @@ def train(
     texts = {name: [p.text for p in items] for name, items in splits.items()}
     negatives = {name: np.asarray([not p.labels for p in items], dtype=bool) for name, items in splits.items()}
     log.info("%d labels; papers per split %s", len(labels), data_summary["splits"])
-    log.info("estimated time: %s", _estimate(config, splits, not config.frozen_encoder, False))
+    log.info("estimated time: %s", _estimate(config, splits))
     report({"status": "running", "stage": "preparing the encoder"})
 
     encoder_path, tokenizer_path, joint_head, encoder_info, base_name, config = _encoder_source(
@@ -350,9 +351,8 @@ def train(
 
         validation, validation_domain = outputs("validation")
         min_support = config.threshold_min_support or choose_min_support(validation, targets["validation"])
-        thresholds, global_threshold = tune_thresholds(
-            validation, targets["validation"], min_support or len(targets["validation"]) + 1
-        )
+        tune = guessing_thresholds if best_guess else tune_thresholds
+        thresholds, global_threshold = tune(validation, targets["validation"], min_support or len(validation) + 1)
         domain_threshold = round(float(np.quantile(validation_domain, config.domain_quantile)), 4)
         manifest = _window_manifest(config, labels, base_name)
         manifest.thresholds = thresholds
@@ -377,15 +377,34 @@ def train(
                 if k in ("per_label", "macro_roc_auc")
             }
         )
-        # int8 against fp32 of the head (the encoder was quantised once, when it was made).
-        fp32_dir = write_bundle(scratch / "fp32", manifest, encoder_path, fp32_head, tokenizer_path)
-        fp32 = LoadedModel(fp32_dir, threads=os.cpu_count() or 1)
-        fp32_test = outputs("test", fp32)[0]
-        fp32_report = metrics.product_report(fp32_test, targets["test"], thresholds, **decision)
+        # int8 against fp32: encoder and head when the fp32 encoder is at hand (fine-tuned in this work dir),
+        # else the head alone (a reused encoder was measured when it was made).
+        fp32_encoder = encoder_path.with_name("encoder.fp32.onnx")
+        scope = "encoder and head" if fp32_encoder.is_file() else "head"
+        fp32_dir = write_bundle(
+            scratch / "fp32",
+            manifest,
+            fp32_encoder if fp32_encoder.is_file() else encoder_path,
+            fp32_head,
+            tokenizer_path,
+        )
+        fp32_probabilities, fp32_domain = served_outputs(
+            LoadedModel(fp32_dir, threads=os.cpu_count() or 1), texts["test"]
+        )
+        fp32_report = metrics.product_report(
+            fp32_probabilities,
+            targets["test"],
+            thresholds,
+            domain=fp32_domain,
+            negatives=negatives["test"],
+            **decision,
+        )
         manifest.metrics = {
             **figures,
             "drift": {
-                "head_fp32_vs_int8_max_abs_probability": round(float(np.max(np.abs(fp32_test - test))), 6)
+                "scope": scope,
+                "fp32_vs_int8_max_abs_probability": round(max_abs_difference(fp32_probabilities, test), 6),
+                "fp32_vs_int8_mean_abs_probability": round(float(np.mean(np.abs(fp32_probabilities - test))), 6)
                 if len(test)
                 else 0.0,
                 "micro_f1_fp32": fp32_report["micro_f1"],

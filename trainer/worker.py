@@ -24,6 +24,7 @@ def train_and_publish(
     run_id: int | None = None,
     base_model: str | None = None,
     force: bool = False,
+    work_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Corrections in, bundle out, through the gate; the run record follows every step (failures too)."""
     # Read corrections first: an unreachable site or a refused token fails now, not after an hour of training.
@@ -39,6 +40,7 @@ def train_and_publish(
             base_model=base_model,
             progress=lambda update: target.report(run_id, update),
             label_map=label_map,
+            work_dir=work_dir,
         )
         outcome = publish(target, bundle, test_split(config, corrections, label_map), force=force)
     except Exception as exc:
