@@ -71,7 +71,9 @@ def test_retrain_queues_a_run_that_a_trainer_worker_claims(
     app: Flask, admin_client: FlaskClient, research: dict[str, str]
 ) -> None:
     page = admin_client.get("/training").get_data(as_text=True)
-    assert '<option value="default">default</option><option value="smoke">' in page
+    # The research-tasks configs, default first (trainer_configs' order), the quick smoke one among them.
+    options = re.findall(r'<option value="([^"]+)">', page)
+    assert options == trainer_configs("research-tasks") and options[0] == "default" and "smoke" in options
     assert "No trainer config trains this label set" in page  # the test-tasks taxonomy has none
 
     response = admin_client.post("/training", data={"taxonomy": "research-tasks", "config": "default"})
@@ -132,6 +134,7 @@ def test_run_page_shows_progress_then_the_candidate_beside_the_active_model(
             run_id,
             {
                 "status": "running",
+                "stage": "fitting the head and the lexical classifier",
                 "epoch": 2,
                 "step": 40,
                 "total_steps": 100,
@@ -141,7 +144,8 @@ def test_run_page_shows_progress_then_the_candidate_beside_the_active_model(
             },
         )
     page = admin_client.get(f"/training/{run_id}").get_data(as_text=True)
-    for text in ('max="100" value="40"', ">2<", "0.1235", "2 min 5 s", "0.457", 'data-poll-status="running"'):
+    shown = ('max="100" value="40"', ">2<", "0.1235", "2 min 5 s", "0.457", 'data-poll-status="running"')
+    for text in (*shown, ">fitting the head and the lexical classifier<"):
         assert text in page, text
 
     candidate_bundle = make_bundle(

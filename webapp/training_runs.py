@@ -13,7 +13,7 @@ from .registry import RegistryError
 
 STATUSES = ("queued", "running", "finished", "failed")
 # Keys a progress update may set; anything else is refused so a typo cannot silently vanish.
-PROGRESS_KEYS = {"epoch", "step", "total_steps", "loss", "eta_seconds", "validation_micro_f1"}
+PROGRESS_KEYS = {"stage", "epoch", "step", "total_steps", "loss", "eta_seconds", "validation_micro_f1"}
 UPDATE_KEYS = {"status", "error", "metrics", "candidate_version", "activated", "gate"} | PROGRESS_KEYS
 
 
