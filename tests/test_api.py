@@ -23,13 +23,25 @@ def test_predict_single_returns_contract_shape(client: FlaskClient, app: Flask, 
     (prediction,) = body["predictions"]
     assert set(prediction) == {"id", "results"}
     result = prediction["results"]["test-tasks"]
-    assert set(result) == {"model_version", "labels", "scores"}
+    assert set(result) == {
+        "model_version",
+        "labels",
+        "scores",
+        "below_threshold",
+        "off_domain",
+        "tokens_read",
+        "tokens_total",
+    }
     assert result["model_version"].startswith("test-tasks-")
     assert set(result["scores"]) == set(LABELS)
     assert all(0.0 <= p <= 1.0 for p in result["scores"].values())
     # Predicted = every label at or over its threshold (0.5 in the test bundle), highest first.
     expected = sorted((label for label, p in result["scores"].items() if p >= 0.5), key=lambda x: -result["scores"][x])
     assert result["labels"] == expected
+    # The test bundle asks for no best guess, has no off-domain cut and reads one window of 128 tokens ([CLS] and
+    # [SEP] among them), shorter than this abstract.
+    assert result["below_threshold"] is False and result["off_domain"] is False
+    assert result["tokens_read"] == 126 < result["tokens_total"]
     with app.app_context():
         stored = db.session.get(Prediction, prediction["id"])
         assert stored is not None and stored.source == "api" and stored.title == paper["title"]

@@ -32,7 +32,7 @@ sqlite_only = pytest.mark.skipif(bool(TEST_DATABASE_URL), reason="simulates faul
     ("broken", "message"),
     [
         ("label-count", "model returns 7 scores but the bundle lists 8 labels"),
-        ("corrupt-onnx", "model.onnx cannot be loaded"),
+        ("corrupt-onnx", "head.onnx cannot be loaded"),
         ("nan", "smoke prediction returned non-finite scores"),
         ("truncated", "not a readable .tar.gz bundle"),
     ],

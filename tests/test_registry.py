@@ -69,7 +69,7 @@ def test_second_version_is_inactive_until_activated_then_rolls_back(app: Flask, 
     ("broken", "message"),
     [
         ("label-count", "model returns 7 scores but the bundle lists 8 labels"),
-        ("corrupt-onnx", "model.onnx cannot be loaded"),
+        ("corrupt-onnx", "head.onnx cannot be loaded"),
         ("nan", "smoke prediction returned non-finite scores"),
     ],
 )
@@ -172,7 +172,7 @@ def test_users_and_tokens(app: Flask, runner: FlaskCliRunner, client: FlaskClien
 
     broken = pack(make_bundle(seed=5, broken="corrupt-onnx"))
     response = client.post("/api/v1/models", data=_upload(broken), headers=headers)
-    assert response.status_code == 422 and "model.onnx cannot be loaded" in response.get_json()["error"]
+    assert response.status_code == 422 and "head.onnx cannot be loaded" in response.get_json()["error"]
     response = client.post("/api/v1/models", data={"other": (io.BytesIO(b"x"), "x.bin")}, headers=headers)
     assert response.status_code == 400 and '"bundle"' in response.get_json()["error"]
     response = client.post("/api/v1/models", json={"x": 1}, headers=headers)

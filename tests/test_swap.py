@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
@@ -134,7 +135,7 @@ def test_a_version_that_fails_to_load_never_serves(
     client.get("/healthz")
     live = live_models_of(app)
     for broken, message in (
-        ("corrupt-onnx", "model.onnx cannot be loaded"),
+        ("corrupt-onnx", "head.onnx cannot be loaded"),
         ("label-count", "returns 7 scores"),
         ("nan", "smoke prediction returned non-finite scores"),
     ):
@@ -175,8 +176,9 @@ def test_unwritable_model_cache_falls_back_to_a_temporary_directory(
         live_models_of(app).stop()
 
 
+@pytest.mark.parametrize("rotten", ["encoder.onnx", "head.onnx"])
 def test_a_corrupt_cached_copy_is_fetched_again(
-    tmp_path: Path, make_bundle: BundleFactory, abstracts: list[dict]
+    tmp_path: Path, make_bundle: BundleFactory, abstracts: list[dict], rotten: str
 ) -> None:
     data_dir = tmp_path / "data"
     first = make_app(data_dir)
@@ -186,10 +188,10 @@ def test_a_corrupt_cached_copy_is_fetched_again(
     first.test_client().get("/healthz")
     live_models_of(first).stop()
     cached = data_dir / "model-cache" / sha
-    (cached / "model.onnx").write_bytes(b"bit rot")
+    (cached / rotten).write_bytes(b"bit rot")
     second = make_app(data_dir)  # another worker starting on the same disk
     try:
         assert second.test_client().get("/healthz").get_json()["worker"]["loaded"] == {"test-tasks": version}
-        assert (cached / "model.onnx").read_bytes() != b"bit rot"
+        assert (cached / rotten).read_bytes() != b"bit rot"
     finally:
         live_models_of(second).stop()

@@ -92,7 +92,9 @@ def test_learned_thresholds_are_a_new_version_that_differs_only_in_thresholds(
     assert gate["candidate_micro_f1"] == body["held_out"]["learned_micro_f1"]
 
     old, new = bundle_files(client, admin, parent), bundle_files(client, admin, body["version"])
-    assert new["model.onnx"] == old["model.onnx"] and new["tokenizer.json"] == old["tokenizer.json"]
+    assert set(new) == set(old) == {"encoder.onnx", "head.onnx", "tokenizer.json", "bundle.json"}
+    assert new["encoder.onnx"] == old["encoder.onnx"] and new["head.onnx"] == old["head.onnx"]
+    assert new["tokenizer.json"] == old["tokenizer.json"]
     old_manifest, new_manifest = json.loads(old["bundle.json"]), json.loads(new["bundle.json"])
     assert new_manifest["labels"] == old_manifest["labels"]
     assert [

@@ -125,10 +125,14 @@ def test_inference_truncation_keeps_the_end_token(app: Flask) -> None:
     live = live_models_of(app)
     live.ensure_started()
     model: LoadedModel = next(iter(live.current().values())).model
-    encoding = model.tokenizer.encode("word " * 5000)
-    assert len(encoding.ids) == model.manifest.max_length
-    assert encoding.ids[-1] == model.tokenizer.token_to_id("[SEP]")
-    assert encoding.ids[0] == model.tokenizer.token_to_id("[CLS]")
+    tokenizer = model.encoder.tokenizer
+    windows, read, total = model.encoder.windows("word " * 5000)
+    (window,) = windows  # the test bundle reads one window
+    assert len(window) == model.manifest.max_length
+    assert window[-1] == tokenizer.token_to_id("[SEP]")
+    assert window[0] == tokenizer.token_to_id("[CLS]")
+    assert read == model.manifest.max_length - 2
+    assert total == len(tokenizer.encode("word " * 5000, add_special_tokens=False).ids) > read
 
 
 def test_rate_limit_on_anonymous_prediction(tmp_path: Path, make_bundle: BundleFactory, abstracts: list[dict]) -> None:
