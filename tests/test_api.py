@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import select
 
-from tests.conftest import live_models_of
+from tests.conftest import BundleFactory, live_models_of
 from tests.tiny_bundle import LABELS
 from webapp.extensions import db
 from webapp.models import Prediction, PredictionResult
-from webapp.registry import default_ort_threads
+from webapp.registry import default_ort_threads, import_bundle
 
 
 def test_predict_single_returns_contract_shape(client: FlaskClient, app: Flask, abstracts: list[dict]) -> None:
@@ -122,3 +124,69 @@ def test_no_model_is_loaded_before_the_first_request(app: Flask, client: FlaskCl
     assert health["worker"]["loaded"] and health["worker"]["ort_threads"] == 1
     assert default_ort_threads(2) == max(1, len(os.sched_getaffinity(0)) // 2)
     assert default_ort_threads(64) == 1
+
+
+@pytest.fixture
+def two_taxonomies(app: Flask, make_bundle: BundleFactory) -> Flask:
+    """The app with a second active taxonomy, ``test-topics``."""
+    with app.app_context():
+        assert import_bundle(make_bundle(seed=2, slug="test-topics", name="Test topics"), actor="tests").activated
+    return app
+
+
+def stored_results(app: Flask) -> list[tuple[int, str]]:
+    with app.app_context():
+        return sorted(
+            (row.prediction_id, row.taxonomy.slug) for row in db.session.scalars(select(PredictionResult)).all()
+        )
+
+
+def test_predict_answers_only_the_taxonomies_asked_for(
+    two_taxonomies: Flask, client: FlaskClient, abstracts: list[dict]
+) -> None:
+    paper = {"title": abstracts[0]["title"], "abstract": abstracts[0]["abstract"]}
+    everything = client.post("/api/v1/predict", json=paper).get_json()["predictions"][0]
+    assert set(everything["results"]) == {"test-tasks", "test-topics"}
+
+    response = client.post("/api/v1/predict", json={**paper, "taxonomies": ["test-topics"]})
+    assert response.status_code == 200, response.get_json()
+    (only,) = response.get_json()["predictions"]
+    assert set(only["results"]) == {"test-topics"}
+    assert only["results"]["test-topics"] == everything["results"]["test-topics"]
+
+    batch = {"abstracts": [paper, {"abstract": abstracts[1]["abstract"]}], "taxonomies": ["test-tasks"]}
+    predictions = client.post("/api/v1/predict", json=batch).get_json()["predictions"]
+    assert [set(p["results"]) for p in predictions] == [{"test-tasks"}, {"test-tasks"}]
+    both = client.post("/api/v1/predict", json={**paper, "taxonomies": ["test-tasks", "test-topics"]})
+    (both,) = both.get_json()["predictions"]
+    assert set(both["results"]) == {"test-tasks", "test-topics"}
+
+    # Only what was answered is stored.
+    assert stored_results(two_taxonomies) == sorted(
+        [(everything["id"], "test-tasks"), (everything["id"], "test-topics"), (only["id"], "test-topics")]
+        + [(p["id"], "test-tasks") for p in predictions]
+        + [(both["id"], "test-tasks"), (both["id"], "test-topics")]
+    )
+
+
+@pytest.mark.parametrize(
+    ("taxonomies", "message"),
+    [
+        (["nope"], "no active model for taxonomies ['nope']"),
+        (["test-tasks", "nope"], "no active model for taxonomies ['nope']"),
+        ("test-tasks", "taxonomies must be a non-empty list of taxonomy slugs"),
+        ({"test-tasks": True}, "taxonomies must be a non-empty list of taxonomy slugs"),
+        ([], "taxonomies must be a non-empty list of taxonomy slugs"),
+        ([1], "taxonomies must be a non-empty list of taxonomy slugs"),
+        (["test-tasks", None], "taxonomies must be a non-empty list of taxonomy slugs"),
+    ],
+)
+def test_bad_taxonomies_are_400_and_store_nothing(
+    two_taxonomies: Flask, client: FlaskClient, abstracts: list[dict], taxonomies: object, message: str
+) -> None:
+    response = client.post("/api/v1/predict", json={"abstract": abstracts[0]["abstract"], "taxonomies": taxonomies})
+    assert response.status_code == 400
+    assert message in response.get_json()["error"], response.get_json()
+    with two_taxonomies.app_context():
+        assert db.session.query(Prediction).count() == 0
+        assert db.session.query(PredictionResult).count() == 0
