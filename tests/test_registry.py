@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from flask.testing import FlaskClient, FlaskCliRunner
 from sqlalchemy import select
 
 from tests.conftest import BundleFactory
-from webapp.bundle import BundleError, pack, unpack
+from webapp.bundle import FORMAT_1_MESSAGE, BundleError, pack, sha256_hex, unpack
 from webapp.extensions import db
 from webapp.models import ActivationEvent, ModelArtifact, ModelVersion, Taxonomy, User
 from webapp.registry import RegistryError, activate, import_bundle, rollback
@@ -206,3 +208,143 @@ def test_a_cached_bundle_in_place_is_never_replaced_under_a_reader(tmp_path: Pat
     assert [p.name for p in cached.parent.iterdir()] == ["sha"], "a dropped copy was left behind"
     unpack(archive, cached)
     assert {path.name: path.stat().st_ino for path in cached.iterdir()} != first
+
+
+def format_1_bundle(target: Path, format_2: Path) -> Path:
+    """A bundle as papertag wrote them before format 2: ``model.onnx`` (any graph; it is never loaded),
+    ``tokenizer.json`` and a ``bundle.json`` with ``format_version`` 1."""
+    manifest = json.loads((format_2 / "bundle.json").read_text(encoding="utf-8"))
+    for key in ("max_windows", "window_overlap", "best_guess", "domain_threshold", "encoder_sha256"):
+        del manifest[key]
+    manifest["format_version"] = 1
+    target.mkdir()
+    (target / "bundle.json").write_text(json.dumps(manifest), encoding="utf-8")
+    shutil.copyfile(format_2 / "head.onnx", target / "model.onnx")
+    shutil.copyfile(format_2 / "tokenizer.json", target / "tokenizer.json")
+    return target
+
+
+def format_1_archive(bundle_dir: Path) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w:gz") as tar:
+        for name in ("model.onnx", "tokenizer.json", "bundle.json"):
+            tar.add(bundle_dir / name, arcname=name)
+    return raw.getvalue()
+
+
+def test_a_format_1_bundle_is_refused_everywhere_with_a_clear_message(
+    app: Flask, runner: FlaskCliRunner, client: FlaskClient, make_bundle: BundleFactory, tmp_path: Path
+) -> None:
+    old = format_1_bundle(tmp_path / "old", make_bundle(seed=2))
+    archive = tmp_path / "old.tar.gz"
+    archive.write_bytes(format_1_archive(old))
+    for source in (old, archive):
+        result = runner.invoke(args=["models", "import", str(source)])
+        assert result.exit_code != 0, f"the CLI imported a format-1 {source.name}"
+        assert f"bundle refused: {FORMAT_1_MESSAGE}" in result.output
+    admin = runner.invoke(args=["tokens", "create", "root", "--role", "admin"]).output.strip().splitlines()[-1]
+    response = client.post(
+        "/api/v1/models", data=_upload(archive.read_bytes()), headers={"Authorization": f"Bearer {admin}"}
+    )
+    assert response.status_code == 422 and FORMAT_1_MESSAGE in response.get_json()["error"]
+    # A format-1 manifest inside an archive of format-2 files is refused the same way.
+    (old / "encoder.onnx").write_bytes(b"x")
+    (old / "head.onnx").write_bytes(b"x")
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w:gz") as tar:
+        for name in ("encoder.onnx", "head.onnx", "tokenizer.json", "bundle.json"):
+            tar.add(old / name, arcname=name)
+    with app.app_context(), pytest.raises(BundleError, match="format-1 bundle"):
+        import_bundle(raw.getvalue())
+    with app.app_context():
+        assert db.session.query(ModelVersion).count() == 1, "a format-1 bundle was stored"
+        assert db.session.query(ModelArtifact).count() == 1
+
+
+def test_import_defaults_replaces_an_active_format_1_version(
+    empty_app: Flask, make_bundle: BundleFactory, tmp_path: Path
+) -> None:
+    shipped = make_bundle(seed=1)
+    defaults = tmp_path / "models"
+    defaults.mkdir()
+    shutil.copytree(shipped, defaults / "test-tasks")
+    empty_app.config["DEFAULT_BUNDLES_DIR"] = str(defaults)
+    # A site that served format 1: its version is in the database (import would refuse it now).
+    old = format_1_bundle(tmp_path / "old", make_bundle(seed=2))
+    data = format_1_archive(old)
+    manifest = json.loads((old / "bundle.json").read_text(encoding="utf-8"))
+    with empty_app.app_context():
+        taxonomy = Taxonomy(slug="test-tasks", name="Test tasks")
+        db.session.add(taxonomy)
+        db.session.add(ModelArtifact(sha256=sha256_hex(data), data=data, size=len(data)))
+        version = ModelVersion(
+            id="test-tasks-format1",
+            taxonomy=taxonomy,
+            artifact_sha256=sha256_hex(data),
+            labels=manifest["labels"],
+            thresholds=manifest["thresholds"],
+            manifest=manifest,
+        )
+        db.session.add(version)
+        db.session.flush()
+        db.session.add(ActivationEvent(taxonomy_id=taxonomy.id, version_id=version.id, action="import"))
+        taxonomy.active_version_id = version.id
+        db.session.commit()
+    client = empty_app.test_client()
+    # The old version cannot serve, and the worker says why.
+    health = client.get("/healthz").get_json()
+    assert health["worker"]["loaded"] == {}
+    assert FORMAT_1_MESSAGE in health["worker"]["errors"]["test-tasks-format1"]
+
+    runner = empty_app.test_cli_runner()
+    result = runner.invoke(args=["models", "import-defaults"])
+    assert result.exit_code == 0, result.output
+    new = active_version(empty_app)
+    assert new not in (None, "test-tasks-format1") and new.startswith("test-tasks-")
+    assert f"imported {new} (active, replacing test-tasks-format1, a format-1 bundle" in result.output
+    with empty_app.app_context():
+        assert db.session.get(ModelVersion, new).manifest["format_version"] == 2
+        history = db.session.scalars(select(ModelVersion.id).order_by(ModelVersion.created_at)).all()
+        assert history == ["test-tasks-format1", new], "the old version stays in the history"
+        event = db.session.scalars(select(ActivationEvent).order_by(ActivationEvent.id.desc())).first()
+        assert (event.version_id, event.previous_version_id) == (new, "test-tasks-format1")
+
+    again = runner.invoke(args=["models", "import-defaults"])
+    assert "already has versions, skipped" in again.output and "imported" not in again.output
+    assert active_version(empty_app) == new
+
+
+def test_import_defaults_activates_an_already_imported_shipped_bundle_over_format_1(
+    empty_app: Flask, make_bundle: BundleFactory, tmp_path: Path
+) -> None:
+    """The shipped bundle was imported earlier, then a format-1 version was made active again: the next start
+    activates the shipped one (it is already stored, so nothing new is imported)."""
+    shipped = make_bundle(seed=1)
+    defaults = tmp_path / "models"
+    defaults.mkdir()
+    shutil.copytree(shipped, defaults / "test-tasks")
+    empty_app.config["DEFAULT_BUNDLES_DIR"] = str(defaults)
+    old = format_1_bundle(tmp_path / "old", make_bundle(seed=2))
+    data = format_1_archive(old)
+    manifest = json.loads((old / "bundle.json").read_text(encoding="utf-8"))
+    with empty_app.app_context():
+        current = import_bundle(shipped).version.id
+        taxonomy = db.session.scalar(select(Taxonomy).where(Taxonomy.slug == "test-tasks"))
+        db.session.add(ModelArtifact(sha256=sha256_hex(data), data=data, size=len(data)))
+        db.session.add(
+            ModelVersion(
+                id="test-tasks-format1",
+                taxonomy=taxonomy,
+                artifact_sha256=sha256_hex(data),
+                labels=manifest["labels"],
+                thresholds=manifest["thresholds"],
+                manifest=manifest,
+            )
+        )
+        db.session.flush()
+        taxonomy.active_version_id = "test-tasks-format1"
+        db.session.commit()
+    result = empty_app.test_cli_runner().invoke(args=["models", "import-defaults"])
+    assert result.exit_code == 0, result.output
+    assert f"{current} (active, replacing test-tasks-format1" in result.output
+    assert active_version(empty_app) == current
