@@ -1,6 +1,6 @@
 """Thresholds that learn (issue 6): re-tune the active version's per-label thresholds from its reviewed
-predictions and offer the result as a new version that differs only in ``bundle.json`` (same ``model.onnx`` and
-``tokenizer.json``), through the registry's import, the promotion gate and the usual hot swap.
+predictions and offer the result as a new version that differs only in ``bundle.json`` (same ``encoder.onnx``,
+``head.onnx`` and ``tokenizer.json``), through the registry's import, the promotion gate and the usual hot swap.
 
 Only reviews of the active version count: their stored scores are that model's. A label is re-tuned (max F1 on
 :data:`webapp.tuning.GRID`) when it has at least ``THRESHOLD_MIN_EVIDENCE`` reviewed positives; the others keep
