@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from joblib import Parallel, delayed
 from onnx import TensorProto, helper, numpy_helper
 from scipy import sparse
 from skl2onnx import convert_sklearn
@@ -49,19 +50,20 @@ class LinearHead:
         return np.asarray(features @ self.weight) + self.bias
 
 
+def _fit_label(features: np.ndarray | sparse.spmatrix, column: np.ndarray, c: float) -> tuple[np.ndarray, float]:
+    if not 0 < column.sum() < len(column):
+        return np.zeros(features.shape[1], dtype=np.float32), UNFITTED_BIAS
+    model = LogisticRegression(C=c, max_iter=300, tol=1e-3)
+    model.fit(features, column)
+    return model.coef_[0].astype(np.float32), float(model.intercept_[0])
+
+
 def fit_logistic(features: np.ndarray | sparse.spmatrix, targets: np.ndarray, c: float) -> LinearHead:
-    """One L2 logistic regression per label (labels without a positive get a strongly negative bias)."""
-    n_features, n_labels = features.shape[1], targets.shape[1]
-    weight = np.zeros((n_features, n_labels), dtype=np.float32)
-    bias = np.full(n_labels, UNFITTED_BIAS, dtype=np.float32)
-    for j in range(n_labels):
-        column = targets[:, j]
-        if 0 < column.sum() < len(column):
-            model = LogisticRegression(C=c, max_iter=300, tol=1e-3)
-            model.fit(features, column)
-            weight[:, j] = model.coef_[0]
-            bias[j] = model.intercept_[0]
-    return LinearHead(weight, bias)
+    """One L2 logistic regression per label, on every core (labels without a positive, or without a negative,
+    get zero weights and a strongly negative bias)."""
+    fitted = Parallel(n_jobs=-1)(delayed(_fit_label)(features, targets[:, j], c) for j in range(targets.shape[1]))
+    weight = np.stack([w for w, _ in fitted], axis=1) if fitted else np.zeros((features.shape[1], 0), np.float32)
+    return LinearHead(weight.astype(np.float32), np.asarray([b for _, b in fitted], dtype=np.float32))
 
 
 def standardised_head(pooled: np.ndarray, targets: np.ndarray, c: float) -> LinearHead:

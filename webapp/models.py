@@ -82,6 +82,17 @@ class ModelVersion(db.Model):
         """The frozen-test-split figures models are compared by (the trainer writes them under ``test``)."""
         return self.metrics.get("test") or {}
 
+    @property
+    def newest_metrics(self) -> dict[str, Any]:
+        """The figures on papers newer than any training paper: how the model does in use."""
+        return self.metrics.get("newest") or {}
+
+    @property
+    def newest_baseline(self) -> dict[str, Any]:
+        """The TF-IDF baseline's figures on the same newest papers."""
+        baseline = self.metrics.get("baseline")
+        return (baseline.get("newest") if isinstance(baseline, dict) else None) or {}
+
 
 class ActivationEvent(db.Model):
     """Append-only log of activations; rollback walks it back."""
