@@ -24,7 +24,8 @@ from trainer.data import (
     read_papers,
     split_of,
 )
-from trainer.thresholds import tune_thresholds
+from trainer.metrics import product_report
+from trainer.thresholds import guessing_thresholds, tune_thresholds
 from trainer.train import load_dataset
 from webapp.bundle import read_manifest
 from webapp.inference import load_and_validate
@@ -354,3 +355,51 @@ def test_distributed_training_with_torchrun(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_manifest(out).metrics["training"]["processes"] == 2
     load_and_validate(out)
+
+
+def test_product_report_counts_what_people_see() -> None:
+    """Hand-checked: best guesses fill empty answers (not off-domain ones), hit@k ranks the gold label of
+    single-label papers, label-free papers given a label are false positives, all-rare papers are neither."""
+    probabilities = np.array(
+        [
+            [0.9, 0.2, 0.1],  # gold A: passes, hit@1
+            [0.3, 0.4, 0.1],  # gold A: nothing passes -> best guess B (wrong), A ranked 2nd
+            [0.2, 0.1, 0.3],  # gold C: nothing passes -> best guess C (right)
+            [0.1, 0.6, 0.2],  # label-free: B passes -> a false positive on a negative
+            [0.1, 0.2, 0.3],  # label-free: nothing passes -> best guess C, another false positive
+            [0.1, 0.2, 0.45],  # off-domain, gold B: no best guess
+        ]
+    )
+    targets = np.array([[1, 0, 0], [1, 0, 0], [0, 0, 1], [0, 0, 0], [0, 0, 0], [0, 1, 0]], dtype=np.float32)
+    negatives = np.array([False, False, False, True, True, False])
+    domain = np.array([0.9, 0.9, 0.9, 0.9, 0.9, 0.1])
+    report = product_report(
+        probabilities, targets, [0.5] * 3, best_guess=True, domain=domain, domain_threshold=0.5, negatives=negatives
+    )
+    # Shown: A, B, C, B, C, nothing -> TP 2 (A, C), FP 3 (B, B, C), FN 2 (A of row 2, B of row 6).
+    assert report["micro_precision"] == pytest.approx(2 / 5, abs=1e-4) and report["micro_recall"] == pytest.approx(
+        2 / 4, abs=1e-4
+    )
+    assert report["in_scope"] == 4 and report["empty_share"] == pytest.approx(1 / 4, abs=1e-4)
+    assert report["negatives"] == 2 and report["negative_fp_rate"] == 1.0
+    assert report["single_label"] == 4
+    assert report["hit_at_1"] == pytest.approx(2 / 4, abs=1e-4) and report["hit_at_3"] == 1.0
+    assert report["off_domain_share"] == pytest.approx(1 / 6, abs=1e-4)
+    assert report["thresholded_only"]["micro_f1"] == pytest.approx(2 * 1 / (2 * 1 + 1 + 3), abs=1e-4)
+    plain = product_report(probabilities, targets, [0.5] * 3, best_guess=False, negatives=negatives)
+    assert plain["empty_share"] == pytest.approx(3 / 4, abs=1e-4) and plain["negative_fp_rate"] == 0.5
+
+
+def test_guessing_thresholds_choose_for_what_is_shown() -> None:
+    """Gold labels always rank first in their paper but overlap other papers' wrong labels: no threshold alone is
+    perfect, while above every wrong score the best guesses make the shown answer perfect, and that is chosen."""
+    rng = np.random.default_rng(0)
+    targets = np.zeros((300, 5), dtype=np.float32)
+    targets[np.arange(300), rng.integers(0, 5, 300)] = 1
+    gold = rng.uniform(0.3, 0.9, (300, 1))
+    probabilities = np.where(targets > 0, gold, gold * rng.uniform(0.2, 0.95, targets.shape))
+    plain, _ = tune_thresholds(probabilities, targets, min_support=10_000)
+    assert product_report(probabilities, targets, plain, best_guess=False)["micro_f1"] < 0.95
+    guessing, global_threshold = guessing_thresholds(probabilities, targets, min_support=10_000)
+    assert global_threshold > probabilities[targets == 0].max()
+    assert product_report(probabilities, targets, guessing, best_guess=True)["micro_f1"] == 1.0
