@@ -1,8 +1,16 @@
-"""Build BERT/RoBERTa-shaped encoder classifiers as ONNX graphs with random weights, without torch or a hub.
+"""Build BERT/RoBERTa-shaped encoders as ONNX graphs with random weights, without torch or a hub.
 
-The graph follows the bundle contract (inputs ``input_ids``/``attention_mask``; outputs ``logits`` and a
-mean-pooled, L2-normalised ``embedding``) and is quantised to int8 with onnxruntime's dynamic quantisation,
-which is what the trainer's export does. Random weights cost exactly what trained ones cost.
+Two output contracts share one transformer body (embeddings, ``layers`` x (self-attention, GELU FFN, post-LayerNorm),
+masked mean pooling over ``attention_mask``); inputs are ``input_ids`` and ``attention_mask`` (int64, [batch, seq]):
+
+- :func:`build_encoder`: a format-2 bundle's shared ``encoder.onnx``, output ``pooled`` ([batch, hidden],
+  mean-pooled, not normalised). With :data:`MINILM_L6` it has the default model's shape (all-MiniLM-L6-v2);
+- :func:`build_classifier`: the old one-graph contract the ancestors deployed, outputs ``logits`` ([batch, labels],
+  a linear head on the pooled vector) and the L2-normalised ``embedding``. With :data:`DISTILROBERTA` it is the
+  reference model of ``bench/http_latency.py``.
+
+Both are quantised to int8 with onnxruntime's dynamic quantisation, as the trainer's export does. Random weights
+cost exactly what trained ones cost.
 """
 
 from __future__ import annotations
@@ -57,6 +65,9 @@ class _Graph:
         self.nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
         return out
 
+    def output(self, op_type: str, inputs: list[str], name: str, **attrs: object) -> None:
+        self.nodes.append(helper.make_node(op_type, inputs, [name], **attrs))
+
     def linear(self, x: str, fan_in: int, fan_out: int) -> str:
         projected = self.op("MatMul", [x, self.weight(fan_in, fan_out)])
         return self.op("Add", [projected, self.const(np.zeros(fan_out, dtype=np.float32), "b")])
@@ -67,9 +78,8 @@ class _Graph:
         return self.op("LayerNormalization", [x, scale, bias], axis=-1, epsilon=1e-5)
 
 
-def build_encoder(path: Path, shape: Shape, n_labels: int, *, seed: int = 0, quantize: bool = True) -> Path:
-    """Write ``path`` (int8 unless ``quantize`` is false) and return it."""
-    g = _Graph(seed)
+def _pooled(g: _Graph, shape: Shape) -> str:
+    """The transformer body on ``input_ids``/``attention_mask``; returns the masked mean of its last hidden states."""
     h, heads = shape.hidden, shape.heads
     head_dim = h // heads
     ids, mask = "input_ids", "attention_mask"
@@ -101,24 +111,23 @@ def build_encoder(path: Path, shape: Shape, n_labels: int, *, seed: int = 0, qua
         half = g.op("Mul", [up, g.const(np.array(0.5, dtype=np.float32))])
         gelu = g.op("Mul", [half, g.op("Add", [erf, g.const(np.array(1.0, dtype=np.float32))])])
         x = g.layer_norm(g.op("Add", [x, g.linear(gelu, shape.ffn, h)]), h)
-    # Masked mean pooling, classifier head, L2-normalised embedding.
+    # Masked mean pooling.
     mask3 = g.op("Unsqueeze", [mask_f, g.const(np.array([2], dtype=np.int64))])
     summed = g.op("ReduceSum", [g.op("Mul", [x, mask3]), g.const(np.array([1], dtype=np.int64))], keepdims=0)
     count = g.op("ReduceSum", [mask3, g.const(np.array([1], dtype=np.int64))], keepdims=0)
-    pooled = g.op("Div", [summed, g.op("Max", [count, g.const(np.array([1e-6], dtype=np.float32))])])
-    g.nodes.append(helper.make_node("Identity", [g.linear(pooled, h, n_labels)], ["logits"]))
-    g.nodes.append(helper.make_node("LpNormalization", [pooled], ["embedding"], axis=1, p=2))
+    return g.op("Div", [summed, g.op("Max", [count, g.const(np.array([1e-6], dtype=np.float32))])])
+
+
+def _save(g: _Graph, name: str, outputs: list[tuple[str, list[str | int]]], path: Path, quantize: bool) -> Path:
+    """Write the graph with the two encoder inputs and ``outputs`` (name, shape) to ``path`` (int8 if ``quantize``)."""
     graph = helper.make_graph(
         g.nodes,
-        "encoder",
+        name,
         [
-            helper.make_tensor_value_info(ids, TensorProto.INT64, ["batch", "seq"]),
-            helper.make_tensor_value_info(mask, TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
         ],
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_labels]),
-            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", h]),
-        ],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, dims) for out, dims in outputs],
         g.inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="papertag-bench")
@@ -132,3 +141,24 @@ def build_encoder(path: Path, shape: Shape, n_labels: int, *, seed: int = 0, qua
         onnx.save(model, str(fp32))
         quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8)
     return path
+
+
+def build_encoder(path: Path, shape: Shape, *, seed: int = 0, quantize: bool = True) -> Path:
+    """A format-2 ``encoder.onnx`` (output ``pooled``, not normalised) at ``path``; returns it."""
+    g = _Graph(seed)
+    g.output("Identity", [_pooled(g, shape)], "pooled")
+    return _save(g, "encoder", [("pooled", ["batch", shape.hidden])], path, quantize)
+
+
+def build_classifier(path: Path, shape: Shape, n_labels: int, *, seed: int = 0, quantize: bool = True) -> Path:
+    """An encoder with a linear head in one graph (outputs ``logits`` and the L2-normalised ``embedding``), the
+    contract the ancestors' model had, at ``path``; returns it."""
+    g = _Graph(seed)
+    pooled = _pooled(g, shape)
+    g.output("Identity", [g.linear(pooled, shape.hidden, n_labels)], "logits")
+    g.output("LpNormalization", [pooled], "embedding", axis=1, p=2)
+    outputs: list[tuple[str, list[str | int]]] = [
+        ("logits", ["batch", n_labels]),
+        ("embedding", ["batch", shape.hidden]),
+    ]
+    return _save(g, "classifier", outputs, path, quantize)

@@ -4,9 +4,10 @@ Picks --papers abstracts of typical length (those nearest the median character l
 each onnxruntime thread count in --threads, runs the app in-process on a temporary SQLite database with the
 bundle imported and the papers predicted, then times per paper:
 
-- **plain**: one prediction of the composed text (one onnxruntime run of batch 1, the LRU cache bypassed);
+- **plain**: one prediction of the composed text (the encoder on its windows, then the head; the encoder's cache
+  of readings bypassed);
 - **occlusion**: the model's part of an explanation (split into sentences, compose the variants, tokenise,
-  one batched run of the full text and every variant the model reads);
+  one batched run of the full text and every variant the model reads: all of them when the head has a TF-IDF part);
 - **endpoint**: ``GET /api/v1/predictions/<id>/explanation`` through Flask (database, every taxonomy, JSON).
 
 Prints p50/p95 of each (wall clock), the ratio of the p50s (occlusion / plain), the sentences per abstract, and

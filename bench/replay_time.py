@@ -6,12 +6,18 @@ Papers-with-Code set as predictions, marks --reviewed of them as corrected (to t
 in a fresh app (a worker whose model cache has never seen these texts), times the replay twice: the first loads
 the candidate from the database into the model cache, the second finds it there. Prints seconds and abstracts/s.
 
-    python bench/replay_time.py [--bundle models/research-tasks] [--papers 200] [--reviewed 50]
+The twin carries the same encoder.onnx, as a head retrained on the frozen encoder does: both versions then share
+one encoder and its cache of readings, so the abstracts are encoded once (when --papers fits the encoder's cache of
+256 texts) and each head runs on them. With --new-encoder the twin's encoder bytes differ (same graph and cost, as
+after fine-tuning), so each version encodes every abstract.
+
+    python bench/replay_time.py [--bundle models/research-tasks] [--papers 200] [--reviewed 50] [--new-encoder]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import gzip
 import json
 import os
@@ -24,10 +30,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import flask_migrate  # noqa: E402
+from flask import Flask  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 from bench.swap_time import twin  # noqa: E402
-from webapp import create_app  # noqa: E402
+from webapp import create_app, inference  # noqa: E402
+from webapp.batch import EXTENSION_KEY as BATCH_WORKER  # noqa: E402
 from webapp.extensions import db  # noqa: E402
 from webapp.models import AnnotationEvent, User  # noqa: E402
 from webapp.registry import EXTENSION_KEY as LIVE_MODELS  # noqa: E402
@@ -43,58 +51,100 @@ def papers(count: int) -> list[dict]:
         return [json.loads(line) for _, line in zip(range(count), handle, strict=False)]
 
 
+def setup(
+    config: dict, bundle: Path, twin_dir: Path, n_papers: int, reviewed: int, new_encoder: bool
+) -> tuple[str, int]:
+    """Import the bundle (active) and its twin (the candidate), store and review the papers; the candidate's id and
+    the label count. The app and its models are gone when this returns."""
+    app = create_app(config)
+    rows = papers(n_papers)
+    with app.app_context():
+        flask_migrate.upgrade()
+        active = import_bundle(bundle, actor="bench").version
+        candidate = import_bundle(twin(bundle, twin_dir, new_encoder=new_encoder), actor="bench").version.id
+        for start in range(0, len(rows), 64):
+            chunk = rows[start : start + 64]
+            predictions = predict_and_store([check_submission(r["title"], r["abstract"]) for r in chunk], "api")
+            if start < reviewed:
+                user = db.session.scalar(select(User)) or User(name="bench", role="curator")
+                for prediction, row in list(zip(predictions, chunk, strict=True))[: reviewed - start]:
+                    stored = set(prediction.results[0].labels)
+                    gold = set(row["labels"]) & set(active.labels)
+                    db.session.add(
+                        AnnotationEvent(
+                            prediction=prediction,
+                            taxonomy_id=active.taxonomy_id,
+                            user=user,
+                            added=sorted(gold - stored),
+                            removed=sorted(stored - gold),
+                        )
+                    )
+                db.session.commit()
+        labels = len(active.labels)
+    stop(app)
+    return candidate, labels
+
+
+def stop(app: Flask) -> None:
+    app.extensions[LIVE_MODELS].stop()
+    app.extensions[BATCH_WORKER].stop()
+    with app.app_context():
+        db.engine.dispose()
+
+
+def replay_once(config: dict, candidate: str) -> dict[str, float]:
+    """One replay in a fresh app (a worker with the active model loaded): seconds, abstracts, reviewed and changed
+    ones, and the onnxruntime threads."""
+    worker = create_app(config)
+    with worker.app_context():
+        live = live_models()
+        live.ensure_started()  # the active model loaded, as a running worker has it
+        started = time.perf_counter()
+        report = run_replay(candidate, actor="bench")
+        figures = {
+            "seconds": time.perf_counter() - started,
+            "abstracts": report.sample_size,
+            "reviewed": report.report["sample"]["reviewed"],
+            "changed": report.report["changed"],
+            "threads": live.threads,
+        }
+    stop(worker)
+    return figures
+
+
+def no_encoder_left() -> None:
+    """The models of the apps before are gone, and with them every encoder's cache of readings: the next replay
+    encodes the texts afresh (encoders are shared per process while any loaded model holds them)."""
+    gc.collect()
+    if inference._encoders:
+        raise SystemExit(f"{len(inference._encoders)} encoder(s) still loaded: the replay would read cached texts")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=REPO / "models" / "research-tasks")
     parser.add_argument("--papers", type=int, default=200)
     parser.add_argument("--reviewed", type=int, default=50)
+    parser.add_argument(
+        "--new-encoder", action="store_true", help="the candidate carries other encoder bytes (as after fine-tuning)"
+    )
     args = parser.parse_args()
+    passes = "an encoder each" if args.new_encoder else "one shared encoder"
     with tempfile.TemporaryDirectory(prefix="papertag-replay-bench-") as tmp:
         config = {"DATA_DIR": tmp, "DATABASE_URL": "", "SECRET_KEY": "bench", "REPLAY_SAMPLE_SIZE": args.papers}
-        app = create_app(config)
-        rows = papers(args.papers)
-        with app.app_context():
-            flask_migrate.upgrade()
-            active = import_bundle(args.bundle, actor="bench").version
-            candidate = import_bundle(twin(args.bundle, Path(tmp) / "twin"), actor="bench").version.id
-            for start in range(0, len(rows), 64):
-                chunk = rows[start : start + 64]
-                predictions = predict_and_store([check_submission(r["title"], r["abstract"]) for r in chunk], "api")
-                if start < args.reviewed:
-                    user = db.session.scalar(select(User)) or User(name="bench", role="curator")
-                    for prediction, row in list(zip(predictions, chunk, strict=True))[: args.reviewed - start]:
-                        stored = set(prediction.results[0].labels)
-                        gold = set(row["labels"]) & set(active.labels)
-                        db.session.add(
-                            AnnotationEvent(
-                                prediction=prediction,
-                                taxonomy_id=active.taxonomy_id,
-                                user=user,
-                                added=sorted(gold - stored),
-                                removed=sorted(stored - gold),
-                            )
-                        )
-                    db.session.commit()
-            labels = len(active.labels)
-        app.extensions[LIVE_MODELS].stop()
+        candidate, labels = setup(config, args.bundle, Path(tmp) / "twin", args.papers, args.reviewed, args.new_encoder)
         # Each replay in a fresh app on the same DATA_DIR: a worker whose in-memory caches never saw these texts;
         # only the on-disk model cache carries over, which the candidate's first replay fills.
         for attempt in ("first (candidate unpacked and loaded)", "second (candidate from the model cache)"):
-            worker = create_app(config)
-            with worker.app_context():
-                live = live_models()
-                live.ensure_started()  # the active model loaded, as a running worker has it
-                started = time.perf_counter()
-                report = run_replay(candidate, actor="bench")
-                seconds = time.perf_counter() - started
-                print(
-                    f"{attempt}: {seconds:.2f} s for {report.sample_size} abstracts x 2 models "
-                    f"({report.sample_size / seconds:.1f} abstracts/s); {report.report['sample']['reviewed']} "
-                    f"reviewed, {report.report['changed']} changed"
-                )
-                live.stop()
+            no_encoder_left()
+            run = replay_once(config, candidate)
+            print(
+                f"{attempt}: {run['seconds']:.2f} s for {run['abstracts']} abstracts x 2 models ({passes}) "
+                f"({run['abstracts'] / run['seconds']:.1f} abstracts/s); {run['reviewed']} reviewed, "
+                f"{run['changed']} changed"
+            )
         print(
-            f"bundle {args.bundle} ({labels} labels), {live.threads} onnxruntime thread(s), {os.cpu_count()} cores, "
+            f"bundle {args.bundle} ({labels} labels), {run['threads']} onnxruntime thread(s), {os.cpu_count()} cores, "
             f"load average {os.getloadavg()[0]:.1f}"
         )
 
