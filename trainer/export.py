@@ -53,9 +53,10 @@ def export_encoder(model: Tagger, sample_ids: torch.Tensor, sample_mask: torch.T
     return path
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, op_types: list[str] | None = None) -> Path:
+def quantize_int8(fp32_path: Path, int8_path: Path, nodes: list[str] | None = None) -> Path:
     """Dynamic int8 quantisation of the weights (activations stay float), onnxruntime's own tool. Its INFO lines
-    and its advice to pre-process (which does not apply to dynamic quantisation) are kept out of the output."""
+    and its advice to pre-process (which does not apply to dynamic quantisation) are kept out of the output.
+    ``nodes``: quantise only these nodes (default: every supported one)."""
     quantization_log = logging.getLogger()
     level = quantization_log.level
     quantization_log.setLevel(logging.ERROR)
@@ -64,7 +65,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, op_types: list[str] | None =
             str(fp32_path),
             str(int8_path),
             weight_type=QuantType.QInt8,
-            op_types_to_quantize=op_types,
+            nodes_to_quantize=nodes,
             # Shape inference cannot type the outputs of the TF-IDF graph's custom-domain ops.
             extra_options={"DefaultTensorType": TensorProto.FLOAT},
         )

@@ -37,23 +37,30 @@ HEAD_C_CHOICES = (0.3, 1.0, 3.0)
 FUSION_GRID = np.round(np.linspace(0.0, 1.0, 11), 2)
 DOMAIN_REFERENCES = 2048
 UNFITTED_BIAS = -12.0
+# The head's large matrix products, quantised to int8 (the embedding head is small and stays fp32).
+LEXICAL_NODE, DOMAIN_NODE = "lexical_matmul", "domain_matmul"
 
 
 @dataclass
 class LinearHead:
-    """logits = features @ weight + bias."""
+    """logits = ((features - mean) / scale) @ weight + bias; the standardisation stays a step of its own in the
+    graph (folded into the weights it would cancel large numbers against each other)."""
 
     weight: np.ndarray  # [features, labels]
     bias: np.ndarray  # [labels]
+    mean: np.ndarray | None = None  # [features]
+    scale: np.ndarray | None = None  # [features]
 
     def logits(self, features: np.ndarray | sparse.spmatrix) -> np.ndarray:
+        if self.mean is not None and self.scale is not None:
+            features = (np.asarray(features) - self.mean) / self.scale
         return np.asarray(features @ self.weight) + self.bias
 
 
 def _fit_label(features: np.ndarray | sparse.spmatrix, column: np.ndarray, c: float) -> tuple[np.ndarray, float]:
     if not 0 < column.sum() < len(column):
         return np.zeros(features.shape[1], dtype=np.float32), UNFITTED_BIAS
-    model = LogisticRegression(C=c, max_iter=300, tol=1e-3)
+    model = LogisticRegression(C=c, max_iter=1000)
     model.fit(features, column)
     return model.coef_[0].astype(np.float32), float(model.intercept_[0])
 
@@ -67,11 +74,10 @@ def fit_logistic(features: np.ndarray | sparse.spmatrix, targets: np.ndarray, c:
 
 
 def standardised_head(pooled: np.ndarray, targets: np.ndarray, c: float) -> LinearHead:
-    """Logistic regression on standardised embeddings, the scaling folded back into the weights."""
-    mean, scale = pooled.mean(axis=0), pooled.std(axis=0) + 1e-6
+    """Logistic regression on standardised embeddings."""
+    mean, scale = pooled.mean(axis=0).astype(np.float32), (pooled.std(axis=0) + 1e-6).astype(np.float32)
     head = fit_logistic((pooled - mean) / scale, targets, c)
-    weight = head.weight / scale[:, None]
-    return LinearHead(weight.astype(np.float32), (head.bias - mean @ weight).astype(np.float32))
+    return LinearHead(head.weight, head.bias, mean, scale)
 
 
 def validation_f1(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -127,20 +133,27 @@ def build_head(
     lexical_head: LinearHead | None = None,
     encoder_weight: float = 1.0,
 ) -> Path:
-    """Write ``head.onnx`` (fp32): logits = w * embedding head + (1 - w) * lexical head; domain = max cosine
-    similarity to the reference embeddings. Then quantise its matrix products to int8 beside it."""
+    """Write ``head.onnx``: logits = w * embedding head + (1 - w) * lexical head; domain = max cosine similarity to
+    the reference embeddings. The large matrix products (lexical, references) are quantised to int8; the embedding
+    head, small and sensitive, stays fp32. The fp32 graph is kept beside it for the drift check."""
     hidden, n_labels = embedding_head.weight.shape
+    mean = embedding_head.mean if embedding_head.mean is not None else np.zeros(hidden, np.float32)
+    scale = embedding_head.scale if embedding_head.scale is not None else np.ones(hidden, np.float32)
     initializers = [
+        numpy_helper.from_array(mean.astype(np.float32), "embedding_mean"),
+        numpy_helper.from_array((1.0 / scale).astype(np.float32), "embedding_inverse_scale"),
         numpy_helper.from_array((encoder_weight * embedding_head.weight).astype(np.float32), "embedding_weight"),
         numpy_helper.from_array((encoder_weight * embedding_head.bias).astype(np.float32), "embedding_bias"),
         numpy_helper.from_array(references, "references"),
         numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
     ]
     nodes = [
-        helper.make_node("MatMul", [ENCODER_OUTPUT, "embedding_weight"], ["embedding_product"]),
+        helper.make_node("Sub", [ENCODER_OUTPUT, "embedding_mean"], ["centred"]),
+        helper.make_node("Mul", ["centred", "embedding_inverse_scale"], ["standardised"]),
+        helper.make_node("MatMul", ["standardised", "embedding_weight"], ["embedding_product"]),
         helper.make_node("Add", ["embedding_product", "embedding_bias"], ["embedding_logits"]),
         helper.make_node("LpNormalization", [ENCODER_OUTPUT], ["normalised"], axis=1, p=2),
-        helper.make_node("MatMul", ["normalised", "references"], ["similarities"]),
+        helper.make_node("MatMul", ["normalised", "references"], ["similarities"], name=DOMAIN_NODE),
         helper.make_node("ReduceMax", ["similarities", "axis1"], [HEAD_OUTPUTS[1]], keepdims=0),
     ]
     inputs = [helper.make_tensor_value_info(ENCODER_OUTPUT, TensorProto.FLOAT, ["batch", hidden])]
@@ -156,7 +169,7 @@ def build_head(
             list(lexical_graph.node)
             + nodes
             + [
-                helper.make_node("MatMul", [tfidf_output, "lexical_weight"], ["lexical_product"]),
+                helper.make_node("MatMul", [tfidf_output, "lexical_weight"], ["lexical_product"], name=LEXICAL_NODE),
                 helper.make_node("Add", ["lexical_product", "lexical_bias"], ["lexical_logits"]),
                 helper.make_node("Add", ["embedding_logits", "lexical_logits"], [HEAD_OUTPUTS[0]]),
             ]
@@ -180,7 +193,8 @@ def build_head(
     onnx.checker.check_model(model)
     fp32_path = path.with_suffix(".fp32.onnx")
     onnx.save(model, str(fp32_path))
-    return quantize_int8(fp32_path, path, op_types=["MatMul"])
+    quantized = [DOMAIN_NODE, LEXICAL_NODE] if lexical is not None else [DOMAIN_NODE]
+    return quantize_int8(fp32_path, path, nodes=quantized)
 
 
 @dataclass

@@ -368,7 +368,7 @@ def train(
                     probabilities, targets[name], thresholds, domain=domain, negatives=negatives[name], **decision
                 )
                 reading = readings[name]
-                figures[name]["truncated_share"] = round(float(np.mean([r.truncated for r in reading])), 4)
+                figures[name]["encoder_truncated_share"] = round(float(np.mean([r.truncated for r in reading])), 4)
         test = outputs("test")[0]
         figures["test"].update(
             {
