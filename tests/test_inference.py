@@ -211,3 +211,9 @@ def test_decide_gives_a_best_guess_only_when_asked_and_in_domain(make_bundle: Bu
     assert (off.labels, off.best_guess, off.off_domain) == ([], False, True)
     on = cautious.decide(low, domain=0.3)
     assert (on.labels, on.best_guess, on.off_domain) == ([LABELS[-1]], True, False)
+    # A best guess needs the bundle's guess floor: below it the abstract is likely about none of the labels.
+    floored = LoadedModel(make_bundle(seed=1, threshold=0.99, best_guess=True, guess_floor=0.7))
+    assert floored.decide(low, domain=0.5).labels == []
+    assert floored.decide(np.where(np.arange(len(LABELS)) == 3, 0.75, 0.1).astype(np.float32), 0.5).labels == [
+        LABELS[3]
+    ]

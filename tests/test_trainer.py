@@ -402,6 +402,25 @@ def test_guessing_thresholds_choose_for_what_is_shown() -> None:
     probabilities = np.where(targets > 0, gold, gold * rng.uniform(0.2, 0.95, targets.shape))
     plain, _ = tune_thresholds(probabilities, targets, min_support=10_000)
     assert product_report(probabilities, targets, plain, best_guess=False)["micro_f1"] < 0.95
-    guessing, global_threshold = guessing_thresholds(probabilities, targets, min_support=10_000)
-    assert global_threshold > probabilities[targets == 0].max()
+    guessing, global_threshold, floor = guessing_thresholds(probabilities, targets, 10_000, max_empty_share=0.05)
+    assert global_threshold > probabilities[targets == 0].max() and floor == 0.0
     assert product_report(probabilities, targets, guessing, best_guess=True)["micro_f1"] == 1.0
+
+
+def test_the_guess_floor_spares_papers_about_none_of_the_labels_within_the_empty_share() -> None:
+    """Papers whose labels are all outside the label set score low everywhere: a guess there is a false positive.
+    The floor keeps them empty, and never leaves more in-scope papers empty than allowed."""
+    rng = np.random.default_rng(1)
+    targets = np.zeros((400, 4), dtype=np.float32)
+    targets[:300][np.arange(300), rng.integers(0, 4, 300)] = 1  # the last 100 have no known label
+    top = np.where(targets.any(axis=1), rng.uniform(0.2, 0.6, 400), rng.uniform(0.01, 0.1, 400))
+    probabilities = np.where(targets > 0, top[:, None], top[:, None] * rng.uniform(0.1, 0.9, targets.shape))
+    thresholds, _, floor = guessing_thresholds(probabilities, targets, 10_000, max_empty_share=0.05)
+    outside, highest = ~targets.any(axis=1), probabilities.max(axis=1)
+    assert highest[outside].max() < floor <= highest[~outside].min()
+    report = product_report(probabilities, targets, thresholds, best_guess=True, guess_floor=floor)
+    assert report["micro_f1"] == 1.0 and report["empty_share"] == 0.0
+    always = product_report(probabilities, targets, thresholds, best_guess=True)
+    assert always["micro_f1"] < 0.9
+    strict, _, strict_floor = guessing_thresholds(probabilities, targets, 10_000, max_empty_share=0.0)
+    assert strict_floor <= 0.2

@@ -103,6 +103,13 @@ class TrainConfig:
             "the training data has label-free papers, whose right answer is none)."
         },
     )
+    max_empty_share: float = field(
+        default=0.05,
+        metadata={
+            "help": "With best guesses on: the guess floor (the least probability a best guess needs) is the one with "
+            "the best validation micro-F1 among those leaving at most this share of in-scope papers with no label."
+        },
+    )
     domain_quantile: float = field(
         default=0.01,
         metadata={
@@ -175,6 +182,8 @@ class TrainConfig:
             raise ConfigError("max_windows must be positive and window_overlap below half of max_length")
         if self.best_guess not in {"auto", "on", "off"}:
             raise ConfigError(f"best_guess must be auto, on or off, not {self.best_guess!r}")
+        if not 0 <= self.max_empty_share <= 1:
+            raise ConfigError("max_empty_share must lie in [0, 1]")
         if not 0 < self.domain_quantile < 0.5:
             raise ConfigError("domain_quantile must lie in (0, 0.5)")
         if self.device not in {"auto", "cpu", "cuda"}:

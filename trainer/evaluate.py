@@ -38,6 +38,7 @@ def evaluate_papers(bundle_dir: Path, papers: list[Paper]) -> dict[str, Any]:
         targets,
         model.manifest.thresholds,
         best_guess=model.manifest.best_guess,
+        guess_floor=model.manifest.guess_floor,
         domain=domain,
         domain_threshold=model.manifest.domain_threshold,
         negatives=np.asarray([not p.labels for p in papers], dtype=bool),

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 TOKEN_PATTERN = r"\b\w\w+\b"
 # A locale every Linux has: skl2onnx's default en_US.UTF-8 is missing on slim images and onnxruntime refuses it.
 LOCALE = "C.UTF-8"
-HEAD_C_CHOICES = (0.3, 1.0, 3.0)
+HEAD_C_CHOICES = (0.03, 0.1, 0.3, 1.0)
 FUSION_GRID = np.round(np.linspace(0.0, 1.0, 11), 2)
 DOMAIN_REFERENCES = 2048
 UNFITTED_BIAS = -12.0

@@ -81,12 +81,14 @@ def decisions(
     *,
     best_guess: bool,
     off_domain: np.ndarray | None = None,
+    guess_floor: float = 0.0,
 ) -> np.ndarray:
     """What the product shows, as a 0/1 matrix: labels at or above their threshold; where none passes and
-    ``best_guess`` is on, the most probable label (unless the abstract is flagged off-domain)."""
+    ``best_guess`` is on, the most probable label, if it reaches ``guess_floor`` and the abstract is not flagged
+    off-domain (:meth:`webapp.inference.LoadedModel.decide`)."""
     predicted = decide(probabilities, thresholds)
     if best_guess and len(predicted):
-        empty = predicted.sum(axis=1) == 0
+        empty = (predicted.sum(axis=1) == 0) & (probabilities.max(axis=1) >= guess_floor)
         if off_domain is not None:
             empty &= ~off_domain
         rows = np.flatnonzero(empty)
@@ -103,6 +105,7 @@ def product_report(
     domain: np.ndarray | None = None,
     domain_threshold: float | None = None,
     negatives: np.ndarray | None = None,
+    guess_floor: float = 0.0,
 ) -> dict[str, Any]:
     """The figures that say how the tags serve people, on one split:
 
@@ -116,7 +119,7 @@ def product_report(
     off_domain = None
     if domain is not None and domain_threshold is not None:
         off_domain = domain < domain_threshold
-    shown = decisions(probabilities, thresholds, best_guess=best_guess, off_domain=off_domain)
+    shown = decisions(probabilities, thresholds, best_guess=best_guess, off_domain=off_domain, guess_floor=guess_floor)
     truth = targets.astype(int)
     in_scope = truth.sum(axis=1) > 0
     negatives = np.zeros(len(truth), dtype=bool) if negatives is None else np.asarray(negatives, dtype=bool)

@@ -32,18 +32,39 @@ def choose_min_support(probabilities: np.ndarray, targets: np.ndarray, *, repeat
     return max(SUPPORT_CHOICES, key=lambda choice: (round(float(np.mean(scores[choice])), 4), choice == 0))
 
 
-def guessing_thresholds(probabilities: np.ndarray, targets: np.ndarray, min_support: int) -> tuple[list[float], float]:
-    """Like :func:`webapp.tuning.tune_thresholds`, for a model that answers its best guess when no label passes:
-    the global threshold is chosen by the micro-F1 of what is then shown (an empty answer is no longer the price
-    of a high threshold), per-label thresholds where a label has ``min_support`` positives."""
+# Least probabilities a best guess may need, tried on validation (0 = always guess).
+FLOOR_GRID = np.round(np.arange(0.0, 0.301, 0.01), 2)
+
+
+def guessing_thresholds(
+    probabilities: np.ndarray, targets: np.ndarray, min_support: int, max_empty_share: float
+) -> tuple[list[float], float, float]:
+    """Like :func:`webapp.tuning.tune_thresholds`, for a model that answers its best guess when no label passes.
+
+    The global threshold and the guess floor (a guess needs at least that probability: below it the paper is most
+    likely about none of the labels, and a guess would only add a false positive) are chosen together for the
+    micro-F1 of what is then shown, among the pairs that leave at most ``max_empty_share`` of the in-scope papers
+    (those with a label) with no answer; per-label thresholds where a label has ``min_support`` positives.
+    Returns the thresholds, the global threshold and the floor.
+    """
     positives = targets > 0
+    in_scope = positives.any(axis=1)
     top = probabilities.argmax(axis=1)
-    scores = []
+    top_probability = probabilities.max(axis=1)
+    best = (-1.0, float(GRID[0]), 0.0)
     for threshold in GRID:
-        shown = probabilities >= threshold
-        empty = np.flatnonzero(~shown.any(axis=1))
-        shown[empty, top[empty]] = True
-        tp, fp, fn = (shown & positives).sum(), (shown & ~positives).sum(), (~shown & positives).sum()
-        scores.append(float(f1_score(np.array(tp), np.array(fp), np.array(fn))))
-    fallback = float(GRID[int(np.argmax(scores))])
-    return label_thresholds(probabilities, targets, min_support, [fallback] * targets.shape[1]), fallback
+        passing = probabilities >= threshold
+        nothing = ~passing.any(axis=1)
+        for floor in FLOOR_GRID:
+            guessed = np.flatnonzero(nothing & (top_probability >= floor))
+            shown = passing.copy()
+            shown[guessed, top[guessed]] = True
+            empty = ~shown.any(axis=1)
+            if in_scope.any() and empty[in_scope].mean() > max_empty_share:
+                continue
+            tp, fp, fn = (shown & positives).sum(), (shown & ~positives).sum(), (~shown & positives).sum()
+            score = float(f1_score(np.array(tp), np.array(fp), np.array(fn)))
+            if score > best[0]:
+                best = (score, float(threshold), float(floor))
+    _, fallback, floor = best
+    return label_thresholds(probabilities, targets, min_support, [fallback] * targets.shape[1]), fallback, floor

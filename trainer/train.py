@@ -351,15 +351,26 @@ def train(
 
         validation, validation_domain = outputs("validation")
         min_support = config.threshold_min_support or choose_min_support(validation, targets["validation"])
-        tune = guessing_thresholds if best_guess else tune_thresholds
-        thresholds, global_threshold = tune(validation, targets["validation"], min_support or len(validation) + 1)
+        support = min_support or len(validation) + 1
+        guess_floor = 0.0
+        if best_guess:
+            thresholds, global_threshold, guess_floor = guessing_thresholds(
+                validation, targets["validation"], support, config.max_empty_share
+            )
+        else:
+            thresholds, global_threshold = tune_thresholds(validation, targets["validation"], support)
         domain_threshold = round(float(np.quantile(validation_domain, config.domain_quantile)), 4)
         manifest = _window_manifest(config, labels, base_name)
         manifest.thresholds = thresholds
         manifest.best_guess = best_guess
+        manifest.guess_floor = guess_floor
         manifest.domain_threshold = domain_threshold
         manifest.training_data = data_summary
-        decision: dict[str, Any] = {"best_guess": best_guess, "domain_threshold": domain_threshold}
+        decision: dict[str, Any] = {
+            "best_guess": best_guess,
+            "guess_floor": guess_floor,
+            "domain_threshold": domain_threshold,
+        }
         figures: dict[str, Any] = {}
         for name in ("validation", "test", "newest"):
             if texts[name]:

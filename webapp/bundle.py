@@ -81,6 +81,7 @@ class Manifest:
     max_windows: int = 1
     window_overlap: int = 0
     best_guess: bool = False
+    guess_floor: float = 0.0
     domain_threshold: float | None = None
     encoder_sha256: str = ""
     training_data: dict[str, Any] = field(default_factory=dict)
@@ -118,6 +119,8 @@ class Manifest:
             raise BundleError(f"window_overlap {self.window_overlap!r} must be an integer below half of max_length")
         if not isinstance(self.best_guess, bool):
             raise BundleError("best_guess must be true or false")
+        if not isinstance(self.guess_floor, (int, float)) or not 0.0 <= self.guess_floor < 1.0:
+            raise BundleError("guess_floor must be a number from 0 up to 1")
         if self.domain_threshold is not None and (
             not isinstance(self.domain_threshold, (int, float)) or not -1.0 <= self.domain_threshold <= 1.0
         ):

@@ -259,15 +259,17 @@ class LoadedModel:
         return self.head_outputs(texts, self.encoder.run(texts, batch_size))[0]
 
     def decide(self, probabilities: np.ndarray, domain: float) -> Decision:
-        """The labels at or above their threshold, most probable first; else the best guess (if the bundle asks
-        for one and the abstract is not off-domain)."""
+        """The labels at or above their threshold, most probable first; else the best guess, if the bundle asks for
+        one, the abstract is not off-domain and the best label's probability reaches the bundle's ``guess_floor``
+        (below it the abstract is most likely about none of the labels)."""
         order = np.argsort(-probabilities, kind="stable")
         passing = [self.labels[j] for j in order if probabilities[j] >= self.thresholds[j]]
         threshold = self.manifest.domain_threshold
         off_domain = threshold is not None and domain < threshold
-        if passing or not self.manifest.best_guess or off_domain:
+        top = int(order[0])
+        if passing or not self.manifest.best_guess or off_domain or probabilities[top] < self.manifest.guess_floor:
             return Decision(passing, False, off_domain)
-        return Decision([self.labels[int(order[0])]], True, off_domain)
+        return Decision([self.labels[top]], True, off_domain)
 
     def predicted(self, scored: Scored) -> list[str]:
         """The labels a stored prediction gets: what replay compares."""
