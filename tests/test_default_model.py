@@ -1,17 +1,21 @@
-"""The shipped default bundles: real int8 MiniLM models that load, predict sensibly and carry honest metrics."""
+"""The shipped default bundles: real format-2 int8 models sharing one encoder, that load, predict sensibly, flag
+off-domain abstracts and carry honest metrics (the newest papers beside the TF-IDF baseline)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from webapp.bundle import read_manifest
-from webapp.inference import load_and_validate
+from webapp.inference import load_and_validate, score_all
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 RESEARCH_TASKS = MODELS / "research-tasks"
 ARXIV_CATEGORIES = MODELS / "arxiv-categories"
+OFF_DOMAIN = Path(__file__).resolve().parent / "fixtures" / "off_domain.jsonl"
 DETECTOR = (
     "Object detection. We present a single-stage object detector that predicts bounding boxes and class "
     "probabilities directly from full images, and report state-of-the-art mAP on the COCO benchmark."
@@ -33,24 +37,50 @@ SPEECH = (
 def test_shipped_bundle_serves_sensible_labels(bundle: Path, min_labels: int, abstract: str, expected_top: str) -> None:
     model = load_and_validate(bundle)
     assert len(model.labels) >= min_labels
-    assert (bundle / "model.onnx").stat().st_size < 30_000_000
+    assert (bundle / "encoder.onnx").stat().st_size < 30_000_000 and (bundle / "head.onnx").stat().st_size < 8_000_000
     [scored] = model.score([abstract])
     top = model.labels[int(scored.probabilities.argmax())]
     assert top == expected_top, top
 
 
-# Issue 3's bar for the default model: 0.05 micro-F1 above TF-IDF + logistic regression on the same frozen test
-# split. arXiv categories are nearly lexical (TF-IDF reaches 0.70 micro-F1): there the model must still not be below
-# it on micro-F1 and must win on macro-F1 (rare categories), which it does by 0.08.
+def test_the_shipped_taxonomies_share_one_encoder_and_one_pass() -> None:
+    tasks, categories = load_and_validate(RESEARCH_TASKS), load_and_validate(ARXIV_CATEGORIES)
+    assert tasks.manifest.encoder_sha256 == categories.manifest.encoder_sha256
+    assert tasks.encoder is categories.encoder
+    both = score_all({"tasks": tasks, "categories": categories}, [DETECTOR])
+    np.testing.assert_array_equal(both["tasks"][0].embedding, both["categories"][0].embedding)
+
+
+# Issue 10's targets on the newest papers, as the trainer measured them (bundle.json). arXiv categories are near
+# lexical: there the bar is micro-F1 above TF-IDF's and a clearly better macro-F1.
 @pytest.mark.parametrize(("bundle", "micro_margin"), [(RESEARCH_TASKS, 0.05), (ARXIV_CATEGORIES, 0.0)])
-def test_shipped_bundle_reports_metrics_and_the_baseline(bundle: Path, micro_margin: float) -> None:
+def test_shipped_bundle_reports_newest_papers_beside_the_baseline(bundle: Path, micro_margin: float) -> None:
     metrics = read_manifest(bundle).metrics
-    assert metrics["test"]["examples"] > 500
-    assert metrics["test"]["micro_f1"] >= metrics["baseline"]["micro_f1"] + micro_margin
-    assert metrics["test"]["macro_f1"] > metrics["baseline"]["macro_f1"]
-    assert {"fp32_vs_int8_max_abs_probability", "micro_f1_fp32", "micro_f1_int8"} <= set(metrics["drift"])
+    for split in ("test", "newest"):
+        mine, theirs = metrics[split], metrics["baseline"][split]
+        assert mine["examples"] == theirs["examples"] > 500
+        assert mine["micro_f1"] >= theirs["micro_f1"] + micro_margin
+        assert mine["macro_f1"] > theirs["macro_f1"]
+        assert mine["empty_share"] <= 0.06 < theirs["empty_share"]
+        assert mine["hit_at_3"] >= theirs["hit_at_3"]
+    assert metrics["drift"]["micro_f1_delta"] <= 0.01
+    assert metrics["training"]["design"]["encoder_weight"] < 1.0  # the lexical part is in use
 
 
-def test_the_two_shipped_taxonomies_are_distinct() -> None:
+def test_the_shipped_taxonomies_are_distinct() -> None:
     slugs = {read_manifest(path).taxonomy_slug for path in (RESEARCH_TASKS, ARXIV_CATEGORIES)}
     assert slugs == {"research-tasks", "arxiv-categories"}
+
+
+def test_off_domain_abstracts_are_flagged_not_tagged_with_confidence() -> None:
+    """Biology, economics, history, law...: mostly flagged off-domain, and never given a best guess then."""
+    papers = [json.loads(line) for line in OFF_DOMAIN.read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts = [f"{p['title']}. {p['abstract']}" for p in papers]
+    for bundle in (RESEARCH_TASKS, ARXIV_CATEGORIES):
+        model = load_and_validate(bundle)
+        decisions = [model.decide(s.probabilities, s.domain) for s in model.score(texts)]
+        flagged = sum(d.off_domain for d in decisions)
+        assert flagged >= len(texts) * 3 // 4, (bundle.name, flagged)
+        assert not any(d.best_guess for d in decisions if d.off_domain)
+    in_domain = load_and_validate(RESEARCH_TASKS).score([DETECTOR, SPEECH])
+    assert all(s.domain >= load_and_validate(RESEARCH_TASKS).manifest.domain_threshold for s in in_domain)
