@@ -55,6 +55,22 @@ SPLITS = ("train", "validation", "test", "newest")
 # Rough CPU rates on 2 cores (bench/train_throughput.py): abstracts fine-tuned per second at 128 tokens, windows
 # encoded per second by the int8 encoder. Only for the estimate printed before training starts.
 CPU_FINETUNE_RATE = 12.0
+# The settings a fine-tuned encoder depends on (with the base model, the labels and the training texts).
+FINETUNE_FIELDS = (
+    "encoder_layers",
+    "max_length",
+    "epochs",
+    "batch_size",
+    "gpu_batch_size",
+    "learning_rate",
+    "head_learning_rate",
+    "weight_decay",
+    "warmup_ratio",
+    "max_pos_weight",
+    "patience",
+    "seed",
+    "device",
+)
 CPU_ENCODE_RATE = 90.0
 
 
@@ -224,29 +240,12 @@ def _encoder_source(
     from .model import resolve_base_model
 
     base_path = resolve_base_model(base_model or config.base_model)
+    # Only what shapes the fine-tune keys its cache (a head or threshold setting must not start a new one).
     key = _fingerprint(
-        {
-            k: v
-            for k, v in asdict(config).items()
-            if k
-            not in {
-                "taxonomy_name",
-                "baseline",
-                "best_guess",
-                "domain_quantile",
-                "lexical",
-                "lexical_max_features",
-                "lexical_c",
-                "head_c",
-                "threshold_min_support",
-                "max_windows",
-                "window_overlap",
-                "eval_batch_size",
-            }
-        },
+        {name: getattr(config, name) for name in FINETUNE_FIELDS},
         base_path,
         labels,
-        _fingerprint(texts["train"], targets["train"].tolist()),
+        _fingerprint(texts["train"], targets["train"].tolist(), texts["validation"]),
     )
     cached = work_dir / f"finetune-{key}"
     if (cached / "info.json").is_file():
