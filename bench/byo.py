@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.train import figures_table, train  # noqa: E402
-from webapp.bundle import read_manifest  # noqa: E402
+from webapp.serving.bundle import read_manifest  # noqa: E402
 
 ARXIV = REPO / "data" / "arxiv-categories" / "papers.jsonl.gz"
 # Broad categories that tag most papers of the set are left out, as a set about a few themes would.

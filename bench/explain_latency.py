@@ -37,11 +37,11 @@ import flask_migrate  # noqa: E402
 from bench.http_latency import cores  # noqa: E402
 from webapp import create_app  # noqa: E402
 from webapp.batch import EXTENSION_KEY as BATCH_WORKER  # noqa: E402
-from webapp.bundle import compose_text  # noqa: E402
 from webapp.explain import occlusion, units_of, variant_texts  # noqa: E402
 from webapp.extensions import db  # noqa: E402
 from webapp.models import Prediction  # noqa: E402
-from webapp.registry import import_bundle, live_models  # noqa: E402
+from webapp.serving.bundle import compose_text  # noqa: E402
+from webapp.serving.registry import import_bundle, live_models  # noqa: E402
 
 
 def typical_papers(path: Path, n: int) -> list[dict]:

@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.encoder_onnx import DISTILROBERTA, MINILM_L6, build_classifier, build_encoder  # noqa: E402
-from webapp.bundle import FORMAT_1_MESSAGE, BundleError, Manifest, compose_text, read_manifest, write_bundle  # noqa: E402
+from webapp.serving.bundle import FORMAT_1_MESSAGE, BundleError, Manifest, compose_text, read_manifest, write_bundle  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TARGET_TOKENS = 196  # the abstract length PRODUCT.md's reference timings use

@@ -50,8 +50,8 @@ from trainer.publish import SiteTarget  # noqa: E402
 from trainer.train import load_dataset, train  # noqa: E402
 from webapp import create_app  # noqa: E402
 from webapp.batch import EXTENSION_KEY as BATCH_WORKER  # noqa: E402
-from webapp.bundle import read_manifest  # noqa: E402
-from webapp.registry import EXTENSION_KEY as LIVE_MODELS  # noqa: E402
+from webapp.serving.bundle import read_manifest  # noqa: E402
+from webapp.serving.registry import EXTENSION_KEY as LIVE_MODELS  # noqa: E402
 
 MAX_BATCH = 64  # abstracts per POST /api/v1/predict
 COLUMNS = (

@@ -31,8 +31,8 @@ from webapp import create_app  # noqa: E402
 from webapp.batch import EXTENSION_KEY as BATCH_WORKER  # noqa: E402
 from webapp.extensions import db  # noqa: E402
 from webapp.models import AnnotationEvent, Prediction, PredictionResult, User, utcnow  # noqa: E402
-from webapp.registry import EXTENSION_KEY as LIVE_MODELS  # noqa: E402
-from webapp.registry import import_bundle  # noqa: E402
+from webapp.serving.registry import EXTENSION_KEY as LIVE_MODELS  # noqa: E402
+from webapp.serving.registry import import_bundle  # noqa: E402
 
 
 def store_reviews(version_id: str, taxonomy_id: int, labels: list[str], thresholds: list[float], n: int) -> None:

@@ -38,10 +38,10 @@ from webapp import create_app, inference  # noqa: E402
 from webapp.batch import EXTENSION_KEY as BATCH_WORKER  # noqa: E402
 from webapp.extensions import db  # noqa: E402
 from webapp.models import AnnotationEvent, User  # noqa: E402
-from webapp.registry import EXTENSION_KEY as LIVE_MODELS  # noqa: E402
-from webapp.registry import import_bundle, live_models  # noqa: E402
 from webapp.replay import run_replay  # noqa: E402
-from webapp.scoring import check_submission, predict_and_store  # noqa: E402
+from webapp.serving.registry import EXTENSION_KEY as LIVE_MODELS  # noqa: E402
+from webapp.serving.registry import import_bundle, live_models  # noqa: E402
+from webapp.serving.scoring import check_submission, predict_and_store  # noqa: E402
 
 PAPERS = REPO / "data" / "pwc-tasks" / "papers.jsonl.gz"
 

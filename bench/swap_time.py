@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.http_latency import cores, fallback_bundles, format2_bundles  # noqa: E402
 from tests.gunicorn_harness import activated_at, app_env, flask_cli, gunicorn, wait_all_workers  # noqa: E402
-from webapp.bundle import ENCODER_FILE, HEAD_FILE, TOKENIZER_FILE, read_manifest, write_bundle  # noqa: E402
+from webapp.serving.bundle import ENCODER_FILE, HEAD_FILE, TOKENIZER_FILE, read_manifest, write_bundle  # noqa: E402
 
 # Generous: a benchmark reports a slow swap rather than failing on it.
 SWAP_LIMIT_SECONDS = 120.0

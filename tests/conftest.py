@@ -23,7 +23,7 @@ from tests.tiny_bundle import build_bundle, build_tokenizer, fixture_abstracts
 from webapp import create_app
 from webapp.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.extensions import db
-from webapp.registry import import_bundle, live_models
+from webapp.serving.registry import import_bundle, live_models
 
 BundleFactory = Callable[..., Path]
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "")

@@ -16,7 +16,7 @@ from tests.conftest import PASSWORD, add_user, make_app, signed_in
 from webapp.admin import label_comparison, trainer_configs
 from webapp.extensions import db
 from webapp.models import ApiToken, Taxonomy, TrainingRun, User
-from webapp.registry import import_bundle
+from webapp.serving.registry import import_bundle
 from webapp.training_runs import update_run
 
 LABELS = ["Object Detection", "Machine Translation", "Question Answering"]

@@ -13,7 +13,7 @@ from tests.conftest import BundleFactory, live_models_of
 from tests.tiny_bundle import LABELS
 from webapp.extensions import db
 from webapp.models import Prediction, PredictionResult
-from webapp.registry import default_ort_threads, import_bundle
+from webapp.serving.registry import default_ort_threads, import_bundle
 
 
 def test_predict_single_returns_contract_shape(client: FlaskClient, app: Flask, abstracts: list[dict]) -> None:

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_serving_imports_no_torch_or_transformers(tmp_path: Path) -> None:
     code = (
-        "import sys, wsgi, webapp.inference, webapp.registry, webapp.api\n"
+        "import sys, wsgi, webapp.serving.inference, webapp.serving.registry, webapp.api\n"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     result = subprocess.run(

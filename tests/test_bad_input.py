@@ -151,7 +151,7 @@ def test_bad_form_input_rerenders_with_400(client: FlaskClient, app: Flask, form
 
 def test_form_needs_csrf_token(tmp_path, make_bundle) -> None:  # noqa: ANN001
     from tests.conftest import live_models_of, make_app
-    from webapp.registry import import_bundle
+    from webapp.serving.registry import import_bundle
 
     app = make_app(tmp_path / "csrf", WTF_CSRF_ENABLED=True)
     try:

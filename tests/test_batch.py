@@ -19,8 +19,8 @@ from tests.conftest import PASSWORD, add_user, make_app, signed_in
 from webapp.batch import claim_job, create_job, decode_upload, parse_csv, process_job
 from webapp.extensions import db
 from webapp.models import BatchJob, BatchRow, Prediction, utcnow
-from webapp.registry import import_bundle
-from webapp.scoring import Submission, predict_and_store
+from webapp.serving.registry import import_bundle
+from webapp.serving.scoring import Submission, predict_and_store
 
 
 def make_csv(rows: list[list[str]], delimiter: str = ",") -> bytes:

@@ -26,7 +26,7 @@ from webapp.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.config import REPO_ROOT
 from webapp.extensions import db
 from webapp.models import AnnotationEvent, PredictionResult, Taxonomy
-from webapp.registry import import_bundle
+from webapp.serving.registry import import_bundle
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

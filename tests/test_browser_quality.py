@@ -15,7 +15,7 @@ from tests.test_quality import OFFLINE, api_token, correct
 from tests.tiny_bundle import LABELS
 from webapp.extensions import db
 from webapp.models import AnnotationEvent, PredictionResult
-from webapp.registry import activate, import_bundle
+from webapp.serving.registry import activate, import_bundle
 
 __all__ = ["browser", "page", "site"]  # fixtures used by name
 README_WIDTH = {"width": 1100, "height": 900}

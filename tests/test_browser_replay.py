@@ -10,8 +10,8 @@ from tests import test_browser
 from tests.conftest import BundleFactory
 from tests.test_browser import SCREENSHOTS, SLUG, Site, check_layout, predict, sign_in
 from tests.tiny_bundle import LABELS
-from webapp.bundle import compose_text
-from webapp.inference import LoadedModel
+from webapp.serving.bundle import compose_text
+from webapp.serving.inference import LoadedModel
 
 # The browser, the served site and the checked page, as tests/test_browser.py sets them up.
 browser, site, page = test_browser.browser, test_browser.site, test_browser.page

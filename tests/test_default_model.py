@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from webapp.bundle import read_manifest
-from webapp.inference import load_and_validate, score_all
+from webapp.serving.bundle import read_manifest
+from webapp.serving.inference import load_and_validate, score_all
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 RESEARCH_TASKS = MODELS / "research-tasks"

@@ -10,12 +10,12 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from tests.conftest import BundleFactory, live_models_of
-from webapp.bundle import compose_text
 from webapp.explain import heat_class, split_sentences
 from webapp.extensions import db
-from webapp.inference import LoadedModel
 from webapp.models import PredictionResult, Taxonomy
-from webapp.registry import activate, import_bundle
+from webapp.serving.bundle import compose_text
+from webapp.serving.inference import LoadedModel
+from webapp.serving.registry import activate, import_bundle
 
 SLUG = "test-tasks"
 

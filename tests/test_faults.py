@@ -19,11 +19,11 @@ from sqlalchemy import select
 from tests.conftest import TEST_DATABASE_URL, BundleFactory, live_models_of, make_app
 from tests.test_auth import _token as api_token
 from webapp.batch import EXTENSION_KEY as BATCH_WORKER
-from webapp.bundle import pack
 from webapp.errors import DATABASE_UNAVAILABLE
 from webapp.extensions import db
 from webapp.models import ModelVersion, Prediction
-from webapp.registry import import_bundle
+from webapp.serving.bundle import pack
+from webapp.serving.registry import import_bundle
 
 sqlite_only = pytest.mark.skipif(bool(TEST_DATABASE_URL), reason="simulates faults of SQLite's database file")
 

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import BundleFactory, database_url_for
 from tests.gunicorn_harness import app_env, flask_cli, gunicorn, request, wait_all_workers
 from webapp import create_app
-from webapp.registry import activate, rollback
+from webapp.serving.registry import activate, rollback
 
 
 @pytest.fixture

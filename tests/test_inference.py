@@ -13,8 +13,8 @@ from onnx import numpy_helper
 
 from tests.conftest import BundleFactory
 from tests.tiny_bundle import LABELS
-from webapp.bundle import ENCODER_FILE, compose_text
-from webapp.inference import Encoder, LoadedModel, score_all
+from webapp.serving.bundle import ENCODER_FILE, compose_text
+from webapp.serving.inference import Encoder, LoadedModel, score_all
 
 SHORT = "We detect objects in aerial images with a small convolutional network."
 

@@ -23,12 +23,12 @@ from tests.tiny_bundle import LABELS
 from trainer.__main__ import main
 from trainer.data import Paper, relabel
 from trainer.publish import DatabaseTarget, SiteTarget
-from webapp.bundle import compose_text, read_manifest
 from webapp.config import REPO_ROOT
 from webapp.extensions import db
 from webapp.labels import record_change
 from webapp.models import LabelChange, PredictionResult
-from webapp.registry import get_taxonomy, import_bundle
+from webapp.serving.bundle import compose_text, read_manifest
+from webapp.serving.registry import get_taxonomy, import_bundle
 
 SLUG = "test-tasks"
 STORED_TABLES = ("predictions", "prediction_results", "predicted_labels", "annotation_events")

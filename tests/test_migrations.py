@@ -14,7 +14,7 @@ from sqlalchemy import inspect
 from tests.conftest import BundleFactory, live_models_of, make_app
 from webapp.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.extensions import db
-from webapp.registry import import_bundle
+from webapp.serving.registry import import_bundle
 
 
 def alembic_config(app: Flask):  # noqa: ANN201 - alembic's Config

@@ -15,11 +15,11 @@ from werkzeug.serving import make_server
 
 from tests.conftest import BundleFactory, make_app
 from trainer.__main__ import main
-from webapp.bundle import read_manifest
 from webapp.extensions import db
 from webapp.models import AnnotationEvent, ApiToken, Taxonomy, User
-from webapp.registry import import_bundle
-from webapp.scoring import check_submission, predict_and_store
+from webapp.serving.bundle import read_manifest
+from webapp.serving.registry import import_bundle
+from webapp.serving.scoring import check_submission, predict_and_store
 from webapp.training_runs import create_run, get_run
 
 REPO = Path(__file__).resolve().parent.parent

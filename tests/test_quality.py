@@ -17,7 +17,7 @@ from tests.tiny_bundle import LABELS
 from webapp.extensions import db
 from webapp.models import AnnotationEvent, utcnow
 from webapp.quality import COLORS
-from webapp.registry import activate, import_bundle
+from webapp.serving.registry import activate, import_bundle
 
 SLUG = "test-tasks"
 SVG = "{http://www.w3.org/2000/svg}"

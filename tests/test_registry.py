@@ -14,10 +14,10 @@ from flask.testing import FlaskClient, FlaskCliRunner
 from sqlalchemy import select
 
 from tests.conftest import BundleFactory
-from webapp.bundle import FORMAT_1_MESSAGE, BundleError, pack, sha256_hex, unpack
 from webapp.extensions import db
 from webapp.models import ActivationEvent, ModelArtifact, ModelVersion, Taxonomy, User
-from webapp.registry import RegistryError, activate, import_bundle, rollback
+from webapp.serving.bundle import FORMAT_1_MESSAGE, BundleError, pack, sha256_hex, unpack
+from webapp.serving.registry import RegistryError, activate, import_bundle, rollback
 
 
 def active_version(app: Flask, slug: str = "test-tasks") -> str | None:

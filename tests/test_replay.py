@@ -12,12 +12,12 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
 from tests.conftest import BundleFactory, signed_in
-from webapp.bundle import compose_text
 from webapp.extensions import db
-from webapp.inference import LoadedModel
 from webapp.models import ModelArtifact, ModelVersion, ReplayReport, Taxonomy, TrainingRun
-from webapp.registry import activate, import_bundle
 from webapp.replay import sample
+from webapp.serving.bundle import compose_text
+from webapp.serving.inference import LoadedModel
+from webapp.serving.registry import activate, import_bundle
 
 SLUG = "test-tasks"
 

@@ -15,11 +15,11 @@ from flask.testing import FlaskClient
 from tests.conftest import BundleFactory, live_models_of, make_app
 from tests.test_inference import SHORT
 from webapp.batch import EXTENSION_KEY as BATCH_WORKER
-from webapp.bundle import compose_text
 from webapp.extensions import db
-from webapp.inference import Encoder
 from webapp.models import PredictionResult
-from webapp.registry import import_bundle
+from webapp.serving.bundle import compose_text
+from webapp.serving.inference import Encoder
+from webapp.serving.registry import import_bundle
 
 AppFactory = Callable[..., Flask]
 

@@ -34,7 +34,7 @@ from webapp.models import (
     Prediction,
     TrainingRun,
 )
-from webapp.registry import import_bundle
+from webapp.serving.registry import import_bundle
 
 ABSTRACT = "We translate sentences between languages with a neural network and attention."
 # Markup that would run if any page rendered it unescaped (no ";" or "|": labels may not contain them).

@@ -12,10 +12,10 @@ from sqlalchemy import select
 
 from tests.conftest import BundleFactory, live_models_of
 from tests.test_batch import make_csv, paper_rows, upload, wait_for
-from webapp.bundle import compose_text
 from webapp.extensions import db
 from webapp.models import PredictionResult
-from webapp.registry import activate, import_bundle
+from webapp.serving.bundle import compose_text
+from webapp.serving.registry import activate, import_bundle
 
 SLUG = "test-tasks"
 

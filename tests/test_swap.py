@@ -13,10 +13,10 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from tests.conftest import BundleFactory, live_models_of, make_app
-from webapp.bundle import pack, read_manifest, sha256_hex
 from webapp.extensions import db
 from webapp.models import ModelArtifact, ModelVersion, PredictionResult, Taxonomy
-from webapp.registry import activate, import_bundle, rollback
+from webapp.serving.bundle import pack, read_manifest, sha256_hex
+from webapp.serving.registry import activate, import_bundle, rollback
 
 SWAP_DEADLINE = 5.0
 

@@ -22,7 +22,7 @@ from tests.tiny_bundle import LABELS
 from webapp.extensions import db
 from webapp.learned_thresholds import fold_of
 from webapp.models import ModelVersion, Taxonomy
-from webapp.registry import import_bundle
+from webapp.serving.registry import import_bundle
 
 URL = f"/api/v1/taxonomies/{SLUG}/thresholds"
 

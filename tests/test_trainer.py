@@ -27,8 +27,8 @@ from trainer.data import (
 from trainer.metrics import product_report
 from trainer.thresholds import guessing_thresholds, tune_thresholds
 from trainer.train import load_dataset
-from webapp.bundle import read_manifest
-from webapp.inference import load_and_validate
+from webapp.serving.bundle import read_manifest
+from webapp.serving.inference import load_and_validate
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_CONFIG = REPO / "trainer" / "configs" / "smoke.json"

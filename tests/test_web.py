@@ -14,9 +14,9 @@ from tests.conftest import BundleFactory, live_models_of, make_app
 from webapp import ConfigurationError, create_app
 from webapp.config import database_uri
 from webapp.extensions import db
-from webapp.inference import LoadedModel
 from webapp.models import AnnotationEvent, Prediction, PredictionResult, User
-from webapp.registry import activate, import_bundle
+from webapp.serving.inference import LoadedModel
+from webapp.serving.registry import activate, import_bundle
 
 
 def submit(client: FlaskClient, paper: dict, title: bool = True) -> int:

@@ -15,7 +15,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from webapp.bundle import Manifest, write_bundle
+from webapp.serving.bundle import Manifest, write_bundle
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LABELS = [

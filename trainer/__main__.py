@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from webapp.bundle import BundleError
+from webapp.serving.bundle import BundleError
 
 from .config import ConfigError, TrainConfig
 from .data import DataError

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from webapp.bundle import compose_text
+from webapp.serving.bundle import compose_text
 from webapp.surgery import LabelMap
 
 LABEL_SEPARATORS = ("|", ";")

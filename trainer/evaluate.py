@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from webapp.inference import LoadedModel
+from webapp.serving.inference import LoadedModel
 
 from . import metrics
 from .data import Paper, multi_hot, read_papers

@@ -11,7 +11,7 @@ from onnx import TensorProto
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import nn
 
-from webapp.bundle import ENCODER_INPUTS, ENCODER_OUTPUT
+from webapp.serving.bundle import ENCODER_INPUTS, ENCODER_OUTPUT
 
 from .model import Tagger, mean_pool
 

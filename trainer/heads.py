@@ -23,7 +23,7 @@ from skl2onnx.common.data_types import StringTensorType
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from webapp.bundle import ENCODER_OUTPUT, HEAD_OUTPUTS, HEAD_TEXT_INPUT
+from webapp.serving.bundle import ENCODER_OUTPUT, HEAD_OUTPUTS, HEAD_TEXT_INPUT
 from webapp.tuning import best_global_threshold
 
 from .export import OPSET, quantize_int8

@@ -85,7 +85,7 @@ def decisions(
 ) -> np.ndarray:
     """What the product shows, as a 0/1 matrix: labels at or above their threshold; where none passes and
     ``best_guess`` is on, the most probable label, if it reaches ``guess_floor`` and the abstract is not flagged
-    off-domain (:meth:`webapp.inference.LoadedModel.decide`)."""
+    off-domain (:meth:`webapp.serving.inference.LoadedModel.decide`)."""
     predicted = decide(probabilities, thresholds)
     if best_guess and len(predicted):
         empty = (predicted.sum(axis=1) == 0) & (probabilities.max(axis=1) >= guess_floor)

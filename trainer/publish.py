@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import requests
 
-from webapp.bundle import BundleError, pack, unpack
+from webapp.serving.bundle import BundleError, pack, unpack
 from webapp.surgery import LabelMap
 
 from .data import Paper
@@ -182,7 +182,7 @@ class DatabaseTarget:
                 update_run(run_id, update)
 
     def active_bundle(self, slug: str, into: Path) -> Path | None:
-        from webapp.registry import active_archive
+        from webapp.serving.registry import active_archive
 
         with self._context():
             archive = active_archive(slug)
@@ -192,7 +192,7 @@ class DatabaseTarget:
         return into
 
     def register(self, bundle_dir: Path) -> str:
-        from webapp.registry import import_bundle
+        from webapp.serving.registry import import_bundle
 
         with self._context():
             try:
@@ -201,7 +201,7 @@ class DatabaseTarget:
                 raise PublishError(f"the database refused the bundle: {exc}") from exc
 
     def activate(self, version: str) -> None:
-        from webapp.registry import activate
+        from webapp.serving.registry import activate
 
         with self._context():
             activate(version, actor="trainer")
@@ -244,7 +244,7 @@ def promotion_gate(candidate: Path, active: Path | None, test_papers: list[Paper
 
 def publish(target: Target, bundle_dir: Path, test_papers: list[Paper], *, force: bool = False) -> dict[str, Any]:
     """Register the bundle; activate it when it passes the gate (or ``force``). Returns what happened."""
-    from webapp.bundle import read_manifest
+    from webapp.serving.bundle import read_manifest
 
     manifest = read_manifest(bundle_dir)
     drift = float(manifest.metrics.get("drift", {}).get("micro_f1_delta", 0.0))

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from webapp.bundle import ENCODER_FILE, TOKENIZER_FILE, Manifest, read_manifest, sha256_file, write_bundle
-from webapp.inference import Encoder, LoadedModel, Reading
+from webapp.serving.bundle import ENCODER_FILE, TOKENIZER_FILE, Manifest, read_manifest, sha256_file, write_bundle
+from webapp.serving.inference import Encoder, LoadedModel, Reading
 from webapp.surgery import LabelMap
 from webapp.tuning import tune_thresholds
 

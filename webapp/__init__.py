@@ -114,7 +114,7 @@ def register_extensions(app: Flask) -> None:
     limiter.init_app(app)
 
     from .models import User
-    from .registry import EXTENSION_KEY, LiveModels
+    from .serving.registry import EXTENSION_KEY, LiveModels
 
     @login_manager.user_loader
     def load_user(user_id: str) -> User | None:

@@ -18,7 +18,7 @@ from .auth import role_required
 from .config import REPO_ROOT
 from .extensions import db
 from .models import ActivationEvent, ModelVersion, Taxonomy, TrainingRun
-from .registry import RegistryError, activate, live_models, replaced_by, rollback
+from .serving.registry import RegistryError, activate, live_models, replaced_by, rollback
 from .training_runs import create_run, get_run
 
 bp = Blueprint("admin", __name__)

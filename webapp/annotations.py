@@ -16,9 +16,9 @@ from flask import g
 from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.orm import selectinload
 
-from .bundle import compose_text
 from .extensions import db
 from .models import AnnotationEvent, LabelChange, LabelProposal, PredictedLabel, Prediction, PredictionResult, Taxonomy
+from .serving.bundle import compose_text
 from .surgery import LabelMap, Rule
 
 

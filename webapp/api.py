@@ -12,7 +12,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .annotations import corrected_predictions, event_json, label_map, mapped_result
 from .auth import token_user_role
-from .bundle import BundleError
 from .corrections import CorrectionError, accepted_labels, record_correction
 from .exports import download
 from .extensions import db, limiter
@@ -27,8 +26,9 @@ from .labels import (
     undo_change,
 )
 from .models import ModelVersion, Prediction, Taxonomy
-from .registry import activate, get_taxonomy, import_bundle, list_versions, live_models, version_archive
-from .scoring import (
+from .serving.bundle import BundleError
+from .serving.registry import activate, get_taxonomy, import_bundle, list_versions, live_models, version_archive
+from .serving.scoring import (
     InputError,
     NoModelError,
     Submission,

@@ -35,7 +35,7 @@ from .annotations import label_map, mapped_result
 from .auth import role_required
 from .extensions import db
 from .models import BatchJob, BatchRow, ModelVersion, Prediction, PredictionResult, utcnow
-from .scoring import InputError, NoModelError, Submission, check_submission, predict_and_store
+from .serving.scoring import InputError, NoModelError, Submission, check_submission, predict_and_store
 
 log = logging.getLogger(__name__)
 bp = Blueprint("batch", __name__, url_prefix="/batches")

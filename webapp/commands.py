@@ -9,10 +9,10 @@ from flask import current_app
 from flask.cli import with_appcontext
 from sqlalchemy import select
 
-from .bundle import BundleError
 from .extensions import db
 from .models import ROLES, ApiToken, User
-from .registry import RegistryError, activate, import_bundle, import_defaults, list_versions, rollback
+from .serving.bundle import BundleError
+from .serving.registry import RegistryError, activate, import_bundle, import_defaults, list_versions, rollback
 
 
 def _fail(message: str) -> None:

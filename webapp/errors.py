@@ -9,7 +9,7 @@ from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from .extensions import db
-from .registry import RegistryError
+from .serving.registry import RegistryError
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,12 @@ from sqlalchemy import select
 
 from .annotations import label_map
 from .api import predict_rate_limit
-from .bundle import compose_text
 from .extensions import db, limiter
-from .inference import LoadedModel, sigmoid
 from .models import Prediction, PredictionResult, Taxonomy
-from .registry import LiveModel, live_models
-from .scoring import result_view
+from .serving.bundle import compose_text
+from .serving.inference import LoadedModel, sigmoid
+from .serving.registry import LiveModel, live_models
+from .serving.scoring import result_view
 from .surgery import LabelMap
 
 bp = Blueprint("explain", __name__)

@@ -9,7 +9,7 @@ from .annotations import known_labels, results_with_label
 from .explain import page_panel
 from .extensions import db
 from .models import AnnotationEvent, ModelVersion, PredictedLabel, Prediction, PredictionResult, User
-from .scoring import result_view
+from .serving.scoring import result_view
 from .similar import similar_papers
 
 bp = Blueprint("history", __name__)

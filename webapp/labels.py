@@ -23,7 +23,6 @@ from .annotations import (
     prediction_texts,
 )
 from .auth import role_required
-from .bundle import compose_text
 from .corrections import MAX_NOTE_CHARS, CorrectionError, check_label, check_note, stored_labels, taxonomy_labels
 from .extensions import db
 from .models import (
@@ -35,7 +34,8 @@ from .models import (
     Taxonomy,
     utcnow,
 )
-from .registry import get_taxonomy
+from .serving.bundle import compose_text
+from .serving.registry import get_taxonomy
 from .surgery import KINDS, Rule
 
 bp = Blueprint("labels", __name__)

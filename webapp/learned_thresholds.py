@@ -36,11 +36,11 @@ from flask_login import current_user
 from .annotations import label_map
 from .api import json_body
 from .auth import has_role, role_required, token_user_role
-from .bundle import MANIFEST_FILE, BundleError, unpack
 from .extensions import db
 from .models import ModelVersion
 from .quality import Review, reviews
-from .registry import RegistryError, get_taxonomy, get_version, import_bundle, version_archive
+from .serving.bundle import MANIFEST_FILE, BundleError, unpack
+from .serving.registry import RegistryError, get_taxonomy, get_version, import_bundle, version_archive
 from .tuning import f1_score, label_thresholds, micro_counts, micro_f1
 
 bp = Blueprint("learned", __name__)

@@ -10,8 +10,8 @@ from wtforms.validators import ValidationError
 
 from .api import predict_rate_limit
 from .extensions import limiter
-from .registry import live_models
-from .scoring import InputError, NoModelError, check_submission, predict_and_store
+from .serving.registry import live_models
+from .serving.scoring import InputError, NoModelError, check_submission, predict_and_store
 
 bp = Blueprint("predict", __name__)
 

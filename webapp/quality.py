@@ -25,7 +25,7 @@ from .annotations import current_labels, label_map, prediction_text
 from .auth import has_role
 from .extensions import db
 from .models import AnnotationEvent, ModelVersion, Prediction, PredictionResult, Taxonomy
-from .registry import RegistryError, get_taxonomy, get_version
+from .serving.registry import RegistryError, get_taxonomy, get_version
 
 bp = Blueprint("quality", __name__)
 api_bp = Blueprint("quality_api", __name__, url_prefix="/api/v1")

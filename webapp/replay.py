@@ -23,11 +23,11 @@ from werkzeug.exceptions import Conflict, NotFound
 
 from .annotations import current_labels, label_map
 from .auth import role_required, token_user_role
-from .bundle import BundleError, compose_text
 from .extensions import db
-from .inference import LoadedModel
 from .models import AnnotationEvent, ModelVersion, Prediction, PredictionResult, ReplayReport, Taxonomy
-from .registry import get_version, live_models, load_version
+from .serving.bundle import BundleError, compose_text
+from .serving.inference import LoadedModel
+from .serving.registry import get_version, live_models, load_version
 from .surgery import LabelMap
 
 bp = Blueprint("replay", __name__)
@@ -173,7 +173,7 @@ def _load(version_id: str) -> LoadedModel:
 
 def run_replay(version_id: str, *, actor: str | None) -> ReplayReport:
     """Replay a candidate against its taxonomy's active version and store the report. Raises
-    :class:`~webapp.registry.RegistryError` for an unknown version, :class:`ReplayError` when it cannot run."""
+    :class:`~webapp.serving.registry.RegistryError` for an unknown version, :class:`ReplayError` when it cannot run."""
     candidate = get_version(version_id)
     taxonomy = candidate.taxonomy
     active_id = taxonomy.active_version_id

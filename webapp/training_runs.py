@@ -9,7 +9,7 @@ from sqlalchemy import select, update
 
 from .extensions import db
 from .models import Taxonomy, TrainingRun, utcnow
-from .registry import RegistryError
+from .serving.registry import RegistryError
 
 STATUSES = ("queued", "running", "finished", "failed")
 # Keys a progress update may set; anything else is refused so a typo cannot silently vanish.

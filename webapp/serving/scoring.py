@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 from flask import current_app
 
-from .annotations import mapped_result
+from ..annotations import mapped_result
+from ..extensions import db
+from ..models import PredictedLabel, Prediction, PredictionResult
 from .bundle import compose_text
-from .extensions import db
 from .inference import score_all
-from .models import PredictedLabel, Prediction, PredictionResult
 from .registry import LiveModel, live_models
 
 

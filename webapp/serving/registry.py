@@ -21,10 +21,10 @@ from flask import Flask, current_app
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from ..extensions import db
+from ..models import ActivationEvent, ModelArtifact, ModelVersion, Taxonomy, utcnow
 from .bundle import FORMAT_VERSION, MANIFEST_FILE, BundleError, pack, read_manifest, sha256_hex, unpack
-from .extensions import db
 from .inference import LoadedModel, load_and_validate
-from .models import ActivationEvent, ModelArtifact, ModelVersion, Taxonomy, utcnow
 
 log = logging.getLogger(__name__)
 EXTENSION_KEY = "papertag.live_models"
