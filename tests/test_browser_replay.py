@@ -37,7 +37,7 @@ def test_admin_replays_a_candidate_then_activates_it(
     ids = predict(site, papers)
     candidate = LoadedModel(make_bundle(seed=4, slug=SLUG, name="Research tasks", labels=LABELS))
     texts = [compose_text(p["title"], p["abstract"]) for p in papers]
-    candidate_labels = [candidate.predicted(scored.probabilities) for scored in candidate.score(texts)]
+    candidate_labels = [candidate.predicted(scored) for scored in candidate.score(texts)]
     correct(site, ids[0], candidate_labels[0])  # exactly what the candidate says
     correct(site, ids[1], ["Machine Translation", "Question Answering"])
 

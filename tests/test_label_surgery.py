@@ -425,7 +425,11 @@ def test_the_next_training_run_uses_the_new_label_set(tmp_path: Path, make_bundl
         )
     database = site.config["SQLALCHEMY_DATABASE_URI"]
     config = str(REPO_ROOT / "trainer" / "configs" / "smoke.json")
-    assert main(["train", "--config", config, "--out", str(tmp_path / "out"), "--database", database, "--force"]) == 0
+    work = ["--work-dir", str(tmp_path / "work")]
+    assert (
+        main(["train", "--config", config, "--out", str(tmp_path / "out"), "--database", database, "--force", *work])
+        == 0
+    )
     manifest = read_manifest(tmp_path / "out")
     assert {"Whole-Image Classification", "QA+MT"} <= set(manifest.labels)
     assert not {"Image Classification", "Question Answering", "Machine Translation"} & set(manifest.labels)

@@ -91,6 +91,8 @@ def test_train_publish_over_http_is_served_within_seconds(
             site_url,
             "--token",
             site_app.config["ADMIN_TOKEN"],
+            "--work-dir",
+            str(tmp_path / "work"),
         ]
     )
     assert code == 0
@@ -118,21 +120,23 @@ def test_worker_trains_a_run_queued_in_the_database(site_app: Flask, tmp_path: P
     database = site_app.config["SQLALCHEMY_DATABASE_URI"]
     with site_app.app_context():
         run_id = create_run("research-tasks", {"config": "smoke"}, requested_by="admin", queued=True).id
-    assert main(["worker", "--database", database, "--once", "--runs-dir", str(tmp_path / "runs")]) == 0
+    work = ["--work-dir", str(tmp_path / "work")]
+    assert main(["worker", "--database", database, "--once", "--runs-dir", str(tmp_path / "runs"), *work]) == 0
     with site_app.app_context():
         run = get_run(run_id)
         assert run.status == "finished", run.error
         taxonomy = db.session.query(Taxonomy).filter_by(slug="research-tasks").one()
         assert taxonomy.active_version_id == run.candidate_version
         assert run.metrics["micro_f1"] >= 0 and run.gate["candidate_micro_f1"] >= run.gate["active_micro_f1"]
-    assert main(["worker", "--database", database, "--once", "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert main(["worker", "--database", database, "--once", "--runs-dir", str(tmp_path / "runs"), *work]) == 0
 
 
 def test_worker_marks_a_run_with_an_unknown_config_failed(site_app: Flask, tmp_path: Path) -> None:
     with site_app.app_context():
         run_id = create_run("research-tasks", {"config": "../secrets"}, requested_by="admin", queued=True).id
     database = site_app.config["SQLALCHEMY_DATABASE_URI"]
-    assert main(["worker", "--database", database, "--once", "--runs-dir", str(tmp_path / "runs")]) == 0
+    work = ["--work-dir", str(tmp_path / "work")]
+    assert main(["worker", "--database", database, "--once", "--runs-dir", str(tmp_path / "runs"), *work]) == 0
     with site_app.app_context():
         run = get_run(run_id)
         assert run.status == "failed" and "not in" in run.error

@@ -28,6 +28,14 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_work_dir_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--work-dir",
+        default=None,
+        help="cache of fine-tuned encoders and encoded abstracts, reused by later runs (default: out/work)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -35,11 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="JSON config, e.g. trainer/configs/default.json")
     train.add_argument("--out", default="out/bundle", help="bundle directory to write (replaced atomically)")
     train.add_argument("--base", help="Hugging Face encoder folder (overrides the config's base_model)")
-    train.add_argument(
-        "--work-dir",
-        default=None,
-        help="cache of fine-tuned encoders and encoded abstracts, reused by later runs (default: out/work)",
-    )
+    add_work_dir_argument(train)
     add_target_arguments(train)
     train.add_argument("--force", action="store_true", help="activate even if the promotion gate fails")
     worker = commands.add_parser("worker", help="train the runs queued from the site, one after another")
@@ -47,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--runs-dir", default="runs", help="where each run's bundle is written")
     worker.add_argument("--once", action="store_true", help="process at most one queued run, then exit")
     worker.add_argument("--poll", type=float, default=10.0, help="seconds between checks for queued runs")
+    add_work_dir_argument(worker)
     evaluate = commands.add_parser("evaluate", help="print a bundle's metrics on a labelled file")
     evaluate.add_argument("bundle", help="bundle directory")
     evaluate.add_argument("--data", required=True, help="labelled JSONL/CSV file")
@@ -89,7 +94,7 @@ def run_worker(args: argparse.Namespace) -> int:
     target = _target(args)
     if target is None:
         raise PublishError("the worker needs --publish URL or --database URL")
-    finished = work(target, Path(args.runs_dir), once=args.once, poll_seconds=args.poll)
+    finished = work(target, Path(args.runs_dir), once=args.once, poll_seconds=args.poll, work_dir=args.work_dir)
     print(f"{finished} training run(s) finished")
     return 0
 

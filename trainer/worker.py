@@ -62,7 +62,14 @@ def config_for(run: dict[str, Any]) -> TrainConfig:
     return config
 
 
-def work(target: Target, runs_dir: Path, *, once: bool = False, poll_seconds: float = 10.0) -> int:
+def work(
+    target: Target,
+    runs_dir: Path,
+    *,
+    once: bool = False,
+    poll_seconds: float = 10.0,
+    work_dir: str | Path | None = None,
+) -> int:
     """Process queued runs until stopped (or one pass with ``once``). Returns how many runs finished."""
     finished = 0
     while True:
@@ -75,7 +82,7 @@ def work(target: Target, runs_dir: Path, *, once: bool = False, poll_seconds: fl
         log.info("claimed training run %s for %s", run["id"], run["taxonomy"])
         try:
             config = config_for(run)
-            train_and_publish(target, config, runs_dir / f"run-{run['id']}", run_id=run["id"])
+            train_and_publish(target, config, runs_dir / f"run-{run['id']}", run_id=run["id"], work_dir=work_dir)
             finished += 1
         except ConfigError as exc:
             target.report(run["id"], {"status": "failed", "error": str(exc)})
