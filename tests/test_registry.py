@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -261,21 +262,23 @@ def test_a_format_1_bundle_is_refused_everywhere_with_a_clear_message(
         assert db.session.query(ModelArtifact).count() == 1
 
 
-def test_import_defaults_replaces_an_active_format_1_version(
-    empty_app: Flask, make_bundle: BundleFactory, tmp_path: Path
-) -> None:
+def shipped_and_format_1(empty_app: Flask, make_bundle: BundleFactory, tmp_path: Path) -> tuple[Path, Callable]:
+    """A defaults folder holding a format-2 bundle of taxonomy test-tasks, and a function that stores a format-1
+    version of it straight in the database and makes it active (import would refuse it now)."""
     shipped = make_bundle(seed=1)
     defaults = tmp_path / "models"
     defaults.mkdir()
     shutil.copytree(shipped, defaults / "test-tasks")
     empty_app.config["DEFAULT_BUNDLES_DIR"] = str(defaults)
-    # A site that served format 1: its version is in the database (import would refuse it now).
     old = format_1_bundle(tmp_path / "old", make_bundle(seed=2))
     data = format_1_archive(old)
     manifest = json.loads((old / "bundle.json").read_text(encoding="utf-8"))
-    with empty_app.app_context():
-        taxonomy = Taxonomy(slug="test-tasks", name="Test tasks")
-        db.session.add(taxonomy)
+
+    def activate_format_1() -> None:
+        taxonomy = db.session.scalar(select(Taxonomy).where(Taxonomy.slug == "test-tasks"))
+        if taxonomy is None:
+            taxonomy = Taxonomy(slug="test-tasks", name="Test tasks")
+            db.session.add(taxonomy)
         db.session.add(ModelArtifact(sha256=sha256_hex(data), data=data, size=len(data)))
         version = ModelVersion(
             id="test-tasks-format1",
@@ -290,6 +293,16 @@ def test_import_defaults_replaces_an_active_format_1_version(
         db.session.add(ActivationEvent(taxonomy_id=taxonomy.id, version_id=version.id, action="import"))
         taxonomy.active_version_id = version.id
         db.session.commit()
+
+    return shipped, activate_format_1
+
+
+def test_import_defaults_replaces_an_active_format_1_version(
+    empty_app: Flask, make_bundle: BundleFactory, tmp_path: Path
+) -> None:
+    _, activate_format_1 = shipped_and_format_1(empty_app, make_bundle, tmp_path)
+    with empty_app.app_context():
+        activate_format_1()
     client = empty_app.test_client()
     # The old version cannot serve, and the worker says why.
     health = client.get("/healthz").get_json()
@@ -319,31 +332,10 @@ def test_import_defaults_activates_an_already_imported_shipped_bundle_over_forma
 ) -> None:
     """The shipped bundle was imported earlier, then a format-1 version was made active again: the next start
     activates the shipped one (it is already stored, so nothing new is imported)."""
-    shipped = make_bundle(seed=1)
-    defaults = tmp_path / "models"
-    defaults.mkdir()
-    shutil.copytree(shipped, defaults / "test-tasks")
-    empty_app.config["DEFAULT_BUNDLES_DIR"] = str(defaults)
-    old = format_1_bundle(tmp_path / "old", make_bundle(seed=2))
-    data = format_1_archive(old)
-    manifest = json.loads((old / "bundle.json").read_text(encoding="utf-8"))
+    shipped, activate_format_1 = shipped_and_format_1(empty_app, make_bundle, tmp_path)
     with empty_app.app_context():
         current = import_bundle(shipped).version.id
-        taxonomy = db.session.scalar(select(Taxonomy).where(Taxonomy.slug == "test-tasks"))
-        db.session.add(ModelArtifact(sha256=sha256_hex(data), data=data, size=len(data)))
-        db.session.add(
-            ModelVersion(
-                id="test-tasks-format1",
-                taxonomy=taxonomy,
-                artifact_sha256=sha256_hex(data),
-                labels=manifest["labels"],
-                thresholds=manifest["thresholds"],
-                manifest=manifest,
-            )
-        )
-        db.session.flush()
-        taxonomy.active_version_id = "test-tasks-format1"
-        db.session.commit()
+        activate_format_1()
     result = empty_app.test_cli_runner().invoke(args=["models", "import-defaults"])
     assert result.exit_code == 0, result.output
     assert f"{current} (active, replacing test-tasks-format1" in result.output
