@@ -340,3 +340,49 @@ def test_import_defaults_activates_an_already_imported_shipped_bundle_over_forma
     assert result.exit_code == 0, result.output
     assert f"{current} (active, replacing test-tasks-format1" in result.output
     assert active_version(empty_app) == current
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("thresholds", "huge", "every threshold must be a number strictly between 0 and 1"),
+        ("thresholds", "nan", "every threshold must be a number strictly between 0 and 1"),
+        ("max_windows", True, "max_windows"),
+        ("guess_floor", False, "guess_floor must be a number"),
+        ("domain_threshold", "1e400", "domain_threshold must be null or a number"),
+    ],
+)
+def test_manifest_numbers_of_the_wrong_kind_are_refused_not_a_500(
+    app: Flask,
+    client: FlaskClient,
+    runner: FlaskCliRunner,
+    make_bundle: BundleFactory,
+    tmp_path: Path,
+    key: str,
+    value: object,
+    message: str,
+) -> None:
+    """Huge integers (float() overflows), NaN, booleans where numbers belong: a 422 naming the field."""
+    bundle = Path(shutil.copytree(make_bundle(seed=5), tmp_path / "bundle"))
+    text = (bundle / "bundle.json").read_text(encoding="utf-8")
+    manifest = json.loads(text)
+    if value == "huge":
+        manifest[key] = [1] * len(manifest["labels"])
+        text = json.dumps(manifest).replace('"thresholds": [1,', '"thresholds": [1' + "0" * 400 + ",")
+    elif value == "nan":
+        manifest[key] = [float("nan")] * len(manifest["labels"])
+        text = json.dumps(manifest)
+    elif value == "1e400":
+        text = json.dumps({**manifest, key: 0.5}).replace(f'"{key}": 0.5', f'"{key}": 1' + "0" * 400)
+    else:
+        text = json.dumps({**manifest, key: value})
+    (bundle / "bundle.json").write_text(text, encoding="utf-8")
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w:gz") as tar:
+        for name in ("encoder.onnx", "head.onnx", "tokenizer.json", "bundle.json"):
+            tar.add(bundle / name, arcname=name)
+    admin = runner.invoke(args=["tokens", "create", "root", "--role", "admin"]).output.strip().splitlines()[-1]
+    before = client.get("/api/v1/models").get_json()
+    response = client.post("/api/v1/models", data=_upload(raw.getvalue()), headers={"Authorization": f"Bearer {admin}"})
+    assert response.status_code == 422 and message in response.get_json()["error"], response.get_json()
+    assert client.get("/api/v1/models").get_json() == before

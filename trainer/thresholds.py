@@ -44,8 +44,10 @@ def guessing_thresholds(
     The global threshold and the guess floor (a guess needs at least that probability: below it the paper is most
     likely about none of the labels, and a guess would only add a false positive) are chosen together for the
     micro-F1 of what is then shown, among the pairs that leave at most ``max_empty_share`` of the in-scope papers
-    (those with a label) with no answer; per-label thresholds where a label has ``min_support`` positives.
-    Returns the thresholds, the global threshold and the floor.
+    (those with a label) with no answer under the global threshold; per-label thresholds (where a label has
+    ``min_support`` positives) and off-domain flags, applied afterwards, can leave a few more empty (the bundle's
+    validation figures say how many). Returns the thresholds, the global threshold and the floor; when no pair
+    meets the share, the lowest threshold with a guess always given.
     """
     positives = targets > 0
     in_scope = positives.any(axis=1)

@@ -240,6 +240,8 @@ def _encoder_source(
     from .model import resolve_base_model
 
     base_path = resolve_base_model(base_model or config.base_model)
+    # The packaged default is named by its folder; a folder someone chose, by its path.
+    base_name = Path(base_path).name if base_model is None and not config.base_model else base_path
     # Only what shapes the fine-tune keys its cache (a head or threshold setting must not start a new one).
     key = _fingerprint(
         {name: getattr(config, name) for name in FINETUNE_FIELDS},
@@ -257,7 +259,7 @@ def _encoder_source(
             cached / TOKENIZER_FILE,
             LinearHead(head["weight"], head["bias"]),
             info,
-            Path(base_path).name,
+            base_name,
             config,
         )
     tuned = finetune(config, base_path, texts, targets, cached, report)
@@ -266,8 +268,14 @@ def _encoder_source(
     np.savez(cached / "head.npz", weight=tuned.head_weight, bias=tuned.head_bias)
     info = {"encoder": "fine-tuned", **tuned.info}
     (cached / "info.json").write_text(json.dumps(info))
-    name = Path(base_path).name if base_model is None and not config.base_model else base_path
-    return tuned.encoder_path, tuned.tokenizer_path, LinearHead(tuned.head_weight, tuned.head_bias), info, name, config
+    return (
+        tuned.encoder_path,
+        tuned.tokenizer_path,
+        LinearHead(tuned.head_weight, tuned.head_bias),
+        info,
+        base_name,
+        config,
+    )
 
 
 def train(

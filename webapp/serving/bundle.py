@@ -27,7 +27,6 @@ import gzip
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -54,6 +53,20 @@ FORMAT_1_MESSAGE = (
 SLUG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 # A bundle archive larger than this is refused before it is unpacked (encoder ~23 MB + head a few MB).
 MAX_ARCHIVE_BYTES = 200 * 1024 * 1024
+
+
+def _number_in(value: Any, low: float, high: float) -> bool:
+    """A JSON number (not a boolean) within [low, high]; huge integers and NaN are not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return low <= float(value) <= high
+    except OverflowError:
+        return False
+
+
+def _integer_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 class BundleError(ValueError):
@@ -109,21 +122,19 @@ class Manifest:
             raise BundleError("labels are not unique")
         if len(self.thresholds) != len(self.labels):
             raise BundleError(f"{len(self.thresholds)} thresholds for {len(self.labels)} labels")
-        if any(not isinstance(t, (int, float)) or math.isnan(t) or not 0.0 < t < 1.0 for t in self.thresholds):
+        if any(not _number_in(t, 0.0, 1.0) or t in (0.0, 1.0) for t in self.thresholds):
             raise BundleError("every threshold must be a number strictly between 0 and 1")
-        if not isinstance(self.max_length, int) or not 8 <= self.max_length <= 4096:
+        if not _integer_in(self.max_length, 8, 4096):
             raise BundleError(f"max_length {self.max_length!r} must be an integer between 8 and 4096")
-        if not isinstance(self.max_windows, int) or not 1 <= self.max_windows <= 32:
+        if not _integer_in(self.max_windows, 1, 32):
             raise BundleError(f"max_windows {self.max_windows!r} must be an integer between 1 and 32")
-        if not isinstance(self.window_overlap, int) or not 0 <= self.window_overlap < self.max_length // 2:
+        if not _integer_in(self.window_overlap, 0, self.max_length // 2 - 1):
             raise BundleError(f"window_overlap {self.window_overlap!r} must be an integer below half of max_length")
         if not isinstance(self.best_guess, bool):
             raise BundleError("best_guess must be true or false")
-        if not isinstance(self.guess_floor, (int, float)) or not 0.0 <= self.guess_floor < 1.0:
+        if not _number_in(self.guess_floor, 0.0, 1.0) or self.guess_floor == 1.0:
             raise BundleError("guess_floor must be a number from 0 up to 1")
-        if self.domain_threshold is not None and (
-            not isinstance(self.domain_threshold, (int, float)) or not -1.0 <= self.domain_threshold <= 1.0
-        ):
+        if self.domain_threshold is not None and (not _number_in(self.domain_threshold, -1.0, 1.0)):
             raise BundleError("domain_threshold must be null or a number between -1 and 1")
         if not isinstance(self.training_data, dict) or not isinstance(self.metrics, dict):
             raise BundleError("training_data and metrics must be JSON objects")

@@ -72,7 +72,9 @@ class Encoder:
 
     Windows hold ``max_length - 2`` content tokens between the tokenizer's own start and end tokens, consecutive
     windows share ``overlap`` tokens, at most ``max_windows`` are read; a text's pooled vector is the windows'
-    pooled vectors averaged with their token counts as weights (the mean over every token read). Thread-safe.
+    pooled vectors averaged with their token counts as weights (close to the mean over every token read; tokens of
+    an overlap count twice). Thread-safe. Assumes the tokenizer adds one start token and end tokens after the text
+    (BERT and RoBERTa styles).
     """
 
     def __init__(
