@@ -37,7 +37,14 @@ def review(site: Site, make_bundle: BundleFactory, abstracts: list[dict]) -> str
         db.session.expunge_all()
     counts = {label: sum(label in results[i].labels for i in ids) for label in LABELS}
     dropped = max(LABELS, key=lambda label: counts[label])
-    added = next(label for label in LABELS if label != dropped and counts[label] < len(ids))
+
+    # The tiny models' scores differ from run to run (their tokenizer does): add the label with the most scores just
+    # under its threshold, so that reviews which add it move its threshold down.
+    def just_under(label: str) -> int:
+        return sum(0.3 <= results[i].scores[label] < results[i].thresholds[label] for i in ids)
+
+    added = max((label for label in LABELS if label != dropped), key=just_under)
+    assert just_under(added) >= 3, "no label scores between 0.3 and its threshold often enough to learn from"
     for prediction_id in ids:
         result = results[prediction_id]
         gold = (set(result.labels) - {dropped}) | ({added} if result.scores[added] >= 0.3 else set())
@@ -57,7 +64,7 @@ def test_admin_reads_live_quality_and_learns_thresholds(
     page.goto("/models")
     page.get_by_role("link", name="Live quality").click()
     expect(page.locator("h1")).to_have_text("Live quality: Research tasks")
-    expect(page.locator(".chips .chip").first).to_contain_text(f"{dropped}: 0.000 live vs 0.900")
+    expect(page.locator(".chips .chip", has_text=f"{dropped}: 0.000 live vs 0.900")).to_have_count(1)
     for chart in page.locator("img.chart").all():
         chart.scroll_into_view_if_needed()
         expect(chart).to_have_js_property("complete", True)
