@@ -55,6 +55,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def train_arguments(config: Path, out: Path, work: Path) -> list[str]:
+    """``trainer train`` with its own work dir, as a module command line for a subprocess."""
+    return ["trainer", "train", "--config", str(config), "--out", str(out), "--work-dir", str(work)]
+
+
 def smoke_config_with(tmp_path: Path, **changes: object) -> Path:
     config = json.loads(SMOKE_CONFIG.read_text()) | changes
     path = tmp_path / "config.json"
@@ -198,18 +203,7 @@ def test_a_brought_set_with_mapped_fields_negatives_and_its_own_test_file(
 def test_training_output_names_dropped_labels_estimates_time_and_hides_quantizer_chatter(tmp_path: Path) -> None:
     config = smoke_config_with(tmp_path, epochs=1, max_examples=300)
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trainer",
-            "train",
-            "--config",
-            str(config),
-            "--out",
-            str(tmp_path / "bundle"),
-            "--work-dir",
-            str(tmp_path / "work"),
-        ],
+        [sys.executable, "-m", *train_arguments(config, tmp_path / "bundle", tmp_path / "work")],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -338,23 +332,8 @@ def test_distributed_training_with_torchrun(tmp_path: Path) -> None:
     """The DistributedDataParallel path (gloo on the CPU here, NCCL on GPUs) trains and exports once."""
     config = smoke_config_with(tmp_path, epochs=1, baseline=False)
     out = tmp_path / "bundle"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "trainer",
-        "train",
-        "--config",
-        str(config),
-        "--out",
-        str(out),
-        "--work-dir",
-        str(tmp_path / "work"),
-    ]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    command += train_arguments(config, out, tmp_path / "work")
     result = subprocess.run(
         command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
