@@ -189,13 +189,12 @@ class ReadingCache:
         staging.replace(self.path)
 
 
-def _estimate(config: TrainConfig, splits: dict[str, list[Paper]]) -> str:
-    """A rough time for this run on this machine's CPU (no cache counted), printed before it starts."""
-    cores = max(1, os.cpu_count() or 1) / 2
-    seconds = sum(len(v) for v in splits.values()) * 2.0 / (CPU_ENCODE_RATE * cores)
-    if not config.frozen_encoder:
-        seconds += config.epochs * len(splits["train"]) / (CPU_FINETUNE_RATE * cores)
-    return f"about {max(1, round(seconds / 60))} min on {os.cpu_count()} CPU cores (much less on a GPU)"
+def _minutes(seconds: float) -> str:
+    return f"about {max(1, round(seconds / 60))} min on {os.cpu_count()} CPU cores"
+
+
+def _cores() -> float:
+    return max(1, os.cpu_count() or 1) / 2
 
 
 def _window_manifest(config: TrainConfig, labels: list[str], base: str) -> Manifest:
@@ -262,6 +261,8 @@ def _encoder_source(
             base_name,
             config,
         )
+    seconds = config.epochs * len(texts["train"]) / (CPU_FINETUNE_RATE * _cores())
+    log.info("estimated time: %s to fine-tune the encoder first (much less on a GPU)", _minutes(seconds))
     tuned = finetune(config, base_path, texts, targets, cached, report)
     if tuned is None:  # a non-main process of a distributed run
         raise SystemExit(0)
@@ -308,7 +309,11 @@ def train(
     texts = {name: [p.text for p in items] for name, items in splits.items()}
     negatives = {name: np.asarray([not p.labels for p in items], dtype=bool) for name, items in splits.items()}
     log.info("%d labels; papers per split %s", len(labels), data_summary["splits"])
-    log.info("estimated time: %s", _estimate(config, splits))
+    # Abstracts already encoded with this encoder (the work dir's cache) make it shorter.
+    encoding = sum(len(v) for v in splits.values()) * config.max_windows / (CPU_ENCODE_RATE * _cores())
+    log.info(
+        "estimated time: %s to read the abstracts and fit the head (less with cached readings)", _minutes(encoding)
+    )
     report({"status": "running", "stage": "preparing the encoder"})
 
     encoder_path, tokenizer_path, joint_head, encoder_info, base_name, config = _encoder_source(
