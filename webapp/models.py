@@ -162,6 +162,20 @@ class PredictionResult(db.Model):
     predicted: Mapped[list[PredictedLabel]] = relationship(cascade="all, delete-orphan")
 
 
+class Explanation(db.Model):
+    """An occlusion explanation of one stored result by one model version, computed once and then read: the
+    same (result, version) always explains the same way, and computing one costs a model run per sentence."""
+
+    __tablename__ = "explanations"
+    __table_args__ = (UniqueConstraint("result_id", "model_version_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("prediction_results.id"), index=True)
+    model_version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
 class PredictedLabel(db.Model):
     """One predicted label, a row each, so history can filter by label on SQLite and PostgreSQL alike."""
 
@@ -199,6 +213,21 @@ class User(UserMixin, db.Model):
 
     def check_password(self, password: str) -> bool:
         return bool(self.password_hash) and check_password_hash(self.password_hash or "", password)
+
+
+class UserSession(db.Model):
+    """One signed-in browser. The cookie carries a random key whose sha256 is stored here, so a session ends
+    for good when its row is revoked (sign out, password change, deactivation), whatever the cookie says."""
+
+    __tablename__ = "user_sessions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    user: Mapped[User] = relationship()
 
 
 class ApiToken(db.Model):
