@@ -62,7 +62,7 @@ def test_sign_out_needs_post(curator_client: FlaskClient) -> None:
     assert curator_client.get("/curate/queue").status_code == 302
 
 
-def test_repeated_failures_are_limited_per_address_and_per_user(tmp_path: Path) -> None:
+def test_repeated_failures_are_limited_per_client_and_name(tmp_path: Path) -> None:
     app = make_app(tmp_path / "data", RATELIMIT_ENABLED=True, LOGIN_RATE_LIMIT="3 per minute")
     add_user(app, "cora", "curator")
     client = app.test_client()
@@ -70,13 +70,9 @@ def test_repeated_failures_are_limited_per_address_and_per_user(tmp_path: Path) 
     assert statuses == [401, 401, 401, 429]
     # Even the right password waits now: the limit is what makes guessing slow.
     assert client.post("/login", data={"name": "cora", "password": PASSWORD}).status_code == 429
-    # Per user name: another address guessing the same account is limited too.
+    # Never per name alone (issue 11 point 7): the owner on another address still signs in.
     other = {"REMOTE_ADDR": "10.0.0.2"}
-    assert client.post("/login", data={"name": "cora", "password": PASSWORD}, environ_base=other).status_code == 429
-    # ... but another user from another address is not.
-    add_user(app, "bob", "curator")
-    ok = client.post("/login", data={"name": "bob", "password": PASSWORD}, environ_base=other)
-    assert ok.status_code == 302
+    assert client.post("/login", data={"name": "cora", "password": PASSWORD}, environ_base=other).status_code == 302
 
 
 def test_successful_sign_ins_do_not_count(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from flask import Flask, Response
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import config as config_module
 from .extensions import csrf, db, limiter, login_manager, migrate
@@ -44,6 +45,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.config["DATA_DIR"] = str(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     _configure_secret(app)
+    hops = app.config["TRUSTED_PROXY_HOPS"]
+    if hops:  # the client's address and scheme as the proxies in front saw them, trusting exactly that many
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
     uri = app.config.setdefault(
         "SQLALCHEMY_DATABASE_URI", config_module.database_uri(app.config["DATABASE_URL"], data_dir)
     )

@@ -6,6 +6,7 @@ from datetime import timedelta
 from urllib.parse import urlsplit
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
+from flask_limiter.util import get_remote_address
 from flask_login import current_user, login_user, logout_user
 from flask_wtf import FlaskForm
 from sqlalchemy import select
@@ -38,9 +39,19 @@ def login_rate_limit() -> str:
     return current_app.config["LOGIN_RATE_LIMIT"]
 
 
-def _login_name_key() -> str:
-    """Rate-limit key for guessing one account's password from many addresses."""
-    return "login-name:" + request.form.get("name", "").strip().lower()[:120]
+def login_address_rate_limit() -> str:
+    return current_app.config["LOGIN_ADDRESS_RATE_LIMIT"]
+
+
+def _login_address_key() -> str:
+    """Failed sign-ins from one client, whichever names it tries."""
+    return "login-address:" + get_remote_address()
+
+
+def _login_client_name_key() -> str:
+    """Failed sign-ins from one client for one name: never the name alone, or a stranger who knows a user name
+    could keep its owner out from everywhere."""
+    return f"login-name:{get_remote_address()}:" + request.form.get("name", "").strip().lower()[:120]
 
 
 def _failed(response: Response) -> bool:
@@ -59,8 +70,8 @@ def safe_next(target: str | None) -> str | None:
 
 
 @bp.route("/login", methods=["GET", "POST"])
-@limiter.limit(login_rate_limit, methods=["POST"], deduct_when=_failed)
-@limiter.limit(login_rate_limit, methods=["POST"], key_func=_login_name_key, deduct_when=_failed)
+@limiter.limit(login_address_rate_limit, methods=["POST"], key_func=_login_address_key, deduct_when=_failed)
+@limiter.limit(login_rate_limit, methods=["POST"], key_func=_login_client_name_key, deduct_when=_failed)
 def login() -> Response | tuple[str, int]:
     form = LoginForm()
     if request.method == "GET":

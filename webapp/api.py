@@ -11,7 +11,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from .annotations import corrected_predictions, event_json, label_map, mapped_result
-from .auth import token_user_role
+from .auth import bearer_token, token_user_role
 from .corrections import CorrectionError, accepted_labels, record_correction
 from .exports import download
 from .extensions import db, limiter
@@ -44,7 +44,9 @@ health_bp = Blueprint("health", __name__)
 
 
 def predict_rate_limit() -> str:
-    return current_app.config["PREDICT_RATE_LIMIT"]
+    """Token callers have their own, larger bucket (the limiter keys them by token, see ``auth.client_key``)."""
+    key = "TOKEN_PREDICT_RATE_LIMIT" if bearer_token() is not None else "PREDICT_RATE_LIMIT"
+    return current_app.config[key]
 
 
 def json_body() -> Any:

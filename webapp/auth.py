@@ -7,6 +7,7 @@ from functools import wraps
 from typing import Any
 
 from flask import abort, g, request
+from flask_limiter.util import get_remote_address
 from flask_login import current_user
 from sqlalchemy import select
 
@@ -16,18 +17,35 @@ from .models import ApiToken, User, utcnow
 ROLE_RANK = {"curator": 1, "admin": 2}
 
 
+def bearer_token() -> ApiToken | None:
+    """The usable API token this request presents (None without one, or for an unknown, revoked or expired one).
+    Looked up once per request: rate limits key token callers by it as well as the views that need it."""
+    if "bearer_token" not in g:
+        scheme, _, plain = request.headers.get("Authorization", "").partition(" ")
+        token = None
+        if scheme.lower() == "bearer" and plain.strip():
+            token = db.session.scalar(select(ApiToken).where(ApiToken.token_sha256 == ApiToken.hash(plain.strip())))
+        g.bearer_token = token if token is not None and token.usable() else None
+    return g.bearer_token
+
+
+def client_key() -> str:
+    """Rate-limit key: a caller with a usable API token is counted by its token, anyone else by address
+    (``REMOTE_ADDR`` after ProxyFix has applied the trusted hops of ``X-Forwarded-For``)."""
+    token = bearer_token()
+    return f"token:{token.id}" if token is not None else get_remote_address()
+
+
 def token_user_role(required: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Require ``Authorization: Bearer <token>`` of a user whose role is at least ``required``."""
 
     def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
         @wraps(view)
         def wrapped(*args: Any, **kwargs: Any) -> Any:
-            header = request.headers.get("Authorization", "")
-            scheme, _, plain = header.partition(" ")
-            if scheme.lower() != "bearer" or not plain.strip():
+            token = bearer_token()
+            if token is None and not request.headers.get("Authorization", "").strip():
                 abort(401, description="this endpoint needs an API token: Authorization: Bearer <token>")
-            token = db.session.scalar(select(ApiToken).where(ApiToken.token_sha256 == ApiToken.hash(plain.strip())))
-            if token is None or not token.usable():
+            if token is None:
                 abort(401, description="the API token is unknown, revoked or expired")
             if ROLE_RANK.get(token.user.role, 0) < ROLE_RANK[required]:
                 abort(403, description=f"this endpoint needs the {required} role")

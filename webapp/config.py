@@ -74,10 +74,24 @@ class Defaults:
     THRESHOLD_MIN_EVIDENCE = 8
     # Anonymous prediction rate limit per client address (flask-limiter syntax).
     PREDICT_RATE_LIMIT = "120 per minute"
+    # API token callers are counted per token, apart from anonymous callers on the same address (a lab's
+    # scripts behind one NAT would otherwise share, and exhaust, the anonymous bucket).
+    TOKEN_PREDICT_RATE_LIMIT = "600 per minute"
+    # Reverse proxies in front of the app whose X-Forwarded-For/-Proto are trusted (Render: 1). 0 trusts none,
+    # so a client cannot pick its own rate-limit bucket by sending the header; more than there are lets it.
+    TRUSTED_PROXY_HOPS = 0
     # Turn rate limiting off for load tests and benchmarks (never in production).
     RATELIMIT_ENABLED = True
-    # Failed sign-ins allowed per client address and, separately, per user name (flask-limiter syntax).
+    # Failed sign-ins allowed per (client address, user name), and per client address whatever the names.
+    # Never per name alone: a stranger who knows "admin" must not be able to lock the admin out.
     LOGIN_RATE_LIMIT = "5 per minute"
+    LOGIN_ADDRESS_RATE_LIMIT = "20 per minute"
+    # Shortest password accepted wherever one is set (site and CLI); all-whitespace ones are refused too.
+    PASSWORD_MIN_LENGTH = 12
+    # Who may read stored predictions: "public" (anyone reads abstracts, labels and scores) or "signed-in"
+    # (anonymous visitors get the predict form and their own results only). People's names, notes, training
+    # runs and batches are never public; the rule table is in webapp/auth.py.
+    READ_ACCESS = "public"
     # Per-process counters are enough for one machine; set a redis:// URI for several instances.
     RATELIMIT_STORAGE_URI = "memory://"
     RATELIMIT_HEADERS_ENABLED = True
@@ -104,7 +118,12 @@ ENV_KEYS = (
     "MAX_CONTENT_LENGTH",
     "MAX_BUNDLE_UPLOAD_BYTES",
     "PREDICT_RATE_LIMIT",
+    "TOKEN_PREDICT_RATE_LIMIT",
+    "TRUSTED_PROXY_HOPS",
     "LOGIN_RATE_LIMIT",
+    "LOGIN_ADDRESS_RATE_LIMIT",
+    "PASSWORD_MIN_LENGTH",
+    "READ_ACCESS",
     "RATELIMIT_STORAGE_URI",
     "RATELIMIT_ENABLED",
     "REPLAY_SAMPLE_SIZE",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from flask_limiter import Limiter
-from flask_limiter.util import get_remote_address
 from flask_login import LoginManager
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
@@ -32,4 +31,13 @@ login_manager = LoginManager()
 login_manager.login_view = "accounts.login"
 login_manager.login_message = "Sign in to continue."
 login_manager.login_message_category = "info"
-limiter = Limiter(key_func=get_remote_address)
+
+
+def _client_key() -> str:
+    from .auth import client_key  # auth imports the models, which import this module
+
+    return client_key()
+
+
+# Keyed by client (token or address); the login view adds its own keys.
+limiter = Limiter(key_func=_client_key)
