@@ -102,7 +102,7 @@ def make_app(data_dir: Path, **overrides: object) -> Flask:
     config = {
         "TESTING": True,
         "DATA_DIR": str(data_dir),
-        "SECRET_KEY": "test-secret",
+        "SECRET_KEY": "test-secret-long-enough-for-production",  # production wants >= 32 characters
         "WTF_CSRF_ENABLED": False,
         "RATELIMIT_ENABLED": False,
         "DEFAULT_BUNDLES_DIR": str(data_dir / "no-default-models"),

@@ -110,7 +110,7 @@ def test_users_create_reads_the_password_from_stdin(app: Flask) -> None:
     response = app.test_client().post("/login", data={"name": "ada", "password": "s3cret-enough"})
     assert response.status_code == 302
     short = runner.invoke(args=["users", "create", "eve"], input="short\n")
-    assert short.exit_code != 0 and "at least 8" in short.output
+    assert short.exit_code != 0 and "at least 12" in short.output
 
 
 def test_token_page_creates_once_and_revokes(app: Flask, curator_client: FlaskClient) -> None:

@@ -174,9 +174,9 @@ def test_production_refuses_to_start_without_secret_key(tmp_path: Path, monkeypa
     monkeypatch.setenv("PAPERTAG_ENV", "production")
     with pytest.raises(ConfigurationError, match="SECRET_KEY must be set"):
         create_app({"DATA_DIR": str(tmp_path)})
-    monkeypatch.setenv("SECRET_KEY", "from-the-environment")
+    monkeypatch.setenv("SECRET_KEY", "from-the-environment-0123456789abcdef")
     app = create_app({"DATA_DIR": str(tmp_path)})
-    assert app.config["SECRET_KEY"] == "from-the-environment" and app.config["SESSION_COOKIE_SECURE"]
+    assert app.config["SECRET_KEY"] == "from-the-environment-0123456789abcdef" and app.config["SESSION_COOKIE_SECURE"]
 
 
 def test_config_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response
+from flask import Flask, Response, current_app
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -66,15 +66,26 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     return app
 
 
+# A short key signs cookies that can be forged by guessing it offline; 32 random characters resist that.
+SECRET_KEY_MIN_CHARS = 32
+SECRET_KEY_HOW = (
+    "a long random string, the same for every worker: python -c 'import secrets; print(secrets.token_hex(32))'"
+)
+
+
 def _configure_secret(app: Flask) -> None:
     """Production must be given SECRET_KEY; elsewhere one is generated once into DATA_DIR and shared."""
-    if app.config.get("SECRET_KEY"):
-        return
-    if app.config["PAPERTAG_ENV"] == "production":
+    production = app.config["PAPERTAG_ENV"] == "production"
+    given = app.config.get("SECRET_KEY")
+    if given and production and len(given.strip()) < SECRET_KEY_MIN_CHARS:
         raise ConfigurationError(
-            "SECRET_KEY must be set when PAPERTAG_ENV=production (a long random string, the same for every "
-            "worker: python -c 'import secrets; print(secrets.token_hex(32))')"
+            f"SECRET_KEY has {len(given.strip())} characters; production needs at least {SECRET_KEY_MIN_CHARS} "
+            f"characters ({SECRET_KEY_HOW})"
         )
+    if given:
+        return
+    if production:
+        raise ConfigurationError(f"SECRET_KEY must be set when PAPERTAG_ENV=production ({SECRET_KEY_HOW})")
     path = Path(app.config["DATA_DIR"]) / "secret_key"
     try:  # O_EXCL: when several workers start at once, exactly one writes and all read the same key
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -121,8 +132,10 @@ def register_extensions(app: Flask) -> None:
     from .serving.registry import EXTENSION_KEY, LiveModels
 
     @login_manager.user_loader
-    def load_user(user_id: str) -> User | None:
-        return db.session.get(User, int(user_id)) if user_id.isdigit() else None
+    def load_user(session_key: str) -> User | None:
+        from .accounts import session_user
+
+        return session_user(session_key)
 
     app.extensions[EXTENSION_KEY] = LiveModels(app)
 
@@ -190,9 +203,15 @@ CONTENT_SECURITY_POLICY = (
 )
 
 
+# One year, subdomains included: what HSTS preload lists ask for.
+HSTS = "max-age=31536000; includeSubDomains"
+
+
 def _security_headers(response: Response) -> Response:
     response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
     response.headers.setdefault("X-Frame-Options", "DENY")
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("Referrer-Policy", "same-origin")
+    if current_app.config["PAPERTAG_ENV"] == "production":  # served over HTTPS only: browsers never try HTTP again
+        response.headers.setdefault("Strict-Transport-Security", HSTS)
     return response

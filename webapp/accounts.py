@@ -1,7 +1,10 @@
-"""Signing in and out, and each user's API tokens (created here, shown once, revocable)."""
+"""Signing in and out, revocable sessions, passwords, and each user's API tokens (created here, shown once,
+revocable)."""
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from datetime import timedelta
 from urllib.parse import urlsplit
 
@@ -9,17 +12,17 @@ from flask import Blueprint, abort, current_app, flash, redirect, render_templat
 from flask_limiter.util import get_remote_address
 from flask_login import current_user, login_user, logout_user
 from flask_wtf import FlaskForm
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import selectinload
 from werkzeug.security import check_password_hash, generate_password_hash
 from werkzeug.wrappers import Response
 from wtforms import HiddenField, PasswordField, SelectField, StringField
 from wtforms.fields.choices import SelectChoice
-from wtforms.validators import DataRequired, Length
+from wtforms.validators import DataRequired, EqualTo, InputRequired, Length
 
 from .auth import has_role, role_required
 from .extensions import db, limiter
-from .models import ApiToken, User, utcnow
+from .models import ApiToken, User, UserSession, utcnow
 
 bp = Blueprint("accounts", __name__)
 
@@ -27,6 +30,58 @@ bp = Blueprint("accounts", __name__)
 BAD_CREDENTIALS = "Wrong user name or password."
 # Compared against when the user does not exist, so both failures take the time of one password hash.
 _DUMMY_HASH = generate_password_hash("papertag-no-such-user")
+
+
+def password_problem(password: str) -> str | None:
+    """Why ``password`` may not be set, or None: every place that sets a password (this site, ``flask users``)
+    asks here, so the rule is one rule."""
+    least = current_app.config["PASSWORD_MIN_LENGTH"]
+    if not password.strip():
+        return "the password must not be only spaces (or empty)"
+    if len(password) < least:
+        return f"the password must have at least {least} characters"
+    return None
+
+
+def _key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def sign_in(user: User) -> None:
+    """Start a revocable session: a random key goes into the cookie (as Flask-Login's user id), its sha256 into
+    ``user_sessions``; the cookie is worth nothing once that row is revoked."""
+    key = secrets.token_urlsafe(32)
+    db.session.add(UserSession(user_id=user.id, key_sha256=_key_hash(key)))
+    db.session.commit()
+    user.signed_in_key = key
+    login_user(user)
+
+
+def session_user(key: str) -> User | None:
+    """Flask-Login's user loader: the active user of an unrevoked session key, else None (anonymous)."""
+    row = db.session.scalar(
+        select(UserSession).where(UserSession.key_sha256 == _key_hash(key), UserSession.revoked_at.is_(None))
+    )
+    if row is None or not row.user.active:
+        return None
+    row.user.signed_in_key = key
+    return row.user
+
+
+def revoke_sessions(user: User, keep: str | None = None) -> None:
+    """End the user's sessions, all but the browser holding ``keep``; the caller commits."""
+    statement = update(UserSession).where(UserSession.user_id == user.id, UserSession.revoked_at.is_(None))
+    if keep:
+        statement = statement.where(UserSession.key_sha256 != _key_hash(keep))
+    db.session.execute(statement.values(revoked_at=utcnow()))
+
+
+def change_password(user: User, password: str, keep: str | None = None) -> None:
+    """Set a new password (checked by the caller with :func:`password_problem`) and sign out every other
+    browser: whoever learnt the old password, or holds a copy of a cookie, is out."""
+    user.set_password(password)
+    revoke_sessions(user, keep=keep)
+    db.session.commit()
 
 
 class LoginForm(FlaskForm):
@@ -63,6 +118,8 @@ def safe_next(target: str | None) -> str | None:
     """``target`` when it is a path on this site, else None: "next" must never send someone elsewhere."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return None
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in target):  # CR/LF cannot be a header; browsers drop tabs
+        return None
     parts = urlsplit(target)
     if parts.scheme or parts.netloc:
         return None
@@ -82,7 +139,7 @@ def login() -> Response | tuple[str, int]:
         if user is None:
             check_password_hash(_DUMMY_HASH, form.password.data)
         elif user.check_password(form.password.data) and user.is_active:
-            login_user(user)
+            sign_in(user)
             flash(f"Signed in as {user.name} ({user.role}).", "info")
             return redirect(safe_next(form.next.data) or url_for("curate.queue"))
         form.form_errors.append(BAD_CREDENTIALS)
@@ -94,10 +151,51 @@ def login() -> Response | tuple[str, int]:
 
 @bp.post("/logout")
 def logout() -> Response:
-    """POST with a CSRF token, so no other site can sign a curator out."""
+    """POST with a CSRF token, so no other site can sign a curator out. Revokes the session's row, so a copy
+    of the cookie stops working too."""
+    key = getattr(current_user, "signed_in_key", None)
+    if key:
+        revoked = update(UserSession).where(UserSession.key_sha256 == _key_hash(key), UserSession.revoked_at.is_(None))
+        db.session.execute(revoked.values(revoked_at=utcnow()))
+        db.session.commit()
     logout_user()
     flash("Signed out.", "info")
     return redirect(url_for("predict.index"))
+
+
+class PasswordForm(FlaskForm):
+    # InputRequired, not DataRequired: a password of spaces gets password_problem's message, not "required".
+    current = PasswordField("Current password", validators=[InputRequired(), Length(max=500)])
+    password = PasswordField("New password", validators=[InputRequired(), Length(max=500)])
+    confirm = PasswordField(
+        "New password again",
+        validators=[InputRequired(), EqualTo("password", message="the new passwords do not match")],
+    )
+
+
+def _password_change_key() -> str:
+    """Wrong current passwords count per account: a borrowed session must not become a password oracle."""
+    return f"password-change:{current_user.id if current_user.is_authenticated else get_remote_address()}"
+
+
+@bp.route("/account/password", methods=["GET", "POST"])
+@role_required("curator")
+@limiter.limit(login_rate_limit, methods=["POST"], key_func=_password_change_key, deduct_when=_failed)
+def password() -> Response | tuple[str, int]:
+    """Change one's own password; this browser stays signed in, every other one is signed out."""
+    form = PasswordForm()
+    if form.validate_on_submit():
+        problem = password_problem(form.password.data)
+        if not current_user.check_password(form.current.data):
+            form.current.errors.append("the current password is wrong")
+        elif problem:
+            form.password.errors.append(problem)
+        else:
+            change_password(current_user, form.password.data, keep=current_user.signed_in_key)
+            flash("Password changed; every other browser signed in as you is signed out.", "info")
+            return redirect(url_for("accounts.tokens"))
+    status = 400 if request.method == "POST" else 200
+    return render_template("accounts/password.html", form=form), status
 
 
 EXPIRY_CHOICES = [

@@ -9,6 +9,7 @@ from flask import current_app
 from flask.cli import with_appcontext
 from sqlalchemy import select
 
+from .accounts import change_password, password_problem, revoke_sessions
 from .extensions import db
 from .models import ROLES, ApiToken, User
 from .serving.bundle import BundleError
@@ -111,13 +112,27 @@ def users_create(name: str, role: str) -> None:
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     else:
         password = sys.stdin.readline().rstrip("\r\n")
-    if len(password) < 8:
-        _fail("the password must have at least 8 characters")
+    problem = password_problem(password)
+    if problem:
+        _fail(problem)
     user, created = _get_or_create_user(name.strip(), role)
     user.role = role
-    user.set_password(password)
-    db.session.commit()
+    change_password(user, password)  # an existing user's sessions all end: the old password may be known
     click.echo(f"{'created' if created else 'updated'} {role} {user.name}")
+
+
+@users_cli.command("deactivate")
+@click.argument("name")
+@with_appcontext
+def users_deactivate(name: str) -> None:
+    """Deactivate user NAME: it cannot sign in, its sessions end now and its API tokens stop working."""
+    user = db.session.scalar(select(User).where(User.name == name.strip()))
+    if user is None:
+        _fail(f"there is no user {name}")
+    user.active = False
+    revoke_sessions(user)
+    db.session.commit()
+    click.echo(f"deactivated {user.role} {user.name}: signed out everywhere, tokens refused")
 
 
 @click.group("tokens", help="Issue API tokens.")
