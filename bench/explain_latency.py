@@ -14,7 +14,11 @@ Prints p50/p95 of each (wall clock), the ratio of the p50s (occlusion / plain), 
 the median CPU time of plain and occlusion (process time: with one onnxruntime thread, what the wall time is on an
 otherwise idle core; this is the figure to trust on a machine others are using).
 
+With ``--chars N`` each abstract is followed by the next ones up to N characters (20,000 is the longest the API
+takes: the input that once froze the site); the occlusion's work is bounded by ``EXPLAIN_MAX_UNITS``, not N.
+
     python bench/explain_latency.py [--bundle models/research-tasks] [--papers 20] [--repeats 3] [--threads 1 2]
+                                    [--chars 20000]
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import flask_migrate  # noqa: E402
 from bench.http_latency import cores  # noqa: E402
 from webapp import create_app  # noqa: E402
 from webapp.batch import EXTENSION_KEY as BATCH_WORKER  # noqa: E402
-from webapp.explain import occlusion, units_of, variant_texts  # noqa: E402
+from webapp.explain import occlusion, occlusion_texts, units_of  # noqa: E402
 from webapp.extensions import db  # noqa: E402
 from webapp.models import Prediction  # noqa: E402
 from webapp.serving.bundle import compose_text  # noqa: E402
@@ -50,6 +54,17 @@ def typical_papers(path: Path, n: int) -> list[dict]:
         rows = [json.loads(line) for line in handle]
     median = statistics.median(len(row["abstract"]) for row in rows)
     return sorted(rows, key=lambda row: (abs(len(row["abstract"]) - median), row["id"]))[:n]
+
+
+def lengthened(papers: list[dict], chars: int) -> list[dict]:
+    """Each paper with the following papers' abstracts appended up to ``chars`` characters (whole sentences)."""
+    longer = []
+    for i, paper in enumerate(papers):
+        text = " ".join(p["abstract"].strip() for p in papers[i:] + papers[:i])
+        while len(text) < chars:
+            text = f"{text} {text}"
+        longer.append({**paper, "abstract": text[:chars].rsplit(". ", 1)[0] + "."})
+    return longer
 
 
 def percentiles(seconds: list[float]) -> tuple[float, float]:
@@ -83,7 +98,7 @@ def run(bundle: Path, papers: list[dict], threads: int, repeats: int, data_dir: 
     with app.app_context():
         flask_migrate.upgrade()
         import_bundle(bundle, actor="bench")
-        batch = app.config["EXPLAIN_BATCH_SIZE"]
+        batch, max_units = app.config["EXPLAIN_BATCH_SIZE"], app.config["EXPLAIN_MAX_UNITS"]
     body = {"abstracts": [{"title": p["title"], "abstract": p["abstract"]} for p in papers]}
     ids = [p["id"] for p in client.post("/api/v1/predict", json=body).get_json()["predictions"]]
     plain: list[float] = []
@@ -97,14 +112,14 @@ def run(bundle: Path, papers: list[dict], threads: int, repeats: int, data_dir: 
             prediction = db.session.get(Prediction, prediction_id)
             full = compose_text(prediction.title, prediction.abstract)
 
-            def explain_model_part(prediction: Prediction = prediction, full: str = full) -> None:
-                units = units_of(prediction)
-                occlusion(model, full, variant_texts(prediction, units), batch)
+            def explain_model_part(prediction: Prediction = prediction) -> None:
+                units = units_of(prediction, max_units)
+                occlusion(model, occlusion_texts(model, prediction, units), batch)
 
             model.logits([full])  # warm up this length
             plain += timed(lambda full=full: model.logits([full]), repeats, cpu["plain"])
             occluded += timed(explain_model_part, repeats, cpu["occlusion"])
-            sentences.append(len(units_of(prediction)))
+            sentences.append(len(units_of(prediction, max_units)))
             url = f"/api/v1/predictions/{prediction_id}/explanation"
             endpoint += timed(lambda url=url: client.get(url), repeats)
         live_models().stop()
@@ -120,8 +135,11 @@ def main() -> None:
     parser.add_argument("--papers", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--chars", type=int, default=0, help="lengthen each abstract to this many characters")
     args = parser.parse_args()
     papers = typical_papers(Path(args.data), args.papers)
+    if args.chars:
+        papers = lengthened(papers, args.chars)
     lengths = sorted(len(p["abstract"]) for p in papers)
     print(f"{len(papers)} abstracts of {lengths[0]}-{lengths[-1]} characters, {args.repeats} repeats each")
     print(f"cores: {cores()}, load average {os.getloadavg()[0]:.1f}, bundle {args.bundle}")

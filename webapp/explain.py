@@ -2,34 +2,48 @@
 
 Each sentence (the title is one unit) is removed in turn; a sentence's *drop* for a label is the label's score on
 the full text minus its score without that sentence, so a positive drop means the sentence argued for the label.
-The full text and every variant are scored in one uncached batched call of the live model of the prediction's
-taxonomy (variants would only evict real abstracts from the model's LRU cache). When that model is not the
-version that made the prediction, the answer says so (``same_version``) rather than loading the old version:
-a second session per worker costs its memory and a load of about a second, and the scores shown beside the
-explanation are always the explaining model's own.
+
+The work is bounded whatever the abstract's length (a 20,000-character one once took 11.5 CPU-seconds and froze the
+site): past ``EXPLAIN_MAX_UNITS`` units the trailing sentences are grouped into a few spans, the full text is
+tokenised once to find which units the encoder's windows read, only those variants go through the encoder (each
+cut a sentence after the last token it can read), and a head with a lexical part reads every variant whole with the
+full text's encoder reading where the encoder would read the same. So one explanation is at most
+``1 + EXPLAIN_MAX_UNITS`` texts through the encoder and the head, in uncached batches (variants would only evict
+real abstracts from the model's LRU cache). Each explanation is stored per (result, model version) and read back.
+
+When the live model is not the version that made the prediction, the answer says so (``same_version``) rather than
+loading the old version: a second session per worker costs its memory and a load of about a second, and the scores
+shown beside the explanation are always the explaining model's own.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+from bisect import bisect_right
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from flask import Blueprint, Response, abort, current_app, jsonify, request
+from flask_limiter.errors import RateLimitExceeded
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from .annotations import label_map
 from .api import predict_rate_limit
 from .extensions import db, limiter
-from .models import Prediction, PredictionResult, Taxonomy
+from .models import Explanation, Prediction, PredictionResult, Taxonomy
 from .serving.bundle import compose_text
 from .serving.inference import LoadedModel, sigmoid
 from .serving.registry import LiveModel, live_models
 from .serving.scoring import result_view
 from .surgery import LabelMap
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("explain", __name__)
 
@@ -99,55 +113,105 @@ def split_sentences(text: str) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class Unit:
-    """One removable piece of what the model read: the title, or a sentence of the abstract."""
+    """One removable piece of what the model read: the title, or a sentence (or a span of trailing sentences) of
+    the abstract."""
 
     field: str  # "title" or "abstract"
     start: int
     end: int
 
 
-def units_of(prediction: Prediction) -> list[Unit]:
-    """The title as one unit (whatever punctuation it has), then the abstract's sentences."""
+def units_of(prediction: Prediction, max_units: int) -> list[Unit]:
+    """The title as one unit (whatever punctuation it has), then the abstract's sentences; past ``max_units`` the
+    trailing sentences are grouped into ``max_units // 4`` spans of about equal counts, so the number of units (and
+    of model runs) never grows with the abstract's length, and the first sentences, which the encoder's windows
+    read, keep their own."""
     title = [Unit("title", 0, len(prediction.title))] if prediction.title else []
-    return title + [Unit("abstract", *span) for span in split_sentences(prediction.abstract)]
+    units = title + [Unit("abstract", *span) for span in split_sentences(prediction.abstract)]
+    if len(units) <= max_units:
+        return units
+    spans = max(1, max_units // 4)
+    keep = max(len(title), max_units - spans)
+    groups = np.array_split(np.arange(keep, len(units)), spans)
+    return units[:keep] + [Unit("abstract", units[g[0]].start, units[g[-1]].end) for g in groups if len(g)]
 
 
-def variant_texts(prediction: Prediction, units: list[Unit]) -> list[str]:
-    """The text the model read with each unit removed, composed as the model saw the original."""
-    texts = []
-    for unit in units:
+def variant_text(prediction: Prediction, unit: Unit, upto: int | None = None) -> str:
+    """The text the model reads with ``unit`` removed, composed as the model saw the original; ``upto`` cuts the
+    abstract at that offset (a sentence end past what the encoder reads, so its windows are unchanged)."""
+    abstract = prediction.abstract[:upto]
+    if unit.field == "title":
+        return compose_text(None, abstract)
+    return compose_text(prediction.title, f"{abstract[: unit.start].rstrip()} {abstract[unit.end :].lstrip()}")
+
+
+@dataclass(frozen=True)
+class Occlusion:
+    """The texts one explanation runs: the full text and each unit's variant whole (what a lexical head reads),
+    and for the units the encoder reads, their variants (and the full text) cut a sentence past its last window."""
+
+    full: str
+    variants: list[str]
+    encoder_full: str
+    encoder_variants: dict[int, str]
+
+
+def occlusion_texts(model: LoadedModel, prediction: Prediction, units: list[Unit]) -> Occlusion:
+    """Tokenise the full text once and find, from the token offsets, which units lie inside the encoder's windows:
+    a unit that starts after the last token read leaves the windows of its variant equal to the full text's."""
+    full = compose_text(prediction.title, prediction.abstract)
+    variants = [variant_text(prediction, unit) for unit in units]
+    _, read, total = model.encoder.windows(full)
+    if read == total:  # the encoder reads everything: every variant is read whole (and is short)
+        return Occlusion(full, variants, full, dict(enumerate(variants)))
+    ends = [end for _, end in model.encoder.tokenizer.encode(full, add_special_tokens=False).offsets]
+    title = (prediction.title or "").strip()
+    shift = (len(title) + 2 if title else 0) - (len(prediction.abstract) - len(prediction.abstract.lstrip()))
+
+    def tokens_before(unit: Unit, at: str) -> int:
+        """Tokens of the full text ending before the unit (its start, space left out) or at its end."""
         if unit.field == "title":
-            texts.append(compose_text(None, prediction.abstract))
-            continue
-        abstract = prediction.abstract
-        rest = f"{abstract[: unit.start].rstrip()} {abstract[unit.end :].lstrip()}"
-        texts.append(compose_text(prediction.title, rest))
-    return texts
+            return 0 if at == "start" else bisect_right(ends, len(title))
+        offset = unit.start + shift if at == "start" else unit.end + shift
+        return bisect_right(ends, len(full[:offset].rstrip()) if at == "start" else offset)
+
+    def cut(removed: int) -> int | None:
+        """The end of the first abstract unit with more than ``read`` tokens before it once ``removed`` are gone (and
+        the full stop a removed title takes with it)."""
+        for unit in units:
+            if unit.field == "abstract" and tokens_before(unit, "end") - removed > read + 1:
+                return unit.end
+        return None
+
+    encoder_variants = {}
+    for i, unit in enumerate(units):
+        before = tokens_before(unit, "start")
+        if before < read:
+            encoder_variants[i] = variant_text(prediction, unit, cut(tokens_before(unit, "end") - before))
+    return Occlusion(full, variants, compose_text(prediction.title, prediction.abstract[: cut(0)]), encoder_variants)
 
 
-def _read_ids(model: LoadedModel, texts: list[str]) -> list[tuple[tuple[int, ...], ...]]:
-    """What the encoder reads of each text: its windows' token ids (text past the last window is not read)."""
-    return [tuple(tuple(window) for window in model.encoder.windows(text)[0]) for text in texts]
+def occlusion(model: LoadedModel, texts: Occlusion, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Full-text probabilities, each variant's drop (full - variant) per label, and which variants the model reads
+    differently from the full text, from one uncached encoder pass and one head run of at most ``1 + units`` texts.
 
-
-def occlusion(
-    model: LoadedModel, full: str, variants: list[str], batch_size: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Full-text probabilities, each variant's drop (full - variant) per label, and which variants the model
-    reads differently from the full text, from one batched, uncached pass.
-
-    A variant whose windows equal the full text's (its sentence lies past the last window, so the encoder never
-    read it) is not run when the head has no lexical part reading the whole text: its drop is exactly zero and it
-    is marked unread.
+    A variant the encoder reads as the full text is not run through the encoder: with a lexical part the head reads
+    it whole beside the full text's reading; without one its drop is exactly zero and it is marked unread.
     """
+    encoded = list(texts.encoder_variants)
+    readings = model.encoder.run([texts.encoder_full, *texts.encoder_variants.values()], batch_size)
     if model.reads_text:
-        read = np.ones(len(variants), dtype=bool)
+        of_variant = [readings[0]] * len(texts.variants)
+        for k, i in enumerate(encoded):
+            of_variant[i] = readings[k + 1]
+        logits, _ = model.head_outputs([texts.full, *texts.variants], [readings[0], *of_variant])
+        read = np.ones(len(texts.variants), dtype=bool)
     else:
-        ids = _read_ids(model, [full, *variants])
-        read = np.array([tokens != ids[0] for tokens in ids[1:]], dtype=bool)
-    changed = [variants[i] for i in np.flatnonzero(read)]
-    probabilities = sigmoid(model.logits([full, *changed], batch_size=batch_size))
-    drops = np.zeros((len(variants), len(model.labels)), dtype=np.float64)
+        logits, _ = model.head_outputs([texts.full, *(texts.variants[i] for i in encoded)], readings)
+        read = np.zeros(len(texts.variants), dtype=bool)
+        read[encoded] = True
+    probabilities = sigmoid(logits)
+    drops = np.zeros((len(texts.variants), len(model.labels)), dtype=np.float64)
     drops[read] = probabilities[0] - probabilities[1:]
     return probabilities[0], drops, read
 
@@ -173,17 +237,64 @@ def output_index(model: LoadedModel, probabilities: np.ndarray, labels_map: Labe
     return find
 
 
-def explain_result(prediction: Prediction, result: PredictionResult) -> dict[str, Any]:
+def _rounded(values: np.ndarray) -> list[Any]:
+    return np.round(values.astype(np.float64), 6).tolist()
+
+
+def occlusion_payload(
+    prediction: Prediction, result: PredictionResult, live: LiveModel, computing: AbstractContextManager
+) -> dict[str, Any]:
+    """The model's part of an explanation (units, which are read, probabilities and drops of every output), read
+    from the ``explanations`` table, or computed inside ``computing`` (the page's rate limit) and stored. Every
+    output is kept, so label renames and ``NEAR_MISSES`` apply when the answer is built, not when it was cached."""
+    units = units_of(prediction, current_app.config["EXPLAIN_MAX_UNITS"])
+    spans = [[unit.field, unit.start, unit.end] for unit in units]
+    row = db.session.scalar(
+        select(Explanation).where(Explanation.result_id == result.id, Explanation.model_version_id == live.version_id)
+    )
+    if row is not None and row.payload.get("units") == spans:
+        return row.payload
+    with computing:
+        probabilities, drops, read = occlusion(
+            live.model, occlusion_texts(live.model, prediction, units), current_app.config["EXPLAIN_BATCH_SIZE"]
+        )
+    payload = {
+        "units": spans,
+        "read": read.tolist(),
+        "probabilities": _rounded(probabilities),
+        "drops": _rounded(drops),
+    }
+    _store(row, result.id, live.version_id, payload)
+    return payload
+
+
+def _store(row: Explanation | None, result_id: int, version_id: str, payload: dict[str, Any]) -> None:
+    """Keep the explanation; a concurrent request that stored it first, or a database busy writing, costs only the
+    cache (the answer is served either way)."""
+    if row is None:
+        db.session.add(Explanation(result_id=result_id, model_version_id=version_id, payload=payload))
+    else:  # computed with other unit settings (EXPLAIN_MAX_UNITS changed)
+        row.payload = payload
+    try:
+        db.session.commit()
+    except IntegrityError:
+        db.session.rollback()
+    except OperationalError as exc:
+        db.session.rollback()
+        log.warning("explanation of result %s not cached: %s", result_id, exc.orig)
+
+
+def explain_result(
+    prediction: Prediction, result: PredictionResult, computing: AbstractContextManager | None = None
+) -> dict[str, Any]:
     """One taxonomy's explanation: the stored result's predicted labels and its near misses, each with its
-    score by the explaining model and every unit's drop; units past the model's max length are ``read: false``."""
+    score by the explaining model and every unit's drop; units past the model's max length are ``read: false``.
+    ``computing`` wraps the model run when the explanation is not stored yet (the page's rate limit)."""
     live = live_model_for(result)
     model = live.model
-    units = units_of(prediction)
-    full = compose_text(prediction.title, prediction.abstract)
-    variants = variant_texts(prediction, units)
-    config = current_app.config
-    probabilities, drops, read = occlusion(model, full, variants, config["EXPLAIN_BATCH_SIZE"])
-    view = result_view(result, config["NEAR_MISSES"])
+    payload = occlusion_payload(prediction, result, live, computing or nullcontext())
+    probabilities, drops = np.asarray(payload["probabilities"]), np.asarray(payload["drops"])
+    view = result_view(result, current_app.config["NEAR_MISSES"])
     output = output_index(model, probabilities, label_map(result.taxonomy_id))
     predicted = {row.label for row in view.predicted}
     labels = []
@@ -195,17 +306,11 @@ def explain_result(prediction: Prediction, result: PredictionResult) -> dict[str
             {
                 "label": row.label,
                 "predicted": row.label in predicted,
-                "score": round(float(probabilities[j]), 6),
+                "score": float(probabilities[j]),
                 "threshold": round(float(model.thresholds[j]), 6),
                 "sentences": [
-                    {
-                        "field": unit.field,
-                        "start": unit.start,
-                        "end": unit.end,
-                        "drop": round(float(drops[i, j]), 6),
-                        "read": bool(read[i]),
-                    }
-                    for i, unit in enumerate(units)
+                    {"field": field, "start": start, "end": end, "drop": float(drops[i, j]), "read": read}
+                    for i, ((field, start, end), read) in enumerate(zip(payload["units"], payload["read"], strict=True))
                 ],
             }
         )
@@ -290,18 +395,23 @@ class PagePanel:
 
 def page_panel(prediction: Prediction, slug: str, label: str) -> PagePanel:
     """The prediction page's sentences, and when ``slug`` is given the explanation of ``label`` (default: the
-    first label offered) in that taxonomy; a bad slug or label gives a message and a 4xx status."""
+    first label offered) in that taxonomy; a bad slug or label gives a message and a 4xx status. Computing an
+    explanation counts against the client's prediction rate limit, as the API's does (a stored one does not)."""
     source = {"title": prediction.title or "", "abstract": prediction.abstract}
-    units = tuple(Highlight(u.field, source[u.field][u.start : u.end]) for u in units_of(prediction))
+    max_units = current_app.config["EXPLAIN_MAX_UNITS"]
+    units = tuple(Highlight(u.field, source[u.field][u.start : u.end]) for u in units_of(prediction, max_units))
     if not slug:
         return PagePanel(units)
     result = next((r for r in prediction.results if r.taxonomy.slug == slug), None)
     if result is None:
         return PagePanel(units, slug, label, 404, f"this prediction has no result in taxonomy {slug!r}")
     try:
-        answer = explain_result(prediction, result)
+        answer = explain_result(prediction, result, limiter.limit(predict_rate_limit))
     except Unexplainable as exc:
         return PagePanel(units, slug, label, 409, str(exc))
+    except RateLimitExceeded as exc:
+        message = f"too many explanations computed for you (limit: {exc.description}); try again in a minute"
+        return PagePanel(units, slug, label, 429, message)
     entries = {entry["label"]: entry for entry in answer["labels"]}
     if not entries:
         return PagePanel(units, slug, label, 409, "the model serving now knows none of this prediction's labels")
