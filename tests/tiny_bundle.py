@@ -62,8 +62,9 @@ def _save(graph: onnx.GraphProto, path: Path) -> Path:
     return path
 
 
-def build_encoder(path: Path, vocab_size: int, *, seed: int, hidden: int = 32) -> Path:
-    """pooled = mean of E[input_ids] over the attention mask."""
+def build_encoder(path: Path, vocab_size: int, *, seed: int, hidden: int = 32, nan_after: int | None = None) -> Path:
+    """pooled = mean of E[input_ids] over the attention mask; with ``nan_after``, NaN once the sequence (special
+    tokens and padding included) is longer than that many tokens: sqrt(nan_after + 0.5 - length) * 0 is added."""
     rng = np.random.default_rng(seed)
     nodes = [
         helper.make_node("Gather", ["E", "input_ids"], ["tokens"]),
@@ -73,14 +74,30 @@ def build_encoder(path: Path, vocab_size: int, *, seed: int, hidden: int = 32) -
         helper.make_node("ReduceSum", ["masked", "axis1"], ["summed"], keepdims=0),
         helper.make_node("ReduceSum", ["mask3", "axis1"], ["count"], keepdims=0),
         helper.make_node("Max", ["count", "eps"], ["count_safe"]),
-        helper.make_node("Div", ["summed", "count_safe"], ["pooled"]),
+        helper.make_node("Div", ["summed", "count_safe"], ["pooled" if nan_after is None else "mean"]),
     ]
+    if nan_after is not None:
+        nodes += [
+            helper.make_node("Shape", ["input_ids"], ["shape"]),
+            helper.make_node("Gather", ["shape", "axis1_scalar"], ["length"], axis=0),
+            helper.make_node("Cast", ["length"], ["length_f"], to=TensorProto.FLOAT),
+            helper.make_node("Sub", ["limit", "length_f"], ["room"]),
+            helper.make_node("Sqrt", ["room"], ["root"]),
+            helper.make_node("Mul", ["root", "zero"], ["poison"]),
+            helper.make_node("Add", ["mean", "poison"], ["pooled"]),
+        ]
     initializers = [
         numpy_helper.from_array(rng.normal(0, 1.0, (vocab_size, hidden)).astype(np.float32), "E"),
         numpy_helper.from_array(np.array([2], dtype=np.int64), "axis2"),
         numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
         numpy_helper.from_array(np.array([1e-6], dtype=np.float32), "eps"),
     ]
+    if nan_after is not None:
+        initializers += [
+            numpy_helper.from_array(np.array(1, dtype=np.int64), "axis1_scalar"),
+            numpy_helper.from_array(np.array(nan_after + 0.5, dtype=np.float32), "limit"),
+            numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+        ]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
@@ -133,15 +150,20 @@ def build_bundle(
     domain_threshold: float | None = None,
     max_windows: int = 1,
     encoder_seed: int = 0,
+    max_length: int = 128,
+    encoder_nan_after: int | None = None,
 ) -> Path:
     """Write a bundle directory. ``broken``: "label-count" (the head has one output fewer than the labels),
     "corrupt-onnx" (head.onnx is garbage) or "nan" (the head's scores are NaN, so the smoke test fails).
     ``metrics`` replaces the placeholder figures (e.g. a trainer-shaped ``{"test": {...per_label...}}``).
-    Bundles with the same ``encoder_seed`` carry the same encoder bytes, so they share one encoder pass."""
+    Bundles with the same ``encoder_seed`` carry the same encoder bytes, so they share one encoder pass.
+    ``encoder_nan_after``: the encoder answers NaN for sequences longer than that many tokens."""
     labels = list(labels or LABELS)
     vocab_size = Tokenizer.from_file(str(tokenizer_path)).get_vocab_size()
     with tempfile.TemporaryDirectory() as tmp:
-        encoder_path = build_encoder(Path(tmp) / "encoder.onnx", vocab_size, seed=encoder_seed)
+        encoder_path = build_encoder(
+            Path(tmp) / "encoder.onnx", vocab_size, seed=encoder_seed, nan_after=encoder_nan_after
+        )
         head_path = Path(tmp) / "head.onnx"
         outputs = len(labels) - 1 if broken == "label-count" else len(labels)
         bias = float("nan") if broken == "nan" else 0.0
@@ -153,7 +175,7 @@ def build_bundle(
             taxonomy_name=name,
             labels=labels,
             thresholds=[threshold] * len(labels),
-            max_length=128,
+            max_length=max_length,
             max_windows=max_windows,
             window_overlap=8 if max_windows > 1 else 0,
             best_guess=best_guess,

@@ -99,7 +99,9 @@ def predict() -> Response:
         abort(400, description=str(exc))
     except NoModelError as exc:
         abort(503, description=str(exc))
-    return jsonify(predictions=[prediction_json(p) for p in predictions])
+    # A taxonomy whose model failed on this request is named with the reason; the others' answers are stored.
+    failed = {"errors": predictions.errors} if predictions.errors else {}
+    return jsonify(predictions=[prediction_json(p) for p in predictions], **failed)
 
 
 @bp.get("/taxonomies")

@@ -38,6 +38,11 @@ class Defaults:
     MAX_CONTENT_LENGTH = 2 * 1024 * 1024
     # Largest bundle upload (bytes) through the API; the int8 distilroberta-sized model is ~83 MB.
     MAX_BUNDLE_UPLOAD_BYTES = 200 * 1024 * 1024
+    # What an uploaded bundle may unpack to (its members' declared sizes, summed, checked before a byte is
+    # extracted; decompression stops there too), so a gzip bomb or a sparse member costs no memory or disk.
+    MAX_BUNDLE_UNPACKED_BYTES = 512 * 1024 * 1024
+    # Largest bundle.json (bytes): the shipped ones weigh 56-180 KB; every version's manifest is stored and shown.
+    MAX_MANIFEST_BYTES = 1024 * 1024
     # Abstract length limits (characters): shorter is not an abstract, longer is not one either.
     ABSTRACT_MIN_CHARS = 20
     ABSTRACT_MAX_CHARS = 20_000
@@ -122,6 +127,8 @@ ENV_KEYS = (
     "SQLITE_BUSY_TIMEOUT",
     "MAX_CONTENT_LENGTH",
     "MAX_BUNDLE_UPLOAD_BYTES",
+    "MAX_BUNDLE_UNPACKED_BYTES",
+    "MAX_MANIFEST_BYTES",
     "PREDICT_RATE_LIMIT",
     "TOKEN_PREDICT_RATE_LIMIT",
     "TRUSTED_PROXY_HOPS",

@@ -75,23 +75,28 @@ class ModelVersion(db.Model):
 
     @property
     def metrics(self) -> dict[str, Any]:
-        return self.manifest.get("metrics") or {}
+        """The manifest's metrics; {} for a row stored before manifests were validated with a non-object there."""
+        return _object(_object(self.manifest).get("metrics"))
 
     @property
     def test_metrics(self) -> dict[str, Any]:
         """The frozen-test-split figures models are compared by (the trainer writes them under ``test``)."""
-        return self.metrics.get("test") or {}
+        return _object(self.metrics.get("test"))
 
     @property
     def newest_metrics(self) -> dict[str, Any]:
         """The figures on papers newer than any training paper: how the model does in use."""
-        return self.metrics.get("newest") or {}
+        return _object(self.metrics.get("newest"))
 
     @property
     def newest_baseline(self) -> dict[str, Any]:
         """The TF-IDF baseline's figures on the same newest papers."""
-        baseline = self.metrics.get("baseline")
-        return (baseline.get("newest") if isinstance(baseline, dict) else None) or {}
+        return _object(_object(self.metrics.get("baseline")).get("newest"))
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """``value`` when it is a JSON object, else {}: pages read stored manifests written by older, looser imports."""
+    return value if isinstance(value, dict) else {}
 
 
 class ActivationEvent(db.Model):

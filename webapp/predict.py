@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, redirect, render_template, url_for
+from flask import Blueprint, current_app, flash, redirect, render_template, url_for
 from flask_wtf import FlaskForm
 from werkzeug.wrappers import Response
 from wtforms import StringField, TextAreaField
@@ -10,6 +10,7 @@ from wtforms.validators import ValidationError
 
 from .api import predict_rate_limit
 from .extensions import limiter
+from .read_access import remember_own_prediction
 from .serving.registry import live_models
 from .serving.scoring import InputError, NoModelError, check_submission, predict_and_store
 
@@ -61,7 +62,11 @@ def submit() -> Response | tuple[str, int]:
         return _render(form, 400)
     submission = check_submission(form.title.data, form.abstract.data)
     try:
-        (prediction,) = predict_and_store([submission], source="web")
+        stored = predict_and_store([submission], source="web")
     except NoModelError as exc:
         return _render(form, 503, error=str(exc))
+    prediction = stored[0]
+    for slug, reason in stored.errors.items():
+        flash(f"The {slug} model could not answer this abstract ({reason}); the other taxonomies did.", "error")
+    remember_own_prediction(prediction.id)  # its result page stays readable under READ_ACCESS=signed-in
     return redirect(url_for("history.detail", prediction_id=prediction.id, new=1))

@@ -32,9 +32,11 @@ import re
 import shutil
 import tarfile
 import tempfile
+import unicodedata
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NoReturn
 
 FORMAT_VERSION = 2
 ENCODER_FILE = "encoder.onnx"
@@ -53,6 +55,22 @@ FORMAT_1_MESSAGE = (
 SLUG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 # A bundle archive larger than this is refused before it is unpacked (encoder ~23 MB + head a few MB).
 MAX_ARCHIVE_BYTES = 200 * 1024 * 1024
+# What an archive may unpack to (its members' declared sizes, summed) and what bundle.json may weigh: checked before
+# a byte is extracted, so a gzip bomb costs neither memory nor disk (the server passes its MAX_BUNDLE_* settings).
+MAX_UNPACKED_BYTES = 512 * 1024 * 1024
+MAX_MANIFEST_BYTES = 1024 * 1024
+# tarfile reads a pax or GNU long-name header whole into memory: ours are a few hundred bytes.
+MAX_TAR_HEADER_BYTES = 64 * 1024
+# The per-file sha256s of an unpacked bundle, written beside its files by :func:`unpack` and checked by
+# :func:`verify_files` before a cached copy is loaded again.
+DIGESTS_FILE = "sha256.json"
+# Manifest sizes: free-form objects (metrics, training_data) are shown on pages and stored with every version.
+MAX_LABELS = 10_000
+MAX_FREE_FORM_BYTES = 512 * 1024
+MAX_FREE_FORM_DEPTH = 8
+MAX_NAME_CHARS = 200
+MAX_NOTE_CHARS = 500
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _number_in(value: Any, low: float, high: float) -> bool:
@@ -71,6 +89,47 @@ def _integer_in(value: Any, low: int, high: int) -> bool:
 
 class BundleError(ValueError):
     """A bundle that cannot be served; the message says what is wrong with it."""
+
+
+def _refuse(name: str, problem: str) -> NoReturn:
+    raise BundleError(f"bundle.json {name}: {problem}")
+
+
+def _check_string(name: str, value: Any, max_chars: int, *, required: bool = False) -> None:
+    if not isinstance(value, str):
+        _refuse(name, f"must be a string, not {type(value).__name__}")
+    if required and not value.strip():
+        _refuse(name, "is empty")
+    if len(value) > max_chars:
+        _refuse(name, f"is {len(value)} characters long; at most {max_chars} are allowed")
+    if any(unicodedata.category(ch).startswith("C") for ch in value):
+        _refuse(name, "contains a control character")
+
+
+def _depth(value: Any, limit: int) -> int:
+    """How deeply lists and objects nest in ``value`` (iteratively, stopping past ``limit``)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack and deepest <= limit:
+        node, level = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _check_free_form(name: str, value: Any) -> None:
+    """A JSON object of bounded depth and size: it is stored with the version and read by every models page."""
+    if not isinstance(value, dict):
+        _refuse(name, f"must be a JSON object, not {type(value).__name__}")
+    if _depth(value, MAX_FREE_FORM_DEPTH) > MAX_FREE_FORM_DEPTH:
+        _refuse(name, f"nests deeper than {MAX_FREE_FORM_DEPTH} levels")
+    try:
+        size = len(json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8"))
+    except (TypeError, ValueError) as exc:
+        _refuse(name, f"is not plain finite JSON ({exc})")
+    if size > MAX_FREE_FORM_BYTES:
+        _refuse(name, f"takes {size} bytes; at most {MAX_FREE_FORM_BYTES} are allowed")
 
 
 def compose_text(title: str | None, abstract: str) -> str:
@@ -102,42 +161,56 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def validate(self) -> None:
+        """Check every field's type and size in one place; each message starts with the field it is about, so an
+        upload's 422 names it (label naming rules shared with corrections are checked by the registry)."""
         if self.format_version == 1:
             raise BundleError(FORMAT_1_MESSAGE)
         if self.format_version != FORMAT_VERSION:
             raise BundleError(f"unsupported bundle format_version {self.format_version!r} (expected {FORMAT_VERSION})")
-        if not isinstance(self.taxonomy_slug, str) or not isinstance(self.taxonomy_name, str):
-            raise BundleError("taxonomy_slug and taxonomy_name must be strings")
-        if not isinstance(self.labels, list) or not isinstance(self.thresholds, list):
-            raise BundleError("labels and thresholds must be lists")
-        if not SLUG_PATTERN.match(self.taxonomy_slug or ""):
-            raise BundleError(f"taxonomy slug {self.taxonomy_slug!r} must be lowercase letters, digits and '-'")
-        if not self.taxonomy_name or not self.taxonomy_name.strip():
-            raise BundleError("taxonomy name is empty")
-        if len(self.labels) < 2:
-            raise BundleError(f"a bundle needs at least 2 labels, this one has {len(self.labels)}")
-        if any(not isinstance(label, str) or not label.strip() for label in self.labels):
-            raise BundleError("every label must be a non-empty string")
-        if len(set(self.labels)) != len(self.labels):
-            raise BundleError("labels are not unique")
-        if len(self.thresholds) != len(self.labels):
-            raise BundleError(f"{len(self.thresholds)} thresholds for {len(self.labels)} labels")
-        if any(not _number_in(t, 0.0, 1.0) or t in (0.0, 1.0) for t in self.thresholds):
-            raise BundleError("every threshold must be a number strictly between 0 and 1")
+        _check_string("taxonomy_slug", self.taxonomy_slug, 63)
+        if not SLUG_PATTERN.match(self.taxonomy_slug):
+            _refuse("taxonomy_slug", f"{self.taxonomy_slug!r} must be lowercase letters, digits and '-'")
+        _check_string("taxonomy_name", self.taxonomy_name, MAX_NAME_CHARS, required=True)
+        _check_string("base_model", self.base_model, MAX_NOTE_CHARS)
+        _check_string("created_at", self.created_at, 64)
+        _check_string("encoder_sha256", self.encoder_sha256, 64)
+        if self.encoder_sha256 and not SHA256_PATTERN.match(self.encoder_sha256):
+            _refuse("encoder_sha256", "must be 64 lowercase hex digits (or empty)")
+        self._validate_labels()
         if not _integer_in(self.max_length, 8, 4096):
-            raise BundleError(f"max_length {self.max_length!r} must be an integer between 8 and 4096")
+            _refuse("max_length", f"{self.max_length!r} must be an integer between 8 and 4096")
         if not _integer_in(self.max_windows, 1, 32):
-            raise BundleError(f"max_windows {self.max_windows!r} must be an integer between 1 and 32")
+            _refuse("max_windows", f"{self.max_windows!r} must be an integer between 1 and 32")
         if not _integer_in(self.window_overlap, 0, self.max_length // 2 - 1):
-            raise BundleError(f"window_overlap {self.window_overlap!r} must be an integer below half of max_length")
+            _refuse("window_overlap", f"{self.window_overlap!r} must be an integer below half of max_length")
         if not isinstance(self.best_guess, bool):
-            raise BundleError("best_guess must be true or false")
+            _refuse("best_guess", "must be true or false")
         if not _number_in(self.guess_floor, 0.0, 1.0) or self.guess_floor == 1.0:
-            raise BundleError("guess_floor must be a number from 0 up to 1")
+            _refuse("guess_floor", "must be a number from 0 up to 1")
         if self.domain_threshold is not None and (not _number_in(self.domain_threshold, -1.0, 1.0)):
-            raise BundleError("domain_threshold must be null or a number between -1 and 1")
-        if not isinstance(self.training_data, dict) or not isinstance(self.metrics, dict):
-            raise BundleError("training_data and metrics must be JSON objects")
+            _refuse("domain_threshold", "must be null or a number between -1 and 1")
+        _check_free_form("training_data", self.training_data)
+        _check_free_form("metrics", self.metrics)
+
+    def _validate_labels(self) -> None:
+        if not isinstance(self.labels, list):
+            _refuse("labels", f"must be a list of label names, not {type(self.labels).__name__}")
+        if not 2 <= len(self.labels) <= MAX_LABELS:
+            _refuse("labels", f"a bundle needs 2 to {MAX_LABELS} labels, this one has {len(self.labels)}")
+        seen: set[str] = set()
+        for i, label in enumerate(self.labels):
+            if not isinstance(label, str) or not label.strip():
+                _refuse(f"labels[{i}]", "every label must be a non-empty string")
+            if label in seen:
+                _refuse(f"labels[{i}]", f"labels are not unique: {label[:80]!r} appears twice")
+            seen.add(label)
+        if not isinstance(self.thresholds, list):
+            _refuse("thresholds", f"must be a list of numbers, not {type(self.thresholds).__name__}")
+        if len(self.thresholds) != len(self.labels):
+            _refuse("thresholds", f"{len(self.thresholds)} thresholds for {len(self.labels)} labels")
+        for i, threshold in enumerate(self.thresholds):
+            if not _number_in(threshold, 0.0, 1.0) or threshold in (0.0, 1.0):
+                _refuse(f"thresholds[{i}]", "every threshold must be a number strictly between 0 and 1")
 
     @property
     def read_tokens(self) -> int:
@@ -165,17 +238,26 @@ class Manifest:
         return manifest
 
 
-def read_manifest(bundle_dir: str | os.PathLike[str]) -> Manifest:
-    """Read and check ``bundle.json`` and the presence of the other files."""
+def _no_constant(name: str) -> NoReturn:
+    raise BundleError(f"bundle.json is not valid JSON: {name} is not a JSON number")
+
+
+def read_manifest(bundle_dir: str | os.PathLike[str], *, max_bytes: int = MAX_MANIFEST_BYTES) -> Manifest:
+    """Read and check ``bundle.json`` (at most ``max_bytes``) and the presence of the other files."""
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         raise BundleError(f"{bundle_dir} is not a bundle directory")
-    if not (bundle_dir / MANIFEST_FILE).is_file():
+    path = bundle_dir / MANIFEST_FILE
+    if not path.is_file():
         raise BundleError(f"bundle is missing {MANIFEST_FILE}")
+    if path.stat().st_size > max_bytes:
+        raise BundleError(f"{MANIFEST_FILE} is {path.stat().st_size} bytes, over the {max_bytes} byte limit")
     try:
-        data = json.loads((bundle_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"bundle.json is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise BundleError("bundle.json nests too deeply") from exc
     if not isinstance(data, dict):
         raise BundleError("bundle.json must hold a JSON object")
     try:
@@ -226,12 +308,100 @@ def pack(bundle_dir: str | os.PathLike[str]) -> bytes:
     return raw.getvalue()
 
 
-def unpack(archive: bytes, target: str | os.PathLike[str], *, keep_existing: bool = False) -> Manifest:
+class _CappedReader(io.RawIOBase):
+    """A readable stream that fails once more than ``cap`` bytes came out of ``inner`` (a gzip stream): however
+    the archive lies, decompressing it stops there."""
+
+    def __init__(self, inner: IO[bytes], cap: int) -> None:
+        super().__init__()
+        self.inner, self.cap, self.count = inner, cap, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.inner.read(min(len(view), self.cap + 1 - self.count))
+        self.count += len(data)
+        if self.count > self.cap:
+            raise BundleError(f"bundle archive unpacks to more than {self.cap} bytes")
+        view[: len(data)] = data
+        return len(data)
+
+
+class _BundleTarInfo(tarfile.TarInfo):
+    """tarfile reads extended headers and sparse maps into memory whatever size they declare, and a sparse member
+    unpacks to its declared real size (up to exabytes) from a few bytes: refuse both before they are read."""
+
+    def _proc_member(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _EXTENDED_HEADER_TYPES and self.size > MAX_TAR_HEADER_BYTES:
+            raise BundleError(f"bundle archive has a {self.size} byte extended tar header")
+        return super()._proc_member(tarfile)
+
+    def _refuse_sparse(self, *args: Any) -> NoReturn:
+        raise BundleError("bundle archive holds a sparse member; bundles are plain files")
+
+    _proc_sparse = _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _refuse_sparse
+
+
+_EXTENDED_HEADER_TYPES = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+
+
+def _copy_hashing(source: IO[bytes], path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "wb") as out:
+        for block in iter(lambda: source.read(1 << 20), b""):
+            digest.update(block)
+            out.write(block)
+    return digest.hexdigest()
+
+
+def _extract(archive: bytes, staging: Path, max_bytes: int, max_manifest_bytes: int) -> dict[str, str]:
+    """Stream the bundle files into ``staging``, checking each member's declared size (and their sum) before
+    reading it; returns each file's sha256."""
+    digests: dict[str, str] = {}
+    total = 0
+    # Headers and padding take a few KiB beyond the members' own bytes.
+    stream = _CappedReader(gzip.GzipFile(fileobj=io.BytesIO(archive)), max_bytes + 1024 * 1024)
+    with tarfile.open(fileobj=stream, mode="r|", tarinfo=_BundleTarInfo) as tar:
+        for member in tar:
+            if member.name == "model.onnx":
+                raise BundleError(FORMAT_1_MESSAGE)
+            if member.name not in BUNDLE_FILES or not member.isfile() or member.issparse():
+                raise BundleError(f"unexpected entry {member.name!r} in bundle archive")
+            if member.name in digests:
+                raise BundleError(f"bundle archive holds {member.name} twice")
+            if member.name == MANIFEST_FILE and member.size > max_manifest_bytes:
+                raise BundleError(f"{MANIFEST_FILE} is {member.size} bytes, over the {max_manifest_bytes} byte limit")
+            total += member.size
+            if total > max_bytes:
+                raise BundleError(f"bundle archive unpacks to more than {max_bytes} bytes (at {member.name})")
+            extracted = tar.extractfile(member)
+            assert extracted is not None
+            digests[member.name] = _copy_hashing(extracted, staging / member.name)
+    return digests
+
+
+def unpack(
+    archive: bytes,
+    target: str | os.PathLike[str],
+    *,
+    keep_existing: bool = False,
+    max_bytes: int = MAX_UNPACKED_BYTES,
+    max_manifest_bytes: int = MAX_MANIFEST_BYTES,
+) -> Manifest:
     """Unpack an archive made by :func:`pack` into ``target`` (atomically) and return its manifest.
 
-    Only the bundle files are accepted, as plain files at the top level. ``keep_existing`` is for a
-    content-addressed target (the model cache): when another process put it in place first, its copy stays, since
-    that process may be reading it, and ours is dropped.
+    Only the bundle files are accepted, as plain files at the top level, unpacking to at most ``max_bytes``
+    (``bundle.json`` to ``max_manifest_bytes``); their sha256s are written beside them (:data:`DIGESTS_FILE`).
+    ``keep_existing`` is for a content-addressed target (the model cache): when another process put it in place
+    first, its copy stays, since that process may be reading it, and ours is dropped.
     """
     if len(archive) > MAX_ARCHIVE_BYTES:
         raise BundleError(f"bundle archive is {len(archive)} bytes, over the {MAX_ARCHIVE_BYTES} byte limit")
@@ -240,22 +410,13 @@ def unpack(archive: bytes, target: str | os.PathLike[str], *, keep_existing: boo
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         try:
-            with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
-                members = tar.getmembers()
-                if any(member.name == "model.onnx" for member in members):
-                    raise BundleError(FORMAT_1_MESSAGE)
-                for member in members:
-                    if member.name not in BUNDLE_FILES or not member.isfile():
-                        raise BundleError(f"unexpected entry {member.name!r} in bundle archive")
-                for member in members:
-                    extracted = tar.extractfile(member)
-                    assert extracted is not None
-                    (staging / member.name).write_bytes(extracted.read())
-        except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as exc:
+            digests = _extract(archive, staging, max_bytes, max_manifest_bytes)
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
             if isinstance(exc, OSError) and exc.errno is not None:  # the disk (full, read-only), not the bundle
                 raise
             raise BundleError(f"not a readable .tar.gz bundle: {exc}") from exc
-        manifest = read_manifest(staging)
+        manifest = read_manifest(staging, max_bytes=max_manifest_bytes)
+        (staging / DIGESTS_FILE).write_text(json.dumps(digests, sort_keys=True), encoding="utf-8")
         if keep_existing and (target / MANIFEST_FILE).is_file():
             shutil.rmtree(staging)
             return manifest
@@ -271,6 +432,30 @@ def unpack(archive: bytes, target: str | os.PathLike[str], *, keep_existing: boo
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def read_digests(bundle_dir: Path) -> dict[str, str]:
+    """The sha256s :func:`unpack` recorded for ``bundle_dir``'s files (empty when it recorded none)."""
+    try:
+        digests = json.loads((bundle_dir / DIGESTS_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return digests if isinstance(digests, dict) else {}
+
+
+def verify_files(bundle_dir: Path) -> dict[str, str]:
+    """Hash each file of an unpacked bundle and compare with what :func:`unpack` recorded from the archive whose
+    sha256 the database holds; returns the digests (so loading hashes nothing twice). Raises :class:`BundleError`
+    naming the first file that differs."""
+    recorded = read_digests(bundle_dir)
+    actual = {}
+    for name in BUNDLE_FILES:
+        if name not in recorded:
+            raise BundleError(f"no recorded sha256 for {name}")
+        actual[name] = sha256_file(bundle_dir / name)
+        if actual[name] != recorded[name]:
+            raise BundleError(f"{name} does not match the sha256 recorded from the artifact")
+    return actual
 
 
 def sha256_hex(data: bytes) -> str:

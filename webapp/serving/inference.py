@@ -32,9 +32,12 @@ from .bundle import (
     BundleError,
     Manifest,
     read_manifest,
+    sha256_file,
 )
 
 SMOKE_TEXT = "Smoke test. We train a convolutional network for image classification and evaluate it."
+# Largest pooled vector accepted: its normalised copy is stored with every prediction (4096 float32 = 16 KiB).
+MAX_POOLED = 4096
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -171,12 +174,16 @@ _encoders: weakref.WeakValueDictionary[tuple, Encoder] = weakref.WeakValueDictio
 _encoders_lock = threading.Lock()
 
 
-def shared_encoder(bundle_dir: Path, manifest: Manifest, threads: int) -> Encoder:
+def shared_encoder(
+    bundle_dir: Path, manifest: Manifest, threads: int, digests: Mapping[str, str] | None = None
+) -> Encoder:
     """The process's :class:`Encoder` for these encoder bytes, tokenizer and windows: made once, shared by every
-    loaded bundle that carries them, dropped when none does."""
+    loaded bundle that carries them, dropped when none does. ``digests`` are the files' sha256s when the caller
+    has just taken them (verifying the model cache), so the same bytes are not hashed twice per load."""
+    digests = digests or {}
     digest = hashlib.sha256()
     for name in (ENCODER_FILE, TOKENIZER_FILE):
-        digest.update(hashlib.sha256((bundle_dir / name).read_bytes()).digest())
+        digest.update((digests.get(name) or sha256_file(bundle_dir / name)).encode("ascii"))
     key = (digest.hexdigest(), manifest.max_length, manifest.max_windows, manifest.window_overlap, threads)
     with _encoders_lock:
         encoder = _encoders.get(key)
@@ -212,12 +219,14 @@ class Decision:
 class LoadedModel:
     """A bundle ready to predict: the (shared) encoder and this taxonomy's head. Thread-safe."""
 
-    def __init__(self, bundle_dir: str | os.PathLike[str], *, threads: int = 1) -> None:
+    def __init__(
+        self, bundle_dir: str | os.PathLike[str], *, threads: int = 1, digests: Mapping[str, str] | None = None
+    ) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.manifest: Manifest = read_manifest(self.bundle_dir)
         self.labels = self.manifest.labels
         self.thresholds = np.asarray(self.manifest.thresholds, dtype=np.float32)
-        self.encoder = shared_encoder(self.bundle_dir, self.manifest, threads)
+        self.encoder = shared_encoder(self.bundle_dir, self.manifest, threads, digests)
         self.head = _session(self.bundle_dir / HEAD_FILE, threads)
         inputs = {i.name for i in self.head.get_inputs()}
         outputs = [o.name for o in self.head.get_outputs()]
@@ -277,38 +286,81 @@ class LoadedModel:
         """The labels a stored prediction gets: what replay compares."""
         return self.decide(scored.probabilities, scored.domain).labels
 
+    def smoke_texts(self) -> list[str]:
+        """Texts of several lengths: a sentence, half a window, a full window, and one past the last window (so a
+        graph that breaks on long inputs, or only once many windows are batched, fails here)."""
+        per_sentence = max(1, len(self.encoder.tokenizer.encode(SMOKE_TEXT, add_special_tokens=False).ids))
+        content = self.encoder.content
+        targets = [content // 2, content, self.manifest.read_tokens + content]
+        return [SMOKE_TEXT] + [" ".join([SMOKE_TEXT] * -(-tokens // per_sentence)) for tokens in targets]
+
     def smoke_test(self) -> None:
-        """Predict texts of several lengths (up to the last window) and check shapes and finiteness: a bundle that
-        fails this never serves."""
-        texts = [SMOKE_TEXT, " ".join([SMOKE_TEXT] * 6), " ".join([SMOKE_TEXT] * 40)]
-        try:
-            readings = self.encoder.run(texts)
-            logits, domain = self.head_outputs(texts, readings)
-        except Exception as exc:
-            raise BundleError(f"smoke prediction failed: {exc}") from exc
-        if logits.shape != (len(texts), len(self.labels)):
-            raise BundleError(f"model returns {logits.shape[-1]} scores but the bundle lists {len(self.labels)} labels")
-        pooled = np.stack([r.pooled for r in readings])
-        if not (np.all(np.isfinite(logits)) and np.all(np.isfinite(domain)) and np.all(np.isfinite(pooled))):
-            raise BundleError("smoke prediction returned non-finite scores")
-        if pooled.shape[1] > 4096:
-            raise BundleError(f"the encoder's pooled vector has {pooled.shape[1]} values; at most 4096 are stored")
+        """Predict each smoke text on its own (so every length reaches the graph unpadded) and check output shapes
+        and finiteness: a bundle that fails this never serves."""
+        for text in self.smoke_texts():
+            try:
+                readings = self.encoder.run([text])
+                logits, domain = self.head_outputs([text], readings)
+            except Exception as exc:
+                raise BundleError(f"smoke prediction failed: {exc}") from exc
+            tokens = readings[0].total_tokens
+            pooled = readings[0].pooled
+            if pooled.ndim != 1 or not 0 < pooled.shape[0] <= MAX_POOLED:
+                raise BundleError(
+                    f"the encoder's pooled vector has shape {pooled.shape}; at most {MAX_POOLED} values are stored"
+                )
+            if logits.shape != (1, len(self.labels)):
+                raise BundleError(
+                    f"model returns {logits.shape[-1]} scores but the bundle lists {len(self.labels)} labels"
+                )
+            if domain.shape != (1,):
+                raise BundleError(f"head.onnx returns domain of shape {domain.shape}, expected one value per text")
+            if not (np.all(np.isfinite(logits)) and np.all(np.isfinite(domain)) and np.all(np.isfinite(pooled))):
+                raise BundleError(f"smoke prediction returned non-finite scores (a text of {tokens} tokens)")
 
 
-def score_all(models: Mapping[str, LoadedModel], texts: list[str], batch_size: int = 16) -> dict[str, list[Scored]]:
-    """Every model's answers for ``texts`` with one encoder pass per distinct encoder (usually one for all)."""
-    readings: dict[int, list[Reading]] = {}
+def finite(scored: Scored) -> bool:
+    """Whether an answer can be stored: NaN or infinite scores are a broken model, not a prediction."""
+    return bool(np.all(np.isfinite(scored.probabilities)) and np.isfinite(scored.domain))
+
+
+def score_all(
+    models: Mapping[str, LoadedModel], texts: list[str], batch_size: int = 16, *, errors: dict[str, str] | None = None
+) -> dict[str, list[Scored]]:
+    """Every model's answers for ``texts`` with one encoder pass per distinct encoder (usually one for all).
+
+    A model that raises or answers non-finite scores raises here; with ``errors`` given it is left out instead and
+    the reason put there under its key, so one broken taxonomy never takes the others down.
+    """
+    readings: dict[int, list[Reading] | Exception] = {}
     results = {}
     for key, model in models.items():
         encoder_id = id(model.encoder)
-        if encoder_id not in readings:
-            readings[encoder_id] = model.encoder.read(texts, batch_size)
-        results[key] = model.score_readings(texts, readings[encoder_id])
+        try:
+            if encoder_id not in readings:
+                try:
+                    readings[encoder_id] = model.encoder.read(texts, batch_size)
+                except Exception as exc:  # every model on this encoder fails alike, without running it again
+                    readings[encoder_id] = exc
+            reading = readings[encoder_id]
+            if isinstance(reading, Exception):
+                raise reading
+            scored = model.score_readings(texts, reading)
+            if not all(finite(answer) for answer in scored):
+                raise BundleError("the model answered non-finite scores")
+        except Exception as exc:
+            if errors is None:
+                raise
+            errors[key] = f"{exc.__class__.__name__}: {exc}"[:500]
+            continue
+        results[key] = scored
     return results
 
 
-def load_and_validate(bundle_dir: str | os.PathLike[str], *, threads: int = 1) -> LoadedModel:
+def load_and_validate(
+    bundle_dir: str | os.PathLike[str], *, threads: int = 1, digests: Mapping[str, str] | None = None
+) -> LoadedModel:
     """Load a bundle and smoke-predict with it; raises :class:`BundleError` if it cannot serve."""
-    model = LoadedModel(bundle_dir, threads=threads)
+    model = LoadedModel(bundle_dir, threads=threads, digests=digests)
     model.smoke_test()
     return model

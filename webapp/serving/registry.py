@@ -21,9 +21,22 @@ from flask import Flask, current_app
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from ..corrections import CorrectionError, check_label
 from ..extensions import db
 from ..models import ActivationEvent, ModelArtifact, ModelVersion, Taxonomy, utcnow
-from .bundle import FORMAT_VERSION, MANIFEST_FILE, BundleError, pack, read_manifest, sha256_hex, unpack
+from .bundle import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    MAX_ARCHIVE_BYTES,
+    BundleError,
+    Manifest,
+    pack,
+    read_digests,
+    read_manifest,
+    sha256_hex,
+    unpack,
+    verify_files,
+)
 from .inference import LoadedModel, load_and_validate
 
 log = logging.getLogger(__name__)
@@ -50,7 +63,32 @@ def _read_source(source: str | os.PathLike[str] | bytes) -> bytes:
         return pack(path)
     if not path.is_file():
         raise BundleError(f"{path} is neither a bundle directory nor a .tar.gz file")
+    if path.stat().st_size > MAX_ARCHIVE_BYTES:
+        raise BundleError(f"{path} is {path.stat().st_size} bytes, over the {MAX_ARCHIVE_BYTES} byte limit")
     return path.read_bytes()
+
+
+def _unpack(archive: bytes, target: Path, *, keep_existing: bool = False) -> Manifest:
+    """:func:`unpack` within this app's MAX_BUNDLE_UNPACKED_BYTES and MAX_MANIFEST_BYTES."""
+    config = current_app.config
+    return unpack(
+        archive,
+        target,
+        keep_existing=keep_existing,
+        max_bytes=int(config["MAX_BUNDLE_UNPACKED_BYTES"]),
+        max_manifest_bytes=int(config["MAX_MANIFEST_BYTES"]),
+    )
+
+
+def check_label_names(manifest: Manifest) -> None:
+    """The label names a correction could write (no CSV separators or control characters, at most 200
+    characters, no stray spaces): otherwise the label could be neither corrected nor renamed."""
+    for i, label in enumerate(manifest.labels):
+        try:
+            if check_label(label) != label:
+                raise CorrectionError(f"label {label[:80]!r} has leading, trailing or repeated spaces")
+        except CorrectionError as exc:
+            raise BundleError(f"bundle.json labels[{i}]: {exc}") from exc
 
 
 def import_bundle(source: str | os.PathLike[str] | bytes, *, actor: str | None = None) -> ImportResult:
@@ -62,8 +100,9 @@ def import_bundle(source: str | os.PathLike[str] | bytes, *, actor: str | None =
     raw = _read_source(source)
     with tempfile.TemporaryDirectory(prefix="papertag-import-") as tmp:
         bundle_dir = Path(tmp) / "bundle"
-        manifest = unpack(raw, bundle_dir)
-        load_and_validate(bundle_dir, threads=1)
+        manifest = _unpack(raw, bundle_dir)
+        check_label_names(manifest)
+        load_and_validate(bundle_dir, threads=1, digests=read_digests(bundle_dir))
         archive = pack(bundle_dir)  # canonical form, so equal content gives an equal address
     sha = sha256_hex(archive)
     version_id = f"{manifest.taxonomy_slug}-{sha[:10]}"
@@ -254,9 +293,9 @@ def load_version(version_id: str, cache_root: Path, *, threads: int) -> LoadedMo
     cached = cache_root / sha
     if (cached / MANIFEST_FILE).is_file():
         try:
-            return _validate(version, cached, threads)
-        except BundleError as exc:
-            log.warning("cached copy of %s is unusable (%s); fetching it again", version_id, exc)
+            return _validate(version, cached, threads, verify_files(cached))
+        except (BundleError, OSError) as exc:
+            log.warning("cached copy of %s is unusable (%s); rewriting it from the database", version_id, exc)
             shutil.rmtree(cached, ignore_errors=True)
     data = db.session.scalar(select(ModelArtifact.data).where(ModelArtifact.sha256 == sha))
     if data is None:
@@ -264,18 +303,19 @@ def load_version(version_id: str, cache_root: Path, *, threads: int) -> LoadedMo
     if sha256_hex(data) != sha:
         raise BundleError(f"artifact of {version_id} does not match its sha256 {sha}")
     try:
-        unpack(data, cached, keep_existing=True)
+        _unpack(data, cached, keep_existing=True)
+        digests = verify_files(cached)  # another process's copy, when it put one in place first
     except (OSError, BundleError) as exc:
-        log.warning("cannot write the model cache for %s (%s); loading from a temporary directory", version_id, exc)
+        log.warning("cannot use the model cache for %s (%s); loading from a temporary directory", version_id, exc)
         with tempfile.TemporaryDirectory(prefix="papertag-model-") as tmp:
-            unpack(data, Path(tmp) / "bundle")
+            _unpack(data, Path(tmp) / "bundle")
             # onnxruntime and tokenizers read the files fully at load, so the directory can go afterwards.
-            return _validate(version, Path(tmp) / "bundle", threads)
-    return _validate(version, cached, threads)
+            return _validate(version, Path(tmp) / "bundle", threads, read_digests(Path(tmp) / "bundle"))
+    return _validate(version, cached, threads, digests)
 
 
-def _validate(version: ModelVersion, bundle_dir: Path, threads: int) -> LoadedModel:
-    model = load_and_validate(bundle_dir, threads=threads)
+def _validate(version: ModelVersion, bundle_dir: Path, threads: int, digests: dict[str, str]) -> LoadedModel:
+    model = load_and_validate(bundle_dir, threads=threads, digests=digests)
     if model.labels != version.labels:
         raise BundleError(f"bundle labels differ from the {len(version.labels)} registered for {version.id}")
     return model

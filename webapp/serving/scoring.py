@@ -6,6 +6,8 @@ Shared by the web form, the JSON API and (issue 4) CSV batches, so the rules are
 from __future__ import annotations
 
 import hashlib
+import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,8 @@ from .bundle import compose_text
 from .inference import score_all
 from .registry import LiveModel, live_models
 
+log = logging.getLogger(__name__)
+
 
 class InputError(ValueError):
     """A submission that cannot be predicted; the message tells the person what to change."""
@@ -26,6 +30,20 @@ class InputError(ValueError):
 
 class NoModelError(RuntimeError):
     """No taxonomy has an active, loaded model in this worker."""
+
+
+class ScoringError(NoModelError):
+    """Every chosen taxonomy's model failed on this request (raised, or answered non-finite scores): nothing to
+    store, so callers answer it like no model at all (a 503; a batch job stops with the reason)."""
+
+
+class Stored(list[Prediction]):
+    """The stored predictions, with ``errors``: {taxonomy slug: why its model gave no answer} for the taxonomies
+    that failed on this request (their results are missing; every other taxonomy's are stored)."""
+
+    def __init__(self, predictions: Iterable[Prediction], errors: dict[str, str]) -> None:
+        super().__init__(predictions)
+        self.errors = errors
 
 
 @dataclass(frozen=True)
@@ -96,9 +114,10 @@ def predict_and_store(
     *,
     commit: bool = True,
     models: dict[str, LiveModel] | None = None,
-) -> list[Prediction]:
+) -> Stored:
     """Score with each chosen taxonomy's model (all active ones by default; one encoder pass for all of them) and
-    store one Prediction per submission, in one commit.
+    store one Prediction per submission, in one commit. A taxonomy whose model fails is reported in the result's
+    ``errors`` and the others are stored; :class:`ScoringError` when every one failed.
 
     ``commit=False`` only flushes, so a caller (a batch job) can commit its own bookkeeping atomically with them.
     """
@@ -106,7 +125,12 @@ def predict_and_store(
     texts = [s.text for s in submissions]
     # Every taxonomy's model is the one grabbed above, even if the watcher swaps meanwhile.
     batch_size = current_app.config["INFERENCE_BATCH_SIZE"]
-    scored = score_all({slug: entry.model for slug, entry in sorted(live.items())}, texts, batch_size)
+    errors: dict[str, str] = {}
+    scored = score_all({slug: entry.model for slug, entry in sorted(live.items())}, texts, batch_size, errors=errors)
+    for slug, reason in errors.items():
+        log.error("model %s of taxonomy %s failed on %d texts: %s", live[slug].version_id, slug, len(texts), reason)
+    if not scored:
+        raise ScoringError("no model could answer: " + "; ".join(f"{slug}: {why}" for slug, why in errors.items()))
     predictions = []
     for i, submission in enumerate(submissions):
         prediction = Prediction(
@@ -144,7 +168,7 @@ def predict_and_store(
         db.session.commit()
     else:
         db.session.flush()
-    return predictions
+    return Stored(predictions, errors)
 
 
 @dataclass(frozen=True)
