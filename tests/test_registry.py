@@ -346,10 +346,10 @@ def test_import_defaults_activates_an_already_imported_shipped_bundle_over_forma
     ("key", "value", "message"),
     [
         ("thresholds", "huge", "every threshold must be a number strictly between 0 and 1"),
-        ("thresholds", "nan", "every threshold must be a number strictly between 0 and 1"),
+        ("thresholds", "nan", "NaN is not a JSON number"),
         ("max_windows", True, "max_windows"),
-        ("guess_floor", False, "guess_floor must be a number"),
-        ("domain_threshold", "1e400", "domain_threshold must be null or a number"),
+        ("guess_floor", False, "guess_floor: must be a number"),
+        ("domain_threshold", "1e400", "domain_threshold: must be null or a number"),
     ],
 )
 def test_manifest_numbers_of_the_wrong_kind_are_refused_not_a_500(
