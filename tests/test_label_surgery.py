@@ -206,7 +206,7 @@ def test_split_routes_by_keyword_with_the_same_rule_for_the_trainer(
     for paper in (*over_http, *from_database):
         expected = "Keyword Part" if int(paper.id) in routed else "The Rest"
         assert paper.labels == sorted(["Other", expected])
-    log = client.get(f"/api/v1/taxonomies/{SLUG}/label-changes").get_json()
+    log = client.get(f"/api/v1/taxonomies/{SLUG}/label-changes", headers=admin).get_json()
     assert set(log["labels"]) >= {"Keyword Part", "The Rest"} and label not in log["labels"]
 
 
@@ -327,7 +327,8 @@ def test_bad_requests_roles_and_unknown_records(app: Flask, client: FlaskClient)
     assert client.post(url, json={"kind": "rename"}, headers=token(app, "cora", "curator")).status_code == 403
     assert client.post("/api/v1/taxonomies/nope/label-changes", json={}, headers=admin).status_code == 404
     assert client.post(f"{url}/99/undo", headers=admin).status_code == 404
-    assert client.get("/api/v1/taxonomies/nope/label-changes").status_code == 404
+    assert client.get("/api/v1/taxonomies/nope/label-changes", headers=admin).status_code == 404
+    assert client.get(url).status_code == 401  # label-change actors are people: never public (issue 11 point 12)
     # A retired name is not free again: items stored under it would read as the new label.
     assert change(client, admin, kind="rename", **{"from": "Object Detection", "to": "Detection"}).status_code == 201
     reuse = change(client, admin, kind="rename", **{"from": "Code Generation", "to": "Object Detection"})

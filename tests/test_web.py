@@ -15,6 +15,7 @@ from webapp import ConfigurationError, create_app
 from webapp.config import database_uri
 from webapp.extensions import db
 from webapp.models import AnnotationEvent, Prediction, PredictionResult, User
+from webapp.read_access import ANYONE, ENDPOINT_READS
 from webapp.serving.inference import LoadedModel
 from webapp.serving.registry import activate, import_bundle
 
@@ -204,8 +205,10 @@ def test_database_url_normalisation() -> None:
     assert database_uri("", "/srv/data") == "sqlite:////srv/data/papertag.db"
 
 
-def test_unexpected_errors_are_a_clean_500_that_rolls_back(tmp_path: Path) -> None:
+def test_unexpected_errors_are_a_clean_500_that_rolls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     app = make_app(tmp_path / "boom")
+    for endpoint in ("api_boom", "boom"):  # a route without a read rule is refused to anonymous readers
+        monkeypatch.setitem(ENDPOINT_READS, endpoint, ANYONE)
 
     def boom() -> str:
         db.session.add(User(name="half-written", role="curator"))

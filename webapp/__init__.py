@@ -60,6 +60,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     _configure_logging(app)
     register_extensions(app)
     register_blueprints(app)
+    register_read_access(app)
     register_errorhandlers(app)
     register_commands(app)
     app.after_request(_security_headers)
@@ -180,6 +181,12 @@ def register_blueprints(app: Flask) -> None:
     csrf.exempt(quality.api_bp)
     csrf.exempt(learned_thresholds.api_bp)
     csrf.exempt(replay.api_bp)
+
+
+def register_read_access(app: Flask) -> None:
+    from . import read_access
+
+    read_access.init_app(app)
 
 
 def register_errorhandlers(app: Flask) -> None:

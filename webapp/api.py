@@ -26,6 +26,7 @@ from .labels import (
     undo_change,
 )
 from .models import ModelVersion, Prediction, Taxonomy
+from .read_access import PEOPLE, may_read
 from .serving.bundle import BundleError
 from .serving.registry import activate, get_taxonomy, import_bundle, list_versions, live_models, version_archive
 from .serving.scoring import (
@@ -175,7 +176,7 @@ def _version_json(version: ModelVersion) -> dict[str, Any]:
         "labels": len(version.labels),
         "sha256": version.artifact_sha256,
         "created_at": version.created_at.isoformat() + "Z",
-        "imported_by": version.imported_by,
+        "imported_by": version.imported_by if may_read(PEOPLE) else None,  # names are never public
         "status": version.status,
         "validation_error": version.validation_error,
         "metrics": {k: test[k] for k in ("micro_f1", "macro_f1") if k in test},

@@ -32,7 +32,7 @@ from werkzeug.utils import secure_filename
 from werkzeug.wrappers import Response
 
 from .annotations import label_map, mapped_result
-from .auth import role_required
+from .auth import has_role, role_required
 from .extensions import db
 from .models import BatchJob, BatchRow, ModelVersion, Prediction, PredictionResult, utcnow
 from .serving.scoring import InputError, NoModelError, Submission, check_submission, predict_and_store
@@ -465,7 +465,10 @@ def _get_job(job_id: int) -> BatchJob:
 
 
 def _render_index(form: UploadForm, status: int = 200, error: str | None = None) -> tuple[str, int]:
-    jobs = db.session.scalars(select(BatchJob).order_by(BatchJob.id.desc()).limit(50)).all()
+    query = select(BatchJob).order_by(BatchJob.id.desc()).limit(50)
+    if not has_role(current_user, "admin"):  # a batch is its creator's and the admins' (read_access)
+        query = query.where(BatchJob.created_by == current_user.name)
+    jobs = db.session.scalars(query).all()
     config = current_app.config
     return (
         render_template(

@@ -8,7 +8,8 @@ from sqlalchemy import Select, exists, or_, select
 from .annotations import known_labels, results_with_label
 from .explain import page_panel
 from .extensions import db
-from .models import AnnotationEvent, ModelVersion, PredictedLabel, Prediction, PredictionResult, User
+from .models import AnnotationEvent, BatchJob, ModelVersion, PredictedLabel, Prediction, PredictionResult, User
+from .read_access import PREDICTIONS, can_read, deny_read, reader
 from .serving.scoring import result_view
 from .similar import similar_papers
 
@@ -62,6 +63,9 @@ def index() -> str:
     batch = request.args.get("batch", "").strip()
     if batch and (not batch.isdigit() or len(batch) > 9):
         abort(400, description=f"batch must be a batch number, not {batch[:20]!r}")
+    job = db.session.get(BatchJob, int(batch)) if batch else None
+    if job is not None and not can_read(reader(), job):  # a batch's listing is its readers' (read_access)
+        deny_read(reader(), f"batch job {batch}")
     reviewed = request.args.get("reviewed", "")
     if reviewed not in REVIEWED_CHOICES:
         abort(400, description="reviewed must be 'yes', 'no' or empty")
@@ -108,7 +112,9 @@ def detail(prediction_id: int) -> tuple[str, int]:
     # ?explain=<slug>&label=...: the explanation rendered here, for browsers without JavaScript.
     slug = request.args.get("explain", "").strip()[:63]
     panel = page_panel(prediction, slug, request.args.get("label", "").strip())
-    similar = {r.taxonomy.slug: similar_papers(r, current_app.config["SIMILAR_K"]) for r in prediction.results}
+    similar = {}
+    if can_read(reader(), PREDICTIONS):  # other people's abstracts: not for an anonymous visitor's own result
+        similar = {r.taxonomy.slug: similar_papers(r, current_app.config["SIMILAR_K"]) for r in prediction.results}
     page = render_template(
         "history/detail.html",
         prediction=prediction,
