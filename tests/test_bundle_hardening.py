@@ -412,7 +412,7 @@ def test_a_tampered_cached_file_is_rewritten_from_the_database(
         before = first.test_client().post("/api/v1/predict", json={"abstract": TEXT}).get_json()
     finally:
         stop(first)
-    (cached,) = (tmp_path / "data" / "model-cache").iterdir()
+    (cached,) = [path for path in (tmp_path / "data" / "model-cache").iterdir() if path.is_dir()]
     original = (cached / name).read_bytes()
     overwrite_tensor(cached / name, tensor)
 
@@ -435,7 +435,7 @@ def test_a_cache_without_recorded_digests_is_rewritten(tmp_path: Path, make_bund
         import_bundle(make_bundle(seed=1))
     live_models_of(first).current()
     stop(first)
-    (cached,) = (tmp_path / "data" / "model-cache").iterdir()
+    (cached,) = [path for path in (tmp_path / "data" / "model-cache").iterdir() if path.is_dir()]
     (cached / "sha256.json").unlink()
     restarted = make_app(tmp_path / "data")
     try:

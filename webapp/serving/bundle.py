@@ -18,7 +18,11 @@ Format 1 (one ``model.onnx`` per taxonomy, 128 tokens, no lexical part) is refus
 shipped format-2 bundles replace such active versions on the next start (``models import-defaults``).
 
 Its ``.tar.gz`` (packed deterministically, so equal content gives an equal sha256) is the upload and
-storage form. This module imports neither Flask nor torch so both packages can use it.
+storage form. Unpacking it is bounded before anything is extracted (plain members only, their declared sizes
+summed against a cap, ``bundle.json`` capped on its own, no sparse members) and records each file's sha256 in
+``sha256.json`` beside them, which :func:`verify_files` checks before a cached copy is loaded again. Every
+manifest field is checked for type and size by :meth:`Manifest.validate`. This module imports neither Flask nor
+torch so both packages can use it.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ MAX_LABELS = 10_000
 MAX_FREE_FORM_BYTES = 512 * 1024
 MAX_FREE_FORM_DEPTH = 8
 MAX_NAME_CHARS = 200
-MAX_NOTE_CHARS = 500
+MAX_BASE_MODEL_CHARS = 500
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -171,7 +175,7 @@ class Manifest:
         if not SLUG_PATTERN.match(self.taxonomy_slug):
             _refuse("taxonomy_slug", f"{self.taxonomy_slug!r} must be lowercase letters, digits and '-'")
         _check_string("taxonomy_name", self.taxonomy_name, MAX_NAME_CHARS, required=True)
-        _check_string("base_model", self.base_model, MAX_NOTE_CHARS)
+        _check_string("base_model", self.base_model, MAX_BASE_MODEL_CHARS)
         _check_string("created_at", self.created_at, 64)
         _check_string("encoder_sha256", self.encoder_sha256, 64)
         if self.encoder_sha256 and not SHA256_PATTERN.match(self.encoder_sha256):

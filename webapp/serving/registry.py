@@ -8,12 +8,15 @@ validates it and then swaps a single dict reference; requests keep whatever mode
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -289,8 +292,31 @@ def load_version(version_id: str, cache_root: Path, *, threads: int) -> LoadedMo
     version = db.session.get(ModelVersion, version_id)
     if version is None:
         raise BundleError(f"version {version_id} does not exist")
-    sha = version.artifact_sha256
-    cached = cache_root / sha
+    with _cache_lock(cache_root):
+        return _load_cached(version, cache_root / version.artifact_sha256, threads)
+
+
+@contextmanager
+def _cache_lock(cache_root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the model cache (flock on its directory, so no file is left behind) while a version
+    is checked, rewritten and loaded: no process deletes a copy another one is reading (after a deploy every worker
+    loads the same versions at once). An unwritable cache takes no lock; :func:`_load_cached` then loads from a
+    temporary directory."""
+    try:
+        cache_root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(cache_root, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _load_cached(version: ModelVersion, cached: Path, threads: int) -> LoadedModel:
+    version_id, sha = version.id, version.artifact_sha256
     if (cached / MANIFEST_FILE).is_file():
         try:
             return _validate(version, cached, threads, verify_files(cached))
