@@ -33,6 +33,7 @@ from werkzeug.wrappers import Response
 
 from .annotations import label_map, mapped_result
 from .auth import has_role, role_required
+from .csv_cells import csv_lines
 from .extensions import db
 from .models import BatchJob, BatchRow, ModelVersion, Prediction, PredictionResult, utcnow
 from .serving.scoring import InputError, NoModelError, Submission, check_submission, predict_and_store
@@ -383,7 +384,13 @@ def _unique(name: str, taken: set[str]) -> str:
 
 def result_csv(job: BatchJob, with_scores: bool, page_size: int = 500) -> Iterator[str]:
     """The job's CSV: the uploaded columns, then ``prediction_id``, one column per taxonomy with its predicted
-    labels joined by ``; ``, with ``with_scores`` one ``<taxonomy>:<label>`` column per label, and ``skipped``."""
+    labels joined by ``; ``, with ``with_scores`` one ``<taxonomy>:<label>`` column per label, and ``skipped``.
+    Formula-like cells (the uploaded ones above all) are neutralised by :func:`csv_lines`."""
+    return csv_lines(_result_rows(job, with_scores, page_size))
+
+
+def _result_rows(job: BatchJob, with_scores: bool, page_size: int) -> Iterator[list[Any]]:
+    """The rows of :func:`result_csv`, read a page of rows at a time."""
     taxonomies = _result_taxonomies(job.id)
     taken = set(job.columns)
     header = list(job.columns) + [_unique("prediction_id", taken)]
@@ -391,17 +398,7 @@ def result_csv(job: BatchJob, with_scores: bool, page_size: int = 500) -> Iterat
     if with_scores:
         header += [_unique(f"{slug}:{label}", taken) for slug, labels in taxonomies.items() for label in labels]
     header.append(_unique("skipped", taken))
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-
-    def flush() -> str:
-        value = buffer.getvalue()
-        buffer.seek(0)
-        buffer.truncate()
-        return value
-
-    writer.writerow(header)
-    yield flush()
+    yield header
     after = 0
     while True:
         rows = db.session.scalars(
@@ -426,9 +423,8 @@ def result_csv(job: BatchJob, with_scores: bool, page_size: int = 500) -> Iterat
                     scores = results[slug].scores if slug in results else {}
                     out += [f"{scores[label]:.4f}" if label in scores else "" for label in labels]
             out.append(row.skip_reason or "")
-            writer.writerow(out)
+            yield out
         after = rows[-1].row_number
-        yield flush()
 
 
 # --- views ---------------------------------------------------------------------------------------------------

@@ -3,8 +3,6 @@ sits in memory. The same downloads serve the Export page (signed in) and the API
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -15,6 +13,7 @@ from sqlalchemy.orm import selectinload
 
 from .annotations import corrected_predictions, current_labels, mapped_result
 from .auth import role_required
+from .csv_cells import csv_lines
 from .extensions import db
 from .models import Prediction, PredictionResult, Taxonomy
 
@@ -117,16 +116,6 @@ def _annotation_rows(records: Iterable[dict[str, Any]]) -> Iterator[list[Any]]:
         ]
 
 
-def _csv_lines(rows: Iterable[list[Any]]) -> Iterator[str]:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    for row in rows:
-        writer.writerow(row)
-        yield buffer.getvalue()
-        buffer.seek(0)
-        buffer.truncate()
-
-
 def download(kind: str, fmt: str, taxonomy_slug: str | None) -> Response:
     """A streamed attachment ``<kind>.<fmt>``; unknown kinds, formats or taxonomies are a 404."""
     if kind not in KINDS or fmt not in FORMATS:
@@ -138,9 +127,9 @@ def download(kind: str, fmt: str, taxonomy_slug: str | None) -> Response:
     if fmt == "jsonl":
         lines: Iterator[str] = (json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     elif kind == "predictions":
-        lines = _csv_lines(_prediction_rows(records, [taxonomy_slug] if taxonomy_slug else slugs))
+        lines = csv_lines(_prediction_rows(records, [taxonomy_slug] if taxonomy_slug else slugs))
     else:
-        lines = _csv_lines(_annotation_rows(records))
+        lines = csv_lines(_annotation_rows(records))
     name = f"papertag-{kind}{'-' + taxonomy_slug if taxonomy_slug else ''}.{fmt}"
     response = Response(stream_with_context(lines), mimetype=FORMATS[fmt])
     response.headers["Content-Disposition"] = f'attachment; filename="{name}"'
