@@ -38,7 +38,7 @@ from .serving.scoring import (
     predict_and_store,
     prediction_json,
 )
-from .training_runs import claim_next, create_run, get_run, run_json, update_run
+from .training_runs import RunFieldError, RunStateError, claim_next, create_run, get_run, run_json, update_run
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 health_bp = Blueprint("health", __name__)
@@ -53,10 +53,19 @@ def predict_rate_limit() -> str:
 def json_body() -> Any:
     if not request.is_json:
         abort(415, description="send the body as JSON with Content-Type: application/json")
-    body = request.get_json(silent=True)
+    body = request.get_json()  # invalid or too deeply nested JSON: a 400 saying why (errors.JSONErrorRequest)
     if body is None:
-        abort(400, description="the body is not valid JSON")
+        abort(400, description="the body is JSON null; send an object")
     return body
+
+
+def json_flag(body: dict[str, Any], key: str) -> bool:
+    """An optional flag of a JSON body: absent is false; anything but true or false is a 400 naming it (``1``
+    or ``"yes"`` must not silently mean one thing or the other, e.g. apply a change meant as a preview)."""
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        abort(400, description=f'"{key}" must be true or false, not {json.dumps(value)[:40]}')
+    return value
 
 
 def _submissions(body: Any) -> list[Submission]:
@@ -144,7 +153,7 @@ def make_label_change(slug: str) -> tuple[Response, int]:
         abort(400, description='send an object such as {"kind": "rename", "from": "...", "to": "..."}')
     kind = body.get("kind")
     try:
-        if body.get("preview") is True:
+        if json_flag(body, "preview"):
             checked = check_change(taxonomy, kind, body)
             return jsonify(kind=kind, payload=checked, preview=preview(taxonomy, kind, checked)), 200
         made = record_change(taxonomy, kind, body, actor=f"api:{g.api_user.name}", note=body.get("note", ""))
@@ -327,8 +336,10 @@ def update_training_run(run_id: int) -> Response:
         abort(400, description="send an object of progress fields")
     try:
         return jsonify(run_json(update_run(run_id, body)))
-    except ValueError as exc:
+    except RunFieldError as exc:
         abort(400, description=str(exc))
+    except RunStateError as exc:
+        abort(409, description=str(exc))
 
 
 @health_bp.get("/healthz")

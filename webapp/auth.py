@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from datetime import timedelta
 from functools import wraps
 from typing import Any
 
@@ -10,11 +12,15 @@ from flask import abort, g, request
 from flask_limiter.util import get_remote_address
 from flask_login import current_user
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from .extensions import db, login_manager
 from .models import ApiToken, User, utcnow
 
 ROLE_RANK = {"curator": 1, "admin": 2}
+# How precisely a token's last use is recorded: a write per call would make every read a write.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+log = logging.getLogger(__name__)
 
 
 def bearer_token() -> ApiToken | None:
@@ -36,6 +42,20 @@ def client_key() -> str:
     return f"token:{token.id}" if token is not None else get_remote_address()
 
 
+def note_use(token: ApiToken) -> None:
+    """Stamp ``last_used_at`` at most once per LAST_USED_RESOLUTION, and never let that bookkeeping fail the
+    request: a read-only call must answer while another process holds the database's write lock."""
+    now = utcnow()
+    if token.last_used_at is not None and now - token.last_used_at < LAST_USED_RESOLUTION:
+        return
+    token.last_used_at = now
+    try:
+        db.session.commit()
+    except OperationalError as exc:
+        db.session.rollback()
+        log.warning("API token %s: last_used_at not recorded (%s)", token.id, exc.orig)
+
+
 def token_user_role(required: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Require ``Authorization: Bearer <token>`` of a user whose role is at least ``required``."""
 
@@ -49,8 +69,7 @@ def token_user_role(required: str) -> Callable[[Callable[..., Any]], Callable[..
                 abort(401, description="the API token is unknown, revoked or expired")
             if ROLE_RANK.get(token.user.role, 0) < ROLE_RANK[required]:
                 abort(403, description=f"this endpoint needs the {required} role")
-            token.last_used_at = utcnow()
-            db.session.commit()
+            note_use(token)
             g.api_user = token.user
             return view(*args, **kwargs)
 

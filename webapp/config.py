@@ -36,6 +36,9 @@ class Defaults:
     SQLITE_BUSY_TIMEOUT = 15
     # Largest request body (bytes): 64 abstracts of 20,000 characters fit; bundle uploads have their own.
     MAX_CONTENT_LENGTH = 2 * 1024 * 1024
+    # Deepest nesting of lists and objects a JSON body may have (a 400 beyond): every API body nests a few levels,
+    # while 100,000 "[" made Python's parser raise RecursionError, and a deep value could not be answered again.
+    JSON_MAX_DEPTH = 32
     # Largest bundle upload (bytes) through the API; the int8 distilroberta-sized model is ~83 MB.
     MAX_BUNDLE_UPLOAD_BYTES = 200 * 1024 * 1024
     # What an uploaded bundle may unpack to (its members' declared sizes, summed, checked before a byte is

@@ -54,6 +54,8 @@ def check_note(raw: object) -> str:
     note = raw.strip()
     if "\x00" in note:
         raise CorrectionError("note contains a NUL character")
+    if any(unicodedata.category(ch) == "Cs" for ch in note):  # no database can store "\ud800" as text
+        raise CorrectionError("note contains a lone surrogate (such as \\ud800), which is not valid Unicode text")
     if len(note) > MAX_NOTE_CHARS:
         raise CorrectionError(f"note is {len(note)} characters long; notes have at most {MAX_NOTE_CHARS}")
     return note

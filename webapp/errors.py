@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from flask import Flask, Response, jsonify, make_response, render_template, request
+from flask import Flask, Request, Response, jsonify, make_response, render_template, request
+from flask.json.provider import DefaultJSONProvider
 from sqlalchemy.exc import OperationalError
-from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.exceptions import BadRequest, HTTPException, InternalServerError
 
 from .extensions import db
 from .serving.registry import RegistryError
@@ -30,7 +32,46 @@ def error_response(status: int, message: str) -> Response:
     return response
 
 
+def json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (a scalar is 0), without recursing."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+class BoundedJSONProvider(DefaultJSONProvider):
+    """Every request body parsed as JSON: too deep a nesting is a ValueError (so a 400), not Python's
+    RecursionError (a 500 for 100,000 ``[``), and what is accepted can always be stored and answered again."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        limit = self._app.config["JSON_MAX_DEPTH"]
+        try:
+            value = super().loads(s, **kwargs)
+        except RecursionError as exc:
+            raise ValueError(f"it nests deeper than {limit} levels") from exc
+        if json_depth(value) > limit:
+            raise ValueError(f"it nests deeper than {limit} levels")
+        return value
+
+
+class JSONErrorRequest(Request):
+    """A body that is not JSON (or nests too deeply) is a 400 saying why, whoever calls ``get_json``."""
+
+    def on_json_loading_failed(self, e: ValueError | None) -> Any:
+        if e is None:
+            return super().on_json_loading_failed(e)
+        raise BadRequest(f"the body is not valid JSON: {e}")
+
+
 def register(app: Flask) -> None:
+    app.json = BoundedJSONProvider(app)
+    app.request_class = JSONErrorRequest
+
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         message = exc.description or exc.name

@@ -5,6 +5,7 @@ functions."""
 
 from __future__ import annotations
 
+import unicodedata
 from collections import Counter
 from typing import Any
 
@@ -117,6 +118,8 @@ def _split_targets(raw: object) -> list[dict[str, Any]]:
         if not isinstance(keywords, list) or not all(isinstance(k, str) for k in keywords):
             raise SurgeryError(f"the keywords of {name!r} must be a list of strings")
         keywords = sorted({" ".join(k.split()) for k in keywords} - {""})
+        if any(unicodedata.category(ch).startswith("C") for k in keywords for ch in k):
+            raise SurgeryError(f"the keywords of {name!r} contain a control character or a lone surrogate")
         if len(keywords) > MAX_KEYWORDS or any(len(k) > 100 for k in keywords):
             raise SurgeryError(f"{name!r}: at most {MAX_KEYWORDS} keywords of at most 100 characters")
         targets.append({"name": name, "keywords": keywords})

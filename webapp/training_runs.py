@@ -3,6 +3,8 @@ updated with progress, finished with a candidate version. The site shows them; t
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select, update
@@ -12,9 +14,114 @@ from .models import Taxonomy, TrainingRun, utcnow
 from .serving.registry import RegistryError
 
 STATUSES = ("queued", "running", "finished", "failed")
-# Keys a progress update may set; anything else is refused so a typo cannot silently vanish.
+# The state machine, in one place: where a run may go from each state. A run is queued by the site (or created
+# running by the trainer CLI); claim_next moves queued -> running atomically; "running" -> "running" is a progress
+# update; nothing leaves finished or failed, so an ended run can never be claimed or trained again.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "queued": frozenset({"running", "failed"}),
+    "running": frozenset({"running", "finished", "failed"}),
+    "finished": frozenset(),
+    "failed": frozenset(),
+}
 PROGRESS_KEYS = {"stage", "epoch", "step", "total_steps", "loss", "eta_seconds", "validation_micro_f1"}
-UPDATE_KEYS = {"status", "error", "metrics", "candidate_version", "activated", "gate"} | PROGRESS_KEYS
+MAX_STAGE_CHARS = 200
+MAX_ERROR_CHARS = 10_000
+MAX_CANDIDATE_CHARS = 80  # the candidate_version column
+MAX_METRICS = 50
+MAX_GATE_REASON_CHARS = 1000
+
+
+class RunFieldError(ValueError):
+    """A progress or completion field of the wrong type or range (a 400); the message names the field."""
+
+
+class RunStateError(Exception):
+    """An update the run's current state does not allow (a 409); the message names both states."""
+
+
+def _text(limit: int) -> Callable[[str, Any], str]:
+    def check(name: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise RunFieldError(f"{name} must be a string, not {_type(value)}")
+        if len(value) > limit:
+            raise RunFieldError(f"{name} is {len(value)} characters long; at most {limit} are allowed")
+        if "\x00" in value or any(0xD800 <= ord(ch) <= 0xDFFF for ch in value):
+            raise RunFieldError(f"{name} contains a NUL character or a lone surrogate, which is not text")
+        return value
+
+    return check
+
+
+def _number(*, integer: bool = False, high: float | None = None) -> Callable[[str, Any], int | float]:
+    """A JSON number (never a boolean), finite and non-negative, whole when ``integer``, at most ``high``."""
+
+    def check(name: str, value: Any) -> int | float:
+        kind = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise RunFieldError(f"{name} must be a {'whole ' if integer else ''}number, not {_type(value)}")
+        bound = high if high is not None else 2**53  # past it a JSON number loses precision in browsers
+        if not (math.isfinite(value) and 0 <= value <= bound):
+            raise RunFieldError(f"{name} must be a finite number from 0 to {bound}, not {value!r}")
+        return value
+
+    return check
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise RunFieldError(f"{name} must be true or false, not {_type(value)}")
+    return value
+
+
+def _metrics(name: str, value: Any) -> dict[str, int | float]:
+    """Test-split figures: an object of at most MAX_METRICS numbers."""
+    if not isinstance(value, dict) or len(value) > MAX_METRICS:
+        raise RunFieldError(f"{name} must be an object of at most {MAX_METRICS} numbers")
+    figure = _number()
+    return {_text(100)(f"{name} key", key): figure(f"{name}.{key}", v) for key, v in value.items()}
+
+
+GATE_FIELDS: dict[str, Callable[[str, Any], Any]] = {
+    "passed": _flag,
+    "reason": _text(MAX_GATE_REASON_CHARS),
+    "candidate_micro_f1": _number(high=1),
+    "active_micro_f1": lambda name, value: None if value is None else _number(high=1)(name, value),
+    "drift": _number(),
+}
+
+
+def _gate(name: str, value: Any) -> dict[str, Any]:
+    """The promotion gate's verdict as the trainer reports it (trainer.publish.GateResult)."""
+    if not isinstance(value, dict) or set(value) != set(GATE_FIELDS):
+        raise RunFieldError(f"{name} must be an object with exactly {', '.join(sorted(GATE_FIELDS))}")
+    return {key: check(f"{name}.{key}", value[key]) for key, check in GATE_FIELDS.items()}
+
+
+def _status(name: str, value: Any) -> str:
+    if value not in STATUSES:
+        raise RunFieldError(f"{name} must be one of {', '.join(STATUSES)}, not {value!r}")
+    return value
+
+
+def _type(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+# Every field an update may carry and how it is checked; anything else is refused so a typo cannot vanish.
+UPDATE_FIELDS: dict[str, Callable[[str, Any], Any]] = {
+    "status": _status,
+    "error": _text(MAX_ERROR_CHARS),
+    "metrics": _metrics,
+    "candidate_version": _text(MAX_CANDIDATE_CHARS),
+    "gate": _gate,
+    "stage": _text(MAX_STAGE_CHARS),
+    "epoch": _number(integer=True),
+    "step": _number(integer=True),
+    "total_steps": _number(integer=True),
+    "loss": _number(),
+    "eta_seconds": _number(),
+    "validation_micro_f1": _number(high=1),
+}
 
 
 def create_run(taxonomy_slug: str, config: dict[str, Any], *, requested_by: str, queued: bool = False) -> TrainingRun:
@@ -40,32 +147,46 @@ def get_run(run_id: int) -> TrainingRun:
     return run
 
 
-def update_run(run_id: int, changes: dict[str, Any]) -> TrainingRun:
-    """Apply a progress or completion update sent by the trainer."""
-    unknown = set(changes) - UPDATE_KEYS
+def check_update(changes: dict[str, Any]) -> dict[str, Any]:
+    """The update with every field checked (RunFieldError names the first bad or unknown one)."""
+    unknown = set(changes) - set(UPDATE_FIELDS)
     if unknown:
-        raise ValueError(f"unknown training-run fields: {', '.join(sorted(unknown))}")
-    status = changes.get("status")
-    if status is not None and status not in STATUSES:
-        raise ValueError(f"status must be one of {', '.join(STATUSES)}")
+        raise RunFieldError(f"unknown training-run fields: {', '.join(sorted(unknown))}")
+    return {key: UPDATE_FIELDS[key](key, value) for key, value in changes.items()}
+
+
+def update_run(run_id: int, changes: dict[str, Any]) -> TrainingRun:
+    """Apply a progress or completion update sent by the trainer, if the run's state allows it (TRANSITIONS;
+    an update without ``status`` keeps the current one). The write is conditional on the state read, so two
+    updates racing (finished and failed, say) cannot both apply."""
+    checked = check_update(changes)
     run = get_run(run_id)
-    progress = dict(run.progress or {})
-    progress.update({k: v for k, v in changes.items() if k in PROGRESS_KEYS})
-    run.progress = progress
-    if status:
-        run.status = status
-        if status in ("finished", "failed"):
-            run.finished_at = utcnow()
-    for key in ("error", "metrics", "candidate_version", "gate"):
-        if key in changes:
-            setattr(run, key, changes[key])
-    run.updated_at = utcnow()
+    current = run.status
+    wanted = checked.get("status") or current
+    if wanted not in TRANSITIONS[current]:
+        allowed = sorted(TRANSITIONS[current])
+        where = f"from {current} it may go to {', '.join(allowed)}" if allowed else "it has ended"
+        raise RunStateError(f"training run {run.id} is {current}; it cannot be updated as {wanted} ({where})")
+    now = utcnow()
+    values: dict[str, Any] = {"status": wanted, "updated_at": now}
+    progress = {k: v for k, v in checked.items() if k in PROGRESS_KEYS}
+    if progress:
+        values["progress"] = {**(run.progress or {}), **progress}
+    if wanted in ("finished", "failed"):
+        values["finished_at"] = now
+    values.update({k: checked[k] for k in ("error", "metrics", "candidate_version", "gate") if k in checked})
+    done = db.session.execute(
+        update(TrainingRun).where(TrainingRun.id == run.id, TrainingRun.status == current).values(**values)
+    ).rowcount
     db.session.commit()
-    return run
+    if not done:
+        raise RunStateError(f"training run {run.id} changed from {current} meanwhile; read it again")
+    return get_run(run_id)
 
 
 def claim_next(worker: str) -> TrainingRun | None:
-    """Atomically take the oldest queued run: the conditional UPDATE lets only one worker win it."""
+    """Atomically take the oldest queued run (queued -> running in TRANSITIONS): the conditional UPDATE lets only
+    one worker win it."""
     while True:
         run_id = db.session.scalar(
             select(TrainingRun.id).where(TrainingRun.status == "queued").order_by(TrainingRun.id).limit(1)
