@@ -12,6 +12,7 @@ from flask import Flask, request
 from tests.conftest import PASSWORD, add_user, live_models_of, make_app
 from webapp.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.extensions import db
+from webapp.read_access import ANYONE, ENDPOINT_READS
 
 AppFactory = Callable[..., Flask]
 
@@ -56,8 +57,9 @@ def test_forwarded_for_is_ignored_without_trusted_proxies(limited_app: AppFactor
     assert _predict(app, "203.0.113.2") == 429  # a spoofed header does not buy a fresh bucket
 
 
-def test_forwarded_proto_is_trusted_behind_the_proxy(limited_app: AppFactory) -> None:
+def test_forwarded_proto_is_trusted_behind_the_proxy(limited_app: AppFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     app = limited_app(TRUSTED_PROXY_HOPS=1)
+    monkeypatch.setitem(ENDPOINT_READS, "<lambda>", ANYONE)  # a route of this test's own, readable by anyone
     app.add_url_rule("/scheme-seen", view_func=lambda: f"{request.scheme} {request.remote_addr}")
     seen = app.test_client().get("/scheme-seen", headers={"X-Forwarded-Proto": "https", "X-Forwarded-For": "192.0.2.5"})
     assert seen.get_data(as_text=True) == "https 192.0.2.5"

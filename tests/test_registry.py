@@ -143,7 +143,7 @@ def test_users_and_tokens(app: Flask, runner: FlaskCliRunner, client: FlaskClien
     result = runner.invoke(args=["users", "create", "carol", "--role", "curator"], input="correct horse\n")
     assert result.exit_code == 0 and "created curator carol" in result.output
     short = runner.invoke(args=["users", "create", "dave"], input="short\n")
-    assert short.exit_code != 0 and "at least 8" in short.output
+    assert short.exit_code != 0 and "at least 12" in short.output
     with app.app_context():
         carol = db.session.scalar(select(User).where(User.name == "carol"))
         assert carol.check_password("correct horse") and not carol.check_password("wrong")
