@@ -300,6 +300,17 @@ def test_a_model_that_turns_nan_on_long_texts_is_refused_at_import(
     assert versions(app) == 0
 
 
+def test_a_pooled_vector_too_large_to_store_is_refused(
+    fresh_app: Callable[..., Flask], make_bundle: BundleFactory
+) -> None:
+    """Its normalised copy is stored with every prediction: 4097 floats would be over the 16 KiB bound."""
+    app = fresh_app()
+    status, body = upload(app, archive_of(bundle_files(make_bundle(seed=1, hidden=4097))))
+    assert status == 422, body
+    assert "pooled vector has shape (4097,); at most 4096 values are stored" in body["error"]
+    assert versions(app) == 0
+
+
 def test_the_smoke_texts_fill_every_window(make_bundle: BundleFactory) -> None:
     model = LoadedModel(make_bundle(seed=1, max_windows=3))
     lengths = [reading.total_tokens for reading in model.encoder.run(model.smoke_texts())]

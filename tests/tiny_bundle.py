@@ -152,22 +152,24 @@ def build_bundle(
     encoder_seed: int = 0,
     max_length: int = 128,
     encoder_nan_after: int | None = None,
+    hidden: int = 32,
 ) -> Path:
     """Write a bundle directory. ``broken``: "label-count" (the head has one output fewer than the labels),
     "corrupt-onnx" (head.onnx is garbage) or "nan" (the head's scores are NaN, so the smoke test fails).
     ``metrics`` replaces the placeholder figures (e.g. a trainer-shaped ``{"test": {...per_label...}}``).
     Bundles with the same ``encoder_seed`` carry the same encoder bytes, so they share one encoder pass.
-    ``encoder_nan_after``: the encoder answers NaN for sequences longer than that many tokens."""
+    ``encoder_nan_after``: the encoder answers NaN for sequences longer than that many tokens; ``hidden``: the
+    pooled vector's size."""
     labels = list(labels or LABELS)
     vocab_size = Tokenizer.from_file(str(tokenizer_path)).get_vocab_size()
     with tempfile.TemporaryDirectory() as tmp:
         encoder_path = build_encoder(
-            Path(tmp) / "encoder.onnx", vocab_size, seed=encoder_seed, nan_after=encoder_nan_after
+            Path(tmp) / "encoder.onnx", vocab_size, seed=encoder_seed, hidden=hidden, nan_after=encoder_nan_after
         )
         head_path = Path(tmp) / "head.onnx"
         outputs = len(labels) - 1 if broken == "label-count" else len(labels)
         bias = float("nan") if broken == "nan" else 0.0
-        build_head(head_path, outputs, seed=seed, bias=bias)
+        build_head(head_path, outputs, seed=seed, hidden=hidden, bias=bias)
         if broken == "corrupt-onnx":
             head_path.write_bytes(b"this is not an onnx model" * 10)
         manifest = Manifest(
