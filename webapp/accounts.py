@@ -13,7 +13,7 @@ from flask_limiter.util import get_remote_address
 from flask_login import current_user, login_user, logout_user
 from flask_wtf import FlaskForm
 from sqlalchemy import select, update
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import joinedload, selectinload
 from werkzeug.security import check_password_hash, generate_password_hash
 from werkzeug.wrappers import Response
 from wtforms import HiddenField, PasswordField, SelectField, StringField
@@ -60,7 +60,9 @@ def sign_in(user: User) -> None:
 def session_user(key: str) -> User | None:
     """Flask-Login's user loader: the active user of an unrevoked session key, else None (anonymous)."""
     row = db.session.scalar(
-        select(UserSession).where(UserSession.key_sha256 == _key_hash(key), UserSession.revoked_at.is_(None))
+        select(UserSession)
+        .options(joinedload(UserSession.user))  # one query per request for the session and its user
+        .where(UserSession.key_sha256 == _key_hash(key), UserSession.revoked_at.is_(None))
     )
     if row is None or not row.user.active:
         return None

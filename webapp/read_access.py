@@ -133,8 +133,9 @@ def may_read(thing: object) -> bool:
 
 
 def remember_own_prediction(prediction_id: int) -> None:
-    """An anonymous visitor may come back to what it just submitted, whatever ``READ_ACCESS`` says."""
-    if current_user.is_authenticated:
+    """An anonymous visitor may come back to what it just submitted under ``READ_ACCESS=signed-in`` (kept in its
+    session cookie; where reads are public, or for a signed-in user, there is nothing to keep)."""
+    if current_user.is_authenticated or current_app.config["READ_ACCESS"] == "public":
         return
     own = [i for i in session.get(OWN_PREDICTIONS_KEY, []) if i != prediction_id]
     session[OWN_PREDICTIONS_KEY] = [*own, prediction_id][-OWN_PREDICTIONS_KEPT:]
