@@ -321,7 +321,8 @@ class LoadedModel:
 
 def finite(scored: Scored) -> bool:
     """Whether an answer can be stored: NaN or infinite scores are a broken model, not a prediction."""
-    return bool(np.all(np.isfinite(scored.probabilities)) and np.isfinite(scored.domain))
+    values = (scored.probabilities, scored.embedding, np.asarray(scored.domain))
+    return all(bool(np.all(np.isfinite(v))) for v in values)
 
 
 def score_all(
