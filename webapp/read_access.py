@@ -6,7 +6,9 @@ route missing there), and objects named in the URL are checked one by one with :
 =====================================  ==========================  ==========================================
 What                                   READ_ACCESS = public        READ_ACCESS = signed-in
 =====================================  ==========================  ==========================================
-predict form, sign-in page, /healthz   anyone                      anyone
+predict form, sign-in page, /healthz,  anyone                      anyone
+the taxonomies' labels (what the
+anonymous predict API answers in)
 one prediction: abstract, labels,      anyone                      signed-in users and tokens; anonymous only
 scores, explanation                                                 the ones made in its own browser session
 all predictions: history, search,      anyone                      signed-in users and tokens
@@ -52,6 +54,8 @@ ENDPOINT_READS: dict[str, str] = {
     "health.healthz": ANYONE,
     "predict.index": ANYONE,
     "accounts.login": ANYONE,
+    # The vocabulary the (anonymous) predict API answers in: labels and active versions, nobody's data.
+    "api.taxonomies": ANYONE,
     # One prediction: the object check below decides (own results included).
     "history.detail": ANYONE,
     "explain.explanation": ANYONE,
@@ -59,7 +63,6 @@ ENDPOINT_READS: dict[str, str] = {
     "similar.similar": PREDICTIONS,
     "admin.models": MODELS,
     "api.models": MODELS,
-    "api.taxonomies": MODELS,
     "quality.page": MODELS,
     "quality.chart": MODELS,
     "quality_api.quality_api": MODELS,
