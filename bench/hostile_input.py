@@ -1,0 +1,94 @@
+"""What the input hardening of issue 11 (points 5 and 9) costs, each against its baseline measured in the same run:
+
+- CSV cells: ``csv_cells.csv_lines`` (every cell through ``safe_cell``) against a plain ``csv.writer`` on the same
+  export-shaped rows (a third of the titles hostile);
+- JSON bodies: the app's JSON provider (parse + depth check) against ``json.loads`` on the largest predict body
+  (64 abstracts of 20,000 characters), and how long refusing a 2 MB body of ``[`` takes beside parsing that one.
+
+No server, no model: pure functions, best of ``--rounds`` so a busy machine skews both sides alike.
+
+    python bench/hostile_input.py [--rounds 5] [--rows 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from webapp import create_app  # noqa: E402
+from webapp.csv_cells import csv_lines  # noqa: E402
+
+
+def best(rounds: int, work: Callable[[], object]) -> float:
+    """The fastest of ``rounds`` runs, in seconds."""
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def plain_lines(rows: list[list[object]]) -> list[str]:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    out = []
+    for row in rows:
+        writer.writerow(row)
+        out.append(buffer.getvalue())
+        buffer.seek(0)
+        buffer.truncate()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=20_000)
+    args = parser.parse_args()
+
+    abstract = "We detect objects in aerial images with transformers. " * 20
+    titles = ['=HYPERLINK("http://x")', "A plain title", "-0.5"]
+    rows = [
+        [n, "2026-01-01T00:00:00Z", "api", "", titles[n % 3], abstract, "Object Detection|Segmentation", ""]
+        for n in range(args.rows)
+    ]
+    plain = best(args.rounds, lambda: plain_lines(rows))
+    safe = best(args.rounds, lambda: list(csv_lines(rows)))
+    print(f"CSV, {args.rows} rows: plain csv.writer {plain:.3f} s, csv_lines {safe:.3f} s, ratio {safe / plain:.2f}x")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        app = create_app({"DATA_DIR": tmp, "SECRET_KEY": "bench", "TESTING": True})
+        body = json.dumps({"abstracts": [{"title": "t", "abstract": "x" * 20_000} for _ in range(64)]})
+        deep = "[" * (2 * 1024 * 1024)
+        with app.app_context():
+            raw = best(args.rounds, lambda: json.loads(body))
+            bounded = best(args.rounds, lambda: app.json.loads(body))
+
+            def refuse() -> None:
+                try:
+                    app.json.loads(deep)
+                except ValueError:
+                    return
+                raise AssertionError("a 2 MB body of [ was accepted")
+
+            refused = best(args.rounds, refuse)
+    print(
+        f"JSON, 64 x 20,000-character predict body ({len(body) / 1e6:.1f} MB): json.loads {raw * 1e3:.2f} ms, "
+        f"app provider {bounded * 1e3:.2f} ms, ratio {bounded / raw:.2f}x"
+    )
+    print(f"JSON, 2 MB of '[' refused in {refused * 1e3:.2f} ms, {refused / raw:.2f}x the largest valid body's parse")
+
+
+if __name__ == "__main__":
+    main()
