@@ -119,9 +119,9 @@ class CountingSession:
     def __init__(self, session: object) -> None:
         self.session, self.batches = session, []
 
-    def run(self, outputs: list[str], feeds: dict) -> list:
+    def run(self, outputs: list[str], feeds: dict, *options: object) -> list:
         self.batches.append(len(feeds["input_ids"]))
-        return self.session.run(outputs, feeds)
+        return self.session.run(outputs, feeds, *options)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.session, name)

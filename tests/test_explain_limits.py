@@ -1,9 +1,13 @@
-"""Explanations cannot freeze the site (issue 11, point 1): the model work of one explanation is bounded by a
-constant whatever the abstract's length, an explanation is computed once per (result, model version) and then read
-from the database, and the page form is rate-limited like the API when it computes one."""
+"""Bounds on what one request may cost (issue 11).
+
+Point 1: the model work of one explanation is bounded by a constant whatever the abstract's length, an explanation
+is computed once per (result, model version) and then read from the database, and the page form is rate-limited
+like the API when it computes one. Point 13: memory a request used is handed back (onnxruntime's arenas shrink
+after every run, glibc's free pages are trimmed after every request); the figures are bench/memory.py's."""
 
 from __future__ import annotations
 
+import runpy
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,11 +21,12 @@ from webapp.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.explain import occlusion_texts, units_of
 from webapp.extensions import db
 from webapp.models import Explanation, Prediction
-from webapp.serving.inference import LoadedModel
+from webapp.serving.inference import LoadedModel, load_and_validate
 from webapp.serving.registry import import_bundle
 
 SLUG = "test-tasks"
-RESEARCH_TASKS = Path(__file__).resolve().parent.parent / "models" / "research-tasks"
+REPO = Path(__file__).resolve().parent.parent
+RESEARCH_TASKS = REPO / "models" / "research-tasks"
 
 
 def long_abstract(abstracts: list[dict], chars: int = 20_000) -> str:
@@ -186,3 +191,50 @@ def test_the_page_form_is_rate_limited_only_when_it_computes(limited_app: Flask,
     assert client.get(f"/predictions/{ids[2]}").status_code == 200
     with limited_app.app_context():
         assert db.session.scalar(select(func.count()).select_from(Explanation)) == 2
+
+
+class OptionsSeen:
+    """An onnxruntime session wrapper recording the arena-shrinkage run option each run is given."""
+
+    def __init__(self, session: object) -> None:
+        self.session, self.shrinks = session, []
+
+    def run(self, outputs: list[str], feeds: dict, options: object = None) -> list:
+        entry = options.get_run_config_entry("memory.enable_memory_arena_shrinkage") if options else None
+        self.shrinks.append(entry)
+        return self.session.run(outputs, feeds, options)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.session, name)
+
+
+def test_every_model_run_hands_its_arena_back(make_bundle: BundleFactory, abstracts: list[dict]) -> None:
+    """Without the option each session's arena keeps its largest run's memory for good (+100 MiB per worker after
+    a mixed load); a lexical head (the shipped one) and the tiny ones alike."""
+    for bundle in (make_bundle(seed=3), RESEARCH_TASKS):
+        model = load_and_validate(bundle)
+        encoder, head = model.encoder.session, model.head
+        model.encoder.session, model.head = OptionsSeen(encoder), OptionsSeen(head)
+        try:
+            model.score([paper["abstract"] for paper in abstracts[:6]])
+            model.logits([abstracts[7]["abstract"]])
+            seen = model.encoder.session.shrinks + model.head.shrinks
+        finally:
+            model.encoder.session, model.head = encoder, head
+        assert len(seen) >= 4 and set(seen) == {"cpu:0"}, seen
+
+
+def test_gunicorn_trims_the_heap_after_every_request() -> None:
+    """glibc keeps freed pages; the worker gives them back after each request rather than staying at its peak."""
+    settings = runpy.run_path(str(REPO / "gunicorn.conf.py"))
+    trims: list[int] = []
+
+    class Libc:
+        def malloc_trim(self, pad: int) -> int:
+            trims.append(pad)
+            return 1
+
+    settings["post_request"].__globals__["_LIBC"] = Libc()
+    settings["post_request"](None, None, {}, None)
+    settings["post_request"](None, None, {}, None)
+    assert trims == [0, 0]

@@ -36,9 +36,9 @@ class CountingSession:
     def __init__(self, session: object) -> None:
         self.session, self.rows = session, []
 
-    def run(self, outputs: list[str], feeds: dict) -> list:
+    def run(self, outputs: list[str], feeds: dict, *options: object) -> list:
         self.rows.append(len(feeds["input_ids"]))
-        return self.session.run(outputs, feeds)
+        return self.session.run(outputs, feeds, *options)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.session, name)
