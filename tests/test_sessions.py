@@ -99,6 +99,11 @@ def test_deactivation_ends_every_session_and_token(app: Flask) -> None:
         assert db.session.scalar(select(func.count()).where(UserSession.revoked_at.is_(None))) == 0
     assert app.test_client().post("/login", data={"name": "cora", "password": PASSWORD}).status_code == 401
     assert runner.invoke(args=["users", "deactivate", "nobody"]).exit_code != 0
+    # An admin brings the account back with a new password; the old token stays dead.
+    renewed = "a brand new passphrase"
+    assert runner.invoke(args=["users", "create", "cora"], input=f"{renewed}\n").exit_code == 0
+    assert app.test_client().post("/login", data={"name": "cora", "password": renewed}).status_code == 302
+    assert app.test_client().get("/api/v1/annotations", headers={"Authorization": f"Bearer {token}"}).status_code == 401
 
 
 def test_a_user_deactivated_directly_in_the_database_is_signed_out(app: Flask) -> None:

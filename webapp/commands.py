@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from .accounts import change_password, password_problem, revoke_sessions
 from .extensions import db
-from .models import ROLES, ApiToken, User
+from .models import ROLES, ApiToken, User, utcnow
 from .serving.bundle import BundleError
 from .serving.registry import RegistryError, activate, import_bundle, import_defaults, list_versions, rollback
 
@@ -105,7 +105,8 @@ def users_cli() -> None:
 @click.option("--role", type=click.Choice(ROLES), default="curator", show_default=True)
 @with_appcontext
 def users_create(name: str, role: str) -> None:
-    """Create (or update the role and password of) a user; the password comes from stdin when piped."""
+    """Create a user, or update an existing one's role and password (reactivating it if it was deactivated);
+    the password comes from stdin when piped."""
     if not name.strip() or len(name) > 120:
         _fail("name must be 1 to 120 characters")
     if sys.stdin.isatty():
@@ -117,6 +118,7 @@ def users_create(name: str, role: str) -> None:
         _fail(problem)
     user, created = _get_or_create_user(name.strip(), role)
     user.role = role
+    user.active = True
     change_password(user, password)  # an existing user's sessions all end: the old password may be known
     click.echo(f"{'created' if created else 'updated'} {role} {user.name}")
 
@@ -125,12 +127,14 @@ def users_create(name: str, role: str) -> None:
 @click.argument("name")
 @with_appcontext
 def users_deactivate(name: str) -> None:
-    """Deactivate user NAME: it cannot sign in, its sessions end now and its API tokens stop working."""
+    """Deactivate user NAME: it cannot sign in, its sessions end now and its API tokens are revoked."""
     user = db.session.scalar(select(User).where(User.name == name.strip()))
     if user is None:
         _fail(f"there is no user {name}")
     user.active = False
     revoke_sessions(user)
+    for token in user.tokens:  # revoked for good: reactivating the account later must not revive them
+        token.revoked_at = token.revoked_at or utcnow()
     db.session.commit()
     click.echo(f"deactivated {user.role} {user.name}: signed out everywhere, tokens refused")
 

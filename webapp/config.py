@@ -103,7 +103,7 @@ class Defaults:
     PASSWORD_MIN_LENGTH = 12
     # Who may read stored predictions: "public" (anyone reads abstracts, labels and scores) or "signed-in"
     # (anonymous visitors get the predict form and their own results only). People's names, notes, training
-    # runs and batches are never public; the rule table is in webapp/auth.py.
+    # runs and batches are never public; the rule table is in webapp/read_access.py.
     READ_ACCESS = "public"
     # Per-process counters are enough for one machine; set a redis:// URI for several instances.
     RATELIMIT_STORAGE_URI = "memory://"
