@@ -11,6 +11,7 @@ from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import BadRequest, HTTPException, InternalServerError
 
 from .extensions import db
+from .json_depth import json_depth
 from .serving.registry import RegistryError
 
 log = logging.getLogger(__name__)
@@ -32,18 +33,6 @@ def error_response(status: int, message: str) -> Response:
     return response
 
 
-def json_depth(value: Any) -> int:
-    """How deeply lists and objects nest in a parsed JSON value (a scalar is 0), without recursing."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is not None:
-            deepest = max(deepest, depth)
-            stack.extend((child, depth + 1) for child in children)
-    return deepest
-
-
 class BoundedJSONProvider(DefaultJSONProvider):
     """Every request body parsed as JSON: too deep a nesting is a ValueError (so a 400), not Python's
     RecursionError (a 500 for 100,000 ``[``), and what is accepted can always be stored and answered again."""
@@ -54,7 +43,7 @@ class BoundedJSONProvider(DefaultJSONProvider):
             value = super().loads(s, **kwargs)
         except RecursionError as exc:
             raise ValueError(f"it nests deeper than {limit} levels") from exc
-        if json_depth(value) > limit:
+        if json_depth(value, limit) > limit:
             raise ValueError(f"it nests deeper than {limit} levels")
         return value
 

@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
+from ..json_depth import json_depth
+
 FORMAT_VERSION = 2
 ENCODER_FILE = "encoder.onnx"
 HEAD_FILE = "head.onnx"
@@ -110,23 +112,11 @@ def _check_string(name: str, value: Any, max_chars: int, *, required: bool = Fal
         _refuse(name, "contains a control character")
 
 
-def _depth(value: Any, limit: int) -> int:
-    """How deeply lists and objects nest in ``value`` (iteratively, stopping past ``limit``)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack and deepest <= limit:
-        node, level = stack.pop()
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
-        if children is not None:
-            deepest = max(deepest, level)
-            stack.extend((child, level + 1) for child in children)
-    return deepest
-
-
 def _check_free_form(name: str, value: Any) -> None:
     """A JSON object of bounded depth and size: it is stored with the version and read by every models page."""
     if not isinstance(value, dict):
         _refuse(name, f"must be a JSON object, not {type(value).__name__}")
-    if _depth(value, MAX_FREE_FORM_DEPTH) > MAX_FREE_FORM_DEPTH:
+    if json_depth(value, MAX_FREE_FORM_DEPTH) > MAX_FREE_FORM_DEPTH:
         _refuse(name, f"nests deeper than {MAX_FREE_FORM_DEPTH} levels")
     try:
         size = len(json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8"))
