@@ -8,7 +8,11 @@ a history page, similar papers of a stored prediction, and an explanation of a n
 (API, then the page form). RSS is sampled every half second; the peak is what an out-of-memory killer sees.
 Prints the figures, the ratios after/idle, the load average before and after, and the check against --plan-mb.
 
-    python bench/memory.py [--seconds 90] [--clients 8] [--workers 2] [--threads 4] [--idle 10] [--plan-mb 512]
+    python bench/memory.py [--seconds 90] [--clients 8] [--workers 2] [--threads 2] [--idle 10] [--plan-mb 488]
+        [--json FILE]
+
+ORT_THREADS in the environment reaches the server (as every setting does). bench/results/memory-starter.json is
+the run of render.yaml's configuration that tests/test_explain_limits.py holds the blueprint to.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from bench.explain_latency import lengthened  # noqa: E402
 from bench.http_latency import Server, batch_of, cores, fixture_abstracts, rss_mb  # noqa: E402
 from webapp.serving.bundle import read_manifest  # noqa: E402
 
-# Memory figures are in MiB, as /proc reports them; Render's plans are sized in MB of 2^20 bytes as well.
+# Memory figures are in MiB, as /proc reports them; a plan's "512 MB" is taken as 512e6 bytes (488 MiB), the
+# stricter reading.
 SAMPLE_SECONDS = 0.5
 KINDS = ("single", "batch64", "history", "similar", "explain")
 
@@ -131,9 +136,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=90.0, help="length of the mixed load")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY", "2")))
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("GUNICORN_THREADS", "4")))
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("GUNICORN_THREADS", "2")))
     parser.add_argument("--idle", type=float, default=10.0, help="seconds idle before the last reading")
-    parser.add_argument("--plan-mb", type=float, default=512.0, help="the Render plan's memory (starter: 512)")
+    parser.add_argument("--plan-mb", type=float, default=488.0, help="the plan's memory in MiB (starter: 512 MB)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     bundles = (
@@ -181,8 +186,10 @@ def main() -> None:
     )
     if args.json:
         figures = {
+            "command": " ".join(["python", *sys.argv]),
             "workers": args.workers,
             "threads": args.threads,
+            "ort_threads": os.environ.get("ORT_THREADS", "0"),
             "seconds": args.seconds,
             "clients": args.clients,
             "cores": cores(),

@@ -3,15 +3,18 @@
 Point 1: the model work of one explanation is bounded by a constant whatever the abstract's length, an explanation
 is computed once per (result, model version) and then read from the database, and the page form is rate-limited
 like the API when it computes one. Point 13: memory a request used is handed back (onnxruntime's arenas shrink
-after every run, glibc's free pages are trimmed after every request); the figures are bench/memory.py's."""
+after every run, glibc's free pages are trimmed after every request); the figures are bench/memory.py's. Point 15:
+render.yaml runs the configuration bench/memory.py measured, and its workers' peaks fit the plan it names."""
 
 from __future__ import annotations
 
+import json
 import runpy
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
@@ -238,3 +241,19 @@ def test_gunicorn_trims_the_heap_after_every_request() -> None:
     settings["post_request"](None, None, {}, None)
     settings["post_request"](None, None, {}, None)
     assert trims == [0, 0]
+
+
+# Render's plans by memory, read strictly: "512 MB" as 512e6 bytes, in MiB as /proc and bench/memory.py count.
+PLAN_MEMORY_MIB = {"starter": 512e6 / 2**20, "standard": 2e9 / 2**20, "pro": 4e9 / 2**20}
+
+
+def test_the_render_blueprint_runs_what_was_measured_and_fits_its_plan() -> None:
+    """The master plus WEB_CONCURRENCY workers at the peak RSS bench/memory.py measured for this configuration stay
+    within 80% of the named plan's memory (a second worker on starter would be killed for memory)."""
+    (service,) = yaml.safe_load((REPO / "render.yaml").read_text())["services"]
+    env = {var["key"]: var.get("value") for var in service["envVars"]}
+    measured = json.loads((REPO / "bench" / "results" / "memory-starter.json").read_text())
+    assert (int(env["GUNICORN_THREADS"]), env["ORT_THREADS"]) == (measured["threads"], measured["ort_threads"])
+    need = measured["master_mb"][1] + int(env["WEB_CONCURRENCY"]) * max(measured["worker_peak_mb"])
+    assert need <= 0.8 * PLAN_MEMORY_MIB[service["plan"]], (need, service["plan"])
+    assert max(measured["worker_after_idle_mb"]) < 300, "a worker gives back what the load took"
