@@ -13,8 +13,9 @@ bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 # Processes: WEB_CONCURRENCY (the app reads it too, to give each worker max(1, cores // workers) ORT threads).
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "gthread"
-# Two threads: the model runs one request at a time per session anyway, and each more thread adds a request's
-# transient memory to a worker's peak (bench/memory.py, 8 clients: 4 threads 274-305 MiB, 2 threads 265-269 MiB).
+# Two threads: the model runs one request at a time per session anyway, and each thread may hold a request's
+# transient memory (about 35 MiB for a 64-abstract batch or an explanation), so two bound what is in flight.
+# bench/memory.py under 8 clients: worker peaks 262-310 MiB with 2 threads, 274-310 with 4 (noisy, one core each).
 threads = int(os.environ.get("GUNICORN_THREADS", "2"))
 preload_app = False
 # A 64-abstract batch on a busy 2-core machine takes a few seconds; 60 s leaves room without hiding hangs.
