@@ -168,26 +168,27 @@ def occlusion_texts(model: LoadedModel, prediction: Prediction, units: list[Unit
     title = (prediction.title or "").strip()
     shift = (len(title) + 2 if title else 0) - (len(prediction.abstract) - len(prediction.abstract.lstrip()))
 
-    def tokens_before(unit: Unit, at: str) -> int:
-        """Tokens of the full text ending before the unit (its start, space left out) or at its end."""
-        if unit.field == "title":
-            return 0 if at == "start" else bisect_right(ends, len(title))
-        offset = unit.start + shift if at == "start" else unit.end + shift
-        return bisect_right(ends, len(full[:offset].rstrip()) if at == "start" else offset)
+    def tokens_to(offset: int) -> int:
+        """Tokens of the full text that end at or before ``offset``."""
+        return bisect_right(ends, offset)
+
+    def start(unit: Unit) -> int:
+        """Where the unit's variant departs from the full text (the space before the unit left out)."""
+        return 0 if unit.field == "title" else len(full[: unit.start + shift].rstrip())
+
+    def end(unit: Unit) -> int:
+        return len(title) if unit.field == "title" else unit.end + shift
 
     def cut(removed: int) -> int | None:
         """The end of the first abstract unit with more than ``read`` tokens before it once ``removed`` are gone (and
         the full stop a removed title takes with it)."""
-        for unit in units:
-            if unit.field == "abstract" and tokens_before(unit, "end") - removed > read + 1:
-                return unit.end
-        return None
+        return next((u.end for u in units if u.field == "abstract" and tokens_to(end(u)) - removed > read + 1), None)
 
     encoder_variants = {}
     for i, unit in enumerate(units):
-        before = tokens_before(unit, "start")
+        before = tokens_to(start(unit))
         if before < read:
-            encoder_variants[i] = variant_text(prediction, unit, cut(tokens_before(unit, "end") - before))
+            encoder_variants[i] = variant_text(prediction, unit, cut(tokens_to(end(unit)) - before))
     return Occlusion(full, variants, compose_text(prediction.title, prediction.abstract[: cut(0)]), encoder_variants)
 
 
