@@ -292,6 +292,10 @@ class AnnotationEvent(db.Model):
     added: Mapped[list[str]] = mapped_column(JSON, default=list)
     removed: Mapped[list[str]] = mapped_column(JSON, default=list)
     note: Mapped[str] = mapped_column(Text, default="")
+    # correction (labels added/removed), accepted (the labels are right as they stand), skipped (seen, not
+    # decided), undo (reverses the event ``undoes_id`` with a new event; nothing is erased).
+    kind: Mapped[str] = mapped_column(String(20), default="correction", server_default="correction")
+    undoes_id: Mapped[int | None] = mapped_column(ForeignKey("annotation_events.id"), default=None)
 
     prediction: Mapped[Prediction] = relationship(back_populates="events")
     user: Mapped[User] = relationship()
@@ -432,3 +436,35 @@ class ReplayReport(db.Model):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     created_by: Mapped[str | None] = mapped_column(String(120), default=None)
     report: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # A replay runs in the background: queued -> running -> finished | failed, ``processed`` of ``sample_size``
+    # abstracts re-scored so far; ``worker``/``heartbeat_at`` say who holds it and whether they are alive.
+    status: Mapped[str] = mapped_column(String(20), default="queued", server_default="finished", index=True)
+    processed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    worker: Mapped[str | None] = mapped_column(String(120), default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class LabelIssue(db.Model):
+    """A paper whose current labels are likely wrong, by cleanlab's multi-label label-issue detection over
+    out-of-fold scores (computed by the trainer, imported here). The paper is a stored prediction (base-data papers
+    are imported as predictions), so curators fix it with the ordinary annotation events."""
+
+    __tablename__ = "label_issues"
+    __table_args__ = (UniqueConstraint("taxonomy_id", "prediction_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    taxonomy_id: Mapped[int] = mapped_column(ForeignKey("taxonomies.id"), index=True)
+    prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id"))
+    # cleanlab's label quality score in [0, 1]: the lower, the likelier the given labels are wrong.
+    quality: Mapped[float] = mapped_column(Float, index=True)
+    # The labels the data gave, and the ones the out-of-fold model believes instead.
+    given: Mapped[list[str]] = mapped_column(JSON, default=list)
+    suggested: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # Where the paper came from (data file and arXiv id, or "prediction").
+    source: Mapped[str] = mapped_column(String(300), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    taxonomy: Mapped[Taxonomy] = relationship()
+    prediction: Mapped[Prediction] = relationship()
