@@ -2,8 +2,9 @@
 
 The upload is read and checked in the request (so every problem with the file is a form error), then stored
 row by row in the database and tagged by a background thread in some web process, in chunks. Each chunk's
-predictions and its bookkeeping commit together, and a job is held by claiming it with a conditional UPDATE
-and renewing a heartbeat, so a job whose process died is resumed elsewhere and never processed twice.
+predictions and its bookkeeping commit together, and the shared job runner (``webapp/jobs.py``) holds a job by
+claiming it with a conditional UPDATE and renewing a heartbeat, so a job whose process died is resumed elsewhere
+and never processed twice.
 """
 
 from __future__ import annotations
@@ -11,26 +12,23 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
-import socket
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import PurePath
 from typing import Any
 
-from flask import Blueprint, Flask, abort, current_app, flash, jsonify, redirect, render_template, request, url_for
+from flask import Blueprint, abort, current_app, flash, jsonify, redirect, render_template, request, url_for
 from flask import Response as FlaskResponse
 from flask_login import current_user
 from flask_wtf import FlaskForm
 from flask_wtf.file import FileAllowed, FileField, FileRequired
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.utils import secure_filename
 from werkzeug.wrappers import Response
 
+from . import jobs
 from .annotations import label_map, mapped_result
 from .auth import has_role, role_required
 from .csv_cells import csv_lines
@@ -40,7 +38,7 @@ from .serving.scoring import InputError, NoModelError, Submission, check_submiss
 
 log = logging.getLogger(__name__)
 bp = Blueprint("batch", __name__, url_prefix="/batches")
-EXTENSION_KEY = "papertag.batch_worker"
+EXTENSION_KEY = jobs.EXTENSION_KEY
 
 # What a misnamed upload really is, by its first bytes, so the error can say what to do instead.
 SIGNATURES = {
@@ -172,34 +170,12 @@ def create_job(filename: str, parsed: ParsedCsv, created_by: str | None) -> Batc
     return job
 
 
-# --- the background worker -----------------------------------------------------------------------------------
-
-
-def _claimable(stale_before: Any) -> Any:
-    """Queued jobs, and running ones whose holder stopped renewing its heartbeat (its process died)."""
-    return or_(
-        BatchJob.status == "queued",
-        and_(BatchJob.status == "running", or_(BatchJob.heartbeat_at.is_(None), BatchJob.heartbeat_at < stale_before)),
-    )
+# --- the background work (run by the shared job runner, webapp/jobs.py) ----------------------------------------
 
 
 def claim_job(worker: str) -> int | None:
-    """Take the oldest claimable job; the conditional UPDATE lets exactly one worker win it."""
-    stale_before = utcnow() - timedelta(seconds=float(current_app.config["BATCH_STALE_SECONDS"]))
-    candidates = db.session.scalars(select(BatchJob.id).where(_claimable(stale_before)).order_by(BatchJob.id)).all()
-    for job_id in candidates:
-        now = utcnow()
-        claimed = db.session.execute(
-            update(BatchJob)
-            .where(BatchJob.id == job_id, _claimable(stale_before))
-            .values(
-                status="running", worker=worker, heartbeat_at=now, started_at=func.coalesce(BatchJob.started_at, now)
-            )
-        ).rowcount
-        db.session.commit()
-        if claimed:
-            return job_id
-    return None
+    """Take the oldest claimable batch job (queued, or left running by a process that died)."""
+    return jobs.claim(BATCH_JOBS, worker)
 
 
 def process_job(job_id: int, worker: str) -> None:
@@ -218,18 +194,18 @@ def process_job(job_id: int, worker: str) -> None:
                 .limit(chunk)
             ).all()
             if not rows:
-                _finish(job_id, worker, status="finished")
+                jobs.finish(BatchJob, job_id, worker, status="finished")
                 return
             if not _tag_chunk(job_id, worker, rows, title_column, abstract_column):
                 log.warning("batch job %d was taken over by another worker; %s stops", job_id, worker)
                 return
     except NoModelError as exc:
         db.session.rollback()
-        _finish(job_id, worker, status="failed", error=str(exc))
+        jobs.finish(BatchJob, job_id, worker, status="failed", error=str(exc))
     except Exception as exc:
         db.session.rollback()
         log.exception("batch job %d failed", job_id)
-        _finish(job_id, worker, status="failed", error=f"{exc.__class__.__name__}: {exc}")
+        jobs.finish(BatchJob, job_id, worker, status="failed", error=f"{exc.__class__.__name__}: {exc}")
 
 
 def _tag_chunk(job_id: int, worker: str, rows: list[BatchRow], title_column: int | None, abstract_column: int) -> bool:
@@ -246,106 +222,31 @@ def _tag_chunk(job_id: int, worker: str, rows: list[BatchRow], title_column: int
     predictions = predict_and_store(submissions, source="batch", batch_id=job_id, commit=False) if valid else []
     for (row, _), prediction in zip(valid, predictions, strict=True):
         row.prediction_id = prediction.id
-    held = db.session.execute(
-        update(BatchJob)
-        .where(BatchJob.id == job_id, BatchJob.worker == worker, BatchJob.status == "running")
-        .values(
-            processed=BatchJob.processed + len(rows),
-            skipped=BatchJob.skipped + skipped,
-            heartbeat_at=utcnow(),
-        )
-    ).rowcount
-    if not held:
+    counters = {"processed": BatchJob.processed + len(rows), "skipped": BatchJob.skipped + skipped}
+    if not jobs.heartbeat(BatchJob, job_id, worker, **counters):
         db.session.rollback()
         return False
     db.session.commit()
     return True
 
 
-def _finish(job_id: int, worker: str, *, status: str, error: str | None = None) -> None:
-    db.session.execute(
-        update(BatchJob)
-        .where(BatchJob.id == job_id, BatchJob.worker == worker)
-        .values(status=status, error=error, finished_at=utcnow(), heartbeat_at=utcnow())
-    )
-    db.session.commit()
+BATCH_JOBS = jobs.JobKind(
+    "batch", BatchJob, process_job, on_claim=lambda model: {"started_at": func.coalesce(model.started_at, utcnow())}
+)
 
 
-class BatchWorker:
-    """One per process: a daemon thread that claims and processes batch jobs, woken by uploads and otherwise
-    polling now and then for jobs left behind by a process that died."""
-
-    def __init__(self, app: Flask) -> None:
-        self.app = app
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._pid: int | None = None
-
-    @property
-    def name(self) -> str:
-        return f"{socket.gethostname()}:{os.getpid()}"
-
-    def ensure_started(self) -> None:
-        """Start the thread once per process (after gunicorn forks, not at import)."""
-        if self._pid == os.getpid():
-            return
-        with self._lock:
-            if self._pid == os.getpid():
-                return
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._run, name="papertag-batch-worker", daemon=True)
-            self._thread.start()
-            self._pid = os.getpid()
-
-    def wake(self) -> None:
-        self.ensure_started()
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
-        self._pid = None
-
-    def run_pending(self) -> int:
-        """Process every claimable job; returns how many were taken."""
-        taken = 0
-        with self.app.app_context():
-            try:
-                while not self._stop.is_set() and (job_id := claim_job(self.name)) is not None:
-                    log.info("batch job %d claimed by %s", job_id, self.name)
-                    process_job(job_id, self.name)
-                    taken += 1
-            finally:
-                db.session.remove()
-        return taken
-
-    def _run(self) -> None:
-        interval = float(self.app.config["BATCH_POLL_SECONDS"])
-        while not self._stop.is_set():
-            try:
-                self.run_pending()
-            except Exception as exc:  # the database may be away for a moment; try again on the next round
-                log.warning("batch worker %s could not look for jobs: %s", self.name, exc)
-            self._wake.wait(interval)
-            self._wake.clear()
-
-
-def batch_worker() -> BatchWorker:
-    return current_app.extensions[EXTENSION_KEY]
+def batch_worker() -> jobs.JobRunner:
+    return jobs.job_runner()
 
 
 @bp.record_once
 def _attach_worker(state: Any) -> None:
-    state.app.extensions[EXTENSION_KEY] = BatchWorker(state.app)
+    jobs.register(state.app, BATCH_JOBS)
 
 
 @bp.before_app_request
 def _start_worker() -> None:
-    """Any request starts this process's worker, so jobs left by a dead process resume without an upload."""
+    """Any request starts this process's job runner, so jobs left by a dead process resume without an upload."""
     batch_worker().ensure_started()
 
 
@@ -529,10 +430,8 @@ def detail(job_id: int) -> str:
         .order_by(BatchRow.row_number)
         .limit(200)
     ).all()
-    stale_before = utcnow() - timedelta(seconds=float(current_app.config["BATCH_STALE_SECONDS"]))
-    waiting = job.status == "running" and (job.heartbeat_at is None or job.heartbeat_at < stale_before)
     return render_template(
-        "batch/detail.html", job=job, status=job_json(job), skipped_rows=skipped_rows, waiting=waiting
+        "batch/detail.html", job=job, status=job_json(job), skipped_rows=skipped_rows, waiting=jobs.is_waiting(job)
     )
 
 
