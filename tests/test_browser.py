@@ -240,10 +240,10 @@ def test_curator_corrects_a_prediction_with_the_label_search(page: Page, site: S
     page.wait_for_url(f"**/curate/predictions/{prediction_id}")
     before = predicted_labels(site, prediction_id)
     section = page.locator(f"#tax-{SLUG}")
-    ticked = section.locator("input[name=labels]:checked")
+    ticked = section.locator(f"input[name='{SLUG}-labels']:checked")
     removed = ticked.first.get_attribute("value") if ticked.count() else None
     if removed:
-        section.locator(f"input[name=labels][value='{removed}']").uncheck()
+        section.locator(f"input[name='{SLUG}-labels'][value='{removed}']").uncheck()
     candidates = [label for label in LABELS if label not in before and label != removed]
     added, also = candidates[0], candidates[1]
 
@@ -298,7 +298,7 @@ def test_walk_the_review_queue_with_save_and_next(page: Page, site: Site, abstra
     for _ in range(3):
         page.wait_for_url("**/curate/predictions/*queue=1*")
         visited.append(int(page.url.split("/curate/predictions/")[1].split("?")[0]))
-        box = page.locator(f"#tax-{SLUG} input[name=labels]").first
+        box = page.locator(f"#tax-{SLUG} input[name='{SLUG}-labels']").first
         box.set_checked(not box.is_checked())  # a change, so the item counts as reviewed
         if len(visited) == 1:
             check_layout(page, "queue-item", page.get_by_role("button", name="Save and next"))

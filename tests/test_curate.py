@@ -68,12 +68,13 @@ def test_correction_records_the_diff_and_keeps_the_prediction(
     assert "reviewed by cora" in history
 
 
-def test_empty_save_records_nothing(app: Flask, curator_client: FlaskClient, predicted: list[int]) -> None:
+def test_empty_save_is_refused_with_a_message(app: Flask, curator_client: FlaskClient, predicted: list[int]) -> None:
+    """Issue 12 point 1: Save with no change and no note is never silently nothing; Accept would record it."""
     pid = predicted[0]
     response = _save(curator_client, pid, labels=_result(app, pid).labels)
-    assert response.status_code == 302
+    assert response.status_code == 400
     assert _events(app, pid) == []
-    assert "nothing was recorded" in curator_client.get(response.headers["Location"]).get_data(as_text=True)
+    assert "press Accept to confirm the labels" in response.get_data(as_text=True)
 
 
 def test_two_curators_saving_at_once_keep_both_changes(
@@ -153,8 +154,8 @@ def test_queue_is_most_uncertain_first_and_save_and_next_moves_on(
     query = f"?queue=1&taxonomy={SLUG}&label="
     response = _save(curator_client, first, query, labels=_result(app, first).labels, note="fine", action="next")
     assert response.headers["Location"].startswith(f"/curate/predictions/{second}?queue=1")
-    # Saving nothing is a skip: it still moves on, and the skipped item stays in the queue.
-    response = _save(curator_client, second, query, labels=_result(app, second).labels, action="next")
+    # Skip moves on, and the skipped item stays in the queue (at the back of this curator's).
+    response = _save(curator_client, second, query, action="skip")
     assert response.headers["Location"].startswith(f"/curate/predictions/{third}?")
     page = curator_client.get("/curate/queue").get_data(as_text=True)
     assert f"#{first} ·" not in page and f"#{second} ·" in page
@@ -184,7 +185,7 @@ def test_api_records_a_correction_as_a_diff(app: Flask, client: FlaskClient, pre
     assert out["labels"] == sorted(new_set) and out["predicted"] == sorted(result.labels)
     assert out["events"][0]["user"] == "cora" and out["events"][0]["note"] == "via API"
     again = client.post(f"/api/v1/predictions/{pid}/annotations", json={**body, "note": ""}, headers=_token(app))
-    assert again.status_code == 200 and not again.get_json()["recorded"] and len(again.get_json()["events"]) == 1
+    assert again.status_code == 400 and "nothing to save" in again.get_json()["error"]
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,9 @@
 changes.
 
 The original prediction is never changed; a prediction's current labels in a taxonomy are what its model
-predicted, with each event's added and removed labels applied in order, then read through the label changes
-(renames, merges, splits: ``webapp/surgery.py``) that are not undone.
+predicted, with each active correction's added and removed labels applied in order, then read through the label
+changes (renames, merges, splits: ``webapp/surgery.py``) that are not undone. An event is active unless an active
+``undo`` event undoes it (so undoing an undo re-applies); ``accepted`` and ``skipped`` events change no label.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import g
-from sqlalchemy import Select, and_, or_, select
-from sqlalchemy.orm import selectinload
+from sqlalchemy import ColumnElement, Select, and_, exists, func, literal, or_, select
+from sqlalchemy.orm import aliased, selectinload
 
 from .extensions import db
 from .models import AnnotationEvent, LabelChange, LabelProposal, PredictedLabel, Prediction, PredictionResult, Taxonomy
@@ -45,23 +46,127 @@ def prediction_text(prediction: Prediction) -> str:
     return compose_text(prediction.title, prediction.abstract)
 
 
+# Events that review an item (it leaves the queue, live quality counts it); a skip is seen, not decided.
+REVIEW_KINDS = ("correction", "accepted")
+
+
+def active_events(events: Iterable[AnnotationEvent]) -> list[AnnotationEvent]:
+    """The events no active undo reverses, oldest first. Walked newest first: an undo only ever targets an older
+    event, so by the time an event is reached, whether it is undone is known."""
+    ordered = sorted(events, key=lambda e: e.id)
+    undone: set[int] = set()
+    for event in reversed(ordered):
+        if event.kind == "undo" and event.id not in undone and event.undoes_id is not None:
+            undone.add(event.undoes_id)
+    return [e for e in ordered if e.id not in undone]
+
+
+def review_status(events: Iterable[AnnotationEvent]) -> str | None:
+    """"corrected" when an active correction changed labels, "accepted" when an active review confirmed them
+    (an accept, or a correction that only left a note), None when nobody reviewed the item."""
+    reviews = [e for e in active_events(events) if e.kind in REVIEW_KINDS]
+    if any(e.added or e.removed for e in reviews):
+        return "corrected"
+    return "accepted" if reviews else None
+
+
 def current_labels(result: PredictionResult | None, events: list[AnnotationEvent]) -> list[str]:
-    """Predicted labels with the events applied in order (events must belong to the result's taxonomy), in
-    today's names. Each event is applied in the names of its own time (the changes made before it), so an old
-    removal of one merged label keeps its sibling, and a new removal under the merged name removes both."""
+    """Predicted labels with the active corrections applied in order (events must belong to the result's
+    taxonomy), in today's names. Each event is applied in the names of its own time (the changes made before it),
+    so an old removal of one merged label keeps its sibling, and a new removal under the merged name removes both."""
     if result is None and not events:
         return []
     taxonomy_id = result.taxonomy_id if result is not None else events[0].taxonomy_id
     labels_map = label_map(taxonomy_id)
     text = prediction_text(result.prediction if result is not None else events[0].prediction)
     labels = set(result.labels) if result is not None else set()
-    for event in sorted(events, key=lambda e: (e.created_at, e.id)):
+    for event in sorted(active_events(events), key=lambda e: (e.created_at, e.id)):
+        if event.kind != "correction":
+            continue
         removed, kept = set(event.removed), set()
         for label in labels - removed:
             then = labels_map.map_label(label, text, until=event.created_at)
             kept |= then - removed if then & removed else {label}
         labels = kept | set(event.added)
     return labels_map.map_labels(labels, text)
+
+
+@dataclass(frozen=True)
+class LabelView:
+    """One result as list pages show it: the current labels, the model's (one click away) and the review."""
+
+    taxonomy_id: int
+    labels: list[str]
+    model: list[str]
+    status: str | None  # "accepted", "corrected" or None
+    reviewers: list[str]
+
+    @property
+    def changed(self) -> bool:
+        return sorted(self.labels) != sorted(self.model)
+
+
+def label_views(results: Iterable[PredictionResult]) -> dict[int, LabelView]:
+    """Result id -> its LabelView, with the events of all the results read in one query (a page of 25 rows
+    costs one query, not one per row)."""
+    results = list(results)
+    events: dict[tuple[int, int], list[AnnotationEvent]] = {}
+    if results:
+        query = (
+            select(AnnotationEvent)
+            .options(selectinload(AnnotationEvent.user))
+            .where(AnnotationEvent.prediction_id.in_({r.prediction_id for r in results}))
+        )
+        for event in db.session.scalars(query):
+            events.setdefault((event.prediction_id, event.taxonomy_id), []).append(event)
+    views = {}
+    for result in results:
+        own = events.get((result.prediction_id, result.taxonomy_id), [])
+        reviewers = {e.user.name for e in active_events(own) if e.kind in REVIEW_KINDS and e.user}
+        views[result.id] = LabelView(
+            result.taxonomy_id,
+            current_labels(result, own),
+            mapped_result(result).labels,
+            review_status(own),
+            sorted(reviewers),
+        )
+    return views
+
+
+def _undone_roots() -> Select:
+    """Ids of the non-undo events an active undo reverses, in SQL (a recursive query, the same on SQLite and
+    PostgreSQL). Undos form chains E <- U1 <- U2 ...; E is undone when its chain has an odd length."""
+    target = aliased(AnnotationEvent)
+    base = (
+        select(AnnotationEvent.id.label("id"), AnnotationEvent.undoes_id.label("root"), literal(1).label("depth"))
+        .join(target, target.id == AnnotationEvent.undoes_id)
+        .where(AnnotationEvent.kind == "undo", target.kind != "undo")
+        .cte(recursive=True)
+    )
+    chain = base.union_all(
+        select(AnnotationEvent.id, base.c.root, base.c.depth + 1)
+        .join(base, AnnotationEvent.undoes_id == base.c.id)
+        .where(AnnotationEvent.kind == "undo")
+    )
+    lengths = select(chain.c.root, func.max(chain.c.depth).label("n")).group_by(chain.c.root).subquery()
+    return select(lengths.c.root).where(lengths.c.n % 2 == 1)
+
+
+def has_active_event(
+    prediction_id: Any, taxonomy_id: Any = None, kinds: Iterable[str] = REVIEW_KINDS, user_id: int | None = None
+) -> ColumnElement[bool]:
+    """SQL: the prediction (in the taxonomy, when given; by the user, when given) has an active event of one of
+    ``kinds``. With the default kinds: it is reviewed."""
+    clause = exists().where(
+        AnnotationEvent.prediction_id == prediction_id,
+        AnnotationEvent.kind.in_(list(kinds)),
+        AnnotationEvent.id.not_in(_undone_roots()),
+    )
+    if taxonomy_id is not None:
+        clause = clause.where(AnnotationEvent.taxonomy_id == taxonomy_id)
+    if user_id is not None:
+        clause = clause.where(AnnotationEvent.user_id == user_id)
+    return clause
 
 
 @dataclass(frozen=True)
@@ -121,6 +226,35 @@ def results_with_label(label: str) -> Select:
     )
 
 
+def results_labelled(label: str) -> Select:
+    """Ids of the prediction results whose *current* labels include ``label``: the model's labels (read as today's
+    names) where no curator corrected the result, and the corrected labels where one did, so a label a curator
+    added finds the result and one they removed does not. Corrected results are computed from their events, which
+    costs one pass over the corrected items (curators make them by hand: thousands, not millions)."""
+    corrected_pairs = (
+        select(AnnotationEvent.prediction_id, AnnotationEvent.taxonomy_id)
+        .where(AnnotationEvent.kind == "correction")
+        .distinct()
+        .subquery()
+    )
+    pair = and_(
+        PredictionResult.prediction_id == corrected_pairs.c.prediction_id,
+        PredictionResult.taxonomy_id == corrected_pairs.c.taxonomy_id,
+    )
+    results = db.session.scalars(
+        select(PredictionResult)
+        .join(corrected_pairs, pair)
+        .options(selectinload(PredictionResult.prediction).load_only(Prediction.title, Prediction.abstract))
+    ).all()
+    views = label_views(results) if results else {}
+    corrected = sorted(views)
+    matching = sorted(rid for rid, view in views.items() if label in view.labels)
+    model = PredictionResult.id.in_(results_with_label(label))
+    return select(PredictionResult.id).where(
+        or_(and_(model, PredictionResult.id.not_in(corrected)), PredictionResult.id.in_(matching))
+    )
+
+
 def _routed_to(label: str, taxonomy_id: int, names: set[str]) -> list[int]:
     rows = db.session.execute(
         select(PredictedLabel.result_id, PredictedLabel.prediction_id, PredictedLabel.label)
@@ -149,6 +283,8 @@ def event_json(event: AnnotationEvent) -> dict[str, Any]:
         "id": event.id,
         "user": event.user.name if event.user else None,
         "created_at": event.created_at.isoformat() + "Z",
+        "kind": event.kind,
+        "undoes": event.undoes_id,
         "added": event.added,
         "removed": event.removed,
         "note": event.note,
@@ -172,7 +308,8 @@ def trainable_labels(labels: list[str], decisions: dict[str, str | None]) -> lis
 
 
 def corrected_predictions(taxonomy_slug: str | None = None) -> Iterator[dict[str, Any]]:
-    """One record per (corrected prediction, taxonomy), oldest first: the ``GET /api/v1/annotations`` lines."""
+    """One record per (reviewed prediction, taxonomy), oldest first: the ``GET /api/v1/annotations`` lines.
+    Accepted items are gold data too; items only skipped, or whose reviews were all undone, are left out."""
     query = (
         select(AnnotationEvent)
         .join(Taxonomy, Taxonomy.id == AnnotationEvent.taxonomy_id)
@@ -189,6 +326,9 @@ def corrected_predictions(taxonomy_slug: str | None = None) -> Iterator[dict[str
     slugs = dict(db.session.execute(select(Taxonomy.id, Taxonomy.slug)).all())
     decisions = {taxonomy_id: label_decisions(taxonomy_id) for taxonomy_id in slugs}
     for (prediction_id, taxonomy_id), events in groups.items():
+        status = review_status(events)
+        if status is None:
+            continue
         prediction = db.session.get(Prediction, prediction_id)
         result = next((r for r in prediction.results if r.taxonomy_id == taxonomy_id), None)
         # An accepted proposal's final name may itself have been renamed since: map after the decisions.
@@ -201,5 +341,6 @@ def corrected_predictions(taxonomy_slug: str | None = None) -> Iterator[dict[str
             "model_version": result.model_version_id if result else None,
             "predicted": sorted(mapped_result(result).labels) if result else [],
             "labels": label_map(taxonomy_id).map_labels(trainable, prediction_text(prediction)),
+            "review": status,
             "events": [event_json(e) for e in events],
         }

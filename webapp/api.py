@@ -10,9 +10,9 @@ from flask import Blueprint, Response, abort, current_app, g, jsonify, request
 from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from .annotations import corrected_predictions, event_json, label_map, mapped_result
+from .annotations import corrected_predictions, event_json, label_map
 from .auth import bearer_token, token_user_role
-from .corrections import CorrectionError, accepted_labels, record_correction
+from .corrections import ACTIONS, CorrectionError, ReviewCommand, ReviewForbidden, ReviewPart, accepted_labels
 from .exports import download
 from .extensions import db, limiter
 from .labels import (
@@ -264,26 +264,40 @@ def _string_list(body: dict[str, Any], key: str) -> list[Any]:
 @bp.post("/predictions/<int:prediction_id>/annotations")
 @token_user_role("curator")
 def annotate(prediction_id: int) -> tuple[Response, int]:
-    """Record a correction: ``{"taxonomy": slug, "labels": [full new set], "note": "...", "propose": [...]}``.
-    The event holds the difference to the current labels; 201 when one was recorded, 200 for no change."""
+    """Review one taxonomy of a prediction: ``{"taxonomy": slug, "action": "correct" | "accept" | "skip" | "undo",
+    ...}``. ``correct`` (the default) takes ``"labels"`` (the full new set), ``"propose"`` and ``"note"``; the
+    event holds the difference to the current labels. ``accept`` and ``skip`` take a ``"note"``; ``undo`` an
+    ``"event"`` id (default: the caller's latest event there). 201 when an event was recorded."""
     body = json_body()
-    if not isinstance(body, dict) or not isinstance(body.get("taxonomy"), str) or "labels" not in body:
-        abort(400, description='send {"taxonomy": "<slug>", "labels": [...], "note": "..."}')
+    if not isinstance(body, dict) or not isinstance(body.get("taxonomy"), str):
+        abort(400, description='send {"taxonomy": "<slug>", "action": "correct", "labels": [...], "note": "..."}')
+    action = body.get("action", "correct")
+    if not isinstance(action, str) or action not in ACTIONS:
+        abort(400, description=f'"action" must be one of {", ".join(ACTIONS)}')
+    if action == "correct" and "labels" not in body:
+        abort(400, description='"labels" is missing: a correction sends the full new label set')
+    event = body.get("event")
+    if event is not None and (action != "undo" or not isinstance(event, int) or isinstance(event, bool)):
+        abort(400, description='"event" is an event id (a whole number), and only with "action": "undo"')
     prediction = db.session.get(Prediction, prediction_id)
     if prediction is None:
         abort(404, description=f"there is no prediction {prediction_id}")
     taxonomy = db.session.scalar(select(Taxonomy).where(Taxonomy.slug == body["taxonomy"]))
     if taxonomy is None:
         abort(404, description=f"there is no taxonomy {body['taxonomy']!r}")
+    part = ReviewPart(
+        taxonomy,
+        action,
+        labels=_string_list(body, "labels") if "labels" in body else None,
+        note=body.get("note", ""),
+        propose=_string_list(body, "propose"),
+        undo_event=event,
+    )
     try:
-        outcome = record_correction(
-            prediction,
-            taxonomy,
-            g.api_user,
-            labels=_string_list(body, "labels"),
-            note=body.get("note", ""),
-            propose=_string_list(body, "propose"),
-        )
+        (outcome,) = ReviewCommand(prediction, g.api_user, [part]).run()
+    except ReviewForbidden as exc:
+        db.session.rollback()
+        abort(403, description=str(exc))
     except CorrectionError as exc:
         db.session.rollback()
         abort(400, description=str(exc))
@@ -291,8 +305,11 @@ def annotate(prediction_id: int) -> tuple[Response, int]:
     return jsonify(
         id=prediction.id,
         taxonomy=taxonomy.slug,
+        action=outcome.action,
         recorded=outcome.event is not None,
-        predicted=sorted(mapped_result(state.result).labels) if state.result else [],
+        event=event_json(outcome.event) if outcome.event is not None else None,
+        review=state.status,
+        predicted=sorted(state.model_labels),
         labels=state.labels,
         events=[event_json(e) for e in state.events],
         proposed=[p.label for p in outcome.proposals],

@@ -1,8 +1,9 @@
 """Recording corrections: a curator's new label set for one prediction in one taxonomy becomes an append-only
 AnnotationEvent holding only the difference, so two curators saving at once both keep their change.
 
-The web form and ``POST /api/v1/predictions/<id>/annotations`` both go through :func:`record_correction`,
-so their rules (which labels are allowed, length limits, proposals) cannot drift apart.
+Every review, a correction, an accept, a skip or an undo, goes through :class:`ReviewCommand`: the web form,
+``POST /api/v1/predictions/<id>/annotations`` and bulk actions, so their rules (which labels are allowed, length
+limits, proposals, whose events one may undo) cannot drift apart.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
-from .annotations import current_labels, label_decisions, label_map
+from .annotations import current_labels, label_decisions, label_map, mapped_result, review_status
 from .extensions import db
 from .models import AnnotationEvent, LabelProposal, ModelVersion, Prediction, PredictionResult, Taxonomy, User, utcnow
 
@@ -111,6 +112,20 @@ class TaxonomyState:
     def latest_event_id(self) -> int:
         return max((e.id for e in self.events), default=0)
 
+    @property
+    def status(self) -> str | None:
+        """ "accepted", "corrected" or None (not reviewed)."""
+        return review_status(self.events)
+
+    @property
+    def model_labels(self) -> list[str]:
+        """What the model said, in today's label names."""
+        return mapped_result(self.result).labels if self.result else []
+
+    def undoable(self, user: User) -> AnnotationEvent | None:
+        """The event ``user`` may undo here: their latest one (an undo too: undoing it re-applies)."""
+        return next((e for e in reversed(self.events) if e.user_id == user.id), None)
+
 
 def taxonomy_state(prediction: Prediction, taxonomy: Taxonomy) -> TaxonomyState:
     result = next((r for r in prediction.results if r.taxonomy_id == taxonomy.id), None)
@@ -118,64 +133,190 @@ def taxonomy_state(prediction: Prediction, taxonomy: Taxonomy) -> TaxonomyState:
     return TaxonomyState(taxonomy, result, events, current_labels(result, events))
 
 
+class ReviewForbidden(CorrectionError):
+    """The curator may not do this (undo someone else's event): a 403, not a 400."""
+
+
+ACTIONS = ("correct", "accept", "skip", "undo")
+
+
+@dataclass
+class ReviewPart:
+    """What a curator asks for one taxonomy of a prediction.
+
+    ``correct``: ``labels`` is the full new set (plus ``propose``d new labels). ``accept``: the labels are right
+    as they stand (with ``labels``, from the page's checkboxes, a changed set is recorded as a correction). ``skip``:
+    seen, not decided; it goes to the back of this curator's queue. ``undo``: reverse ``undo_event`` (default: the
+    curator's latest event here). ``based_on`` is the latest event the curator saw (None: the latest now)."""
+
+    taxonomy: Taxonomy
+    action: str = "correct"
+    labels: Iterable[object] | None = None
+    note: object = ""
+    propose: Iterable[object] = ()
+    based_on: int | None = None
+    undo_event: int | None = None
+
+
 @dataclass
 class Outcome:
-    """What saving did: the event recorded (None when nothing changed) and events saved by others meanwhile."""
+    """What one part did: the event recorded (None when nothing changed) and events saved by others meanwhile."""
 
     state: TaxonomyState
+    action: str
     event: AnnotationEvent | None
     concurrent: list[AnnotationEvent] = field(default_factory=list)
     proposals: list[LabelProposal] = field(default_factory=list)
 
 
-def record_correction(
-    prediction: Prediction,
-    taxonomy: Taxonomy,
-    user: User,
-    labels: Iterable[object],
-    note: object = "",
-    propose: Iterable[object] = (),
-    based_on: int | None = None,
-) -> Outcome:
-    """Record ``labels`` (the full new set, plus any ``propose``d new labels) as the diff against what the
-    curator saw: the state after event ``based_on`` (the latest event when None). Changes others made since
-    are kept; an event only carries this curator's own changes. No change and no note records nothing."""
-    wanted = {check_label(label) for label in labels}
-    proposed = {check_label(label) for label in propose}
-    note = check_note(note)
-    state = taxonomy_state(prediction, taxonomy)
-    if based_on is None:
-        seen, concurrent = state.labels, []
-    else:
-        seen = current_labels(state.result, [e for e in state.events if e.id <= based_on])
-        concurrent = [e for e in state.events if e.id > based_on]
-    decisions = label_decisions(taxonomy.id)
-    proposed = {decisions.get(label) or label for label in proposed}  # an accepted proposal under its final name
-    known = set(taxonomy_labels(taxonomy))
-    allowed = known | pending_labels(taxonomy) | set(seen) | set(state.labels)
-    unknown = sorted(wanted - allowed)
-    if unknown:
-        renamed = {label: label_map(taxonomy.id).vocabulary([label]) for label in unknown}
-        hints = "".join(f"; {old} is now {' or '.join(new)}" for old, new in renamed.items() if new != [old])
-        raise CorrectionError(
-            f"not labels of {taxonomy.name} ({taxonomy.slug}): {', '.join(unknown)}{hints}; "
-            "check the spelling or propose them as new labels"
+class ReviewCommand:
+    """One review of one prediction, over any number of its taxonomies: validated as a whole, then applied as one
+    transaction (one event per changed, accepted, skipped or undone taxonomy). The curation page, the annotations
+    API and bulk actions all go through it, so their rules cannot drift apart.
+
+    ``validate()`` raises :class:`CorrectionError` (400) or :class:`ReviewForbidden` (403) and stores nothing;
+    ``run()`` validates, adds the events and commits (``commit=False`` leaves the commit to a caller applying
+    several commands in one transaction)."""
+
+    def __init__(self, prediction: Prediction, user: User, parts: Iterable[ReviewPart]) -> None:
+        self.prediction = prediction
+        self.user = user
+        self.parts = list(parts)
+        self._outcomes: list[Outcome] | None = None
+
+    def validate(self) -> list[Outcome]:
+        """Check every part and plan its event (added to the session only by ``run``)."""
+        if self._outcomes is not None:
+            return self._outcomes
+        if not self.parts:
+            raise CorrectionError("nothing to review: name at least one taxonomy")
+        slugs = [part.taxonomy.slug for part in self.parts]
+        if len(set(slugs)) != len(slugs):
+            raise CorrectionError("each taxonomy may appear once in a review")
+        outcomes = []
+        for part in self.parts:
+            if part.action not in ACTIONS:
+                raise CorrectionError(f"action must be one of {', '.join(ACTIONS)}, not {str(part.action)[:40]!r}")
+            plan = getattr(self, f"_plan_{part.action}")
+            outcomes.append(plan(part, taxonomy_state(self.prediction, part.taxonomy)))
+        if not any(o.event or o.proposals or o.concurrent for o in outcomes):
+            names = ", ".join(part.taxonomy.name for part in self.parts)
+            raise CorrectionError(
+                f"nothing to save in {names}: no label changed and there is no note; "
+                "press Accept to confirm the labels as they are, or Skip to decide later"
+            )
+        self._outcomes = outcomes
+        return outcomes
+
+    def run(self, commit: bool = True) -> list[Outcome]:
+        outcomes = self.validate()
+        for outcome in outcomes:
+            if outcome.event is not None:
+                db.session.add(outcome.event)
+        if commit:
+            db.session.commit()
+        for outcome in outcomes:
+            if outcome.event is not None:
+                outcome.state.events.append(outcome.event)
+                outcome.state.labels = current_labels(outcome.state.result, outcome.state.events)
+        return outcomes
+
+    def _event(self, part: ReviewPart, kind: str, **fields: object) -> AnnotationEvent:
+        return AnnotationEvent(
+            prediction=self.prediction, taxonomy_id=part.taxonomy.id, user=self.user, kind=kind, **fields
         )
-    proposals = _proposals(taxonomy, prediction, user, proposed - known)
-    wanted |= proposed
-    added = sorted(label for label in wanted - set(seen) if label not in state.labels)
-    removed = sorted(label for label in set(seen) - wanted if label in state.labels)
-    if not (added or removed or note):
-        db.session.commit()  # proposals alone are still worth keeping
-        return Outcome(state, None, concurrent, proposals)
-    event = AnnotationEvent(
-        prediction=prediction, taxonomy_id=taxonomy.id, user=user, added=added, removed=removed, note=note
-    )
-    db.session.add(event)
-    db.session.commit()
-    state.events.append(event)
-    state.labels = current_labels(state.result, state.events)
-    return Outcome(state, event, concurrent, proposals)
+
+    def _plan_correct(self, part: ReviewPart, state: TaxonomyState, accept: bool = False) -> Outcome:
+        """The diff against what the curator saw (the state after ``based_on``): changes others made since are
+        kept; the event carries only this curator's own changes. No change is an accept when ``accept``."""
+        if part.labels is None:
+            raise CorrectionError(f"labels are missing for {part.taxonomy.name}: send the full new label set")
+        taxonomy = part.taxonomy
+        wanted = {check_label(label) for label in part.labels}
+        proposed = {check_label(label) for label in part.propose}
+        note = check_note(part.note)
+        if part.based_on is None:
+            seen, concurrent = state.labels, []
+        else:
+            seen = current_labels(state.result, [e for e in state.events if e.id <= part.based_on])
+            concurrent = [e for e in state.events if e.id > part.based_on]
+        decisions = label_decisions(taxonomy.id)
+        proposed = {decisions.get(label) or label for label in proposed}  # an accepted proposal under its final name
+        known = set(taxonomy_labels(taxonomy))
+        allowed = known | pending_labels(taxonomy) | set(seen) | set(state.labels)
+        unknown = sorted(wanted - allowed)
+        if unknown:
+            renamed = {label: label_map(taxonomy.id).vocabulary([label]) for label in unknown}
+            hints = "".join(f"; {old} is now {' or '.join(new)}" for old, new in renamed.items() if new != [old])
+            raise CorrectionError(
+                f"not labels of {taxonomy.name} ({taxonomy.slug}): {', '.join(unknown)}{hints}; "
+                "check the spelling or propose them as new labels"
+            )
+        proposals = _proposals(taxonomy, self.prediction, self.user, proposed - known)
+        wanted |= proposed
+        added = sorted(label for label in wanted - set(seen) if label not in state.labels)
+        removed = sorted(label for label in set(seen) - wanted if label in state.labels)
+        if added or removed or (note and not accept):
+            event = self._event(part, "correction", added=added, removed=removed, note=note)
+            return Outcome(state, "correct", event, concurrent, proposals)
+        if accept:
+            return Outcome(state, "accept", self._event(part, "accepted", note=note), concurrent, proposals)
+        return Outcome(state, "correct", None, concurrent, proposals)
+
+    def _plan_accept(self, part: ReviewPart, state: TaxonomyState) -> Outcome:
+        if part.labels is not None:  # the page: the ticked boxes, which may differ from the labels now
+            return self._plan_correct(part, state, accept=True)
+        self._no_labels(part)
+        return Outcome(state, "accept", self._event(part, "accepted", note=check_note(part.note)))
+
+    def _plan_skip(self, part: ReviewPart, state: TaxonomyState) -> Outcome:
+        self._no_labels(part)
+        return Outcome(state, "skip", self._event(part, "skipped", note=check_note(part.note)))
+
+    def _plan_undo(self, part: ReviewPart, state: TaxonomyState) -> Outcome:
+        self._no_labels(part)
+        latest = state.undoable(self.user)
+        if part.undo_event is None:
+            target = latest
+            if target is None:
+                raise CorrectionError(f"you have nothing to undo in {part.taxonomy.name}")
+        else:
+            target = next((e for e in state.events if e.id == part.undo_event), None)
+            if target is None:
+                raise CorrectionError(
+                    f"event {part.undo_event} is not an event of this prediction in {part.taxonomy.name}"
+                )
+            if target.user_id != self.user.id:
+                raise ReviewForbidden(f"event {target.id} is {target.user.name}'s; curators undo only their own events")
+            if target is not latest:
+                raise CorrectionError(
+                    f"event {target.id} is not your latest in {part.taxonomy.name} (that is {latest.id}); "
+                    "undo your events newest first"
+                )
+        return Outcome(state, "undo", self._event(part, "undo", undoes_id=target.id, note=check_note(part.note)))
+
+    @staticmethod
+    def _no_labels(part: ReviewPart) -> None:
+        if part.labels is not None or any(True for _ in part.propose):
+            raise CorrectionError(f'"labels" and "propose" go with the action "correct", not "{part.action}"')
+
+
+def describe(event: AnnotationEvent) -> str:
+    """An event in words, for flash messages and the pages' event lists."""
+    if event.kind == "accepted":
+        return "accepted the labels" + (" with a note" if event.note else "")
+    if event.kind == "skipped":
+        return "skipped"
+    if event.kind == "undo":
+        return f"undid event {event.undoes_id}"
+    parts = []
+    if event.added:
+        parts.append("added " + ", ".join(event.added))
+    if event.removed:
+        parts.append("removed " + ", ".join(event.removed))
+    if event.note:
+        parts.append("a note")
+    return "; ".join(parts) or "no change"
 
 
 def _proposals(taxonomy: Taxonomy, prediction: Prediction, user: User, labels: set[str]) -> list[LabelProposal]:

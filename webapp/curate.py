@@ -1,37 +1,44 @@
-"""The curator's loop: the review queue (most uncertain first), correcting one prediction per taxonomy, and
-the admins' decisions on proposed labels."""
+"""The curator's loop: the review queue (most uncertain first, skipped items last), reviewing one prediction in
+all its taxonomies with one form (correct, accept, skip, undo), and the admins' decisions on proposed labels."""
 
 from __future__ import annotations
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 from flask_wtf import FlaskForm
-from sqlalchemy import Select, and_, exists, or_, select
+from sqlalchemy import Select, case, select
 from sqlalchemy.orm import selectinload
 from werkzeug.wrappers import Response
 from wtforms import HiddenField, SelectMultipleField, StringField, TextAreaField
 
-from .annotations import known_labels, mapped_result, results_with_label
+from .annotations import has_active_event, known_labels, mapped_result, results_labelled
 from .auth import role_required
 from .corrections import (
     MAX_LABEL_CHARS,
     MAX_NOTE_CHARS,
     CorrectionError,
+    ReviewCommand,
+    ReviewForbidden,
+    ReviewPart,
     TaxonomyState,
     decide_proposal,
-    record_correction,
+    describe,
     taxonomy_labels,
     taxonomy_state,
 )
 from .extensions import db
-from .models import AnnotationEvent, LabelProposal, Prediction, PredictionResult, Taxonomy
+from .models import LabelProposal, Prediction, PredictionResult, Taxonomy
 
 bp = Blueprint("curate", __name__, url_prefix="/curate")
 
 
 class CorrectionForm(FlaskForm):
-    """One taxonomy's correction. ``labels`` are the ticked boxes (the label set to keep); ``add`` holds the
-    labels typed into the search box (one without scripts, several with them)."""
+    """One taxonomy's part of the review form. On the page every taxonomy's fields carry its slug as a prefix
+    (``<slug>-labels``), so one form and one submit cover them all; ``labels`` are the ticked boxes (the label set
+    to keep), ``add`` the labels typed into the search box. The page's one CSRF token is checked app-wide."""
+
+    class Meta:
+        csrf = False
 
     labels = SelectMultipleField(validate_choice=False)
     add = SelectMultipleField(validate_choice=False)
@@ -45,6 +52,29 @@ class CorrectionForm(FlaskForm):
             raise CorrectionError("the form is missing the event it was based on; reload the page")
         return int(raw)
 
+    def part(self, taxonomy: Taxonomy, action: str) -> ReviewPart:
+        """This taxonomy's share of the review the pressed button asks for."""
+        if action in {"skip", "undo"}:
+            return ReviewPart(taxonomy, action, note=self.note.data)
+        return ReviewPart(
+            taxonomy,
+            action,
+            labels=[*self.labels.data, *(label for label in self.add.data if label.strip())],
+            note=self.note.data,
+            propose=[self.propose.data] if (self.propose.data or "").strip() else [],
+            based_on=self.based_on_event(),
+        )
+
+
+# The page's buttons: the review action and whether a queue moves on to its next item afterwards.
+BUTTONS = {
+    "save": ("correct", False),
+    "next": ("correct", True),
+    "accept": ("accept", False),
+    "accept-next": ("accept", True),
+    "skip": ("skip", True),
+}
+
 
 def _queue_args() -> dict[str, str]:
     """The queue filters a curator came from (kept through a save so "Save and next" stays in that queue)."""
@@ -57,30 +87,26 @@ def _queue_args() -> dict[str, str]:
     }
 
 
-def queue_query(taxonomy_slug: str = "", label: str = "") -> Select:
-    """Results not reviewed in their taxonomy, the smallest margin (a score nearest its threshold) first."""
-    reviewed = exists().where(
-        AnnotationEvent.prediction_id == PredictionResult.prediction_id,
-        AnnotationEvent.taxonomy_id == PredictionResult.taxonomy_id,
-    )
-    stmt = select(PredictionResult).where(~reviewed).order_by(PredictionResult.margin, PredictionResult.id)
+def queue_query(taxonomy_slug: str = "", label: str = "", user_id: int | None = None) -> Select:
+    """Results nobody reviewed (accepted or corrected) in their taxonomy, the smallest margin (a score nearest its
+    threshold) first; those ``user_id`` skipped go to the back of their queue."""
+    reviewed = has_active_event(PredictionResult.prediction_id, PredictionResult.taxonomy_id)
+    order = [PredictionResult.margin, PredictionResult.id]
+    if user_id is not None:
+        skipped = has_active_event(PredictionResult.prediction_id, PredictionResult.taxonomy_id, ["skipped"], user_id)
+        order.insert(0, case((skipped, 1), else_=0))
+    stmt = select(PredictionResult).where(~reviewed).order_by(*order)
     if taxonomy_slug:
         stmt = stmt.join(Taxonomy, Taxonomy.id == PredictionResult.taxonomy_id).where(Taxonomy.slug == taxonomy_slug)
     if label:
-        stmt = stmt.where(PredictionResult.id.in_(results_with_label(label)))
+        stmt = stmt.where(PredictionResult.id.in_(results_labelled(label)))
     return stmt
 
 
-def _next_in_queue(after: PredictionResult | None, taxonomy_slug: str, label: str) -> PredictionResult | None:
-    """The item after ``after`` in the queue's order, so skipping (saving nothing) still moves on."""
-    stmt = queue_query(taxonomy_slug, label)
-    if after is not None:
-        stmt = stmt.where(
-            or_(
-                PredictionResult.margin > after.margin,
-                and_(PredictionResult.margin == after.margin, PredictionResult.id > after.id),
-            )
-        )
+def _next_in_queue(prediction: Prediction, taxonomy_slug: str, label: str) -> PredictionResult | None:
+    """The first queue item of another prediction: the one just reviewed has left the queue, a skipped one has
+    gone to its back."""
+    stmt = queue_query(taxonomy_slug, label, current_user.id).where(PredictionResult.prediction_id != prediction.id)
     return db.session.scalars(stmt.limit(1)).first()
 
 
@@ -103,7 +129,7 @@ def queue() -> str:
     if not page.isdigit() or not 0 < int(page) < 10**9:
         abort(400, description="page must be a whole number from 1 up")
     pagination = db.paginate(
-        queue_query(args["taxonomy"], args["label"]).options(
+        queue_query(args["taxonomy"], args["label"], current_user.id).options(
             selectinload(PredictionResult.prediction), selectinload(PredictionResult.taxonomy)
         ),
         page=int(page),
@@ -123,29 +149,31 @@ def _prediction_or_404(prediction_id: int) -> Prediction:
     return prediction
 
 
+def _page_states(prediction: Prediction) -> list[TaxonomyState]:
+    """The taxonomies the review page shows: those that answered, have an active model, or have events."""
+    states = [taxonomy_state(prediction, t) for t in db.session.scalars(select(Taxonomy).order_by(Taxonomy.slug))]
+    return [s for s in states if s.result is not None or s.taxonomy.active_version_id is not None or s.events]
+
+
 def _render_page(
-    prediction: Prediction, failed: tuple[str, CorrectionForm, str] | None = None, status: int = 200
+    prediction: Prediction, submitted: dict[str, CorrectionForm] | None = None, error: str = "", status: int = 200
 ) -> tuple[str, int]:
-    """The prediction, and per taxonomy its current labels, the correction form and the events."""
-    taxonomies = db.session.scalars(select(Taxonomy).order_by(Taxonomy.slug)).all()
+    """The prediction, and per taxonomy its current labels, the model's, its part of the one review form and
+    its events. After a refused save, the boxes stay as the curator left them (nothing typed is lost)."""
     sections = []
-    for taxonomy in taxonomies:
-        state = taxonomy_state(prediction, taxonomy)
-        if state.result is None and taxonomy.active_version_id is None and not state.events:
-            continue
-        ticked = None
-        if failed and failed[0] == taxonomy.slug:
-            form, error = failed[1], failed[2]
-            ticked = set(form.labels.data or [])
-        else:
-            form, error = CorrectionForm(formdata=None, based_on=str(state.latest_event_id)), None
+    for state in _page_states(prediction):
+        slug = state.taxonomy.slug
+        form = (submitted or {}).get(slug)
+        ticked = set(form.labels.data or []) if form is not None else None
+        if form is None:
+            form = CorrectionForm(formdata=None, prefix=slug, based_on=str(state.latest_event_id))
         sections.append(
             {
                 "state": state,
                 "form": form,
-                "error": error,
                 "choices": _label_choices(state, ticked),
-                "vocabulary": taxonomy_labels(taxonomy),
+                "vocabulary": taxonomy_labels(state.taxonomy),
+                "undoable": state.undoable(current_user),
             }
         )
     return (
@@ -153,9 +181,11 @@ def _render_page(
             "curate/prediction.html",
             prediction=prediction,
             sections=sections,
+            error=error,
             queue_args=_queue_args(),
             max_label=MAX_LABEL_CHARS,
             max_note=MAX_NOTE_CHARS,
+            describe=describe,
         ),
         status,
     )
@@ -188,42 +218,78 @@ def prediction(prediction_id: int) -> tuple[str, int]:
     return _render_page(_prediction_or_404(prediction_id))
 
 
+@bp.post("/predictions/<int:prediction_id>")
+@role_required("curator")
+def review(prediction_id: int) -> Response | tuple[str, int]:
+    """The page's one form: every taxonomy's labels in one submit. Save records the changed taxonomies, Accept
+    also confirms the unchanged ones, Skip puts the item at the back of this curator's queue; "Undo" (one per
+    taxonomy) reverses the curator's latest event there."""
+    prediction = _prediction_or_404(prediction_id)
+    states = _page_states(prediction)
+    forms = {state.taxonomy.slug: CorrectionForm(prefix=state.taxonomy.slug) for state in states}
+    button = request.form.get("action", "save")
+    if button.startswith("undo:"):
+        slug = button.removeprefix("undo:")
+        if slug not in forms:
+            abort(400, description=f"there is no taxonomy {slug[:63]!r} on this page to undo in")
+        taxonomies = {slug: next(s.taxonomy for s in states if s.taxonomy.slug == slug)}
+        return _apply(prediction, taxonomies, forms, "undo", move_on=False)
+    if button not in BUTTONS:
+        abort(400, description=f"action must be one of {', '.join(BUTTONS)} or undo:<taxonomy>, not {button[:40]!r}")
+    action, move_on = BUTTONS[button]
+    if action == "skip":  # only what the model answered is in a queue
+        states = [state for state in states if state.result is not None]
+    return _apply(prediction, {s.taxonomy.slug: s.taxonomy for s in states}, forms, action, move_on)
+
+
 @bp.post("/predictions/<int:prediction_id>/<slug>")
 @role_required("curator")
 def save(prediction_id: int, slug: str) -> Response | tuple[str, int]:
-    """Record the correction; "Save and next" continues with the next item of the same queue."""
+    """One taxonomy's review with unprefixed fields (``labels``, ``add``, ``note``, ``based_on``), for scripts."""
     prediction = _prediction_or_404(prediction_id)
     taxonomy = _taxonomy_or_404(slug)
-    form = CorrectionForm()  # its CSRF token was checked by the app-wide CSRFProtect before this view
+    button = request.form.get("action", "save")
+    if button not in BUTTONS:
+        abort(400, description=f"action must be one of {', '.join(BUTTONS)}, not {button[:40]!r}")
+    action, move_on = BUTTONS[button]
+    return _apply(prediction, {slug: taxonomy}, {slug: CorrectionForm()}, action, move_on)
+
+
+def _apply(
+    prediction: Prediction,
+    taxonomies: dict[str, Taxonomy],
+    forms: dict[str, CorrectionForm],
+    action: str,
+    move_on: bool,
+) -> Response | tuple[str, int]:
+    """Run the review command; a refusal re-renders the page with the message and the boxes as ticked."""
     try:
-        outcome = record_correction(
-            prediction,
-            taxonomy,
-            current_user,
-            labels=[*form.labels.data, *(label for label in form.add.data if label.strip())],
-            note=form.note.data,
-            propose=[form.propose.data] if (form.propose.data or "").strip() else [],
-            based_on=form.based_on_event(),
-        )
+        parts = [forms[slug].part(taxonomy, action) for slug, taxonomy in taxonomies.items()]
+        outcomes = ReviewCommand(prediction, current_user, parts).run()
+    except ReviewForbidden as exc:
+        db.session.rollback()
+        abort(403, description=str(exc))
     except CorrectionError as exc:
         db.session.rollback()
-        return _render_page(prediction, (slug, form, str(exc)), 400)
-    for proposal in outcome.proposals:
-        flash(f"Proposed the new label “{proposal.label}” for {taxonomy.name}; an admin will decide on it.", "info")
-    for other in outcome.concurrent:
-        flash(
-            f"While you were editing, {other.user.name} saved {_describe(other)} in {taxonomy.name}. "
-            "Both changes are kept; check the labels below.",
-            "warning",
-        )
-    if outcome.event is not None:
-        flash(f"Saved {taxonomy.name}: {_describe(outcome.event)}.", "info")
-    elif not outcome.proposals:
-        flash(f"Nothing changed in {taxonomy.name}; nothing was recorded.", "info")
+        return _render_page(prediction, forms, str(exc), 400)
+    concurrent = False
+    for outcome in outcomes:
+        name = outcome.state.taxonomy.name
+        for proposal in outcome.proposals:
+            flash(f"Proposed the new label “{proposal.label}” for {name}; an admin will decide on it.", "info")
+        for other in outcome.concurrent:
+            concurrent = True
+            flash(
+                f"While you were editing, {other.user.name} saved {describe(other)} in {name}. "
+                "Both changes are kept; check the labels below.",
+                "warning",
+            )
+        if outcome.event is not None:
+            flash(f"Saved {name}: {describe(outcome.event)}.", "info")
     queue_args = _queue_args()
-    if request.form.get("action") == "next" and queue_args and not outcome.concurrent:
-        result = outcome.state.result
-        following = _next_in_queue(result, queue_args["taxonomy"], queue_args["label"])
+    anchor = f"tax-{next(iter(taxonomies))}"
+    if move_on and queue_args and not concurrent:
+        following = _next_in_queue(prediction, queue_args["taxonomy"], queue_args["label"])
         if following is None:
             flash("That was the last item in this queue.", "info")
             return redirect(url_for("curate.queue", taxonomy=queue_args["taxonomy"], label=queue_args["label"]))
@@ -231,18 +297,7 @@ def save(prediction_id: int, slug: str) -> Response | tuple[str, int]:
         return redirect(
             url_for("curate.prediction", prediction_id=following.prediction_id, **queue_args, _anchor=anchor)
         )
-    return redirect(url_for("curate.prediction", prediction_id=prediction.id, **queue_args, _anchor=f"tax-{slug}"))
-
-
-def _describe(event: AnnotationEvent) -> str:
-    parts = []
-    if event.added:
-        parts.append("added " + ", ".join(event.added))
-    if event.removed:
-        parts.append("removed " + ", ".join(event.removed))
-    if event.note:
-        parts.append("a note")
-    return "; ".join(parts) or "no change"
+    return redirect(url_for("curate.prediction", prediction_id=prediction.id, **queue_args, _anchor=anchor))
 
 
 class DecisionForm(FlaskForm):
