@@ -4,6 +4,7 @@ the API and the pages; its figures are checked against the two bundles scored di
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import pytest
@@ -14,6 +15,7 @@ from sqlalchemy import func, select
 from tests.conftest import BundleFactory, signed_in
 from tests.tiny_bundle import LABELS
 from webapp.extensions import db
+from webapp.jobs import EXTENSION_KEY as JOB_RUNNER
 from webapp.models import ModelArtifact, ModelVersion, ReplayReport, Taxonomy, TrainingRun
 from webapp.replay import sample
 from webapp.serving.bundle import compose_text
@@ -41,6 +43,33 @@ def predicted_sets(make_bundle: BundleFactory, seed: int, texts: list[str]) -> l
         {label for label, p, t in zip(model.labels, s.probabilities, model.thresholds, strict=True) if p >= t}
         for s in scored
     ]
+
+
+def wait_for_replay(app: Flask, report_id: int) -> str:
+    """Run the app's pending jobs here until the replay ended (the app's own runner thread may take it first);
+    returns its status. The deadline only stops a hung test: nothing here measures how long a replay takes."""
+    deadline = time.monotonic() + 600
+    while True:
+        app.extensions[JOB_RUNNER].run_pending()
+        with app.app_context():
+            status = db.session.get(ReplayReport, report_id).status
+        if status in ("finished", "failed"):
+            return status
+        assert time.monotonic() < deadline, f"replay {report_id} is still {status}"
+        time.sleep(0.05)
+
+
+def replayed(app: Flask, client: FlaskClient, version_id: str, headers: dict[str, str]) -> dict:
+    """POST a replay through the API (202 with the job), wait for it, and return what its status URL answers."""
+    response = client.post(f"/api/v1/models/{version_id}/replay", headers=headers)
+    assert response.status_code == 202, response.get_json()
+    job = response.get_json()
+    assert job["status"] == "queued" and response.headers["Location"] == job["status_url"]
+    assert job["status_url"] == f"/api/v1/replays/{job['id']}"
+    wait_for_replay(app, job["id"])
+    body = client.get(job["status_url"], headers=headers).get_json()
+    assert body["status"] == "finished", body
+    return body
 
 
 def replay_count(app: Flask) -> int:
@@ -130,9 +159,8 @@ def test_api_replay_matches_a_direct_computation(
 ) -> None:
     candidate_id = import_version(app, make_bundle, 2)
     headers = token(app, "root", "admin")
-    response = client.post(f"/api/v1/models/{candidate_id}/replay", headers=headers)
-    assert response.status_code == 201, response.get_json()
-    body = response.get_json()
+    body = replayed(app, client, candidate_id, headers)
+    assert body["processed"] == body["sample_size"] == 12 and body["percent"] == 100
     active = predicted_sets(make_bundle, 1, stored["texts"])
     candidate = predicted_sets(make_bundle, 2, stored["texts"])
     expected = expected_figures(stored["ids"], active, candidate, stored["gold"])
@@ -163,9 +191,8 @@ def test_sample_takes_the_reviewed_first_then_the_newest(app: Flask, stored: dic
 def test_sample_size_caps_the_replay(app: Flask, client: FlaskClient, make_bundle: BundleFactory, stored: dict) -> None:
     candidate_id = import_version(app, make_bundle, 2)
     app.config["REPLAY_SAMPLE_SIZE"] = 4
-    response = client.post(f"/api/v1/models/{candidate_id}/replay", headers=token(app, "root", "admin"))
-    assert response.status_code == 201
-    assert response.get_json()["report"]["sample"] == {"size": 4, "reviewed": 3}
+    body = replayed(app, client, candidate_id, token(app, "root", "admin"))
+    assert body["report"]["sample"] == {"size": 4, "reviewed": 3}
 
 
 def test_active_side_is_scored_fresh_not_read_from_stored_results(
@@ -175,12 +202,11 @@ def test_active_side_is_scored_fresh_not_read_from_stored_results(
     candidate_id = import_version(app, make_bundle, 2)
     with app.app_context():
         activate(import_version(app, make_bundle, 3), actor="tests")
-    response = client.post(f"/api/v1/models/{candidate_id}/replay", headers=token(app, "root", "admin"))
-    assert response.status_code == 201
+    body = replayed(app, client, candidate_id, token(app, "root", "admin"))
     active = predicted_sets(make_bundle, 3, stored["texts"])
     candidate = predicted_sets(make_bundle, 2, stored["texts"])
     check_report(
-        response.get_json()["report"],
+        body["report"],
         expected_figures(stored["ids"], active, candidate, stored["gold"]),
         size=12,
         reviewed=3,
@@ -197,11 +223,16 @@ def test_admin_replays_from_the_models_page_and_sees_the_report(
     assert admin.get(f"/models/{candidate_id}/replay").get_data(as_text=True).count("Not replayed yet") == 1
     response = admin.post(f"/models/{candidate_id}/replay")
     assert response.status_code == 302 and response.headers["Location"] == f"/models/{candidate_id}/replay"
-    page = admin.get(f"/models/{candidate_id}/replay").get_data(as_text=True)
     with app.app_context():
         report = db.session.scalar(select(ReplayReport))
-        assert report.created_by == "ada" and report.sample_size == 12
-    assert "Replayed 12 stored abstracts" in page
+    queued = admin.get(f"/models/{candidate_id}/replay").get_data(as_text=True)
+    assert f"Replay #{report.id} of {candidate_id}" in queued  # the flash: queued (or already running)
+    wait_for_replay(app, report.id)
+    page = admin.get(f"/models/{candidate_id}/replay").get_data(as_text=True)
+    with app.app_context():
+        report = db.session.get(ReplayReport, report.id)
+        assert report.created_by == "ada" and report.sample_size == 12 and report.status == "finished"
+    assert "data-poll-url" not in page and "Not replayed yet" not in page
     assert f"<dt>Predictions changed</dt><dd>{report.report['changed']}</dd>" in page
     assert f'action="/models/{candidate_id}/activate"' in page
     assert f"/predictions/{report.report['changes'][0]['id']}" in page
@@ -223,9 +254,7 @@ def test_training_run_page_offers_replay_of_its_candidate(
 
 def test_no_stored_predictions_is_an_empty_report(app: Flask, client: FlaskClient, make_bundle: BundleFactory) -> None:
     candidate_id = import_version(app, make_bundle, 2)
-    response = client.post(f"/api/v1/models/{candidate_id}/replay", headers=token(app, "root", "admin"))
-    assert response.status_code == 201
-    report = response.get_json()["report"]
+    report = replayed(app, client, candidate_id, token(app, "root", "admin"))["report"]
     assert report["sample"] == {"size": 0, "reviewed": 0} and report["changed"] == 0 and report["per_label"] == []
     assert report["reviewed"]["active_micro_f1"] is None
     page = signed_in(app, "ada", "admin").get(f"/models/{candidate_id}/replay").get_data(as_text=True)
@@ -261,13 +290,17 @@ def test_a_candidate_that_cannot_load_is_refused_by_name(
         version = db.session.get(ModelVersion, candidate_id)
         db.session.get(ModelArtifact, version.artifact_sha256).data = b"not a bundle"
         db.session.commit()
-    response = client.post(f"/api/v1/models/{candidate_id}/replay", headers=token(app, "root", "admin"))
-    assert response.status_code == 409
-    assert candidate_id in response.get_json()["error"] and "cannot be loaded" in response.get_json()["error"]
+    headers = token(app, "root", "admin")
+    response = client.post(f"/api/v1/models/{candidate_id}/replay", headers=headers)
+    assert response.status_code == 202
+    assert wait_for_replay(app, response.get_json()["id"]) == "failed"
+    failed = client.get(response.get_json()["status_url"], headers=headers).get_json()
+    assert candidate_id in failed["error"] and "cannot be loaded" in failed["error"] and "report" not in failed
     admin = signed_in(app, "ada", "admin")
-    page = admin.post(f"/models/{candidate_id}/replay", follow_redirects=True).get_data(as_text=True)
-    assert "Nothing replayed" in page and "does not match its sha256" in page
-    assert replay_count(app) == 0
+    page = admin.get(f"/models/{candidate_id}/replay").get_data(as_text=True)
+    assert "The replay failed" in page and "does not match its sha256" in page
+    assert client.get(f"/api/v1/models/{candidate_id}/replay", headers=headers).status_code == 404  # no report
+    assert replay_count(app) == 1
 
 
 def test_replay_pages_are_for_admins(app: Flask, client: FlaskClient, make_bundle: BundleFactory) -> None:

@@ -8,7 +8,7 @@ from flask.testing import FlaskClient
 
 from tests.conftest import BundleFactory
 from tests.test_label_surgery import SLUG, change, most_predicted, results, token
-from tests.test_replay import import_version
+from tests.test_replay import import_version, replayed
 
 
 def confirm_all(client: FlaskClient, app: Flask, abstracts: list[dict]) -> str:
@@ -49,7 +49,7 @@ def test_replay_compares_in_todays_names(
 ) -> None:
     old = confirm_all(client, app, abstracts)
     candidate = import_version(app, make_bundle, 2)
-    report = client.post(f"/api/v1/models/{candidate}/replay", headers=token(app, "root", "admin")).get_json()["report"]
+    report = replayed(app, client, candidate, token(app, "root", "admin"))["report"]
     assert old not in {row["label"] for row in report["per_label"]}
     assert report["reviewed"]["active_micro_f1"] == 1.0  # the active model, re-scored, says what was confirmed
 

@@ -87,6 +87,8 @@ ENDPOINT_READS: dict[str, str] = {
     "exports.index": ROLE_CHECKED,
     "labels.index": ROLE_CHECKED,
     "replay.show": ROLE_CHECKED,
+    "replay.status": ROLE_CHECKED,
+    "replay_api.api_job": ROLE_CHECKED,
     "replay_api.api_latest": ROLE_CHECKED,
 }
 

@@ -5,12 +5,14 @@ counts, and the reviewed predictions it would now get right or wrong).
 Both sides are scored fresh, by the same inference code, on the same texts. Stored results may come from older
 versions or thresholds, so comparing the candidate with them would blame it for what earlier models did.
 
-A replay runs inside its request: the sample is capped by ``REPLAY_SAMPLE_SIZE`` and 200 abstracts take seconds
-with the default model (``bench/replay_time.py``). Its report is stored so the page shows it without recomputing.
+A replay is a background job (``webapp/jobs.py``, the runner CSV batches use): the request queues it, a worker
+thread claims it, re-scores up to ``REPLAY_SAMPLE_SIZE`` abstracts chunk by chunk with a heartbeat and a progress
+count that its page polls, and stores the report, so the page shows it without recomputing.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -21,15 +23,17 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 from werkzeug.exceptions import Conflict, NotFound
 
+from . import jobs
 from .annotations import current_labels, label_map
 from .auth import role_required, token_user_role
 from .extensions import db
 from .models import AnnotationEvent, ModelVersion, Prediction, PredictionResult, ReplayReport, Taxonomy
 from .serving.bundle import BundleError, compose_text
 from .serving.inference import LoadedModel
-from .serving.registry import get_version, live_models, load_version
+from .serving.registry import RegistryError, get_version, live_models, load_version
 from .surgery import LabelMap
 
+log = logging.getLogger(__name__)
 bp = Blueprint("replay", __name__)
 api_bp = Blueprint("replay_api", __name__, url_prefix="/api/v1")
 
@@ -171,55 +175,137 @@ def _load(version_id: str) -> LoadedModel:
         raise ReplayError(f"{version_id} cannot be loaded, so it cannot be replayed: {exc}") from exc
 
 
-def run_replay(version_id: str, *, actor: str | None) -> ReplayReport:
-    """Replay a candidate against its taxonomy's active version and store the report. Raises
-    :class:`~webapp.serving.registry.RegistryError` for an unknown version, :class:`ReplayError` when it cannot run."""
+def queue_replay(version_id: str, *, actor: str | None) -> ReplayReport:
+    """Queue a replay of a candidate against its taxonomy's active version, or return the one already queued or
+    running for it. Raises :class:`~webapp.serving.registry.RegistryError` for an unknown version and
+    :class:`ReplayError` when there is nothing to compare it with (checked again when the job runs). The caller
+    wakes the job runner once it has read what it answers (the job may start at once)."""
     candidate = get_version(version_id)
-    taxonomy = candidate.taxonomy
-    active_id = taxonomy.active_version_id
-    if active_id is None:
-        raise ReplayError(f"{taxonomy.name} has no active version to compare {version_id} with")
-    if active_id == version_id:
-        raise ReplayError(f"{version_id} is the active {taxonomy.name} version; replay a version that is not active")
-    active_model, candidate_model = _load(active_id), _load(version_id)
-    sampled = sample(taxonomy, int(current_app.config["REPLAY_SAMPLE_SIZE"]))
-    texts = [compose_text(item.prediction.title, item.prediction.abstract) for item in sampled]
-    labels_map = label_map(taxonomy.id)
-    figures = compare(
-        sampled, predicted_sets(active_model, texts, labels_map), predicted_sets(candidate_model, texts, labels_map)
+    active_id = _comparable(candidate)
+    pending = db.session.scalar(
+        select(ReplayReport)
+        .where(ReplayReport.candidate_version_id == version_id, ReplayReport.status.in_(("queued", "running")))
+        .order_by(ReplayReport.id.desc())
+        .limit(1)
     )
+    if pending is not None:
+        return pending
     report = ReplayReport(
-        taxonomy_id=taxonomy.id,
+        taxonomy_id=candidate.taxonomy_id,
         candidate_version_id=version_id,
         active_version_id=active_id,
-        sample_size=len(sampled),
+        sample_size=0,
         created_by=actor,
-        report={"taxonomy": taxonomy.slug} | figures,
+        report={},
+        status="queued",
     )
     db.session.add(report)
     db.session.commit()
     return report
 
 
-def latest_report(version_id: str) -> ReplayReport | None:
-    return db.session.scalar(
-        select(ReplayReport)
-        .where(ReplayReport.candidate_version_id == version_id)
-        .order_by(ReplayReport.id.desc())
-        .limit(1)
-    )
+def _comparable(candidate: ModelVersion) -> str:
+    """The active version ``candidate`` is compared with; a :class:`ReplayError` when there is none to compare."""
+    taxonomy = candidate.taxonomy
+    active_id = taxonomy.active_version_id
+    if active_id is None:
+        raise ReplayError(f"{taxonomy.name} has no active version to compare {candidate.id} with")
+    if active_id == candidate.id:
+        raise ReplayError(f"{candidate.id} is the active {taxonomy.name} version; replay a version that is not active")
+    return active_id
+
+
+def process_replay(report_id: int, worker: str) -> None:
+    """Run a claimed replay: load both models, sample, score chunk by chunk (``BATCH_CHUNK_SIZE`` abstracts,
+    committing the progress and the heartbeat after each), then store the report. A replay taken over from a
+    dead process starts again from its first abstract: the scores are recomputed, not stored half-way."""
+    job = db.session.get(ReplayReport, report_id)
+    assert job is not None
+    try:
+        candidate = get_version(job.candidate_version_id)
+        taxonomy = candidate.taxonomy
+        active_id = _comparable(candidate)  # the active version now, which may differ from when it was queued
+        active_model, candidate_model = _load(active_id), _load(candidate.id)
+        sampled = sample(taxonomy, int(current_app.config["REPLAY_SAMPLE_SIZE"]))
+        if not _progress(report_id, worker, sample_size=len(sampled), processed=0, active_version_id=active_id):
+            return
+        texts = [compose_text(item.prediction.title, item.prediction.abstract) for item in sampled]
+        labels_map = label_map(taxonomy.id)
+        chunk = int(current_app.config["BATCH_CHUNK_SIZE"])
+        active: list[set[str]] = []
+        candidates: list[set[str]] = []
+        for start in range(0, len(texts), chunk):
+            part = texts[start : start + chunk]
+            active += predicted_sets(active_model, part, labels_map)
+            candidates += predicted_sets(candidate_model, part, labels_map)
+            if not _progress(report_id, worker, processed=len(active)):
+                return
+        figures = compare(sampled, active, candidates)
+        jobs.finish(ReplayReport, report_id, worker, status="finished", report={"taxonomy": taxonomy.slug} | figures)
+    except (ReplayError, RegistryError) as exc:
+        db.session.rollback()
+        message = exc.description if isinstance(exc, ReplayError) else str(exc)
+        jobs.finish(ReplayReport, report_id, worker, status="failed", error=message)
+    except Exception as exc:
+        db.session.rollback()
+        log.exception("replay %d failed", report_id)
+        jobs.finish(ReplayReport, report_id, worker, status="failed", error=f"{exc.__class__.__name__}: {exc}")
+
+
+def _progress(report_id: int, worker: str, **values: Any) -> bool:
+    """Commit progress while this worker holds the replay; False (and nothing written) once another took it."""
+    if not jobs.heartbeat(ReplayReport, report_id, worker, **values):
+        db.session.rollback()
+        log.warning("replay %d was taken over by another worker; %s stops", report_id, worker)
+        return False
+    db.session.commit()
+    return True
+
+
+REPLAY_JOBS = jobs.JobKind("replay", ReplayReport, process_replay)
+
+
+@bp.record_once
+def _attach_runner(state: Any) -> None:
+    jobs.register(state.app, REPLAY_JOBS)
+
+
+def latest_report(version_id: str, *, finished: bool = False) -> ReplayReport | None:
+    """The version's newest replay (with ``finished``, its newest finished one: the report to show)."""
+    query = select(ReplayReport).where(ReplayReport.candidate_version_id == version_id)
+    if finished:
+        query = query.where(ReplayReport.status == "finished")
+    return db.session.scalar(query.order_by(ReplayReport.id.desc()).limit(1))
+
+
+def job_json(job: ReplayReport) -> dict[str, Any]:
+    """A replay job's state, what its page polls and the API's status URL answers."""
+    return {
+        "id": job.id,
+        "candidate_version": job.candidate_version_id,
+        "active_version": job.active_version_id,
+        "status": job.status,
+        "processed": job.processed,
+        "sample_size": job.sample_size,
+        "percent": round(100 * job.processed / job.sample_size) if job.sample_size else 0,
+        "error": job.error,
+        "created_at": job.created_at.isoformat() + "Z",
+        "created_by": job.created_by,
+        "finished_at": job.finished_at.isoformat() + "Z" if job.finished_at else None,
+        "status_url": url_for("replay_api.api_job", report_id=job.id),
+    }
 
 
 def report_json(report: ReplayReport) -> dict[str, Any]:
-    return {
-        "id": report.id,
-        "candidate_version": report.candidate_version_id,
-        "active_version": report.active_version_id,
-        "sample_size": report.sample_size,
-        "created_at": report.created_at.isoformat() + "Z",
-        "created_by": report.created_by,
-        "report": report.report,
-    }
+    """A finished replay: its job state and the report."""
+    return job_json(report) | {"report": report.report}
+
+
+def _get_job(version_id: str, report_id: int) -> ReplayReport:
+    job = db.session.get(ReplayReport, report_id)
+    if job is None or job.candidate_version_id != version_id:
+        raise NotFound(f"{version_id} has no replay {report_id}")
+    return job
 
 
 @bp.get("/models/<version_id>/replay")
@@ -228,34 +314,68 @@ def show(version_id: str) -> str:
     version = get_version(version_id)
     active_id = version.taxonomy.active_version_id
     active = db.session.get(ModelVersion, active_id) if active_id else None
-    return render_template("replay/show.html", version=version, active=active, replay=latest_report(version_id))
+    latest = latest_report(version_id)
+    report = latest if latest is not None and latest.status == "finished" else latest_report(version_id, finished=True)
+    job = latest if latest is not None and latest.status != "finished" else None
+    return render_template(
+        "replay/show.html",
+        version=version,
+        active=active,
+        replay=report,
+        job=job,
+        job_status=job_json(job) if job else None,
+        waiting=job is not None and jobs.is_waiting(job),
+    )
+
+
+@bp.get("/models/<version_id>/replay/<int:report_id>/status")
+@role_required("admin")
+def status(version_id: str, report_id: int) -> Response:
+    """What the replay page polls to move its progress bar."""
+    return jsonify(job_json(_get_job(version_id, report_id)))
 
 
 @bp.post("/models/<version_id>/replay")
 @role_required("admin")
 def replay(version_id: str) -> Response:
     try:
-        report = run_replay(version_id, actor=current_user.name)
+        job = queue_replay(version_id, actor=current_user.name)
     except ReplayError as exc:
         db.session.rollback()
         flash(f"Nothing replayed: {exc.description}.", "error")
     else:
-        flash(f"Replayed {report.sample_size} stored abstracts with {version_id} and {report.active_version_id}.", "ok")
+        flash(f"Replay #{job.id} of {version_id} against {job.active_version_id} is {job.status}.", "ok")
+        jobs.job_runner().wake()
     return redirect(url_for("replay.show", version_id=version_id))
 
 
 @api_bp.post("/models/<version_id>/replay")
 @token_user_role("admin")
 def api_replay(version_id: str) -> tuple[Response, int]:
-    report = run_replay(version_id, actor=f"api:{g.api_user.name}")
-    return jsonify(report_json(report)), 201
+    """Queue a replay (or find the one queued or running): 202 with the job and its ``status_url``."""
+    body = job_json(queue_replay(version_id, actor=f"api:{g.api_user.name}"))
+    jobs.job_runner().wake()
+    response = jsonify(body)
+    response.headers["Location"] = body["status_url"]
+    return response, 202
+
+
+@api_bp.get("/replays/<int:report_id>")
+@token_user_role("curator")
+def api_job(report_id: int) -> Response:
+    """A replay job's state, with its report once it finished."""
+    job = db.session.get(ReplayReport, report_id)
+    if job is None:
+        raise NotFound(f"there is no replay {report_id}")
+    return jsonify(report_json(job) if job.status == "finished" else job_json(job))
 
 
 @api_bp.get("/models/<version_id>/replay")
 @token_user_role("curator")
 def api_latest(version_id: str) -> Response:
+    """The version's newest finished replay report."""
     get_version(version_id)
-    report = latest_report(version_id)
+    report = latest_report(version_id, finished=True)
     if report is None:
         raise NotFound(f"{version_id} has not been replayed yet: POST /api/v1/models/{version_id}/replay")
     return jsonify(report_json(report))
