@@ -1,4 +1,4 @@
-"""Command line: ``python -m trainer train|evaluate|worker``."""
+"""Command line: ``python -m trainer train|evaluate|worker|label-issues|label-duplicates``."""
 
 from __future__ import annotations
 
@@ -58,6 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--config", help="a training config whose `fields` map the file's field names (e.g. pmid -> id)"
     )
+    issues = commands.add_parser(
+        "label-issues", help="rank the papers whose labels are likely wrong (cleanlab over out-of-fold scores)"
+    )
+    issues.add_argument("--config", required=True, help="a frozen-encoder config, e.g. research-tasks-heads.json")
+    issues.add_argument("--out", required=True, help="JSONL file to write, lowest label quality first")
+    issues.add_argument("--folds", type=int, default=5, help="folds of the out-of-fold scores")
+    issues.add_argument("--limit", type=int, default=500, help="papers written, from the top of the queue (0 = all)")
+    add_work_dir_argument(issues)
+    add_target_arguments(issues)
+    duplicates = commands.add_parser(
+        "label-duplicates", help="labels of the data differing only by case, separators or spelling"
+    )
+    duplicates.add_argument("--config", required=True, help="training config whose data and aliases are checked")
     return parser
 
 
@@ -108,10 +121,56 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_label_issues(args: argparse.Namespace) -> int:
+    from .label_issues import issue_rows, score_dataset, write_issues
+
+    config = TrainConfig.load(args.config)
+    target = _target(args)
+    corrections = target.corrections(config.taxonomy_slug) if target else None
+    label_map = target.label_changes(config.taxonomy_slug) if target else None
+    scored = score_dataset(
+        config, corrections, label_map, folds=args.folds, work_dir=Path(args.work_dir) if args.work_dir else None
+    )
+    rows = issue_rows(config, scored, args.limit)
+    print(write_issues(rows, Path(args.out)))
+    print(f"{sum(r['issue'] for r in rows)} of {len(rows)} written papers flagged by cleanlab")
+    return 0
+
+
+def run_label_duplicates(args: argparse.Namespace) -> int:
+    """Prints the groups the config's aliases leave, and an alias map merging them; exit 1 when any is left."""
+    from collections import Counter
+
+    from .data import read_papers
+    from .hygiene import propose_aliases, remaining_duplicates
+    from .train import _resolve, label_aliases
+
+    config = TrainConfig.load(args.config)
+    aliases = label_aliases(config)
+    counts = Counter(
+        aliases.get(label, label)
+        for name in config.data
+        for paper in read_papers(_resolve(name), config.fields)
+        for label in paper.labels
+    )
+    left = remaining_duplicates(counts, {})
+    for group in left:
+        print(" = ".join(f"{label} ({counts[label]})" for label in group))
+    print(json.dumps({**aliases, **propose_aliases(counts)}, indent=2, ensure_ascii=False))
+    print(f"{len(left)} duplicate group(s) left after the config's {len(aliases)} aliases")
+    return 1 if left else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    handlers = {"train": run_train, "evaluate": run_evaluate, "worker": run_worker}
+    handlers = {
+        "train": run_train,
+        "evaluate": run_evaluate,
+        "worker": run_worker,
+        "label-issues": run_label_issues,
+        "label-duplicates": run_label_duplicates,
+    }
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, BaseModelError, PublishError, BundleError) as exc:

@@ -30,6 +30,14 @@ class TrainConfig:
         metadata={"help": "Optional separate labelled files that form the test split (then no random test split)."},
     )
     label_aliases: dict[str, str] = field(default_factory=dict, metadata={"help": "Map of label -> canonical label."})
+    label_aliases_file: str = field(
+        default="",
+        metadata={
+            "help": "JSON file of label -> canonical label (relative to the repo root), applied with label_aliases "
+            "(which wins): the data's duplicate spellings merged without editing the data (python -m trainer "
+            "label-duplicates)."
+        },
+    )
     min_label_count: int = field(default=10, metadata={"help": "Drop labels seen fewer times in the training split."})
     max_labels: int = field(default=0, metadata={"help": "Keep only the N most frequent labels (0 = no limit)."})
     max_examples: int = field(default=0, metadata={"help": "Use only the first N papers (0 = all); for smoke runs."})

@@ -46,6 +46,7 @@ from .data import (
 from .evaluate import served_outputs
 from .export import max_abs_difference
 from .heads import LinearHead, build_head, choose_head, domain_references
+from .hygiene import read_aliases
 from .thresholds import choose_min_support, guessing_thresholds
 
 log = logging.getLogger(__name__)
@@ -95,9 +96,10 @@ def load_dataset(
     test_papers: list[Paper] = []
     for name in config.test_data:
         test_papers.extend(read_papers(_resolve(name), config.fields))
-    papers = apply_aliases(papers, config.label_aliases)
+    aliases = label_aliases(config)
+    papers = apply_aliases(papers, aliases)
     papers = relabel(papers, label_map or LabelMap())
-    test_papers = relabel(apply_aliases(test_papers, config.label_aliases), label_map or LabelMap())
+    test_papers = relabel(apply_aliases(test_papers, aliases), label_map or LabelMap())
     # Corrections always train: they are what curators asked the model to learn.
     cutoff = newest_cutoff(papers, config.newest_fraction)
     splits: dict[str, list[Paper]] = {name: [] for name in SPLITS}
@@ -121,10 +123,17 @@ def load_dataset(
         "corrections_overriding": merged["overridden"],
         "corrections_added": merged["added"],
         "label_changes": [rule.id for rule in (label_map or LabelMap()).rules],
+        "label_aliases": len(aliases),
         "splits": {name: len(items) for name, items in splits.items()},
         "split_rule": _split_rule(config, cutoff),
     }
     return splits, summary
+
+
+def label_aliases(config: TrainConfig) -> dict[str, str]:
+    """The config's alias file (data/*/label-aliases.json) with its inline ``label_aliases`` on top."""
+    from_file = read_aliases(_resolve(config.label_aliases_file)) if config.label_aliases_file else {}
+    return {**from_file, **config.label_aliases}
 
 
 def _split_rule(config: TrainConfig, cutoff: tuple[int, int, int] | None) -> str:
@@ -187,6 +196,22 @@ class ReadingCache:
             total=np.asarray([self.entries[k].total_tokens for k in keys]),
         )
         staging.replace(self.path)
+
+
+def read_abstracts(
+    config: TrainConfig,
+    encoder_path: Path,
+    tokenizer_path: Path,
+    manifest: Manifest,
+    work_dir: Path,
+    texts: dict[str, list[str]],
+) -> dict[str, list[Reading]]:
+    """Each group of texts read by the encoder, through the work dir's cache (a retrain or an out-of-fold scoring
+    run only encodes texts it has not seen with this encoder and these windows)."""
+    encoder = Encoder(encoder_path, tokenizer_path, manifest, threads=os.cpu_count() or 1)
+    windows = (config.max_length, config.max_windows, config.window_overlap)
+    cache = ReadingCache(work_dir / "readings" / f"{_fingerprint(sha256_file(encoder_path), windows)}.npz")
+    return {name: cache.read(encoder, group, config.eval_batch_size) for name, group in texts.items()}
 
 
 def _minutes(seconds: float) -> str:
@@ -322,11 +347,8 @@ def train(
     with tempfile.TemporaryDirectory(prefix="papertag-head-") as scratch:
         scratch = Path(scratch)
         provisional = _window_manifest(config, labels, base_name)
-        encoder = Encoder(encoder_path, tokenizer_path, provisional, threads=os.cpu_count() or 1)
-        windows = (config.max_length, config.max_windows, config.window_overlap)
-        cache = ReadingCache(work_dir / "readings" / f"{_fingerprint(sha256_file(encoder_path), windows)}.npz")
         report({"status": "running", "stage": "reading the abstracts with the encoder"})
-        readings = {name: cache.read(encoder, texts[name], config.eval_batch_size) for name in SPLITS}
+        readings = read_abstracts(config, encoder_path, tokenizer_path, provisional, work_dir, texts)
         pooled = {
             name: np.stack([r.pooled for r in readings[name]]) if readings[name] else np.zeros((0, 1), dtype=np.float32)
             for name in SPLITS
