@@ -151,6 +151,7 @@ def register_blueprints(app: Flask) -> None:
         explain,
         exports,
         history,
+        label_issues,
         labels,
         learned_thresholds,
         predict,
@@ -170,6 +171,7 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(explain.bp)
     app.register_blueprint(similar.bp)
     app.register_blueprint(labels.bp)
+    app.register_blueprint(label_issues.bp)
     app.register_blueprint(quality.bp)
     app.register_blueprint(learned_thresholds.bp)
     app.register_blueprint(api.bp)

@@ -66,6 +66,9 @@ class Defaults:
     REPLAY_SAMPLE_SIZE = 200
     # Rows per history page.
     HISTORY_PER_PAGE = 25
+    # Most rows of one likely-label-errors file (flask labels import-issues): the trainer writes 500 by default,
+    # each a paper that may be added as a prediction, all in one commit.
+    LABEL_ISSUES_MAX_ROWS = 5000
     # Greyed "just missed" labels shown under each taxonomy's predictions (explanations cover them too).
     NEAR_MISSES = 4
     # Texts per onnxruntime run when explaining (the full text + one per sentence): 16 covers the sentences a

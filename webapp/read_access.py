@@ -86,6 +86,7 @@ ENDPOINT_READS: dict[str, str] = {
     "exports.file": ROLE_CHECKED,
     "exports.index": ROLE_CHECKED,
     "labels.index": ROLE_CHECKED,
+    "label_issues.index": ROLE_CHECKED,
     "replay.show": ROLE_CHECKED,
     "replay.status": ROLE_CHECKED,
     "replay_api.api_job": ROLE_CHECKED,
