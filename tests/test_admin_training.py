@@ -174,7 +174,8 @@ def test_run_page_shows_progress_then_the_candidate_beside_the_active_model(
     assert "the model it replaced" in page and research["active"] in page
     assert "/taxonomies/research-tasks/rollback" in page and f"/models/{candidate}/activate" not in page
 
-    admin_client.post("/taxonomies/research-tasks/rollback", data={"next": f"/training/{run_id}"})
+    confirmed = {"next": f"/training/{run_id}", "confirm": "yes", "expected": candidate}
+    admin_client.post("/taxonomies/research-tasks/rollback", data=confirmed)
     assert active_of(app, "research-tasks") == research["active"]
 
 
@@ -213,7 +214,7 @@ def test_models_page_lists_metrics_data_size_and_who_activated(
     assert active_of(app, "research-tasks") == newer
     page = admin_client.get("/models").get_data(as_text=True)
     assert "by ada" in page and "/taxonomies/research-tasks/rollback" in page
-    admin_client.post("/taxonomies/research-tasks/rollback")
+    admin_client.post("/taxonomies/research-tasks/rollback", data={"confirm": "yes", "expected": newer})
     assert active_of(app, "research-tasks") == research["active"]
     nothing = admin_client.post("/taxonomies/research-tasks/rollback", follow_redirects=True)
     assert "Nothing rolled back" in nothing.get_data(as_text=True)

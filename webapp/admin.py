@@ -1,5 +1,9 @@
 """Model management: the models page (every version, its metrics, the activation log; Activate and Roll back
-for admins) and training from the site (queue a retrain, watch its progress, compare and promote the result)."""
+for admins) and training from the site (queue a retrain, watch its progress, compare and promote the result).
+
+Model actions are safe by default: activating a candidate that failed the promotion gate, and rolling back, are
+done only once confirmed on a page that states the consequence with the gate's figures (a required checkbox,
+no JavaScript needed); the server refuses them unconfirmed (pages: 409 and the confirmation form, API: 409)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from flask import Blueprint, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 from flask_wtf import FlaskForm
 from sqlalchemy import select
+from werkzeug.exceptions import Conflict
 from werkzeug.wrappers import Response
 from wtforms import HiddenField, SelectField
 
@@ -18,7 +23,15 @@ from .auth import role_required
 from .config import REPO_ROOT
 from .extensions import db
 from .models import ActivationEvent, ModelVersion, Taxonomy, TrainingRun
-from .serving.registry import RegistryError, activate, live_models, replaced_by, rollback
+from .serving.registry import (
+    RegistryError,
+    activate,
+    get_taxonomy,
+    get_version,
+    live_models,
+    replaced_by,
+    rollback,
+)
 from .training_runs import create_run, get_run
 
 bp = Blueprint("admin", __name__)
@@ -52,19 +65,94 @@ def _back(default: str) -> Response:
     return redirect(safe_next(request.form.get("next")) or default)
 
 
+class UnconfirmedAction(Conflict):
+    """A model action that needs a confirmation it did not get (a 409); the message states the consequence."""
+
+
+def _figure(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, int | float) and not isinstance(value, bool) else "unknown"
+
+
+def gate_of(version_id: str) -> dict[str, Any] | None:
+    """The promotion gate's verdict on a version, from the newest training run that produced it; None for a
+    version that came another way (imported by hand), which no gate judged."""
+    runs = db.session.scalars(
+        select(TrainingRun).where(TrainingRun.candidate_version == version_id).order_by(TrainingRun.id.desc())
+    )
+    return next((run.gate for run in runs if isinstance(run.gate, dict)), None)
+
+
+def gate_failed(version_id: str) -> bool:
+    gate = gate_of(version_id)
+    return gate is not None and gate.get("passed") is False
+
+
+def activation_consequence(version: ModelVersion) -> str:
+    """What activating ``version`` does, in words, with the gate's figures when a gate judged it."""
+    taxonomy = version.taxonomy
+    replaces = f"replaces {taxonomy.active_version_id}" if taxonomy.active_version_id else "becomes the model"
+    said = f"{version.id} {replaces} for every new {taxonomy.name} prediction within seconds."
+    gate = gate_of(version.id)
+    if gate is None:
+        return said
+    verdict = "passed" if gate.get("passed") else f"failed the promotion gate ({gate.get('reason')})"
+    against = (
+        f" against the then active model's {_figure(gate.get('active_micro_f1'))}"
+        if gate.get("active_micro_f1") is not None
+        else ""
+    )
+    return (
+        f"{version.id} {verdict}: on the same frozen test papers it scores micro-F1 "
+        f"{_figure(gate.get('candidate_micro_f1'))}{against}, int8 drift {_figure(gate.get('drift'))}. {said}"
+    )
+
+
+def rollback_consequence(taxonomy: Taxonomy) -> str:
+    """What rolling ``taxonomy`` back does: which version serves again, with both versions' test figures."""
+    current = get_version(taxonomy.active_version_id) if taxonomy.active_version_id else None
+    previous_id = replaced_by(taxonomy.id, current.id) if current else None
+    if current is None or previous_id is None:
+        raise RegistryError(f"{taxonomy.name} has no earlier version to roll back to")
+    previous = get_version(previous_id)
+    said = (
+        f"{previous.id} becomes the active {taxonomy.name} model again instead of {current.id}, for every new "
+        f"prediction within seconds: test micro-F1 {_figure(previous.test_metrics.get('micro_f1'))} instead of "
+        f"{_figure(current.test_metrics.get('micro_f1'))} (each on its own test split)."
+    )
+    gate = gate_of(current.id)
+    if gate is not None and gate.get("passed"):
+        said += f" {current.id} passed the promotion gate (micro-F1 {_figure(gate.get('candidate_micro_f1'))})."
+    return said + f" Activating {current.id} again undoes it."
+
+
+def activate_confirmed(version_id: str, *, confirmed: bool, actor: str) -> ModelVersion:
+    """Activate a version; one that failed its promotion gate only when ``confirmed``
+    (:class:`UnconfirmedAction` otherwise, naming the gate's figures)."""
+    version = get_version(version_id)
+    if not confirmed and gate_failed(version.id):
+        raise UnconfirmedAction(f"not activated without confirmation: {activation_consequence(version)}")
+    activated = activate(version_id, actor=actor)
+    live_models().refresh()  # this worker serves it before the next page says so; the others poll
+    return activated
+
+
 @bp.get("/models")
 def models() -> str:
     taxonomies = db.session.scalars(select(Taxonomy).order_by(Taxonomy.slug)).all()
     events = db.session.scalars(select(ActivationEvent).order_by(ActivationEvent.id.desc()).limit(50)).all()
     slugs = {t.id: t.slug for t in taxonomies}
+    versions = [v.id for t in taxonomies for v in t.versions]
+    live = live_models()
+    live.ensure_started()
     return render_template(
         "admin/models.html",
         taxonomies=taxonomies,
         events=events,
         slugs=slugs,
-        loaded=live_models().loaded(),
-        errors=live_models().errors,
+        loaded=live.loaded(),
+        errors=live.errors,
         can_roll_back={t.slug: _can_roll_back(t) for t in taxonomies},
+        failed_gate={version_id for version_id in versions if gate_failed(version_id)},
     )
 
 
@@ -73,22 +161,94 @@ def _can_roll_back(taxonomy: Taxonomy) -> bool:
     return active is not None and replaced_by(taxonomy.id, active) is not None
 
 
+def _confirmed() -> bool:
+    return request.form.get("confirm") == "yes"
+
+
+def _confirm_page(
+    action: str, consequence: str, target: str, *, expected: str | None = None, status: int = 200, error: str = ""
+) -> Any:
+    """The confirmation form: the consequence, a required checkbox, and (rollback) the active version it was
+    stated for, so a confirmation given for one state is not applied to another."""
+    return (
+        render_template(
+            "admin/confirm.html",
+            action=action,
+            consequence=consequence,
+            target=target,
+            expected=expected,
+            next=safe_next(request.values.get("next")) or url_for("admin.models"),
+            error=error,
+        ),
+        status,
+    )
+
+
+@bp.get("/models/<version_id>/activate")
+@role_required("admin")
+def confirm_activate(version_id: str) -> Any:
+    """The confirmation page of an activation (what the Activate button of a failed candidate leads to)."""
+    version = get_version(version_id)
+    target = url_for("admin.activate_version", version_id=version.id)
+    return _confirm_page(f"Activate {version.id}", activation_consequence(version), target)
+
+
 @bp.post("/models/<version_id>/activate")
 @role_required("admin")
-def activate_version(version_id: str) -> Response:
-    version = activate(version_id, actor=current_user.name)
+def activate_version(version_id: str) -> Any:
+    try:
+        version = activate_confirmed(version_id, confirmed=_confirmed(), actor=current_user.name)
+    except UnconfirmedAction:
+        version = get_version(version_id)
+        target = url_for("admin.activate_version", version_id=version.id)
+        error = "Nothing activated: it failed the promotion gate, so tick the box to confirm."
+        return _confirm_page(f"Activate {version.id}", activation_consequence(version), target, status=409, error=error)
     flash(f"{version.id} is now the active {version.taxonomy.name} model; every worker switches within seconds.", "ok")
     return _back(url_for("admin.models"))
 
 
+@bp.get("/taxonomies/<slug>/rollback")
+@role_required("admin")
+def confirm_rollback(slug: str) -> Any:
+    """The confirmation page of a rollback (what every Roll back button leads to)."""
+    taxonomy = get_taxonomy(slug)
+    try:
+        consequence = rollback_consequence(taxonomy)
+    except RegistryError as exc:
+        flash(f"Nothing to roll back: {exc}.", "error")
+        return redirect(url_for("admin.models"))
+    target = url_for("admin.rollback_taxonomy", slug=slug)
+    return _confirm_page(f"Roll back {taxonomy.name}", consequence, target, expected=taxonomy.active_version_id)
+
+
 @bp.post("/taxonomies/<slug>/rollback")
 @role_required("admin")
-def rollback_taxonomy(slug: str) -> Response:
+def rollback_taxonomy(slug: str) -> Any:
+    taxonomy = get_taxonomy(slug)
     try:
-        version = rollback(slug, actor=current_user.name)
+        consequence = rollback_consequence(taxonomy)
     except RegistryError as exc:
         flash(f"Nothing rolled back: {exc}.", "error")
         return _back(url_for("admin.models"))
+    expected = request.form.get("expected")
+    if not _confirmed() or expected != taxonomy.active_version_id:
+        target = url_for("admin.rollback_taxonomy", slug=slug)
+        error = (
+            "Nothing rolled back: tick the box to confirm."
+            if expected in (None, taxonomy.active_version_id)
+            else f"Nothing rolled back: the active version changed to {taxonomy.active_version_id} meanwhile; "
+            "read what rolling back does now and confirm again."
+        )
+        return _confirm_page(
+            f"Roll back {taxonomy.name}",
+            consequence,
+            target,
+            expected=taxonomy.active_version_id,
+            status=409,
+            error=error,
+        )
+    version = rollback(slug, actor=current_user.name)
+    live_models().refresh()  # this worker serves it before the next page says so; the others poll
     flash(f"Rolled back: {version.id} is the active {version.taxonomy.name} model again.", "ok")
     return _back(url_for("admin.models"))
 
@@ -170,6 +330,7 @@ def training_run(run_id: int) -> str:
         baseline_metrics=baseline_metrics,
         labels=label_comparison(candidate_metrics, baseline_metrics) if candidate else [],
         can_roll_back=_can_roll_back(run.taxonomy),
+        gate_failed=bool(run.gate) and run.gate.get("passed") is False,
     )
 
 

@@ -10,6 +10,7 @@ from flask import Blueprint, Response, abort, current_app, g, jsonify, request
 from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from .admin import activate_confirmed
 from .annotations import corrected_predictions, event_json, label_map
 from .auth import bearer_token, token_user_role
 from .corrections import ACTIONS, CorrectionError, ReviewCommand, ReviewForbidden, ReviewPart, accepted_labels
@@ -28,7 +29,7 @@ from .labels import (
 from .models import ModelVersion, Prediction, Taxonomy
 from .read_access import PEOPLE, may_read
 from .serving.bundle import BundleError
-from .serving.registry import activate, get_taxonomy, import_bundle, list_versions, live_models, version_archive
+from .serving.registry import get_taxonomy, import_bundle, list_versions, live_models, version_archive
 from .serving.scoring import (
     InputError,
     NoModelError,
@@ -224,7 +225,13 @@ def upload_model() -> tuple[Response, int]:
 @bp.post("/models/<version_id>/activate")
 @token_user_role("admin")
 def activate_model(version_id: str) -> Response:
-    return jsonify(_version_json(activate(version_id, actor=f"api:{g.api_user.name}")))
+    """Activate a version. One that failed its promotion gate needs ``{"confirm": true}``: without it, a 409
+    naming the gate's figures (issue 12 point 7); the body is optional otherwise."""
+    body = json_body() if request.get_data() else {}
+    if not isinstance(body, dict):
+        abort(400, description='send an object: {"confirm": true}')
+    confirmed = json_flag(body, "confirm")
+    return jsonify(_version_json(activate_confirmed(version_id, confirmed=confirmed, actor=f"api:{g.api_user.name}")))
 
 
 @bp.get("/models/<version_id>/bundle")

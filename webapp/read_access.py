@@ -72,6 +72,8 @@ ENDPOINT_READS: dict[str, str] = {
     "accounts.password": ROLE_CHECKED,
     "accounts.tokens": ROLE_CHECKED,
     "admin.training_run": ROLE_CHECKED,
+    "admin.confirm_activate": ROLE_CHECKED,
+    "admin.confirm_rollback": ROLE_CHECKED,
     "admin.training_runs": ROLE_CHECKED,
     "api.annotations": ROLE_CHECKED,
     "api.download_model": ROLE_CHECKED,

@@ -24,6 +24,7 @@ from sqlalchemy.orm import selectinload
 from werkzeug.exceptions import Conflict, NotFound
 
 from . import jobs
+from .admin import gate_failed
 from .annotations import current_labels, label_map
 from .auth import role_required, token_user_role
 from .extensions import db
@@ -325,6 +326,7 @@ def show(version_id: str) -> str:
         job=job,
         job_status=job_json(job) if job else None,
         waiting=job is not None and jobs.is_waiting(job),
+        gate_failed=gate_failed(version.id),
     )
 
 
