@@ -11,7 +11,7 @@ from flask import Blueprint, Response, abort, render_template, request, stream_w
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from .annotations import corrected_predictions, current_labels, mapped_result
+from .annotations import corrected_predictions, current_labels, mapped_result, review_status
 from .auth import role_required
 from .csv_cells import csv_lines
 from .extensions import db
@@ -52,11 +52,13 @@ def prediction_records(taxonomy_slug: str | None = None) -> Iterator[dict[str, A
                 continue
             events = [e for e in prediction.events if e.taxonomy_id == result.taxonomy_id]
             mapped = mapped_result(result)
+            status = review_status(events)
             results[result.taxonomy.slug] = {
                 "model_version": result.model_version_id,
                 "predicted": sorted(mapped.labels),
                 "labels": current_labels(result, events),
-                "reviewed": bool(events),
+                "reviewed": status is not None,
+                "review": status,  # "accepted", "corrected" or None
                 "scores": mapped.scores,
             }
         yield {
@@ -71,9 +73,9 @@ def prediction_records(taxonomy_slug: str | None = None) -> Iterator[dict[str, A
 
 
 def _prediction_rows(records: Iterable[dict[str, Any]], slugs: list[str]) -> Iterator[list[Any]]:
-    """CSV rows: the paper, then per taxonomy its predicted labels and its current labels."""
+    """CSV rows: the paper, then per taxonomy its predicted labels, its current labels and its review."""
     yield ["id", "created_at", "source", "batch_id", "title", "abstract"] + [
-        f"{slug}.{part}" for slug in slugs for part in ("predicted", "labels")
+        f"{slug}.{part}" for slug in slugs for part in ("predicted", "labels", "review")
     ]
     for r in records:
         row = [r["id"], r["created_at"], r["source"], r["batch_id"] or "", r["title"], r["abstract"]]
@@ -82,6 +84,7 @@ def _prediction_rows(records: Iterable[dict[str, Any]], slugs: list[str]) -> Ite
             row += [
                 CSV_LABEL_SEPARATOR.join(result.get("predicted", [])),
                 CSV_LABEL_SEPARATOR.join(result.get("labels", [])),
+                result.get("review") or "",
             ]
         yield row
 
@@ -99,6 +102,7 @@ def _annotation_rows(records: Iterable[dict[str, Any]]) -> Iterator[list[Any]]:
         "reviewers",
         "last_reviewed_at",
         "notes",
+        "review",
     ]
     for r in records:
         events = r["events"]
@@ -113,6 +117,7 @@ def _annotation_rows(records: Iterable[dict[str, Any]]) -> Iterator[list[Any]]:
             CSV_LABEL_SEPARATOR.join(dict.fromkeys(e["user"] or "" for e in events)),
             events[-1]["created_at"] if events else "",
             "\n".join(e["note"] for e in events if e["note"]),
+            r["review"],
         ]
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from flask import Blueprint, abort, current_app, render_template, request
-from sqlalchemy import Select, exists, or_, select
+from sqlalchemy import Select, or_, select
+from sqlalchemy.orm import selectinload
 
-from .annotations import known_labels, results_with_label
+from .annotations import has_active_event, known_labels, label_views, results_labelled
+from .corrections import describe
 from .explain import page_panel
 from .extensions import db
-from .models import AnnotationEvent, BatchJob, ModelVersion, PredictedLabel, Prediction, PredictionResult, User
+from .models import BatchJob, ModelVersion, Prediction, PredictionResult
 from .read_access import PREDICTIONS, can_read, deny_read, reader
 from .serving.scoring import result_view
 from .similar import similar_papers
@@ -40,13 +42,14 @@ def filtered_predictions(q: str, label: str, version: str, reviewed: str, batch:
             or_(Prediction.title.ilike(pattern, escape="\\"), Prediction.abstract.ilike(pattern, escape="\\"))
         )
     if label:
-        # Today's name finds items stored under the names it replaced (label surgery).
-        with_label = select(PredictedLabel.prediction_id).where(PredictedLabel.result_id.in_(results_with_label(label)))
+        # The current labels: a label a curator added finds the item, one they removed does not; today's name
+        # finds items stored under the names it replaced (label surgery).
+        with_label = select(PredictionResult.prediction_id).where(PredictionResult.id.in_(results_labelled(label)))
         stmt = stmt.where(Prediction.id.in_(with_label))
     if version:
         made_by = select(PredictionResult.prediction_id).where(PredictionResult.model_version_id == version)
         stmt = stmt.where(Prediction.id.in_(made_by))
-    is_reviewed = exists().where(AnnotationEvent.prediction_id == Prediction.id)
+    is_reviewed = has_active_event(Prediction.id)  # accepted or corrected, not undone; a skip is no review
     if reviewed == "yes":
         stmt = stmt.where(is_reviewed)
     elif reviewed == "no":
@@ -70,7 +73,9 @@ def index() -> str:
     if reviewed not in REVIEWED_CHOICES:
         abort(400, description="reviewed must be 'yes', 'no' or empty")
     pagination = db.paginate(
-        filtered_predictions(q, label, version, reviewed, int(batch) if batch else None),
+        filtered_predictions(q, label, version, reviewed, int(batch) if batch else None).options(
+            selectinload(Prediction.results).selectinload(PredictionResult.taxonomy)
+        ),
         page=page,
         per_page=current_app.config["HISTORY_PER_PAGE"],
         error_out=False,
@@ -78,22 +83,18 @@ def index() -> str:
     )
     if page > 1 and page > (pagination.pages or 1):
         abort(404, description=f"there is no page {page}; the last page is {pagination.pages or 1}")
-    reviewers: dict[int, list[str]] = {}  # prediction id -> who reviewed it
-    if pagination.items:
-        ids = [p.id for p in pagination.items]
-        rows = db.session.execute(
-            select(AnnotationEvent.prediction_id, User.name)
-            .join(User, User.id == AnnotationEvent.user_id)
-            .where(AnnotationEvent.prediction_id.in_(ids))
-            .distinct()
-            .order_by(User.name)
-        )
-        for prediction_id, name in rows:
-            reviewers.setdefault(prediction_id, []).append(name)
+    # Per result its current labels, the model's and the review, for the whole page in one query.
+    views = label_views(r for p in pagination.items for r in p.results)
+    reviewers = {  # reviewed predictions -> who reviewed them
+        p.id: sorted({name for r in p.results for name in views[r.id].reviewers})
+        for p in pagination.items
+        if any(views[r.id].status for r in p.results)
+    }
     versions = db.session.scalars(select(ModelVersion.id).order_by(ModelVersion.created_at.desc())).all()
     return render_template(
         "history/index.html",
         pagination=pagination,
+        views=views,
         reviewers=reviewers,
         filters={"q": q, "label": label, "version": version, "reviewed": reviewed, "batch": batch},
         reviewed_choices=REVIEWED_CHOICES,
@@ -115,10 +116,13 @@ def detail(prediction_id: int) -> tuple[str, int]:
     similar = {}
     if can_read(reader(), PREDICTIONS):  # other people's abstracts: not for an anonymous visitor's own result
         similar = {r.taxonomy.slug: similar_papers(r, current_app.config["SIMILAR_K"]) for r in prediction.results}
+    now = label_views(prediction.results)  # shown first: the labels with corrections applied, and the review
     page = render_template(
         "history/detail.html",
         prediction=prediction,
         views=views,
+        current={r.taxonomy.slug: (r.taxonomy, now[r.id]) for r in prediction.results},
+        describe=describe,
         is_new=request.args.get("new") == "1",
         panel=panel,
         similar=similar,

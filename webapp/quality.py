@@ -1,10 +1,11 @@
 """Live quality from corrections (issue 6): per label and model version, from reviewed predictions.
 
 Every correction is a diff against what a model version said. A *reviewed* prediction is a (prediction,
-taxonomy) with at least one annotation event; its gold labels are :func:`current_labels`. Per label of the
-version that made it: predicted and still in gold is a true positive, predicted and removed a false positive,
-added and not predicted a false negative. Labels outside the version's label set (proposals) are not counted:
-the version could not have predicted them.
+taxonomy) with an active review: an accept or a correction not undone (a skip is not a review); its gold labels
+are :func:`current_labels`. Per label of the version that made it: predicted and still in gold is a true positive,
+predicted and removed a false positive, added and not predicted a false negative, neither predicted nor added a
+true negative (so an accepted item counts every label it keeps as a TP and every label the model left out as a
+TN). Labels outside the version's label set (proposals) are not counted: the version could not have predicted them.
 
 A label is *flagged* when at least ``QUALITY_MIN_EVIDENCE`` reviewed predictions involve it (TP + FP + FN) and
 its live F1 is more than ``QUALITY_DROP_MARGIN`` below its offline test F1.
@@ -21,7 +22,7 @@ from flask_login import current_user
 from sqlalchemy import select
 from sqlalchemy.orm import load_only, selectinload
 
-from .annotations import current_labels, label_map, prediction_text
+from .annotations import REVIEW_KINDS, active_events, current_labels, has_active_event, label_map, prediction_text
 from .auth import has_role
 from .extensions import db
 from .models import AnnotationEvent, ModelVersion, Prediction, PredictionResult, Taxonomy
@@ -54,7 +55,6 @@ def reviews(taxonomy_id: int, version_id: str | None = None, *, with_scores: boo
         select(AnnotationEvent).where(AnnotationEvent.taxonomy_id == taxonomy_id).order_by(AnnotationEvent.id)
     ):
         events.setdefault(event.prediction_id, []).append(event)
-    reviewed = select(AnnotationEvent.prediction_id).where(AnnotationEvent.taxonomy_id == taxonomy_id)
     columns = [
         PredictionResult.prediction_id,
         PredictionResult.taxonomy_id,
@@ -69,7 +69,9 @@ def reviews(taxonomy_id: int, version_id: str | None = None, *, with_scores: boo
             load_only(*columns),
             selectinload(PredictionResult.prediction).load_only(Prediction.title, Prediction.abstract),
         )
-        .where(PredictionResult.taxonomy_id == taxonomy_id, PredictionResult.prediction_id.in_(reviewed))
+        .where(
+            PredictionResult.taxonomy_id == taxonomy_id, has_active_event(PredictionResult.prediction_id, taxonomy_id)
+        )
         .order_by(PredictionResult.prediction_id)
     )
     if version_id is not None:
@@ -79,6 +81,7 @@ def reviews(taxonomy_id: int, version_id: str | None = None, *, with_scores: boo
     out = []
     for result in db.session.scalars(query):
         own, text = events[result.prediction_id], prediction_text(result.prediction)
+        reviewed_at = max(e.created_at for e in active_events(own) if e.kind in REVIEW_KINDS)
         out.append(
             Review(
                 prediction_id=result.prediction_id,
@@ -87,7 +90,7 @@ def reviews(taxonomy_id: int, version_id: str | None = None, *, with_scores: boo
                 text=text,
                 predicted=frozenset(labels_map.map_labels(result.labels, text)),
                 gold=frozenset(current_labels(result, own)),
-                reviewed_at=max(e.created_at for e in own),
+                reviewed_at=reviewed_at,
             )
         )
     return out
@@ -99,14 +102,17 @@ def _ratio(part: int, whole: int) -> float | None:
 
 @dataclass
 class Counts:
-    """True positives, false positives (labels removed) and false negatives (labels added)."""
+    """True positives, false positives (labels removed), false negatives (labels added) and true negatives
+    (labels neither predicted nor added: what an accept confirms the model was right to leave out)."""
 
     tp: int = 0
     fp: int = 0
     fn: int = 0
+    tn: int = 0
 
     @property
     def n(self) -> int:
+        """The evidence about a label: reviews where it was predicted or is gold (true negatives excluded)."""
         return self.tp + self.fp + self.fn
 
     @property
@@ -215,9 +221,11 @@ def version_quality(version: ModelVersion, items: list[Review]) -> VersionQualit
             rows[label].fp += 1
         for label in gold - predicted:
             rows[label].fn += 1
+        for label in known - predicted - gold:
+            rows[label].tn += 1
     for row in rows.values():
         row.flagged = row.n >= min_evidence and row.offline_f1 is not None and (row.f1 or 0.0) < row.offline_f1 - margin
-    micro = Counts(*(sum(getattr(row, kind) for row in rows.values()) for kind in ("tp", "fp", "fn")))
+    micro = Counts(*(sum(getattr(row, kind) for row in rows.values()) for kind in ("tp", "fp", "fn", "tn")))
     periods, period = timeline(items, known)
     return VersionQuality(
         version=version,
@@ -265,6 +273,7 @@ def quality_json(quality: VersionQuality) -> dict[str, Any]:
             "tp": micro.tp,
             "fp": micro.fp,
             "fn": micro.fn,
+            "tn": micro.tn,
             "precision": _rounded(micro.precision),
             "recall": _rounded(micro.recall),
             "f1": _rounded(micro.f1),
@@ -280,6 +289,7 @@ def quality_json(quality: VersionQuality) -> dict[str, Any]:
                 "tp": row.tp,
                 "fp": row.fp,
                 "fn": row.fn,
+                "tn": row.tn,
                 "precision": _rounded(row.precision),
                 "recall": _rounded(row.recall),
                 "f1": _rounded(row.f1),

@@ -17,7 +17,7 @@ import numpy as np
 from flask import Blueprint, Response, abort, current_app, jsonify, request
 from sqlalchemy import select
 
-from .annotations import current_labels
+from .annotations import current_labels, mapped_result, review_status
 from .explain import prediction_or_404, results_in
 from .extensions import db
 from .models import AnnotationEvent, Prediction, PredictionResult
@@ -127,8 +127,13 @@ def _index(version_id: str) -> VersionIndex:
 class SimilarPaper:
     prediction: Prediction
     similarity: float
-    labels: list[str]
-    reviewed: bool
+    labels: list[str]  # current: corrections applied
+    model: list[str]  # what the model said, in today's names
+    review: str | None  # "accepted", "corrected" or None
+
+    @property
+    def reviewed(self) -> bool:
+        return self.review is not None
 
     @property
     def snippet(self) -> str:
@@ -159,7 +164,9 @@ def similar_papers(result: PredictionResult, k: int) -> list[SimilarPaper]:
         theirs = events.get(prediction_id, [])
         other = results[result_id]
         labels = current_labels(other, theirs)  # without events: the predicted labels, in today's names
-        papers.append(SimilarPaper(other.prediction, similarity, labels, bool(theirs)))
+        papers.append(
+            SimilarPaper(other.prediction, similarity, labels, mapped_result(other).labels, review_status(theirs))
+        )
     return papers
 
 
@@ -178,7 +185,9 @@ def paper_json(paper: SimilarPaper) -> dict[str, object]:
         "snippet": paper.snippet,
         "similarity": round(paper.similarity, 6),
         "labels": paper.labels,
+        "predicted": sorted(paper.model),
         "reviewed": paper.reviewed,
+        "review": paper.review,
     }
 
 
