@@ -5,6 +5,8 @@ states its consequence, and the models page never says "serving here" of a versi
 from __future__ import annotations
 
 import re
+from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 from flask import Flask
@@ -13,9 +15,12 @@ from sqlalchemy import select
 
 from tests.conftest import live_models_of, signed_in
 from tests.test_admin_training import LABELS, active_of, admin_token, trainer_metrics
+from trainer.data import Paper
+from trainer.publish import publish
 from webapp.extensions import db
 from webapp.models import ActivationEvent, Taxonomy, TrainingRun
 from webapp.serving.registry import import_bundle
+from webapp.training_runs import PHASES, check_update, create_run, get_run, run_json, time_left, update_run
 
 SLUG = "research-tasks"
 FAILED_GATE = {
@@ -190,3 +195,116 @@ def test_unknown_versions_and_taxonomies_are_404(admin_client: FlaskClient, vers
     assert admin_client.get("/models/no-such-version/activate").status_code == 404
     assert admin_client.get("/taxonomies/no-such/rollback").status_code == 404
     assert admin_client.post("/taxonomies/no-such/rollback", data={"confirm": "yes"}).status_code == 404
+
+
+# --- training phases and an honest time left -----------------------------------------------------------------
+
+
+@pytest.fixture
+def run_id(app: Flask, versions: dict[str, str]) -> int:
+    """A running research-tasks training run."""
+    with app.app_context():
+        return create_run(SLUG, {"config": "default"}, requested_by="tests").id
+
+
+def run_page(client: FlaskClient, run: int) -> str:
+    return client.get(f"/training/{run}").get_data(as_text=True)
+
+
+def phase_states(page: str) -> dict[str, str]:
+    """``{phase: done | current | skipped | failed | pending}`` as the page's phase list shows them."""
+    return {phase: state for state, phase in re.findall(r'<li class="phase (\w+)" data-phase="(\w+)"', page)}
+
+
+def test_phase_is_typed_with_an_allowed_set(app: Flask, client: FlaskClient, run_id: int) -> None:
+    signed_in(app, "ada", "admin")
+    headers = {"Authorization": f"Bearer {admin_token(app)}"}
+    for bad in ("training", "", 3, None, "Epoch"):
+        answer = client.patch(f"/api/v1/training-runs/{run_id}", json={"phase": bad}, headers=headers)
+        assert answer.status_code == 400 and answer.get_json()["error"].startswith("phase must be one of prepare")
+    assert list(PHASES) == ["prepare", "epoch", "export", "fit", "gate", "publish"]
+    for phase in PHASES:
+        answer = client.patch(f"/api/v1/training-runs/{run_id}", json={"phase": phase}, headers=headers)
+        assert answer.status_code == 200 and answer.get_json()["progress"]["phase"] == phase
+
+
+def test_time_left_counts_down_and_never_outlives_its_phase_or_the_run(
+    app: Flask, admin_client: FlaskClient, run_id: int
+) -> None:
+    with app.app_context():
+        update_run(run_id, {"phase": "prepare", "stage": "preparing the encoder"})
+        assert time_left(get_run(run_id)) is None  # unknown: nothing, not a guess
+        first_step = {"phase": "epoch", "epoch": 1, "step": 1, "total_steps": 400, "loss": 0.7, "eta_seconds": 125}
+        run = update_run(run_id, first_step)
+        made = datetime.fromisoformat(run.progress["eta_at"].removesuffix("Z"))
+        assert time_left(run, now=made) == 125 and time_left(run, now=made + timedelta(seconds=30)) == 95
+        assert time_left(run, now=made + timedelta(hours=1)) == 0
+    page = run_page(admin_client, run_id)  # during the first epoch: its step and an estimate, not "—"
+    assert re.search(r'<div data-show-if="progress.step">', page) and ">1</span> / <span" in page
+    assert '<div data-show-if="time_left_seconds" id="time-left">' in page and "2 min" in page
+
+    with app.app_context():
+        update_run(run_id, {"phase": "epoch", "epoch": 1, "step": 400, "validation_micro_f1": 0.5})
+        assert time_left(get_run(run_id)) is not None  # same phase: the estimate still stands, counted down
+        run = update_run(run_id, {"phase": "export", "stage": "exporting the encoder to ONNX and int8"})
+        assert "eta_seconds" not in run.progress and time_left(run) is None
+    page = run_page(admin_client, run_id)
+    assert '<div data-show-if="time_left_seconds" id="time-left" hidden>' in page
+
+    with app.app_context():
+        update_run(run_id, {"phase": "gate", "eta_seconds": 40})
+        run = update_run(run_id, {"status": "finished", "candidate_version": "x", "gate": PASSED_GATE})
+        assert "eta_seconds" not in run.progress and run_json(run)["time_left_seconds"] is None
+    page = run_page(admin_client, run_id)
+    assert 'id="time-left" hidden' in page and "Time left</dt><dd data-field" in page and "40 s" not in page
+
+
+def test_the_run_page_shows_each_phase_done_current_skipped_or_pending(
+    app: Flask, admin_client: FlaskClient, run_id: int
+) -> None:
+    with app.app_context():
+        update_run(run_id, {"phase": "prepare"})
+        update_run(run_id, {"phase": "fit", "stage": "reading the abstracts with the encoder"})  # encoder reused
+    page = run_page(admin_client, run_id)
+    assert phase_states(page) == {
+        "prepare": "done",
+        "epoch": "skipped",
+        "export": "skipped",
+        "fit": "current",
+        "gate": "pending",
+        "publish": "pending",
+    }
+    assert 'aria-current="step"' in page and 'data-poll-watch="progress.phase" data-poll-watch-value="fit"' in page
+    with app.app_context():
+        update_run(run_id, {"phase": "gate"})
+        update_run(run_id, {"status": "failed", "error": "OSError: the site went away"})
+    states = phase_states(run_page(admin_client, run_id))
+    assert states["fit"] == "done" and states["gate"] == "failed" and states["publish"] == "pending"
+
+
+def test_publishing_reports_the_gate_and_publish_phases(app: Flask, make_bundle, abstracts: list[dict]) -> None:  # noqa: ANN001
+    """What trainer.publish tells the run record, in order, around the gate and the registration."""
+    updates: list[dict] = []
+
+    class Target:
+        def active_bundle(self, slug: str, into: Path) -> None:
+            return None
+
+        def register(self, bundle_dir: Path) -> str:
+            updates.append({"registered": True})
+            return "v-new"
+
+        def activate(self, version: str) -> None:
+            updates.append({"activated": version})
+
+    papers = [Paper(str(i), a["title"], a["abstract"], ["Machine Translation"]) for i, a in enumerate(abstracts[:4])]
+    outcome = publish(Target(), make_bundle(seed=2), papers, progress=updates.append)  # type: ignore[arg-type]
+    phases = [update.get("phase") for update in updates]
+    assert phases == ["gate", "publish", None, None] and outcome["activated"] is True
+    for update in updates[:2]:
+        assert update_fields_ok(update)
+
+
+def update_fields_ok(update: dict) -> bool:
+    """The update passes the site's typed checks (what the PATCH endpoint applies)."""
+    return check_update(update) == update

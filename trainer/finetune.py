@@ -180,7 +180,7 @@ def finetune(
     def progress_of(epoch: int, step: int, loss: float, **extra: float) -> dict[str, Any]:
         """One training-run progress update (the site shows it live)."""
         fields = {"epoch": epoch, "step": step, "total_steps": total_steps, "loss": round(loss, 5)}
-        return {"status": "running", "stage": "fine-tuning the encoder", **fields, **extra}
+        return {"status": "running", "phase": "epoch", "stage": "fine-tuning the encoder", **fields, **extra}
 
     best: dict[str, Any] = {"micro_f1": -1.0, "epoch": 0, "state": None}
     step, epoch, running = 0, 0, 0.0
@@ -205,7 +205,8 @@ def finetune(
             loss_sum, batches = loss_sum + loss.item(), batches + 1
             running = loss_sum / batches
             bar.set_postfix(loss=f"{running:.4f}")
-            if main_process and step % 20 == 0:
+            # From the first step on (an estimate exists then, so the page shows one), then every 20 steps.
+            if main_process and (step == 1 or step % 20 == 0):
                 elapsed = time.monotonic() - started
                 report(progress_of(epoch, step, running, eta_seconds=round(elapsed / step * (total_steps - step))))
         validation = predict_probabilities(model, validation_loader, device)
@@ -226,6 +227,7 @@ def finetune(
     if not main_process:
         return None
 
+    report({"status": "running", "phase": "export", "stage": "exporting the encoder to ONNX and int8"})
     model.load_state_dict(best["state"])
     model = model.to("cpu").float().eval()
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import logging
 import secrets
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,17 +243,28 @@ def promotion_gate(candidate: Path, active: Path | None, test_papers: list[Paper
     return GateResult(True, "passed", candidate_f1, active_f1, drift)
 
 
-def publish(target: Target, bundle_dir: Path, test_papers: list[Paper], *, force: bool = False) -> dict[str, Any]:
-    """Register the bundle; activate it when it passes the gate (or ``force``). Returns what happened."""
+def publish(
+    target: Target,
+    bundle_dir: Path,
+    test_papers: list[Paper],
+    *,
+    force: bool = False,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Register the bundle; activate it when it passes the gate (or ``force``). Returns what happened;
+    ``progress`` hears the gate and publish phases (the training run's page shows them)."""
+    report = progress or (lambda update: None)
     from webapp.serving.bundle import read_manifest
 
     manifest = read_manifest(bundle_dir)
     # The mean probability moved by int8, not the micro-F1 difference: on a small test split that counts a few
     # threshold flips and is mostly noise.
     drift = float(manifest.metrics.get("drift", {}).get("fp32_vs_int8_mean_abs_probability", 0.0))
+    report({"status": "running", "phase": "gate", "stage": "scoring the frozen test papers with both models"})
     with tempfile.TemporaryDirectory(prefix="papertag-active-") as scratch:
         active = target.active_bundle(manifest.taxonomy_slug, Path(scratch) / "active")
         gate = promotion_gate(bundle_dir, active, test_papers, drift)
+    report({"status": "running", "phase": "publish", "stage": "registering the version"})
     version = target.register(bundle_dir)
     activated = gate.passed or force
     if activated:

@@ -339,7 +339,7 @@ def train(
     log.info(
         "estimated time: %s to read the abstracts and fit the head (less with cached readings)", _minutes(encoding)
     )
-    report({"status": "running", "stage": "preparing the encoder"})
+    report({"status": "running", "phase": "prepare", "stage": "preparing the encoder"})
 
     encoder_path, tokenizer_path, joint_head, encoder_info, base_name, config = _encoder_source(
         config, base_model, texts, targets, labels, work_dir, report
@@ -347,13 +347,13 @@ def train(
     with tempfile.TemporaryDirectory(prefix="papertag-head-") as scratch:
         scratch = Path(scratch)
         provisional = _window_manifest(config, labels, base_name)
-        report({"status": "running", "stage": "reading the abstracts with the encoder"})
+        report({"status": "running", "phase": "fit", "stage": "reading the abstracts with the encoder"})
         readings = read_abstracts(config, encoder_path, tokenizer_path, provisional, work_dir, texts)
         pooled = {
             name: np.stack([r.pooled for r in readings[name]]) if readings[name] else np.zeros((0, 1), dtype=np.float32)
             for name in SPLITS
         }
-        report({"status": "running", "stage": "fitting the head and the lexical classifier"})
+        report({"status": "running", "phase": "fit", "stage": "fitting the head and the lexical classifier"})
         design = choose_head(
             pooled,
             texts,
@@ -460,7 +460,7 @@ def train(
             },
         }
         if config.baseline:
-            report({"status": "running", "stage": "fitting the TF-IDF baseline"})
+            report({"status": "running", "phase": "fit", "stage": "fitting the TF-IDF baseline"})
             manifest.metrics["baseline"] = tfidf_baseline(texts, targets, negatives)
         bundle = write_bundle(out_dir, manifest, encoder_path, head_path, tokenizer_path)
     log.info("bundle written to %s in %.0f s", bundle, time.monotonic() - started)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +33,18 @@ def train_and_publish(
     label_map = target.label_changes(config.taxonomy_slug)
     if run_id is None:
         run_id = target.start_run(config.taxonomy_slug, asdict(config))
+    report = partial(target.report, run_id)  # every phase, training's and publishing's, goes to the run record
     try:
         bundle = train(
             config,
             out,
             corrections=corrections,
             base_model=base_model,
-            progress=lambda update: target.report(run_id, update),
+            progress=report,
             label_map=label_map,
             work_dir=work_dir,
         )
-        outcome = publish(target, bundle, test_split(config, corrections, label_map), force=force)
+        outcome = publish(target, bundle, test_split(config, corrections, label_map), force=force, progress=report)
     except Exception as exc:
         target.report(run_id, {"status": "failed", "error": f"{exc.__class__.__name__}: {exc}"})
         raise

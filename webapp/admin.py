@@ -32,7 +32,7 @@ from .serving.registry import (
     replaced_by,
     rollback,
 )
-from .training_runs import create_run, get_run
+from .training_runs import PHASES, create_run, get_run, time_left
 
 bp = Blueprint("admin", __name__)
 
@@ -331,6 +331,8 @@ def training_run(run_id: int) -> str:
         labels=label_comparison(candidate_metrics, baseline_metrics) if candidate else [],
         can_roll_back=_can_roll_back(run.taxonomy),
         gate_failed=bool(run.gate) and run.gate.get("passed") is False,
+        phases=PHASES,
+        time_left=time_left(run),
     )
 
 

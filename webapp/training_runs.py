@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
@@ -23,7 +24,17 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "finished": frozenset(),
     "failed": frozenset(),
 }
-PROGRESS_KEYS = {"stage", "epoch", "step", "total_steps", "loss", "eta_seconds", "validation_micro_f1"}
+PROGRESS_KEYS = {"phase", "stage", "epoch", "step", "total_steps", "loss", "eta_seconds", "validation_micro_f1"}
+# A run's phases in the order the trainer goes through them (issue 12 point 7): the page shows which are done.
+# ``stage`` says in words what happens within one; ``eta_seconds`` is an estimate for the current phase only.
+PHASES: dict[str, str] = {
+    "prepare": "Prepare",  # read the data, pick the encoder
+    "epoch": "Epochs",  # fine-tune the encoder (skipped when a fine-tuned encoder is reused)
+    "export": "Export",  # the encoder to ONNX, int8
+    "fit": "Head and thresholds",  # read the abstracts, fit the head, tune thresholds, measure, write the bundle
+    "gate": "Gate",  # the promotion gate against the active model
+    "publish": "Publish",  # register the version (and activate it when the gate passed)
+}
 MAX_STAGE_CHARS = 200
 MAX_ERROR_CHARS = 10_000
 MAX_CANDIDATE_CHARS = 80  # the candidate_version column
@@ -97,6 +108,12 @@ def _gate(name: str, value: Any) -> dict[str, Any]:
     return {key: check(f"{name}.{key}", value[key]) for key, check in GATE_FIELDS.items()}
 
 
+def _phase(name: str, value: Any) -> str:
+    if value not in PHASES:
+        raise RunFieldError(f"{name} must be one of {', '.join(PHASES)}, not {value!r}")
+    return value
+
+
 def _status(name: str, value: Any) -> str:
     if value not in STATUSES:
         raise RunFieldError(f"{name} must be one of {', '.join(STATUSES)}, not {value!r}")
@@ -114,6 +131,7 @@ UPDATE_FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "metrics": _metrics,
     "candidate_version": _text(MAX_CANDIDATE_CHARS),
     "gate": _gate,
+    "phase": _phase,
     "stage": _text(MAX_STAGE_CHARS),
     "epoch": _number(integer=True),
     "step": _number(integer=True),
@@ -170,9 +188,10 @@ def update_run(run_id: int, changes: dict[str, Any]) -> TrainingRun:
     now = utcnow()
     values: dict[str, Any] = {"status": wanted, "updated_at": now}
     progress = {k: v for k, v in checked.items() if k in PROGRESS_KEYS}
-    if progress:
-        values["progress"] = {**(run.progress or {}), **progress}
-    if wanted in ("finished", "failed"):
+    ended = wanted in ("finished", "failed")
+    if progress or ended:
+        values["progress"] = merge_progress(run.progress or {}, progress, now=now, ended=ended)
+    if ended:
         values["finished_at"] = now
     values.update({k: checked[k] for k in ("error", "metrics", "candidate_version", "gate") if k in checked})
     done = db.session.execute(
@@ -182,6 +201,37 @@ def update_run(run_id: int, changes: dict[str, Any]) -> TrainingRun:
     if not done:
         raise RunStateError(f"training run {run.id} changed from {current} meanwhile; read it again")
     return get_run(run_id)
+
+
+def merge_progress(old: dict[str, Any], new: dict[str, Any], *, now: datetime, ended: bool) -> dict[str, Any]:
+    """The run's progress after an update. An estimate of time left is kept with when it was made (so the page
+    can count it down) and only while it can be true: a new phase without its own estimate, or the end of the
+    run, drops the old one (no stale "Time left 27 s" after the run finished)."""
+    merged = {**old, **new}
+    stamp = now.isoformat() + "Z"
+    if new.get("phase", old.get("phase")) != old.get("phase"):
+        merged["phase_started_at"] = stamp
+        merged["phases_seen"] = [*old.get("phases_seen", []), new["phase"]]
+        if "eta_seconds" not in new:
+            merged.pop("eta_seconds", None)
+    if "eta_seconds" in new:
+        merged["eta_at"] = stamp
+    if ended:
+        merged.pop("eta_seconds", None)
+    if "eta_seconds" not in merged:
+        merged.pop("eta_at", None)
+    return merged
+
+
+def time_left(run: TrainingRun, now: datetime | None = None) -> int | None:
+    """Seconds left by the trainer's latest estimate, counted down since it was made; None when there is no
+    estimate (unknown is shown as nothing, not as a guess) or the run is not running."""
+    progress = run.progress or {}
+    eta, at = progress.get("eta_seconds"), progress.get("eta_at")
+    if run.status != "running" or eta is None or not isinstance(at, str):
+        return None
+    since = ((now or utcnow()) - datetime.fromisoformat(at.removesuffix("Z"))).total_seconds()
+    return max(0, round(eta - max(0.0, since)))
 
 
 def claim_next(worker: str) -> TrainingRun | None:
@@ -210,6 +260,7 @@ def run_json(run: TrainingRun) -> dict[str, Any]:
         "status": run.status,
         "config": run.config,
         "progress": run.progress or {},
+        "time_left_seconds": time_left(run),
         "metrics": run.metrics,
         "candidate_version": run.candidate_version,
         "gate": run.gate,

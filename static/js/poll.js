@@ -1,8 +1,9 @@
 // Live progress for pages that show a background job (a CSV batch, a training run).
 // The element with data-poll-url is refreshed from that JSON every few seconds: every [data-field="a.b"] inside it
 // gets the value at that path as text (formatted by data-format), every [data-field-value] its value property.
-// When the status changes the page reloads, so what the server renders for the new state (results, metrics,
-// buttons) appears. Without JavaScript the page has a Refresh link instead.
+// Every [data-show-if="path"] is hidden while that value is unknown (null). When the status changes (or the value
+// at data-poll-watch, e.g. a training run's phase) the page reloads, so what the server renders for the new state
+// (results, metrics, buttons, phases) appears. Without JavaScript the page has a Refresh link instead.
 "use strict";
 
 const POLL_MS = 2000;
@@ -25,15 +26,18 @@ function format(value, how) {
 function watch(box) {
   const initial = box.dataset.pollStatus;
   if (initial !== "queued" && initial !== "running") return;
+  const watched = box.dataset.pollWatch;
   const tick = async () => {
     try {
       const response = await fetch(box.dataset.pollUrl, { headers: { Accept: "application/json" }, credentials: "same-origin" });
       if (response.ok) {
         const data = await response.json();
-        if (data.status !== initial) {
+        const moved = watched && String(valueAt(data, watched) ?? "") !== box.dataset.pollWatchValue;
+        if (data.status !== initial || moved) {
           window.location.reload();
           return;
         }
+        for (const el of box.querySelectorAll("[data-show-if]")) el.hidden = valueAt(data, el.dataset.showIf) == null;
         for (const el of box.querySelectorAll("[data-field]")) el.textContent = format(valueAt(data, el.dataset.field), el.dataset.format);
         for (const el of box.querySelectorAll("[data-field-value]")) {
           const value = valueAt(data, el.dataset.fieldValue);
