@@ -60,6 +60,8 @@ ENDPOINT_READS: dict[str, str] = {
     "history.detail": ANYONE,
     "explain.explanation": ANYONE,
     "history.index": PREDICTIONS,
+    # The history label filter's suggestions include labels read off stored predictions: the history's readers.
+    "history.label_suggestions": PREDICTIONS,
     "similar.similar": PREDICTIONS,
     "admin.models": MODELS,
     "api.models": MODELS,
