@@ -64,6 +64,19 @@ def run_migrations_offline():
         context.run_migrations()
 
 
+# The full-text search index of migration 0010 lives outside the models (webapp/search.py reads it with SQL): the
+# FTS5 table and its shadow tables on SQLite, a generated tsvector column and its GIN index on PostgreSQL.
+# Autogenerate must not propose dropping them.
+def include_object(obj, name, type_, reflected, compare_to):
+    if type_ == "table" and name.startswith("predictions_fts"):
+        return False
+    if type_ == "column" and name == "search_vector" and obj.table.name == "predictions":
+        return False
+    if type_ == "index" and name == "ix_predictions_search_vector":
+        return False
+    return True
+
+
 def run_migrations_online():
     """Run migrations in 'online' mode.
 
@@ -85,6 +98,7 @@ def run_migrations_online():
     conf_args = current_app.extensions["migrate"].configure_args
     if conf_args.get("process_revision_directives") is None:
         conf_args["process_revision_directives"] = process_revision_directives
+    conf_args.setdefault("include_object", include_object)
 
     connectable = get_engine()
 
