@@ -283,6 +283,8 @@ def annotate(prediction_id: int) -> tuple[Response, int]:
         abort(400, description=f'"action" must be one of {", ".join(ACTIONS)}')
     if action == "correct" and "labels" not in body:
         abort(400, description='"labels" is missing: a correction sends the full new label set')
+    if action != "correct" and ("labels" in body or "propose" in body):
+        abort(400, description=f'"labels" and "propose" go with the action "correct", not "{action}"')
     event = body.get("event")
     if event is not None and (action != "undo" or not isinstance(event, int) or isinstance(event, bool)):
         abort(400, description='"event" is an event id (a whole number), and only with "action": "undo"')

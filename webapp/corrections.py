@@ -222,8 +222,9 @@ class ReviewCommand:
         return outcomes
 
     def _event(self, part: ReviewPart, kind: str, **fields: object) -> AnnotationEvent:
+        # By id, not through the relationship: a planned event joins prediction.events only once it is stored.
         return AnnotationEvent(
-            prediction=self.prediction, taxonomy_id=part.taxonomy.id, user=self.user, kind=kind, **fields
+            prediction_id=self.prediction.id, taxonomy_id=part.taxonomy.id, user_id=self.user.id, kind=kind, **fields
         )
 
     def _plan_correct(self, part: ReviewPart, state: TaxonomyState, accept: bool = False) -> Outcome:
