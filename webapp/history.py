@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, current_app, render_template, request
-from sqlalchemy import Select, or_, select
+from flask import Blueprint, Response, abort, current_app, jsonify, render_template, request
+from sqlalchemy import Select, select
 from sqlalchemy.orm import selectinload
 
-from .annotations import has_active_event, known_labels, label_views, results_labelled
+from . import search
+from .annotations import has_active_event, label_views
 from .corrections import describe
 from .explain import page_panel
 from .extensions import db
@@ -27,25 +28,22 @@ def _page_number() -> int:
     return int(raw)
 
 
-def _escape_like(term: str) -> str:
-    return term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def filtered_predictions(q: str, label: str, version: str, reviewed: str, batch: int | None = None) -> Select:
-    """The history query; every filter is optional."""
+def filtered_predictions(
+    q: str, label: str, version: str, reviewed: str, batch: int | None = None, taxonomy: str = ""
+) -> Select:
+    """The history query; every filter is optional. Newest first, or most relevant first when searching."""
     stmt = select(Prediction).order_by(Prediction.created_at.desc(), Prediction.id.desc())
     if batch is not None:
         stmt = stmt.where(Prediction.batch_id == batch)
-    if q:
-        pattern = f"%{_escape_like(q)}%"
-        stmt = stmt.where(
-            or_(Prediction.title.ilike(pattern, escape="\\"), Prediction.abstract.ilike(pattern, escape="\\"))
-        )
+    if q:  # full text, any word order, ranked (webapp/search.py)
+        stmt = search.matching(stmt, q)
+    chosen = search.taxonomy_labels(taxonomy) if label or taxonomy else []
+    if taxonomy:
+        stmt = stmt.where(search.in_taxonomies([t.id for t in chosen]))
     if label:
-        # The current labels: a label a curator added finds the item, one they removed does not; today's name
-        # finds items stored under the names it replaced (label surgery).
-        with_label = select(PredictionResult.prediction_id).where(PredictionResult.id.in_(results_labelled(label)))
-        stmt = stmt.where(Prediction.id.in_(with_label))
+        # Case and separators do not count (webapp/search.py). The current labels: a label a curator added finds
+        # the item, one they removed does not; today's name finds items stored under the names it replaced.
+        stmt = stmt.where(search.with_label(label, chosen))
     if version:
         made_by = select(PredictionResult.prediction_id).where(PredictionResult.model_version_id == version)
         stmt = stmt.where(Prediction.id.in_(made_by))
@@ -72,8 +70,9 @@ def index() -> str:
     reviewed = request.args.get("reviewed", "")
     if reviewed not in REVIEWED_CHOICES:
         abort(400, description="reviewed must be 'yes', 'no' or empty")
+    taxonomy = _taxonomy_arg()
     pagination = db.paginate(
-        filtered_predictions(q, label, version, reviewed, int(batch) if batch else None).options(
+        filtered_predictions(q, label, version, reviewed, int(batch) if batch else None, taxonomy).options(
             selectinload(Prediction.results).selectinload(PredictionResult.taxonomy)
         ),
         page=page,
@@ -96,10 +95,39 @@ def index() -> str:
         pagination=pagination,
         views=views,
         reviewers=reviewers,
-        filters={"q": q, "label": label, "version": version, "reviewed": reviewed, "batch": batch},
+        filters={
+            "q": q,
+            "taxonomy": taxonomy,
+            "label": label,
+            "version": version,
+            "reviewed": reviewed,
+            "batch": batch,
+        },
         reviewed_choices=REVIEWED_CHOICES,
         versions=versions,
-        known_labels=known_labels(),
+        taxonomies=search.taxonomy_labels(),
+        # A label no taxonomy knows (in any case or spelling) is said so, with the closest ones to pick instead.
+        label_lookup=search.lookup_label(label, search.taxonomy_labels(taxonomy)) if label else None,
+        wordless_search=bool(q) and search.parse(q).empty,
+    )
+
+
+def _taxonomy_arg() -> str:
+    slug = request.args.get("taxonomy", "").strip()[:63]
+    if slug and not search.taxonomy_labels(slug):
+        known = ", ".join(t.slug for t in search.taxonomy_labels()) or "none yet"
+        abort(400, description=f"taxonomy must be one of the taxonomies' slugs ({known}), not {slug!r}")
+    return slug
+
+
+@bp.get("/api/v1/label-suggestions")
+def label_suggestions() -> Response:
+    """The labels the history's label filter offers, per taxonomy (``taxonomy``: one; ``q``: those containing it,
+    case and separators aside): filled into the filter's suggestions when the taxonomy select changes."""
+    chosen = search.taxonomy_labels(_taxonomy_arg())
+    typed = request.args.get("q", "").strip()[:300]
+    return jsonify(
+        taxonomies=[{"slug": t.slug, "name": t.name, "labels": search.labels_containing(t, typed)} for t in chosen]
     )
 
 
