@@ -157,6 +157,7 @@ PAGE_MATRIX = [
     ("GET", "/curate/queue", 302, 200, 200),
     ("GET", "/curate/predictions/1", 302, 200, 200),
     ("POST", "/curate/predictions/1/test-tasks", 302, 302, 302),
+    ("POST", "/curate/predictions/1", 302, 400, 400),  # the page's one form; these fields name no taxonomy's
     ("GET", "/curate/labels", 302, 403, 200),
     ("POST", "/curate/labels/999", 302, 403, 404),
     ("GET", "/account/tokens", 302, 200, 200),

@@ -116,6 +116,7 @@ def test_every_form_refuses_a_post_without_csrf_token(research_app: Flask) -> No
         "accounts.create_token": "/account/tokens",
         "accounts.revoke_token": f"/account/tokens/{token_id}/revoke",
         "curate.save": "/curate/predictions/1/research-tasks",
+        "curate.review": "/curate/predictions/1",
         "curate.decide": "/curate/labels/1",
         "batch.upload": "/batches",
         "admin.activate_version": f"/models/{version}/activate",
