@@ -108,14 +108,15 @@ def test_replay_shows_a_progress_bar_until_its_report_appears(
     page.locator("tr", has=page.get_by_text(site.other, exact=True)).get_by_role("button", name="Replay").click()
     expect(page.locator(".flash").first).to_contain_text(f"Replay #1 of {site.other} against {site.active}")
     job = page.locator("#replay-job")
-    expect(job.locator("[data-field=status]")).to_have_text("running")  # the page reloads when queued -> running
+    # The page reloads when the job goes from queued to running.
+    expect(job.locator("[data-field=status]")).to_have_text("running", timeout=WAIT_MS)
     bar = job.locator("progress")
     expect(bar).to_have_attribute("max", "12")
     expect(bar).to_have_attribute("value", "0")
     expect(page.get_by_role("button", name="Replay")).to_be_disabled()
     screenshots(page, "replay-progress", bar)
     held_replay.set()
-    expect(page.get_by_role("heading", name="What would change")).to_be_visible()  # polled, then reloaded
+    expect(page.get_by_role("heading", name="What would change")).to_be_visible(timeout=WAIT_MS)  # polled, reloaded
     expect(job).to_have_count(0)
     expect(page.locator(".stats div", has_text="Abstracts replayed").locator("dd")).to_have_text("12")
 
@@ -136,11 +137,11 @@ def test_a_training_run_page_follows_its_phases(page: Page, site: Site) -> None:
 
     with site.app.app_context():  # the trainer moves on: the page reloads into the new phase, no stale estimate
         update_run(run_id, {"phase": "export", "stage": "exporting the encoder to ONNX and int8"})
-    expect(page.locator(".phase.current")).to_have_text("Export (current)")
+    expect(page.locator(".phase.current")).to_have_text("Export (current)", timeout=WAIT_MS)
     expect(page.locator("#time-left")).to_be_hidden()
     with site.app.app_context():
         update_run(run_id, {"status": "finished", "candidate_version": site.other, "gate": FAILED_GATE})
-    expect(page.locator("[data-field=status]")).to_have_text("finished")
+    expect(page.locator("[data-field=status]")).to_have_text("finished", timeout=WAIT_MS)
     expect(page.locator(".phase.done")).to_have_count(3)  # prepare, epoch, export
     expect(page.locator(".phase.skipped")).to_have_count(3)  # the phases it never reported
     expect(page.locator("#time-left")).to_be_hidden()

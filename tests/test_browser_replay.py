@@ -46,7 +46,7 @@ def test_admin_replays_a_candidate_then_activates_it(
     page.locator("tr", has=page.get_by_text(site.other, exact=True)).get_by_role("button", name="Replay").click()
     expect(page.locator(".flash").first).to_contain_text(f"Replay #1 of {site.other} against {site.active}")
     # The replay runs in the background; its page polls the job and shows the report once it finished.
-    expect(page.locator(".stats")).to_contain_text("Reviewed among them")
+    expect(page.locator(".stats")).to_contain_text("Reviewed among them", timeout=test_browser.WAIT_MS)
     expect(page.get_by_role("heading", name="Per label")).to_be_visible()
     page.set_viewport_size(README_VIEWPORT)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
