@@ -57,12 +57,13 @@ class Defaults:
     BATCH_MAX_ROWS = 5000
     BATCH_MAX_UPLOAD_BYTES = 32 * 1024 * 1024
     BATCH_CHUNK_SIZE = 32
-    # How often each web process looks for batch jobs left behind; uploads wake it at once (seconds).
+    # How often each web process looks for background jobs (CSV batches, replays) left behind; queueing one wakes
+    # it at once (seconds).
     BATCH_POLL_SECONDS = 10.0
-    # A running job whose heartbeat is older than this is taken over: its process died (seconds).
+    # A running job (batch or replay) whose heartbeat is older than this is taken over: its process died (seconds).
     BATCH_STALE_SECONDS = 120.0
     # Stored abstracts a replay re-scores with a candidate and the active model, reviewed ones first: 200 take
-    # seconds with the default model (bench/replay_time.py), so a replay runs within its request.
+    # 11-26 s with the default model (bench/replay_time.py), so a replay is a background job (webapp/jobs.py).
     REPLAY_SAMPLE_SIZE = 200
     # Rows per history page.
     HISTORY_PER_PAGE = 25
