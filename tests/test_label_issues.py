@@ -313,7 +313,7 @@ def test_curator_opens_the_likeliest_error_from_the_list_in_the_browser(
 ) -> None:
     rows = [
         issue(a["abstract"], [LABELS[i % 3]], [LABELS[(i + 4) % 8]], round(0.05 * (i + 1), 3), title=a["title"])
-        | {"taxonomy": SLUG}
+        | {"taxonomy": SLUG, "source": f"data/pwc-tasks/papers.jsonl.gz 2106.0{i:04d}"}
         for i, a in enumerate(abstracts[:6])
     ]
     with site.app.app_context():

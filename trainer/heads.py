@@ -86,13 +86,19 @@ def validation_f1(logits: np.ndarray, targets: np.ndarray) -> float:
     return best_global_threshold(1 / (1 + np.exp(-logits)), targets)[1]
 
 
+def tfidf_vectorizer(max_features: int) -> TfidfVectorizer:
+    """The lexical half's TF-IDF (1-2 grams, sublinear), unfitted: the served head and the out-of-fold scores of
+    the label-issues queue read text the same way."""
+    return TfidfVectorizer(
+        ngram_range=(1, 2), min_df=2, max_features=max_features, sublinear_tf=True, token_pattern=TOKEN_PATTERN
+    )
+
+
 class Lexical:
     """TF-IDF (1-2 grams) as an ONNX graph, and its features computed by onnxruntime."""
 
     def __init__(self, train_texts: list[str], max_features: int) -> None:
-        self.vectorizer = TfidfVectorizer(
-            ngram_range=(1, 2), min_df=2, max_features=max_features, sublinear_tf=True, token_pattern=TOKEN_PATTERN
-        )
+        self.vectorizer = tfidf_vectorizer(max_features)
         self.vectorizer.fit(train_texts)
         self.graph = convert_sklearn(
             self.vectorizer,
