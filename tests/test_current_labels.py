@@ -8,12 +8,15 @@ import csv
 import io
 import json
 
+import flask_migrate
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import event, select
+from sqlalchemy import event, inspect, select
 
+from tests.conftest import live_models_of
 from tests.tiny_bundle import LABELS
+from webapp.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.extensions import db
 from webapp.models import PredictionResult
 
@@ -166,3 +169,38 @@ def test_a_history_page_reads_its_labels_in_a_fixed_number_of_queries(
         _review(client, headers, pid, action="accept")
     many = _statements(app, client, "/history")
     assert many == few, (few, many)
+
+
+def _rows(app: Flask) -> set[tuple[int, str]]:
+    with app.app_context():
+        return {
+            (r.result_id, r.label) for r in db.session.execute(db.text("SELECT result_id, label FROM current_labels"))
+        }
+
+
+def test_the_current_labels_table_is_kept_by_reviews_and_backfilled_by_its_migration(
+    app: Flask, client: FlaskClient, headers: dict[str, str], predicted: list[int], corrected: tuple[int, str, str]
+) -> None:
+    """The filter's rows: written by the review command for corrected results only, and rebuilt the same from the
+    stored events by migration 0011 on a database that predates it (undone corrections included)."""
+    pid, removed, added = corrected
+    undone, accepted = [p for p in predicted if p != pid][:2]
+    _review(client, headers, undone, labels=[])
+    _review(client, headers, undone, action="undo")
+    _review(client, headers, accepted, action="accept")
+    kept = _rows(app)
+    with app.app_context():
+        result_ids = dict(db.session.execute(select(PredictionResult.prediction_id, PredictionResult.id)).all())
+    assert {label for rid, label in kept if rid == result_ids[pid]} == set(_model(app, pid)) - {removed} | {added}
+    assert {label for rid, label in kept if rid == result_ids[undone]} == set(_model(app, undone))
+    assert not any(rid == result_ids[accepted] for rid, _ in kept), "an accept changes no label: no rows"
+    live_models_of(app).stop()
+    app.extensions[BATCH_WORKER].stop()
+    with app.app_context():
+        db.engine.dispose()
+        flask_migrate.downgrade(revision="0010_fulltext_search")
+        assert "current_labels" not in inspect(db.engine).get_table_names()
+        flask_migrate.upgrade()
+        db.engine.dispose()
+    assert _rows(app) == kept
+    assert pid in _found(client, added) and pid not in _found(client, removed)

@@ -14,11 +14,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import g
-from sqlalchemy import ColumnElement, Select, and_, exists, func, literal, or_, select
+from sqlalchemy import ColumnElement, Select, and_, delete, exists, func, literal, or_, select
 from sqlalchemy.orm import aliased, selectinload
 
 from .extensions import db
-from .models import AnnotationEvent, LabelChange, LabelProposal, PredictedLabel, Prediction, PredictionResult, Taxonomy
+from .models import (
+    AnnotationEvent,
+    CurrentLabel,
+    LabelChange,
+    LabelProposal,
+    PredictedLabel,
+    Prediction,
+    PredictionResult,
+    Taxonomy,
+)
 from .serving.bundle import compose_text
 from .surgery import LabelMap, Rule
 
@@ -62,7 +71,7 @@ def active_events(events: Iterable[AnnotationEvent]) -> list[AnnotationEvent]:
 
 
 def review_status(events: Iterable[AnnotationEvent]) -> str | None:
-    """"corrected" when an active correction changed labels, "accepted" when an active review confirmed them
+    """ "corrected" when an active correction changed labels, "accepted" when an active review confirmed them
     (an accept, or a correction that only left a note), None when nobody reviewed the item."""
     reviews = [e for e in active_events(events) if e.kind in REVIEW_KINDS]
     if any(e.added or e.removed for e in reviews):
@@ -204,66 +213,61 @@ def prediction_texts(ids: Iterable[int]) -> dict[int, str]:
     return texts
 
 
-def results_with_label(label: str) -> Select:
-    """Ids of the prediction results whose predicted labels read as ``label`` now, whatever name they were
-    stored under (the history and review queue filters)."""
+LabelRows = type[PredictedLabel] | type[CurrentLabel]
+
+
+def results_with_label(label: str, rows: LabelRows = PredictedLabel) -> Select:
+    """Ids of the prediction results whose label rows (the model's, or the current ones of corrected results) read
+    as ``label`` now, whatever name they were stored under (the history and review queue filters)."""
     changed = list(
         db.session.scalars(select(LabelChange.taxonomy_id).where(LabelChange.undone_at.is_(None)).distinct())
     )
-    conditions = [and_(PredictionResult.taxonomy_id.not_in(changed), PredictedLabel.label == label)]
+    conditions = [and_(PredictionResult.taxonomy_id.not_in(changed), rows.label == label)]
     for taxonomy_id in changed:
         names, by_text = label_map(taxonomy_id).sources(label)
         if by_text:  # a keyword split: the paper's text decides which target a stored label became
-            conditions.append(PredictionResult.id.in_(_routed_to(label, taxonomy_id, names)))
+            conditions.append(PredictionResult.id.in_(_routed_to(label, taxonomy_id, names, rows)))
         else:
-            conditions.append(
-                and_(PredictionResult.taxonomy_id == taxonomy_id, PredictedLabel.label.in_(sorted(names)))
-            )
-    return (
-        select(PredictedLabel.result_id)
-        .join(PredictionResult, PredictionResult.id == PredictedLabel.result_id)
-        .where(or_(*conditions))
-    )
+            conditions.append(and_(PredictionResult.taxonomy_id == taxonomy_id, rows.label.in_(sorted(names))))
+    return select(rows.result_id).join(PredictionResult, PredictionResult.id == rows.result_id).where(or_(*conditions))
 
 
 def results_labelled(label: str) -> Select:
-    """Ids of the prediction results whose *current* labels include ``label``: the model's labels (read as today's
-    names) where no curator corrected the result, and the corrected labels where one did, so a label a curator
-    added finds the result and one they removed does not. Corrected results are computed from their events, which
-    costs one pass over the corrected items (curators make them by hand: thousands, not millions)."""
-    corrected_pairs = (
-        select(AnnotationEvent.prediction_id, AnnotationEvent.taxonomy_id)
-        .where(AnnotationEvent.kind == "correction")
-        .distinct()
-        .subquery()
+    """Ids of the prediction results whose *current* labels include ``label``: the model's labels where no curator
+    corrected the result, the ``current_labels`` rows (kept by the review command) where one did; so a label a
+    curator added finds the result and one they removed does not, in one indexed query."""
+    corrected = exists().where(
+        AnnotationEvent.prediction_id == PredictionResult.prediction_id,
+        AnnotationEvent.taxonomy_id == PredictionResult.taxonomy_id,
+        AnnotationEvent.kind == "correction",
     )
-    pair = and_(
-        PredictionResult.prediction_id == corrected_pairs.c.prediction_id,
-        PredictionResult.taxonomy_id == corrected_pairs.c.taxonomy_id,
-    )
-    results = db.session.scalars(
-        select(PredictionResult)
-        .join(corrected_pairs, pair)
-        .options(selectinload(PredictionResult.prediction).load_only(Prediction.title, Prediction.abstract))
-    ).all()
-    views = label_views(results) if results else {}
-    corrected = sorted(views)
-    matching = sorted(rid for rid, view in views.items() if label in view.labels)
-    model = PredictionResult.id.in_(results_with_label(label))
     return select(PredictionResult.id).where(
-        or_(and_(model, PredictionResult.id.not_in(corrected)), PredictionResult.id.in_(matching))
+        or_(
+            and_(PredictionResult.id.in_(results_with_label(label)), ~corrected),
+            PredictionResult.id.in_(results_with_label(label, CurrentLabel)),
+        )
     )
 
 
-def _routed_to(label: str, taxonomy_id: int, names: set[str]) -> list[int]:
-    rows = db.session.execute(
-        select(PredictedLabel.result_id, PredictedLabel.prediction_id, PredictedLabel.label)
-        .join(PredictionResult, PredictionResult.id == PredictedLabel.result_id)
-        .where(PredictionResult.taxonomy_id == taxonomy_id, PredictedLabel.label.in_(sorted(names)))
+def store_current_labels(result: PredictionResult, events: list[AnnotationEvent]) -> None:
+    """Rewrite the ``current_labels`` rows of a result after a correction or an undo (in the caller's
+    transaction): the labels :func:`current_labels` gives now."""
+    db.session.execute(delete(CurrentLabel).where(CurrentLabel.result_id == result.id))
+    db.session.add_all(
+        CurrentLabel(result_id=result.id, prediction_id=result.prediction_id, label=label)
+        for label in current_labels(result, events)
+    )
+
+
+def _routed_to(label: str, taxonomy_id: int, names: set[str], rows: LabelRows) -> list[int]:
+    found = db.session.execute(
+        select(rows.result_id, rows.prediction_id, rows.label)
+        .join(PredictionResult, PredictionResult.id == rows.result_id)
+        .where(PredictionResult.taxonomy_id == taxonomy_id, rows.label.in_(sorted(names)))
     ).all()
-    texts = prediction_texts(pid for _, pid, _ in rows)
+    texts = prediction_texts(pid for _, pid, _ in found)
     labels_map = label_map(taxonomy_id)
-    return sorted({rid for rid, pid, stored in rows if label in labels_map.map_label(stored, texts[pid])})
+    return sorted({rid for rid, pid, stored in found if label in labels_map.map_label(stored, texts[pid])})
 
 
 def known_labels(limit: int = 2000) -> list[str]:

@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
-from .annotations import current_labels, label_decisions, label_map, mapped_result, review_status
+from .annotations import (
+    current_labels,
+    label_decisions,
+    label_map,
+    mapped_result,
+    review_status,
+    store_current_labels,
+)
 from .extensions import db
 from .models import AnnotationEvent, LabelProposal, ModelVersion, Prediction, PredictionResult, Taxonomy, User, utcnow
 
@@ -210,15 +217,17 @@ class ReviewCommand:
 
     def run(self, commit: bool = True) -> list[Outcome]:
         outcomes = self.validate()
-        for outcome in outcomes:
-            if outcome.event is not None:
-                db.session.add(outcome.event)
+        recorded = [o for o in outcomes if o.event is not None]
+        db.session.add_all(o.event for o in recorded)
+        db.session.flush()  # ids and times: the order events apply in
+        for outcome in recorded:
+            state = outcome.state
+            state.events.append(outcome.event)
+            state.labels = current_labels(state.result, state.events)
+            if state.result is not None and any(e.kind == "correction" for e in state.events):
+                store_current_labels(state.result, state.events)  # what the label filter reads
         if commit:
             db.session.commit()
-        for outcome in outcomes:
-            if outcome.event is not None:
-                outcome.state.events.append(outcome.event)
-                outcome.state.labels = current_labels(outcome.state.result, outcome.state.events)
         return outcomes
 
     def _event(self, part: ReviewPart, kind: str, **fields: object) -> AnnotationEvent:

@@ -195,6 +195,20 @@ class PredictedLabel(db.Model):
     prediction: Mapped[Prediction] = relationship()
 
 
+class CurrentLabel(db.Model):
+    """One current label of a result a curator corrected (the model's labels with the active corrections applied),
+    a row each, kept by the review command; so the label filter stays one indexed query. A result with a correction
+    event is read from these rows (none: no label now), any other from ``predicted_labels``."""
+
+    __tablename__ = "current_labels"
+    __table_args__ = (Index("ix_current_labels_label_prediction", "label", "prediction_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("prediction_results.id"), index=True)
+    prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id"))
+    label: Mapped[str] = mapped_column(String(300))
+
+
 class User(UserMixin, db.Model):
     """A curator or admin. Passwords are hashed; API tokens belong to a user and carry their role."""
 
