@@ -49,13 +49,14 @@ test: $(DEV_STAMP) $(TRAIN_STAMP)
 	@$(MAKE) --no-print-directory test-passes
 
 # Both passes always run (a failed SQLite pass must not hide the PostgreSQL one); the summary names each pass's
-# outcome and the exit status is non-zero if either failed. PYTEST and POSTGRES are variables so that
+# outcome and the exit status is non-zero if either failed. The first pass is SQLite even where TEST_DATABASE_URL is
+# set in the environment (as it is when the PostgreSQL pass runs tests/test_make_test.py). PYTEST and POSTGRES are variables so that
 # tests/test_make_test.py can check this with stand-ins.
 PYTEST ?= $(BIN)/python -m pytest
 POSTGRES ?= sh tests/services/postgres.sh
 test-passes:
 	@sqlite=0; postgres=0; \
-	$(PYTEST) || sqlite=$$?; \
+	TEST_DATABASE_URL= $(PYTEST) || sqlite=$$?; \
 	if url=$$($(POSTGRES) start); then \
 		TEST_DATABASE_URL="$$url" $(PYTEST) -m "not trainer" || postgres=$$?; \
 		$(POSTGRES) stop; \
