@@ -329,3 +329,33 @@ def test_curator_opens_the_likeliest_error_from_the_list_in_the_browser(
     items.first.locator(".history-title").click()
     expect(page).to_have_url(re.compile(r"/curate/predictions/\d+"))
     expect(page.locator("body")).to_contain_text(abstracts[0]["title"])
+
+
+def test_the_api_imports_the_file_for_admin_tokens_only(app: Flask, abstracts: list[dict]) -> None:
+    signed_in(app, "ada", "admin")
+    signed_in(app, "cora", "curator")
+    with app.app_context():
+        tokens = {}
+        for name in ("ada", "cora"):
+            token, tokens[name] = ApiToken.issue(db.session.scalar(select(User).where(User.name == name)), name="t")
+            db.session.add(token)
+        db.session.commit()
+    api = app.test_client()
+    good = json.dumps(issue(abstracts[7]["abstract"], ["Code Generation"], ["Machine Translation"], 0.05)) + "\n"
+
+    def post(body: str, who: str | None = "ada", mimetype: str = "application/x-ndjson"):  # noqa: ANN202
+        headers = {"Authorization": f"Bearer {tokens[who]}"} if who else {}
+        return api.post("/api/v1/label-issues", data=body.encode("utf-8"), headers=headers, content_type=mimetype)
+
+    assert post(good, who=None).status_code == 401
+    assert post(good, who="cora").status_code == 403
+    wrong_type = post(good, mimetype="application/json")
+    assert wrong_type.status_code == 415 and "application/x-ndjson" in wrong_type.get_json()["error"]
+    bad = post(good + '{"taxonomy": 3}\n')
+    assert bad.status_code == 422
+    assert "line 2: missing abstract" in bad.get_json()["error"]
+    assert issue_count(app) == 0
+    created = post(good)
+    assert created.status_code == 201, created.get_data(as_text=True)
+    assert created.get_json() == {"issues": 1, "papers_added": 1, "taxonomies": [TAXONOMY]}
+    assert issue_count(app) == 1

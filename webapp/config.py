@@ -70,6 +70,8 @@ class Defaults:
     # Most rows of one likely-label-errors file (flask labels import-issues): the trainer writes 500 by default,
     # each a paper that may be added as a prediction, all in one commit.
     LABEL_ISSUES_MAX_ROWS = 5000
+    # Largest issue file POSTed to /api/v1/label-issues: 500 rows with every label's score are about 3.5 MB.
+    LABEL_ISSUES_MAX_UPLOAD_BYTES = 32 * 1024 * 1024
     # Greyed "just missed" labels shown under each taxonomy's predictions (explanations cover them too).
     NEAR_MISSES = 4
     # Texts per onnxruntime run when explaining (the full text + one per sentence): 16 covers the sentences a

@@ -14,19 +14,19 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import click
-from flask import Blueprint, abort, current_app, render_template, request
+from flask import Blueprint, Response, abort, current_app, jsonify, render_template, request
 from flask.cli import with_appcontext
 from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import selectinload
 
 from .annotations import current_labels
-from .auth import role_required
+from .auth import role_required, token_user_role
 from .corrections import CorrectionError, check_label
-from .extensions import db
+from .extensions import csrf, db
 from .models import AnnotationEvent, LabelIssue, PredictedLabel, Prediction, PredictionResult, Taxonomy
 from .serving.scoring import InputError, check_submission
 
@@ -35,6 +35,7 @@ bp = Blueprint("label_issues", __name__, cli_group="labels")
 DATASET_SOURCE = "dataset"
 SOURCE_MAX_CHARS = 300
 STATES = ("open", "reviewed", "all")
+NDJSON_TYPES = ("application/x-ndjson", "application/jsonl")
 
 
 class IssueFileError(ValueError):
@@ -222,6 +223,26 @@ def import_issues_command(path: str) -> None:
         f"{summary.issues} label issues imported for {', '.join(summary.taxonomies)} "
         f"({summary.papers_added} base-data papers added as predictions)"
     )
+
+
+@bp.post("/api/v1/label-issues")
+@csrf.exempt
+@token_user_role("admin")
+def api_import() -> tuple[Response, int]:
+    """The trainer's file as the request body (``application/x-ndjson``): what ``flask labels import-issues``
+    does, for a site without a shell (Render) or a trainer on another machine."""
+    request.max_content_length = current_app.config["LABEL_ISSUES_MAX_UPLOAD_BYTES"]
+    if request.mimetype not in NDJSON_TYPES:
+        abort(415, description=f"send the issue file as {' or '.join(NDJSON_TYPES)}")
+    try:
+        text = request.get_data().decode("utf-8")
+    except UnicodeDecodeError:
+        abort(400, description="the body is not UTF-8 text")
+    try:
+        summary = import_issues(read_issue_file(text.splitlines(), current_app.config["LABEL_ISSUES_MAX_ROWS"]))
+    except IssueFileError as exc:
+        abort(422, description=f"{exc}; nothing was imported")
+    return jsonify(asdict(summary)), 201
 
 
 def _reviewed_clause() -> Any:
