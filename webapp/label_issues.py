@@ -271,9 +271,11 @@ def index() -> str:
     if state != "all":
         query = query.where(_reviewed_clause() if state == "reviewed" else ~_reviewed_clause())
     pagination = db.paginate(
-        query.options(selectinload(LabelIssue.prediction), selectinload(LabelIssue.taxonomy)).order_by(
-            LabelIssue.quality, LabelIssue.id
-        ),
+        query.options(
+            selectinload(LabelIssue.prediction).selectinload(Prediction.events),
+            selectinload(LabelIssue.prediction).selectinload(Prediction.results),
+            selectinload(LabelIssue.taxonomy),
+        ).order_by(LabelIssue.quality, LabelIssue.id),
         page=int(page),
         per_page=current_app.config["HISTORY_PER_PAGE"],
         error_out=False,
