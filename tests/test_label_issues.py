@@ -359,3 +359,17 @@ def test_the_api_imports_the_file_for_admin_tokens_only(app: Flask, abstracts: l
     assert created.status_code == 201, created.get_data(as_text=True)
     assert created.get_json() == {"issues": 1, "papers_added": 1, "taxonomies": [TAXONOMY]}
     assert issue_count(app) == 1
+
+
+def test_a_taxonomy_without_an_active_version_refuses_new_papers(app: Flask, abstracts: list[dict]) -> None:
+    from webapp.label_issues import IssueFileError
+    from webapp.models import Taxonomy
+
+    with app.app_context():
+        db.session.scalar(select(Taxonomy).where(Taxonomy.slug == TAXONOMY)).active_version_id = None
+        db.session.commit()
+        rows = read_issue_file([json.dumps(issue(abstracts[8]["abstract"], [], ["Code Generation"], 0.1))], 10)
+        with pytest.raises(IssueFileError, match="has no active model version"):
+            import_issues(rows)
+        assert db.session.scalar(select(func.count(Prediction.id))) == 0
+    assert issue_count(app) == 0
