@@ -119,6 +119,7 @@ def _api_matrix(site: Site) -> list[tuple[str, dict[str, object]]]:
         ("/api/v1/models", {"anonymous": readable, **everyone}),
         (f"/api/v1/taxonomies/{SLUG}/quality", {"anonymous": readable, **everyone}),
         (f"/api/v1/predictions/{site.prediction}/similar", {"anonymous": readable, **everyone}),
+        (f"/api/v1/label-suggestions?taxonomy={SLUG}", {"anonymous": readable, **everyone}),
         (f"/api/v1/predictions/{site.prediction}/explanation?taxonomy={SLUG}", {"anonymous": readable, **everyone}),
         (f"/api/v1/taxonomies/{SLUG}/label-changes", {"anonymous": UNAUTHORIZED, **everyone}),
         (f"/api/v1/training-runs/{site.run}", {"anonymous": UNAUTHORIZED, **everyone}),
