@@ -8,6 +8,7 @@ no JavaScript needed); the server refuses them unconfirmed (pages: 409 and the c
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from flask import Blueprint, flash, redirect, render_template, request, url_for
@@ -34,6 +35,7 @@ from .serving.registry import (
 )
 from .training_runs import PHASES, create_run, get_run, time_left
 
+log = logging.getLogger(__name__)
 bp = Blueprint("admin", __name__)
 
 # Where the trainer's configs live; a queued run names one of them (``{"config": "<name>"}``).
@@ -73,13 +75,21 @@ def _figure(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, int | float) and not isinstance(value, bool) else "unknown"
 
 
-def gate_of(version_id: str) -> dict[str, Any] | None:
-    """The promotion gate's verdict on a version, from the newest training run that produced it; None for a
-    version that came another way (imported by hand), which no gate judged."""
+def gates(version_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The promotion gate's verdict on each version, from the newest training run that produced it (one query).
+    A version that came another way (imported by hand) has none: no gate judged it."""
     runs = db.session.scalars(
-        select(TrainingRun).where(TrainingRun.candidate_version == version_id).order_by(TrainingRun.id.desc())
+        select(TrainingRun).where(TrainingRun.candidate_version.in_(version_ids)).order_by(TrainingRun.id.desc())
     )
-    return next((run.gate for run in runs if isinstance(run.gate, dict)), None)
+    verdicts: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        if isinstance(run.gate, dict) and run.candidate_version is not None:
+            verdicts.setdefault(run.candidate_version, run.gate)
+    return verdicts
+
+
+def gate_of(version_id: str) -> dict[str, Any] | None:
+    return gates([version_id]).get(version_id)
 
 
 def gate_failed(version_id: str) -> bool:
@@ -132,8 +142,18 @@ def activate_confirmed(version_id: str, *, confirmed: bool, actor: str) -> Model
     if not confirmed and gate_failed(version.id):
         raise UnconfirmedAction(f"not activated without confirmation: {activation_consequence(version)}")
     activated = activate(version_id, actor=actor)
-    live_models().refresh()  # this worker serves it before the next page says so; the others poll
+    switch_here()
     return activated
+
+
+def switch_here() -> None:
+    """Load the newly active versions in this process now, so the page it answers next is not stale (the other
+    processes poll within ``MODEL_POLL_SECONDS``). The change is committed already: a failure here is logged, and
+    this process's watcher retries it."""
+    try:
+        live_models().refresh()
+    except Exception:
+        log.exception("this process could not switch to the newly active versions yet; its watcher retries")
 
 
 @bp.get("/models")
@@ -152,7 +172,7 @@ def models() -> str:
         loaded=live.loaded(),
         errors=live.errors,
         can_roll_back={t.slug: _can_roll_back(t) for t in taxonomies},
-        failed_gate={version_id for version_id in versions if gate_failed(version_id)},
+        failed_gate={version for version, gate in gates(versions).items() if gate.get("passed") is False},
     )
 
 
@@ -167,7 +187,7 @@ def _confirmed() -> bool:
 
 def _confirm_page(
     action: str, consequence: str, target: str, *, expected: str | None = None, status: int = 200, error: str = ""
-) -> Any:
+) -> tuple[str, int]:
     """The confirmation form: the consequence, a required checkbox, and (rollback) the active version it was
     stated for, so a confirmation given for one state is not applied to another."""
     return (
@@ -186,7 +206,7 @@ def _confirm_page(
 
 @bp.get("/models/<version_id>/activate")
 @role_required("admin")
-def confirm_activate(version_id: str) -> Any:
+def confirm_activate(version_id: str) -> tuple[str, int]:
     """The confirmation page of an activation (what the Activate button of a failed candidate leads to)."""
     version = get_version(version_id)
     target = url_for("admin.activate_version", version_id=version.id)
@@ -195,7 +215,7 @@ def confirm_activate(version_id: str) -> Any:
 
 @bp.post("/models/<version_id>/activate")
 @role_required("admin")
-def activate_version(version_id: str) -> Any:
+def activate_version(version_id: str) -> Response | tuple[str, int]:
     try:
         version = activate_confirmed(version_id, confirmed=_confirmed(), actor=current_user.name)
     except UnconfirmedAction:
@@ -209,7 +229,7 @@ def activate_version(version_id: str) -> Any:
 
 @bp.get("/taxonomies/<slug>/rollback")
 @role_required("admin")
-def confirm_rollback(slug: str) -> Any:
+def confirm_rollback(slug: str) -> Response | tuple[str, int]:
     """The confirmation page of a rollback (what every Roll back button leads to)."""
     taxonomy = get_taxonomy(slug)
     try:
@@ -223,7 +243,7 @@ def confirm_rollback(slug: str) -> Any:
 
 @bp.post("/taxonomies/<slug>/rollback")
 @role_required("admin")
-def rollback_taxonomy(slug: str) -> Any:
+def rollback_taxonomy(slug: str) -> Response | tuple[str, int]:
     taxonomy = get_taxonomy(slug)
     try:
         consequence = rollback_consequence(taxonomy)
@@ -248,7 +268,7 @@ def rollback_taxonomy(slug: str) -> Any:
             error=error,
         )
     version = rollback(slug, actor=current_user.name)
-    live_models().refresh()  # this worker serves it before the next page says so; the others poll
+    switch_here()
     flash(f"Rolled back: {version.id} is the active {version.taxonomy.name} model again.", "ok")
     return _back(url_for("admin.models"))
 
