@@ -245,6 +245,13 @@ def test_bad_taxonomy_is_a_clear_400(client: FlaskClient, two_taxonomies: list[i
     assert api.status_code == 400 and "nope" in api.get_json()["error"]
 
 
+@pytest.mark.parametrize("query", ["label=%00", "label=Object%00Detection", "label=%1B", "version=v%00"])
+def test_control_characters_in_a_filter_are_a_clear_400(client: FlaskClient, query: str) -> None:
+    response = client.get(f"/history?{query}")
+    assert response.status_code == 400
+    assert "must not contain control characters" in response.get_data(as_text=True)
+
+
 def test_suggestions_per_taxonomy(client: FlaskClient, two_taxonomies: list[int]) -> None:
     body = client.get("/api/v1/label-suggestions").get_json()
     by_slug = {t["slug"]: t["labels"] for t in body["taxonomies"]}

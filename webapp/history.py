@@ -61,6 +61,9 @@ def index() -> str:
     q = request.args.get("q", "").strip()[:200]
     label = request.args.get("label", "").strip()[:300]
     version = request.args.get("version", "").strip()[:80]
+    for name, value in (("label", label), ("version", version)):
+        if search.has_control_characters(value):  # no stored name has one (PostgreSQL refuses NUL in a query)
+            abort(400, description=f"{name} must not contain control characters: {value[:40]!r}")
     batch = request.args.get("batch", "").strip()
     if batch and (not batch.isdigit() or len(batch) > 9):
         abort(400, description=f"batch must be a batch number, not {batch[:20]!r}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import unicodedata
 from dataclasses import dataclass, field
 
 from flask import g
@@ -124,6 +125,12 @@ def like_matching(stmt: Select, raw: str) -> Select:
     ``bench/search.py``."""
     pattern = "%" + raw.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
     return stmt.where(Prediction.title.ilike(pattern, escape="\\") | Prediction.abstract.ilike(pattern, escape="\\"))
+
+
+def has_control_characters(typed: str) -> bool:
+    """Whether a typed name holds a control character, NUL or lone surrogate: no stored label or version has one
+    (corrections.check_label refuses them), so a filter by it is a mistake, not a search."""
+    return any(unicodedata.category(ch).startswith("C") for ch in typed)
 
 
 def _normal(label: str) -> str:
