@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from flask import g
 from sqlalchemy import Float, Integer, Select, and_, false, func, literal_column, or_, select, text
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.selectable import Subquery
 
 from .annotations import label_map, results_labelled
 from .extensions import db
@@ -108,7 +109,8 @@ def matching(stmt: Select, raw: str) -> Select:
     return stmt.join(hits, hits.c.id == Prediction.id).order_by(None).order_by(hits.c.score, *newest)
 
 
-def _fts5_hits(query: Query):  # noqa: ANN202 - a text subquery with columns id and score (lower is better)
+def _fts5_hits(query: Query) -> Subquery:
+    """The FTS5 matches of ``query`` as a subquery with columns id and score (bm25: lower is better)."""
     return (
         text(
             f"SELECT rowid AS id, bm25(predictions_fts, {TITLE_WEIGHT}, 1.0) AS score "
