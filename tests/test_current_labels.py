@@ -205,3 +205,15 @@ def test_the_current_labels_table_is_kept_by_reviews_and_backfilled_by_its_migra
         db.engine.dispose()
     assert _rows(app) == kept
     assert pid in _found(client, added) and pid not in _found(client, removed)
+
+
+def test_the_filter_reads_a_curators_labels_through_later_renames(
+    app: Flask, client: FlaskClient, corrected: tuple[int, str, str]
+) -> None:
+    """The current_labels rows keep the names of their time; a rename made later finds them by the new name."""
+    pid, _, added = corrected
+    result = app.test_cli_runner().invoke(args=["tokens", "create", "ada", "--role", "admin"])
+    admin = {"Authorization": f"Bearer {result.output.strip().splitlines()[-1]}"}
+    body = {"kind": "rename", "from": added, "to": "Renamed Task"}
+    assert client.post(f"/api/v1/taxonomies/{SLUG}/label-changes", json=body, headers=admin).status_code == 201
+    assert pid in _found(client, "Renamed Task") and pid not in _found(client, added)

@@ -181,7 +181,8 @@ class ReviewCommand:
     transaction (one event per changed, accepted, skipped or undone taxonomy). The curation page, the annotations
     API and bulk actions all go through it, so their rules cannot drift apart.
 
-    ``validate()`` raises :class:`CorrectionError` (400) or :class:`ReviewForbidden` (403) and stores nothing;
+    ``validate()`` raises :class:`CorrectionError` (400) or :class:`ReviewForbidden` (403) and commits nothing (the
+    caller rolls the session back: new label proposals may have joined it);
     ``run()`` validates, adds the events and commits (``commit=False`` leaves the commit to a caller applying
     several commands in one transaction)."""
 
