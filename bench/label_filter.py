@@ -7,6 +7,9 @@ filter of before measured in the same run on the same database:
 - and, for scale, computing every corrected result's labels from its events at request time (what the filter would
   cost without the ``current_labels`` table).
 
+And the review queue's page and count: before, "no event at all" (one exists clause); now, "no active accept or
+correction" (an undo reverses one: a recursive query) with the curator's skips ordered last.
+
 A SQLite database with ``--predictions`` stored results of a tiny bundle, ``--corrected`` of them corrected through
 the review command. Best of ``--rounds`` so a busy machine skews every side alike.
 
@@ -29,12 +32,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import flask_migrate  # noqa: E402
-from sqlalchemy import func, select  # noqa: E402
+from sqlalchemy import Select, exists, func, select  # noqa: E402
 
 from tests.tiny_bundle import LABELS, build_bundle, build_tokenizer  # noqa: E402
 from webapp import create_app  # noqa: E402
 from webapp.annotations import label_views, results_labelled, results_with_label  # noqa: E402
 from webapp.corrections import ReviewCommand, ReviewPart  # noqa: E402
+from webapp.curate import queue_query  # noqa: E402
 from webapp.extensions import db  # noqa: E402
 from webapp.models import AnnotationEvent, PredictedLabel, Prediction, PredictionResult, User  # noqa: E402
 from webapp.serving.registry import import_bundle  # noqa: E402
@@ -90,6 +94,12 @@ def from_events(label: str) -> list[int]:
     return [rid for rid, view in label_views(results).items() if label in view.labels]
 
 
+def queue_page(stmt: Select) -> int:
+    """The first page of the queue and its count, what /curate/queue runs."""
+    db.session.scalars(stmt.limit(25)).all()
+    return db.session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--predictions", type=int, default=20_000)
@@ -113,10 +123,20 @@ def main() -> None:
         )
         python = best(args.rounds, lambda: from_events(label))
         found = db.session.scalar(select(count).select_from(results_labelled(label).subquery()))
+        any_event = exists().where(
+            AnnotationEvent.prediction_id == PredictionResult.prediction_id,
+            AnnotationEvent.taxonomy_id == PredictionResult.taxonomy_id,
+        )
+        old_queue = select(PredictionResult).where(~any_event).order_by(PredictionResult.margin, PredictionResult.id)
+        curator = db.session.scalar(select(User.id))
+        queue_before = best(args.rounds, lambda: queue_page(old_queue))
+        queue_now = best(args.rounds, lambda: queue_page(queue_query("", "", curator)))
     print(f"{args.predictions} results, {args.corrected} corrected; {found} carry {label!r} now")
     print(f"model labels only (before): {before * 1000:8.1f} ms  1.00x")
     print(f"current labels (now):       {now * 1000:8.1f} ms  {now / before:.2f}x")
     print(f"corrected ones from events: {python * 1000:8.1f} ms  {python / before:.2f}x (without the table)")
+    print(f"queue page, any event (before): {queue_before * 1000:8.1f} ms  1.00x")
+    print(f"queue page, active reviews (now): {queue_now * 1000:6.1f} ms  {queue_now / queue_before:.2f}x")
 
 
 ROOT = Path(tempfile.mkdtemp(prefix="papertag-bench-"))
