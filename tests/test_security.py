@@ -126,6 +126,8 @@ def test_every_form_refuses_a_post_without_csrf_token(research_app: Flask) -> No
         "learned.learn_from_reviews": "/models/research-tasks/thresholds",
         "labels.change": "/taxonomies/research-tasks/labels/rename",
         "labels.undo": "/taxonomies/research-tasks/labels/changes/1/undo",
+        "bulk.confirm": "/curate/bulk",
+        "agreement.resolve": "/agreement/research-tasks/1",
     }
     forms = {
         rule.endpoint

@@ -145,8 +145,10 @@ def register_blueprints(app: Flask) -> None:
     from . import (
         accounts,
         admin,
+        agreement,
         api,
         batch,
+        bulk,
         curate,
         explain,
         exports,
@@ -165,6 +167,9 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(admin.bp)
     app.register_blueprint(accounts.bp)
     app.register_blueprint(curate.bp)
+    app.register_blueprint(bulk.bp)
+    app.register_blueprint(bulk.api_bp)
+    app.register_blueprint(agreement.bp)
     app.register_blueprint(exports.bp)
     app.register_blueprint(batch.bp)
     app.register_blueprint(replay.bp)
@@ -180,6 +185,7 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(quality.api_bp)
     app.register_blueprint(learned_thresholds.api_bp)
     csrf.exempt(api.bp)
+    csrf.exempt(bulk.api_bp)
     csrf.exempt(quality.api_bp)
     csrf.exempt(learned_thresholds.api_bp)
     csrf.exempt(replay.api_bp)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import g
-from sqlalchemy import ColumnElement, Select, and_, delete, exists, func, literal, or_, select
+from sqlalchemy import ColumnElement, ScalarSelect, Select, and_, delete, distinct, exists, func, literal, or_, select
 from sqlalchemy.orm import aliased, selectinload
 
 from .extensions import db
@@ -55,8 +55,11 @@ def prediction_text(prediction: Prediction) -> str:
     return compose_text(prediction.title, prediction.abstract)
 
 
-# Events that review an item (it leaves the queue, live quality counts it); a skip is seen, not decided.
-REVIEW_KINDS = ("correction", "accepted")
+# Events that review an item (it leaves the queue, live quality counts it); a skip is seen, not decided. An
+# adjudication (an adjudicator's final label set where curators disagreed, webapp/agreement.py) is a review too.
+REVIEW_KINDS = ("correction", "accepted", "adjudicated")
+# Events that change labels: a correction (a difference) and an adjudication (the whole final set).
+LABEL_KINDS = ("correction", "adjudicated")
 
 
 def active_events(events: Iterable[AnnotationEvent]) -> list[AnnotationEvent]:
@@ -71,9 +74,12 @@ def active_events(events: Iterable[AnnotationEvent]) -> list[AnnotationEvent]:
 
 
 def review_status(events: Iterable[AnnotationEvent]) -> str | None:
-    """ "corrected" when an active correction changed labels, "accepted" when an active review confirmed them
-    (an accept, or a correction that only left a note), None when nobody reviewed the item."""
+    """ "adjudicated" when an adjudicator set the final labels, "corrected" when an active correction changed
+    labels, "accepted" when an active review confirmed them (an accept, or a correction that only left a note),
+    None when nobody reviewed the item."""
     reviews = [e for e in active_events(events) if e.kind in REVIEW_KINDS]
+    if any(e.kind == "adjudicated" for e in reviews):
+        return "adjudicated"
     if any(e.added or e.removed for e in reviews):
         return "corrected"
     return "accepted" if reviews else None
@@ -82,7 +88,8 @@ def review_status(events: Iterable[AnnotationEvent]) -> str | None:
 def current_labels(result: PredictionResult | None, events: list[AnnotationEvent]) -> list[str]:
     """Predicted labels with the active corrections applied in order (events must belong to the result's
     taxonomy), in today's names. Each event is applied in the names of its own time (the changes made before it),
-    so an old removal of one merged label keeps its sibling, and a new removal under the merged name removes both."""
+    so an old removal of one merged label keeps its sibling, and a new removal under the merged name removes both.
+    An adjudication replaces the labels with its final set (``added``); later events apply on top of it."""
     if result is None and not events:
         return []
     taxonomy_id = result.taxonomy_id if result is not None else events[0].taxonomy_id
@@ -90,6 +97,9 @@ def current_labels(result: PredictionResult | None, events: list[AnnotationEvent
     text = prediction_text(result.prediction if result is not None else events[0].prediction)
     labels = set(result.labels) if result is not None else set()
     for event in sorted(active_events(events), key=lambda e: (e.created_at, e.id)):
+        if event.kind == "adjudicated":
+            labels = set(event.added)
+            continue
         if event.kind != "correction":
             continue
         removed, kept = set(event.removed), set()
@@ -178,6 +188,24 @@ def has_active_event(
     return clause
 
 
+# What a curator's own review is (several curators per item, webapp/agreement.py): an adjudication is not one.
+CURATOR_REVIEW_KINDS = ("correction", "accepted")
+
+
+def reviewer_count(prediction_id: Any, taxonomy_id: Any) -> ScalarSelect[int]:
+    """SQL: how many distinct curators reviewed the prediction in the taxonomy (an active accept or correction)."""
+    return (
+        select(func.count(distinct(AnnotationEvent.user_id)))
+        .where(
+            AnnotationEvent.prediction_id == prediction_id,
+            AnnotationEvent.taxonomy_id == taxonomy_id,
+            AnnotationEvent.kind.in_(CURATOR_REVIEW_KINDS),
+            AnnotationEvent.id.not_in(_undone_roots()),
+        )
+        .scalar_subquery()
+    )
+
+
 @dataclass(frozen=True)
 class MappedResult:
     """What a model said, in today's label names: predicted labels (best first), every label's score and
@@ -239,7 +267,7 @@ def results_labelled(label: str) -> Select:
     corrected = exists().where(
         AnnotationEvent.prediction_id == PredictionResult.prediction_id,
         AnnotationEvent.taxonomy_id == PredictionResult.taxonomy_id,
-        AnnotationEvent.kind == "correction",
+        AnnotationEvent.kind.in_(LABEL_KINDS),
     )
     return select(PredictionResult.id).where(
         or_(

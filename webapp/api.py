@@ -13,7 +13,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from .admin import activate_confirmed
 from .annotations import corrected_predictions, event_json, label_map
 from .auth import bearer_token, token_user_role
-from .corrections import ACTIONS, CorrectionError, ReviewCommand, ReviewForbidden, ReviewPart, accepted_labels
+from .corrections import (
+    ACTIONS,
+    LABEL_ACTIONS,
+    CorrectionError,
+    ReviewCommand,
+    ReviewForbidden,
+    ReviewPart,
+    accepted_labels,
+)
 from .exports import download
 from .extensions import db, limiter
 from .labels import (
@@ -281,10 +289,10 @@ def annotate(prediction_id: int) -> tuple[Response, int]:
     action = body.get("action", "correct")
     if not isinstance(action, str) or action not in ACTIONS:
         abort(400, description=f'"action" must be one of {", ".join(ACTIONS)}')
-    if action == "correct" and "labels" not in body:
-        abort(400, description='"labels" is missing: a correction sends the full new label set')
-    if action != "correct" and ("labels" in body or "propose" in body):
-        abort(400, description=f'"labels" and "propose" go with the action "correct", not "{action}"')
+    if action in LABEL_ACTIONS and "labels" not in body:
+        abort(400, description=f'"labels" is missing: the action "{action}" sends the full new label set')
+    if action not in LABEL_ACTIONS and ("labels" in body or "propose" in body):
+        abort(400, description=f'"labels" and "propose" go with the actions correct and adjudicate, not "{action}"')
     event = body.get("event")
     if event is not None and (action != "undo" or not isinstance(event, int) or isinstance(event, bool)):
         abort(400, description='"event" is an event id (a whole number), and only with "action": "undo"')

@@ -17,7 +17,8 @@ from sqlalchemy.exc import OperationalError
 from .extensions import db, login_manager
 from .models import ApiToken, User, utcnow
 
-ROLE_RANK = {"curator": 1, "admin": 2}
+# An adjudicator may do what a curator may, plus resolve disagreements between curators (/agreement).
+ROLE_RANK = {"curator": 1, "adjudicator": 2, "admin": 3}
 # How precisely a token's last use is recorded: a write per call would make every read a write.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 log = logging.getLogger(__name__)

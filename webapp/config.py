@@ -67,6 +67,12 @@ class Defaults:
     REPLAY_SAMPLE_SIZE = 200
     # Rows per history page.
     HISTORY_PER_PAGE = 25
+    # Most predictions one bulk action (accept, add or remove a label) changes: all of them are one transaction,
+    # and the confirmation page lists what changes.
+    BULK_MAX = 5000
+    # Distinct curators who must review (accept or correct) an item before it leaves the review queue; above 1,
+    # /agreement measures how often they agree and adjudicators resolve where they do not.
+    REVIEWS_NEEDED = 1
     # Most rows of one likely-label-errors file (flask labels import-issues): the trainer writes 500 by default,
     # each a paper that may be added as a prediction, all in one commit.
     LABEL_ISSUES_MAX_ROWS = 5000
@@ -155,6 +161,8 @@ ENV_KEYS = (
     "QUALITY_MIN_EVIDENCE",
     "QUALITY_DROP_MARGIN",
     "THRESHOLD_MIN_EVIDENCE",
+    "BULK_MAX",
+    "REVIEWS_NEEDED",
 )
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 
 from .annotations import (
+    LABEL_KINDS,
     current_labels,
     label_decisions,
     label_map,
@@ -22,6 +23,7 @@ from .annotations import (
     review_status,
     store_current_labels,
 )
+from .auth import ROLE_RANK
 from .extensions import db
 from .models import AnnotationEvent, LabelProposal, ModelVersion, Prediction, PredictionResult, Taxonomy, User, utcnow
 
@@ -144,7 +146,9 @@ class ReviewForbidden(CorrectionError):
     """The curator may not do this (undo someone else's event): a 403, not a 400."""
 
 
-ACTIONS = ("correct", "accept", "skip", "undo")
+ACTIONS = ("correct", "accept", "skip", "undo", "adjudicate")
+# The actions that send a label set.
+LABEL_ACTIONS = ("correct", "adjudicate")
 
 
 @dataclass
@@ -154,7 +158,9 @@ class ReviewPart:
     ``correct``: ``labels`` is the full new set (plus ``propose``d new labels). ``accept``: the labels are right
     as they stand (with ``labels``, from the page's checkboxes, a changed set is recorded as a correction). ``skip``:
     seen, not decided; it goes to the back of this curator's queue. ``undo``: reverse ``undo_event`` (default: the
-    curator's latest event here). ``based_on`` is the latest event the curator saw (None: the latest now)."""
+    curator's latest event here). ``adjudicate`` (adjudicators and admins): ``labels`` is the final set where
+    curators disagreed, replacing the labels now. ``based_on`` is the latest event the curator saw (None: the
+    latest now)."""
 
     taxonomy: Taxonomy
     action: str = "correct"
@@ -225,7 +231,7 @@ class ReviewCommand:
             state = outcome.state
             state.events.append(outcome.event)
             state.labels = current_labels(state.result, state.events)
-            if state.result is not None and any(e.kind == "correction" for e in state.events):
+            if state.result is not None and any(e.kind in LABEL_KINDS for e in state.events):
                 store_current_labels(state.result, state.events)  # what the label filter reads
         if commit:
             db.session.commit()
@@ -306,6 +312,22 @@ class ReviewCommand:
                 )
         return Outcome(state, "undo", self._event(part, "undo", undoes_id=target.id, note=check_note(part.note)))
 
+    def _plan_adjudicate(self, part: ReviewPart, state: TaxonomyState) -> Outcome:
+        """The final label set, recorded whole (not as a difference): it stands whatever the reviewers said."""
+        if ROLE_RANK.get(self.user.role, 0) < ROLE_RANK["adjudicator"]:
+            raise ReviewForbidden("resolving a disagreement needs the adjudicator role")
+        if part.labels is None:
+            raise CorrectionError(f"labels are missing for {part.taxonomy.name}: send the final label set")
+        if any(True for _ in part.propose):
+            raise CorrectionError("an adjudication chooses among known labels; propose new labels with a correction")
+        final = {check_label(label) for label in part.labels}
+        allowed = set(taxonomy_labels(part.taxonomy)) | set(state.labels)
+        unknown = sorted(final - allowed)
+        if unknown:
+            raise CorrectionError(f"not labels of {part.taxonomy.name} ({part.taxonomy.slug}): {', '.join(unknown)}")
+        event = self._event(part, "adjudicated", added=sorted(final), removed=[], note=check_note(part.note))
+        return Outcome(state, "adjudicate", event)
+
     @staticmethod
     def _no_labels(part: ReviewPart) -> None:
         if part.labels is not None or any(True for _ in part.propose):
@@ -320,6 +342,8 @@ def describe(event: AnnotationEvent) -> str:
         return "skipped"
     if event.kind == "undo":
         return f"undid event {event.undoes_id}"
+    if event.kind == "adjudicated":
+        return "adjudicated the labels: " + (", ".join(event.added) or "none")
     parts = []
     if event.added:
         parts.append("added " + ", ".join(event.added))

@@ -11,6 +11,7 @@ from sqlalchemy.orm import selectinload
 from werkzeug.wrappers import Response
 from wtforms import HiddenField, SelectMultipleField, StringField, TextAreaField
 
+from .agreement import awaiting_review
 from .annotations import has_active_event, known_labels, mapped_result, results_labelled
 from .auth import role_required
 from .corrections import (
@@ -88,14 +89,15 @@ def _queue_args() -> dict[str, str]:
 
 
 def queue_query(taxonomy_slug: str = "", label: str = "", user_id: int | None = None) -> Select:
-    """Results nobody reviewed (accepted or corrected) in their taxonomy, the smallest margin (a score nearest its
-    threshold) first; those ``user_id`` skipped go to the back of their queue."""
-    reviewed = has_active_event(PredictionResult.prediction_id, PredictionResult.taxonomy_id)
+    """Results still awaiting review in their taxonomy (nobody accepted or corrected them; with REVIEWS_NEEDED
+    above 1, fewer curators than that and not ``user_id``: webapp/agreement.py), the smallest margin (a score
+    nearest its threshold) first; those ``user_id`` skipped go to the back of their queue."""
+    waiting = awaiting_review(PredictionResult.prediction_id, PredictionResult.taxonomy_id, user_id)
     order = [PredictionResult.margin, PredictionResult.id]
     if user_id is not None:
         skipped = has_active_event(PredictionResult.prediction_id, PredictionResult.taxonomy_id, ["skipped"], user_id)
         order.insert(0, case((skipped, 1), else_=0))
-    stmt = select(PredictionResult).where(~reviewed).order_by(*order)
+    stmt = select(PredictionResult).where(waiting).order_by(*order)
     if taxonomy_slug:
         stmt = stmt.join(Taxonomy, Taxonomy.id == PredictionResult.taxonomy_id).where(Taxonomy.slug == taxonomy_slug)
     if label:

@@ -17,7 +17,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 from .extensions import db
 
-ROLES = ("curator", "admin")
+ROLES = ("curator", "adjudicator", "admin")
 
 
 def utcnow() -> datetime:

@@ -74,6 +74,7 @@ ENDPOINT_READS: dict[str, str] = {
     "accounts.password": ROLE_CHECKED,
     "accounts.tokens": ROLE_CHECKED,
     "admin.training_run": ROLE_CHECKED,
+    "agreement.page": ROLE_CHECKED,
     "admin.confirm_activate": ROLE_CHECKED,
     "admin.confirm_rollback": ROLE_CHECKED,
     "admin.training_runs": ROLE_CHECKED,
