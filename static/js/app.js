@@ -15,6 +15,26 @@ document.addEventListener("DOMContentLoaded", () => {
     field.addEventListener("input", update);
     update();
   }
+  // The phone menu: at narrow widths the navigation and account fold behind one button (app.css).
+  const topbar = document.querySelector(".topbar");
+  const toggle = topbar && topbar.querySelector(".menu-toggle");
+  if (toggle) {
+    topbar.classList.add("foldable");
+    toggle.hidden = false;
+    toggle.addEventListener("click", () => {
+      const open = topbar.classList.toggle("open");
+      toggle.setAttribute("aria-expanded", String(open));
+    });
+  }
+  // Narrow screens stack table rows; each cell shows its column's heading (app.css, .table-wrap td::before).
+  for (const table of document.querySelectorAll(".table-wrap table")) {
+    const headings = [...table.querySelectorAll("thead th")].map((th) => th.textContent.trim());
+    for (const row of table.querySelectorAll("tbody tr")) {
+      [...row.cells].forEach((cell, i) => {
+        if (headings[i] && !cell.dataset.label) cell.dataset.label = headings[i];
+      });
+    }
+  }
   // Prevent double submission while the model answers.
   const form = document.getElementById("predict-form");
   if (form) {

@@ -1,0 +1,160 @@
+"""Keyboard-first review in a real browser (issue 12 point 3, static/js/review_keys.js): a curator reviews 50 queue
+items with the keyboard alone (accepts, label toggles then save, skips, one save-undo) and the stored events are
+exactly what was typed; "?" shows the key map; keys never fire while typing; each next item opens with focus on
+its first label. The seconds per item go to ``$PAPERTAG_BENCH_OUT`` (default ``test-artifacts/review_keyboard.json``)
+for ``bench/review_keyboard.py`` to print: nothing here asserts a duration."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from playwright.sync_api import Page, expect
+from sqlalchemy import select
+
+from tests import test_browser
+from tests.test_browser import SLUG, Site, predict, sign_in
+from webapp.config import REPO_ROOT
+from webapp.extensions import db
+from webapp.models import AnnotationEvent
+
+browser, site, page = test_browser.browser, test_browser.site, test_browser.page
+ITEMS = 50
+BENCH_OUT = Path(os.environ.get("PAPERTAG_BENCH_OUT") or REPO_ROOT / "test-artifacts" / "review_keyboard.json")
+# What the curator types on item i (cycling): (keys, the event kinds it records).
+SCRIPT = [
+    (["a"], ["accepted"]),
+    (["1", "2", "Enter"], ["correction"]),
+    (["k"], ["skipped"]),
+    (["3", "s"], ["correction"]),
+    (["a"], ["accepted"]),
+]
+UNDO_AT = 17  # on this item: toggle, Shift+S (save, stay), u (undo), then a (accept and next)
+
+
+def current_id(page: Page) -> int:
+    return int(page.url.split("/curate/predictions/")[1].split("?")[0].split("#")[0])
+
+
+def boxes(page: Page) -> list[tuple[str, bool]]:
+    """The current taxonomy's label boxes in key order: (label, ticked)."""
+    return page.locator(f"#tax-{SLUG} fieldset.checks input[type=checkbox]").evaluate_all(
+        "els => els.map(el => [el.value, el.checked])"
+    )
+
+
+def expect_ready(page: Page, prediction_id: int) -> None:
+    """The item is loaded and its first label box has the focus: keys act on it at once."""
+    page.wait_for_url(f"**/curate/predictions/{prediction_id}?*")
+    first = page.locator(f"#tax-{SLUG} fieldset.checks input[type=checkbox]").first
+    expect(first).to_be_focused()
+
+
+def events(site: Site) -> list[tuple[int, str, list[str], list[str]]]:
+    with site.app.app_context():
+        rows = db.session.scalars(select(AnnotationEvent).order_by(AnnotationEvent.id)).all()
+        return [(e.prediction_id, e.kind, sorted(e.added or []), sorted(e.removed or [])) for e in rows]
+
+
+def toggled(before: list[tuple[str, bool]], keys: list[str]) -> tuple[list[str], list[str]]:
+    """The labels that pressing these digit keys adds and removes."""
+    flips = [before[int(key) - 1] for key in keys if key.isdigit()]
+    return sorted(label for label, on in flips if not on), sorted(label for label, on in flips if on)
+
+
+def test_fifty_queue_items_by_keyboard_alone(page: Page, site: Site, abstracts: list[dict]) -> None:
+    # 60 queue items: each fixture abstract three times under a different title.
+    papers = [{**a, "title": f"{a['title']} ({n})"} for n in range(3) for a in abstracts]
+    predict(site, papers)
+    sign_in(page, "cora")
+    page.wait_for_url("**/curate/queue")
+    page.get_by_role("link", name="Start reviewing").focus()
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/curate/predictions/*queue=1*")
+    expect_ready(page, current_id(page))
+
+    expected: list[tuple[int, str, list[str], list[str]]] = []
+    seconds: list[float] = []
+    for i in range(ITEMS):
+        item = current_id(page)
+        keys, kinds = SCRIPT[i % len(SCRIPT)]
+        before = boxes(page)
+        started = time.perf_counter()
+        if i == UNDO_AT:
+            added, removed = toggled(before, ["1"])
+            for key in ["1", "Shift+S"]:
+                page.keyboard.press(key)
+            expect(page.locator(".flash").filter(has_text="Saved Research tasks")).to_have_count(1)
+            expect_ready(page, item)
+            page.keyboard.press("u")
+            expect(page.locator(".flash").filter(has_text="undid event")).to_have_count(1)
+            expect_ready(page, item)
+            page.keyboard.press("a")
+            expected += [(item, "correction", added, removed), (item, "undo", [], []), (item, "accepted", [], [])]
+        else:
+            for key in keys:
+                page.keyboard.press(key)
+            added, removed = toggled(before, keys)
+            expected += [(item, kind, added, removed) for kind in kinds]
+        page.wait_for_url(lambda url, item=item: f"/curate/predictions/{item}?" not in url)
+        if i < ITEMS - 1:
+            expect_ready(page, current_id(page))
+        seconds.append(time.perf_counter() - started)
+
+    assert events(site) == expected, "the stored events are not exactly what was typed"
+    assert len({prediction for prediction, *_ in expected}) == ITEMS
+    BENCH_OUT.parent.mkdir(parents=True, exist_ok=True)
+    BENCH_OUT.write_text(
+        json.dumps({"items": ITEMS, "seconds_per_item": seconds, "script": [keys for keys, _ in SCRIPT]}, indent=1)
+    )
+
+
+def test_help_overlay_and_no_keys_while_typing(page: Page, site: Site, abstracts: list[dict]) -> None:
+    (prediction_id,) = predict(site, abstracts[:1])
+    sign_in(page, "cora", f"/curate/predictions/{prediction_id}")
+    page.wait_for_url(f"**/curate/predictions/{prediction_id}")
+    first = page.locator(f"#tax-{SLUG} fieldset.checks input[type=checkbox]").first
+    expect(first).to_be_focused()
+    expect(page.get_by_role("button", name="Keyboard: ?")).to_be_visible()
+
+    # "?" opens the map of every key; "?" or Escape closes it.
+    help_dialog = page.get_by_role("dialog", name="Keyboard shortcuts")
+    expect(help_dialog).to_be_hidden()
+    page.keyboard.press("?")
+    expect(help_dialog).to_be_visible()
+    terms = help_dialog.locator("dt").all_inner_texts()
+    for key in ["a", "Enter", "s", "Shift+S", "k", "u", "1", "0", "/", "n", "]", "?", "Esc"]:
+        assert any(key in term.split() for term in terms), f"the help does not list {key!r}: {terms}"
+    page.keyboard.press("a")  # keys do nothing under the help
+    page.keyboard.press("?")
+    expect(help_dialog).to_be_hidden()
+    page.get_by_role("button", name="Keyboard: ?").click()
+    expect(help_dialog).to_be_visible()
+    page.keyboard.press("Escape")
+    expect(help_dialog).to_be_hidden()
+
+    # "/" jumps to the label search; typing there ("a", "s", digits) is text, not commands.
+    page.keyboard.press("/")
+    search = page.locator(f"#add-{SLUG}")
+    expect(search).to_be_focused()
+    page.keyboard.type("as 12 k u")
+    expect(search).to_have_value("as 12 k u")
+    before = first.is_checked()
+    search.fill("")
+    page.keyboard.press("Escape")  # leaves the field: the keys work again
+    expect(first).to_be_focused()
+    page.keyboard.press("1")
+    assert first.is_checked() is (not before)
+    page.keyboard.press("n")
+    expect(page.locator(f"#note-{SLUG}")).to_be_focused()
+    page.keyboard.type("a note")
+    page.keyboard.press("Escape")
+    assert events(site) == [], "a key fired while typing"
+
+    # Outside a queue Enter saves and stays; the note typed above goes with it.
+    page.keyboard.press("Enter")
+    expect(page.locator(".flash").filter(has_text="Saved Research tasks")).to_have_count(1)
+    assert [kind for _, kind, *_ in events(site)] == ["correction"]
+    expect(page.locator(f"#tax-{SLUG} .events")).to_contain_text("a note")
