@@ -15,7 +15,7 @@ from playwright.sync_api import Page, expect
 from sqlalchemy import select
 
 from tests import test_browser
-from tests.test_browser import SLUG, Site, predict, sign_in
+from tests.test_browser import DESKTOP, PHONE, SLUG, Site, predict, sign_in
 from webapp.config import REPO_ROOT
 from webapp.extensions import db
 from webapp.models import AnnotationEvent
@@ -31,6 +31,7 @@ SCRIPT = [
     (["3", "s"], ["correction"]),
     (["a"], ["accepted"]),
 ]
+DOCS = REPO_ROOT / "docs" / "screenshots"
 UNDO_AT = 17  # on this item: toggle, Shift+S (save, stay), u (undo), then a (accept and next)
 
 
@@ -127,6 +128,10 @@ def test_help_overlay_and_no_keys_while_typing(page: Page, site: Site, abstracts
     terms = help_dialog.locator("dt").all_inner_texts()
     for key in ["a", "Enter", "s", "Shift+S", "k", "u", "1", "0", "/", "n", "]", "?", "Esc"]:
         assert any(key in term.split() for term in terms), f"the help does not list {key!r}: {terms}"
+    for viewport, suffix in ((DESKTOP, ""), (PHONE, "-375px")):  # the key map, for the README
+        page.set_viewport_size(viewport)
+        page.screenshot(path=str(DOCS / f"review-keys{suffix}.png"))
+    page.set_viewport_size(DESKTOP)
     page.keyboard.press("a")  # keys do nothing under the help
     page.keyboard.press("?")
     expect(help_dialog).to_be_hidden()

@@ -35,6 +35,25 @@ document.addEventListener("DOMContentLoaded", () => {
       });
     }
   }
+  // A table wider than its box scrolls sideways: the box then takes the keyboard focus (arrow keys scroll it) and
+  // is named after its section's heading, so keyboard users reach every column too.
+  const wraps = [...document.querySelectorAll(".table-wrap")];
+  const reachable = () => {
+    for (const wrap of wraps) {
+      if (wrap.scrollWidth > wrap.clientWidth + 1) {
+        const heading = wrap.closest("section, main").querySelector("h1, h2, h3");
+        wrap.tabIndex = 0;
+        wrap.setAttribute("role", "region");
+        wrap.setAttribute("aria-label", `${heading ? heading.textContent.trim() : "Table"} (scrolls sideways)`);
+      } else {
+        wrap.removeAttribute("tabindex");
+        wrap.removeAttribute("role");
+        wrap.removeAttribute("aria-label");
+      }
+    }
+  };
+  reachable();
+  window.addEventListener("resize", reachable);
   // Prevent double submission while the model answers.
   const form = document.getElementById("predict-form");
   if (form) {
