@@ -4,6 +4,8 @@ changes, none for one that would not, all in one transaction."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -45,8 +47,6 @@ def _token(app: Flask, name: str, role: str) -> dict[str, str]:
 def _current(client: FlaskClient, pid: int) -> list[str]:
     headers = _token(client.application, "reader", "curator")
     lines = client.get("/api/v1/annotations", headers=headers).get_data(as_text=True).splitlines()
-    import json
-
     found = [json.loads(line) for line in lines if json.loads(line)["id"] == pid]
     return found[0]["labels"] if found else _labels(client.application, pid)
 

@@ -25,7 +25,6 @@ from .auth import role_required, token_user_role
 from .corrections import (
     CorrectionError,
     ReviewCommand,
-    ReviewForbidden,
     ReviewPart,
     check_label,
     taxonomy_labels,
@@ -129,8 +128,6 @@ def plan(user: User, ids: list[int], taxonomy: Taxonomy, action: str, label: obj
             command = ReviewCommand(predictions[prediction_id], user, [part])
             try:
                 command.validate()
-            except ReviewForbidden:
-                raise
             except CorrectionError as exc:
                 raise BulkError(f"prediction {prediction_id}: {exc}") from exc
             result.commands.append(command)
@@ -231,8 +228,6 @@ def confirm() -> Response | tuple[str, int]:
         taxonomy = _taxonomy(form.get("taxonomy"))
         ids = parse_ids(form["resolved_ids"]) if "resolved_ids" in form else _selected_ids(form, current_user)
         bulk = plan(current_user, ids, taxonomy, form.get("action", ""), form.get("label", ""))
-    except ReviewForbidden as exc:
-        abort(403, description=str(exc))
     except CorrectionError as exc:
         db.session.rollback()
         return render_template("bulk/confirm.html", error=str(exc), back=_back_url(), bulk=None), 400
@@ -264,8 +259,6 @@ def api_bulk() -> tuple[Response, int]:
     try:
         taxonomy = _taxonomy(body.get("taxonomy"))
         bulk = plan(g.api_user, list(dict.fromkeys(ids)), taxonomy, body.get("action", ""), body.get("label", ""))
-    except ReviewForbidden as exc:
-        abort(403, description=str(exc))
     except CorrectionError as exc:
         db.session.rollback()
         abort(400, description=str(exc))
