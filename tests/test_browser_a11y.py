@@ -46,6 +46,12 @@ def serious_violations(page: Page) -> list[str]:
     ]
 
 
+# Where the page's content begins at 375 px: the highest h1 or h2 on screen order (not document order: a review
+# shows its labels before the abstract's title).
+HEADINGS_TOP = """() => Math.min(...[...document.querySelectorAll('main h1, main h2')]
+  .filter(el => el.getClientRects().length).map(el => el.getBoundingClientRect().top + window.scrollY))"""
+
+
 def top_of(page: Page, selector: str) -> float:
     """Where the first element matching ``selector`` starts, in page coordinates."""
     return page.locator(selector).first.evaluate("el => el.getBoundingClientRect().top + window.scrollY")
@@ -98,6 +104,10 @@ def test_every_main_page_passes_axe_at_laptop_and_phone_width(
             if viewport is PHONE:
                 width = page.evaluate("document.documentElement.scrollWidth")
                 assert width <= PHONE["width"], f"{name} scrolls sideways at 375 px ({width} px wide)"
+                bar = page.locator("header.topbar").evaluate("el => el.getBoundingClientRect().height")
+                assert bar <= 64, f"{name}: the top bar takes {bar} px at 375 px"
+                heading = page.evaluate(HEADINGS_TOP)
+                assert heading < PHONE["height"] / 2, f"{name}: its first heading starts at {heading} px at 375 px"
     # The audit does check contrast: the old near-miss grey (2.1:1) on a card is caught.
     page.evaluate(
         """() => { const p = document.createElement('p'); p.textContent = 'a near miss';

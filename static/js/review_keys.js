@@ -101,6 +101,15 @@ document.addEventListener("DOMContentLoaded", () => {
     });
   }
 
+  // Screen readers announce the keys with the buttons they press.
+  const shortcuts = { accept: "A", "accept-next": "A", save: "Shift+S", next: "Enter S", skip: "K" };
+  if (!button("next")) shortcuts.save = "Enter S Shift+S";
+  for (const [action, names] of Object.entries(shortcuts)) {
+    const target = button(action);
+    if (target) target.setAttribute("aria-keyshortcuts", names);
+  }
+  if (button("accept-next")) button("accept").removeAttribute("aria-keyshortcuts");
+
   const opener = document.getElementById("review-keys-open");
   opener.hidden = false;
   opener.addEventListener("click", () => help.showModal());
