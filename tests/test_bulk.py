@@ -248,3 +248,18 @@ def test_anonymous_callers_are_refused(app: Flask, client: FlaskClient, predicte
     body = {"taxonomy": SLUG, "action": "accept", "ids": [predicted[0]]}
     assert client.post("/api/v1/annotations/bulk", json=body).status_code == 401
     assert _events(app) == []
+
+
+def test_labels_are_named_as_today_after_a_rename(app: Flask, client: FlaskClient, predicted: list[int]) -> None:
+    """Label surgery: the old name of a renamed label is refused, the new one removes it from the items stored
+    under the old name (their stored rows are not rewritten)."""
+    admin = _token(app, "ada", "admin")
+    old = next(lab for pid in predicted for lab in _labels(app, pid))
+    having = [pid for pid in predicted if old in _labels(app, pid)]
+    body = {"kind": "rename", "from": old, "to": "Renamed Task"}
+    assert client.post(f"/api/v1/taxonomies/{SLUG}/label-changes", json=body, headers=admin).status_code == 201
+    bulk = {"taxonomy": SLUG, "action": "remove", "ids": predicted, "dry_run": True}
+    refused = client.post("/api/v1/annotations/bulk", json=bulk | {"label": old}, headers=admin)
+    assert refused.status_code == 400 and "as it is named today" in refused.get_json()["error"]
+    counted = client.post("/api/v1/annotations/bulk", json=bulk | {"label": "Renamed Task"}, headers=admin)
+    assert sorted(counted.get_json()["changed_ids"]) == sorted(having)
