@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -15,10 +16,12 @@ from playwright.sync_api import Page, expect
 from sqlalchemy import select
 
 from tests import test_browser
+from tests.conftest import BundleFactory
 from tests.test_browser import DESKTOP, PHONE, SLUG, Site, predict, sign_in
 from webapp.config import REPO_ROOT
 from webapp.extensions import db
 from webapp.models import AnnotationEvent
+from webapp.serving.registry import import_bundle
 
 browser, site, page = test_browser.browser, test_browser.site, test_browser.page
 ITEMS = 50
@@ -32,6 +35,7 @@ SCRIPT = [
     (["a"], ["accepted"]),
 ]
 DOCS = REPO_ROOT / "docs" / "screenshots"
+FIELDS, FIELD_LABELS = "fields", ["Biology", "Chemistry", "Physics", "Mathematics", "Economics"]
 UNDO_AT = 17  # on this item: toggle, Shift+S (save, stay), u (undo), then a (accept and next)
 
 
@@ -112,11 +116,15 @@ def test_fifty_queue_items_by_keyboard_alone(page: Page, site: Site, abstracts: 
     )
 
 
-def test_help_overlay_and_no_keys_while_typing(page: Page, site: Site, abstracts: list[dict]) -> None:
+def test_help_overlay_and_no_keys_while_typing(
+    page: Page, site: Site, abstracts: list[dict], make_bundle: BundleFactory
+) -> None:
+    with site.app.app_context():  # a second taxonomy, to move between sections with ] and [
+        import_bundle(make_bundle(seed=5, slug=FIELDS, name="Fields", labels=FIELD_LABELS), actor="tests")
     (prediction_id,) = predict(site, abstracts[:1])
     sign_in(page, "cora", f"/curate/predictions/{prediction_id}")
     page.wait_for_url(f"**/curate/predictions/{prediction_id}")
-    first = page.locator(f"#tax-{SLUG} fieldset.checks input[type=checkbox]").first
+    first = page.locator(f"#tax-{FIELDS} fieldset.checks input[type=checkbox]").first
     expect(first).to_be_focused()
     expect(page.get_by_role("button", name="Keyboard: ?")).to_be_visible()
 
@@ -142,7 +150,7 @@ def test_help_overlay_and_no_keys_while_typing(page: Page, site: Site, abstracts
 
     # "/" jumps to the label search; typing there ("a", "s", digits) is text, not commands.
     page.keyboard.press("/")
-    search = page.locator(f"#add-{SLUG}")
+    search = page.locator(f"#add-{FIELDS}")
     expect(search).to_be_focused()
     page.keyboard.type("as 12 k u")
     expect(search).to_have_value("as 12 k u")
@@ -153,13 +161,28 @@ def test_help_overlay_and_no_keys_while_typing(page: Page, site: Site, abstracts
     page.keyboard.press("1")
     assert first.is_checked() is (not before)
     page.keyboard.press("n")
-    expect(page.locator(f"#note-{SLUG}")).to_be_focused()
+    expect(page.locator(f"#note-{FIELDS}")).to_be_focused()
     page.keyboard.type("a note")
     page.keyboard.press("Escape")
     assert events(site) == [], "a key fired while typing"
 
+    # "]" and "[" move between taxonomies; the digits then act on the section that has the focus.
+    sections = page.locator("section.curate")
+    first_section = sections.first
+    second = sections.nth(1)
+    second_box = second.locator("fieldset.checks input[type=checkbox]").first
+    second_before = second_box.is_checked()
+    page.keyboard.press("]")
+    expect(second_box).to_be_focused()
+    expect(second).to_have_class(re.compile(r"\bcurrent-section\b"))
+    page.keyboard.press("1")
+    assert second_box.is_checked() is (not second_before)
+    page.keyboard.press("1")
+    page.keyboard.press("[")
+    expect(first_section.locator("fieldset.checks input[type=checkbox]").first).to_be_focused()
+
     # Outside a queue Enter saves and stays; the note typed above goes with it.
     page.keyboard.press("Enter")
-    expect(page.locator(".flash").filter(has_text="Saved Research tasks")).to_have_count(1)
+    expect(page.locator(".flash").filter(has_text="Saved Fields")).to_have_count(1)
     assert [kind for _, kind, *_ in events(site)] == ["correction"]
-    expect(page.locator(f"#tax-{SLUG} .events")).to_contain_text("a note")
+    expect(page.locator(f"#tax-{FIELDS} .events")).to_contain_text("a note")
