@@ -1,8 +1,9 @@
-"""Keyboard-first review (issue 12 point 3): run the browser test that reviews 50 queue items by keyboard alone
-(tests/test_browser_keyboard.py) and print the seconds per item it recorded: from the first key of an item to the
-next item open with its first label focused (server, page load and script; no human think time).
+"""Keyboard-first review (issue 12 point 3): run the browser tests that review 50 queue items by keyboard alone and
+the same 50 by mouse on the page's buttons (tests/test_browser_keyboard.py, one run) and print the seconds per item
+each recorded, from the first key or click of an item to the next item open with its first label focused (server,
+page load and script; no human think time), and the keyboard's ratio to the mouse baseline.
 
-    .venv/bin/python bench/review_keyboard.py [--out FILE]
+    .venv/bin/python bench/review_keyboard.py [--out DIR]
 
 Needs what the browser tests need (Debian's Chromium, the dev requirements)."""
 
@@ -18,28 +19,37 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TEST = "tests/test_browser_keyboard.py::test_fifty_queue_items_by_keyboard_alone"
+TESTS = [
+    "tests/test_browser_keyboard.py::test_fifty_queue_items_by_keyboard_alone",
+    "tests/test_browser_keyboard.py::test_the_same_fifty_items_by_mouse_as_the_baseline",
+]
+
+
+def summary(seconds: list[float]) -> str:
+    ordered = sorted(seconds)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return f"median {statistics.median(ordered):.3f}, mean {statistics.fmean(ordered):.3f}, p95 {p95:.3f}"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="keep the per-item seconds (JSON) here")
+    parser.add_argument(
+        "--out", type=Path, help="keep the per-item seconds (review-keys.json, review-clicks.json) here"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        out = args.out or Path(tmp) / "review_keyboard.json"
+        out = args.out or Path(tmp)
         env = {**os.environ, "PAPERTAG_BENCH_OUT": str(out)}
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", TEST]
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS]
         if subprocess.run(command, cwd=REPO, env=env, check=False).returncode:
-            print("the keyboard review test failed; no figures", file=sys.stderr)
+            print("the review tests failed; no figures", file=sys.stderr)
             return 1
-        result = json.loads(out.read_text())
-    seconds = sorted(result["seconds_per_item"])
-    p95 = seconds[min(len(seconds) - 1, round(0.95 * (len(seconds) - 1)))]
-    print(f"{result['items']} queue items reviewed by keyboard alone (keys per item, cycling: {result['script']})")
-    print(
-        f"seconds per item: median {statistics.median(seconds):.3f}, mean {statistics.fmean(seconds):.3f}, "
-        f"p95 {p95:.3f}, total {sum(seconds):.1f}"
-    )
+        keys, clicks = (json.loads((out / f"review-{mode}.json").read_text()) for mode in ("keys", "clicks"))
+    print(f"{keys['items']} queue items, the same script both ways (keys per item, cycling: {keys['script']})")
+    print(f"keyboard: seconds per item {summary(keys['seconds_per_item'])}")
+    print(f"mouse:    seconds per item {summary(clicks['seconds_per_item'])}")
+    ratio = statistics.median(keys["seconds_per_item"]) / statistics.median(clicks["seconds_per_item"])
+    print(f"keyboard / mouse (median): {ratio:.2f}x")
     return 0
 
 

@@ -1,8 +1,9 @@
 """Keyboard-first review in a real browser (issue 12 point 3, static/js/review_keys.js): a curator reviews 50 queue
 items with the keyboard alone (accepts, label toggles then save, skips, one save-undo) and the stored events are
 exactly what was typed; "?" shows the key map; keys never fire while typing; each next item opens with focus on
-its first label. The seconds per item go to ``$PAPERTAG_BENCH_OUT`` (default ``test-artifacts/review_keyboard.json``)
-for ``bench/review_keyboard.py`` to print: nothing here asserts a duration."""
+its first label. The same 50 items by mouse on the page's buttons give the same events and the baseline. The seconds
+per item go to the folder ``$PAPERTAG_BENCH_OUT`` (default ``test-artifacts/bench``) for ``bench/review_keyboard.py``
+to print: nothing here asserts a duration."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from playwright.sync_api import Page, expect
@@ -25,7 +27,7 @@ from webapp.serving.registry import import_bundle
 
 browser, site, page = test_browser.browser, test_browser.site, test_browser.page
 ITEMS = 50
-BENCH_OUT = Path(os.environ.get("PAPERTAG_BENCH_OUT") or REPO_ROOT / "test-artifacts" / "review_keyboard.json")
+BENCH_OUT = Path(os.environ.get("PAPERTAG_BENCH_OUT") or REPO_ROOT / "test-artifacts" / "bench")
 # What the curator types on item i (cycling): (keys, the event kinds it records).
 SCRIPT = [
     (["a"], ["accepted"]),
@@ -37,6 +39,9 @@ SCRIPT = [
 DOCS = REPO_ROOT / "docs" / "screenshots"
 FIELDS, FIELD_LABELS = "fields", ["Biology", "Chemistry", "Physics", "Mathematics", "Economics"]
 UNDO_AT = 17  # on this item: toggle, Shift+S (save, stay), u (undo), then a (accept and next)
+# The button each key presses, for the mouse baseline.
+CLICKS = {"a": "Accept and next", "Enter": "Save and next", "s": "Save and next", "k": "Skip"}
+CLICKS |= {"Shift+S": "Save changes", "u": "Undo my last change"}
 
 
 def current_id(page: Page) -> int:
@@ -70,6 +75,25 @@ def toggled(before: list[tuple[str, bool]], keys: list[str]) -> tuple[list[str],
 
 
 def test_fifty_queue_items_by_keyboard_alone(page: Page, site: Site, abstracts: list[dict]) -> None:
+    review_fifty(page, site, abstracts, "keys", page.keyboard.press)
+
+
+def test_the_same_fifty_items_by_mouse_as_the_baseline(page: Page, site: Site, abstracts: list[dict]) -> None:
+    """The same script with the pointer on the page's own buttons and boxes (what works without JavaScript): the
+    same events, and the baseline that bench/review_keyboard.py sets the keyboard's seconds against."""
+
+    def click(key: str) -> None:
+        if key.isdigit():
+            page.locator(f"#tax-{SLUG} fieldset.checks input[type=checkbox]").nth(int(key) - 1).click()
+        else:
+            page.get_by_role("button", name=CLICKS[key], exact=True).click()
+
+    review_fifty(page, site, abstracts, "clicks", click)
+
+
+def review_fifty(page: Page, site: Site, abstracts: list[dict], mode: str, press: Callable[[str], None]) -> None:
+    """Review 50 queue items with SCRIPT, each key given to ``press``; the events must be exactly the script's.
+    The seconds per item go to ``<PAPERTAG_BENCH_OUT>/review-<mode>.json``."""
     # 60 queue items: each fixture abstract three times under a different title.
     papers = [{**a, "title": f"{a['title']} ({n})"} for n in range(3) for a in abstracts]
     predict(site, papers)
@@ -90,17 +114,17 @@ def test_fifty_queue_items_by_keyboard_alone(page: Page, site: Site, abstracts: 
         if i == UNDO_AT:
             added, removed = toggled(before, ["1"])
             for key in ["1", "Shift+S"]:
-                page.keyboard.press(key)
+                press(key)
             expect(page.locator(".flash").filter(has_text="Saved Research tasks")).to_have_count(1)
             expect_ready(page, item)
-            page.keyboard.press("u")
+            press("u")
             expect(page.locator(".flash").filter(has_text="undid event")).to_have_count(1)
             expect_ready(page, item)
-            page.keyboard.press("a")
+            press("a")
             expected += [(item, "correction", added, removed), (item, "undo", [], []), (item, "accepted", [], [])]
         else:
             for key in keys:
-                page.keyboard.press(key)
+                press(key)
             added, removed = toggled(before, keys)
             expected += [(item, kind, added, removed) for kind in kinds]
         page.wait_for_url(lambda url, item=item: f"/curate/predictions/{item}?" not in url)
@@ -108,10 +132,10 @@ def test_fifty_queue_items_by_keyboard_alone(page: Page, site: Site, abstracts: 
             expect_ready(page, current_id(page))
         seconds.append(time.perf_counter() - started)
 
-    assert events(site) == expected, "the stored events are not exactly what was typed"
+    assert events(site) == expected, f"the stored events are not exactly what was done ({mode})"
     assert len({prediction for prediction, *_ in expected}) == ITEMS
-    BENCH_OUT.parent.mkdir(parents=True, exist_ok=True)
-    BENCH_OUT.write_text(
+    BENCH_OUT.mkdir(parents=True, exist_ok=True)
+    (BENCH_OUT / f"review-{mode}.json").write_text(
         json.dumps({"items": ITEMS, "seconds_per_item": seconds, "script": [keys for keys, _ in SCRIPT]}, indent=1)
     )
 
