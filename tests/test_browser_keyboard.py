@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Browser, Page, expect
 from sqlalchemy import select
 
 from tests import test_browser
@@ -210,3 +210,22 @@ def test_help_overlay_and_no_keys_while_typing(
     expect(page.locator(".flash").filter(has_text="Saved Fields")).to_have_count(1)
     assert [kind for _, kind, *_ in events(site)] == ["correction"]
     expect(page.locator(f"#tax-{FIELDS} .events")).to_contain_text("a note")
+
+
+def test_without_javascript_the_buttons_do_it_all(browser: Browser, site: Site, abstracts: list[dict]) -> None:
+    """No script: no key hints, no help button, the navigation in full, and the review's buttons still record."""
+    context = browser.new_context(base_url=site.url, java_script_enabled=False, viewport=PHONE)
+    try:
+        page = context.new_page()
+        (prediction_id,) = predict(site, abstracts[:1])
+        sign_in(page, "cora", f"/curate/predictions/{prediction_id}")
+        page.wait_for_url(f"**/curate/predictions/{prediction_id}")
+        expect(page.get_by_role("button", name="Keyboard: ?")).to_be_hidden()
+        expect(page.get_by_role("button", name="Menu")).to_be_hidden()
+        expect(page.locator("header.topbar").get_by_role("link", name="Review queue")).to_be_visible()
+        expect(page.locator(".key-hint")).to_have_count(0)
+        page.get_by_role("button", name="Accept", exact=True).click()
+        expect(page.locator(".flash").filter(has_text="accepted the labels")).to_have_count(1)
+        assert [kind for _, kind, *_ in events(site)] == ["accepted"]
+    finally:
+        context.close()
