@@ -48,9 +48,9 @@ def current_id(page: Page) -> int:
     return int(page.url.split("/curate/predictions/")[1].split("?")[0].split("#")[0])
 
 
-def boxes(page: Page) -> list[tuple[str, bool]]:
-    """The current taxonomy's label boxes in key order: (label, ticked)."""
-    return page.locator(f"#tax-{SLUG} fieldset.checks input[type=checkbox]").evaluate_all(
+def boxes(page: Page, slug: str = SLUG) -> list[tuple[str, bool]]:
+    """A taxonomy's label boxes in key order: (label, ticked)."""
+    return page.locator(f"#tax-{slug} fieldset.checks input[type=checkbox]").evaluate_all(
         "els => els.map(el => [el.value, el.checked])"
     )
 
@@ -229,3 +229,33 @@ def test_without_javascript_the_buttons_do_it_all(browser: Browser, site: Site, 
         assert [kind for _, kind, *_ in events(site)] == ["accepted"]
     finally:
         context.close()
+
+
+def test_labels_past_the_ninth_by_zero_and_shift_digits(
+    page: Page, site: Site, abstracts: list[dict], make_bundle: BundleFactory
+) -> None:
+    many = [f"Task {n:02d}" for n in range(1, 16)]
+    with site.app.app_context():
+        import_bundle(make_bundle(seed=7, slug="many", name="Many tasks", labels=many), actor="tests")
+    (prediction_id,) = predict(site, abstracts[2:3])
+    sign_in(page, "cora", f"/curate/predictions/{prediction_id}")
+    page.wait_for_url(f"**/curate/predictions/{prediction_id}")
+    section = page.locator("#tax-many")
+    # By keys only: add labels through the search until the section shows more than 11 boxes, then save and stay.
+    current = {label for label, on in boxes(page, "many") if on}
+    for label in [label for label in many if label not in current][:8]:
+        page.keyboard.press("/")
+        page.keyboard.type(label)
+        page.keyboard.press("Enter")
+        page.keyboard.press("Escape")
+    page.keyboard.press("Shift+S")
+    expect(page.locator(".flash").filter(has_text="Saved Many tasks")).to_have_count(1)
+    before = boxes(page, "many")
+    assert len(before) >= 11, before
+    hints = section.locator(".key-hint").all_inner_texts()
+    assert hints[:11] == ["1", "2", "3", "4", "5", "6", "7", "8", "9", "0", "⇧1"], hints
+    page.keyboard.press("0")
+    page.keyboard.press("Shift+Digit1")
+    after = boxes(page, "many")
+    flipped = [i for i, (was, now) in enumerate(zip(before, after, strict=True)) if was[1] != now[1]]
+    assert flipped == [9, 10], f"0 and Shift+1 should toggle the 10th and 11th labels, toggled {flipped}"
