@@ -18,10 +18,16 @@ document.addEventListener("DOMContentLoaded", () => {
   const submit = (action) => {
     const target = action && form.querySelector(`button[name="action"][value="${action}"]`);
     if (!target || submitted) return false;
-    submitted = true; // one key press, one event: a held key must not submit twice
-    form.requestSubmit(target);
+    form.requestSubmit(target); // a form the browser refuses (a field over its limit) stays, keys still work
     return true;
   };
+  // One submit per page: a second key before the next page arrives must not record a second event.
+  form.addEventListener("submit", () => {
+    submitted = true;
+  });
+  window.addEventListener("pageshow", (event) => {
+    if (event.persisted) submitted = false; // back to this page from the browser's cache
+  });
 
   const focusSection = (index, scroll = true) => {
     current = (index + sections.length) % sections.length;
@@ -124,6 +130,7 @@ document.addEventListener("DOMContentLoaded", () => {
   document.addEventListener("keydown", (event) => {
     if (event.defaultPrevented || event.isComposing || event.ctrlKey || event.metaKey || event.altKey) return;
     const active = document.activeElement;
+    if (event.repeat && !typing(active)) return; // a held key acts once (and keeps its browser meaning)
     if (help.open) {
       if (event.key === "?") {
         event.preventDefault();
@@ -145,7 +152,7 @@ document.addEventListener("DOMContentLoaded", () => {
     if (index !== null) {
       const box = boxes(sections[current])[index - 1];
       if (box) {
-        box.checked = !box.checked;
+        box.click(); // as a click does: change and input events for other scripts
         box.focus();
       }
     } else if (event.key === "?") {
