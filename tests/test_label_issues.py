@@ -24,9 +24,12 @@ from trainer.config import TrainConfig
 from trainer.data import Paper, merge_corrections
 from trainer.label_issues import Scored, issue_rows, out_of_fold, quality_order, write_issues
 from webapp.annotations import corrected_predictions
+from webapp.curate import queue_query
 from webapp.extensions import db
 from webapp.label_issues import DATASET_SOURCE, import_issues, read_issue_file
-from webapp.models import ApiToken, LabelIssue, Prediction, PredictionResult, User
+from webapp.models import ApiToken, LabelIssue, Prediction, PredictionResult, Taxonomy, User
+from webapp.quality import reviews
+from webapp.replay import sample as replay_sample
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 browser, site, page = test_browser.browser, test_browser.site, test_browser.page
@@ -373,3 +376,42 @@ def test_a_taxonomy_without_an_active_version_refuses_new_papers(app: Flask, abs
             import_issues(rows)
         assert db.session.scalar(select(func.count(Prediction.id))) == 0
     assert issue_count(app) == 0
+
+
+def curator_token(runner) -> dict[str, str]:  # noqa: ANN001
+    plain = runner.invoke(args=["tokens", "create", "cora", "--role", "curator"]).output.strip().splitlines()[-1]
+    return {"Authorization": f"Bearer {plain}"}
+
+
+def test_base_papers_stay_out_of_the_queue_live_quality_and_replay(
+    app: Flask, client: FlaskClient, runner, stored: dict, abstracts: list[dict], tmp_path: Path
+) -> None:  # noqa: ANN001
+    """A base-data paper's result holds the data's labels and out-of-fold scores, not a served model's answer: the
+    margin queue, live quality (and so learned thresholds) and replay's sample leave it out, reviewed or not."""
+    path = write(tmp_path / "issues.jsonl", [issue(abstracts[1]["abstract"], ["Code Generation"], ["Robotics"], 0.02)])
+    assert runner.invoke(args=["labels", "import-issues", str(path)]).exit_code == 0
+    curator = curator_token(runner)
+    with app.app_context():
+        base_id = db.session.scalar(select(Prediction.id).where(Prediction.source == DATASET_SOURCE))
+        queued = {r.prediction_id for r in db.session.scalars(queue_query(TAXONOMY))}
+        assert queued == {stored["id"]}
+        taxonomy = db.session.scalar(select(Taxonomy).where(Taxonomy.slug == TAXONOMY))
+        assert [s.prediction.id for s in replay_sample(taxonomy, 10)] == [stored["id"]]
+    for prediction_id in (stored["id"], base_id):
+        body = {"taxonomy": TAXONOMY, "action": "accept"}
+        response = client.post(f"/api/v1/predictions/{prediction_id}/annotations", json=body, headers=curator)
+        assert response.status_code in (200, 201), response.get_data(as_text=True)
+    with app.app_context():
+        taxonomy = db.session.scalar(select(Taxonomy).where(Taxonomy.slug == TAXONOMY))
+        assert [r.prediction_id for r in reviews(taxonomy.id)] == [stored["id"]]
+        sampled = replay_sample(taxonomy, 10)
+        assert [(s.prediction.id, s.gold is not None) for s in sampled] == [(stored["id"], True)]
+
+
+def test_a_skip_is_no_gold_for_replay(app: Flask, client: FlaskClient, runner, stored: dict) -> None:  # noqa: ANN001
+    body = {"taxonomy": TAXONOMY, "action": "skip"}
+    response = client.post(f"/api/v1/predictions/{stored['id']}/annotations", json=body, headers=curator_token(runner))
+    assert response.status_code in (200, 201), response.get_data(as_text=True)
+    with app.app_context():
+        taxonomy = db.session.scalar(select(Taxonomy).where(Taxonomy.slug == TAXONOMY))
+        assert [(s.prediction.id, s.gold) for s in replay_sample(taxonomy, 10)] == [(stored["id"], None)]

@@ -28,7 +28,7 @@ from .corrections import (
     taxonomy_state,
 )
 from .extensions import db
-from .models import LabelProposal, Prediction, PredictionResult, Taxonomy
+from .models import DATASET_SOURCE, LabelProposal, Prediction, PredictionResult, Taxonomy
 
 bp = Blueprint("curate", __name__, url_prefix="/curate")
 
@@ -97,7 +97,12 @@ def queue_query(taxonomy_slug: str = "", label: str = "", user_id: int | None = 
     if user_id is not None:
         skipped = has_active_event(PredictionResult.prediction_id, PredictionResult.taxonomy_id, ["skipped"], user_id)
         order.insert(0, case((skipped, 1), else_=0))
-    stmt = select(PredictionResult).where(waiting).order_by(*order)
+    stmt = (
+        select(PredictionResult)
+        .join(Prediction, Prediction.id == PredictionResult.prediction_id)
+        .where(waiting, Prediction.source != DATASET_SOURCE)  # base-data papers have the label-error queue
+        .order_by(*order)
+    )
     if taxonomy_slug:
         stmt = stmt.join(Taxonomy, Taxonomy.id == PredictionResult.taxonomy_id).where(Taxonomy.slug == taxonomy_slug)
     if label:

@@ -27,12 +27,10 @@ from .annotations import current_labels
 from .auth import role_required, token_user_role
 from .corrections import CorrectionError, check_label
 from .extensions import csrf, db
-from .models import AnnotationEvent, LabelIssue, PredictedLabel, Prediction, PredictionResult, Taxonomy
+from .models import DATASET_SOURCE, AnnotationEvent, LabelIssue, PredictedLabel, Prediction, PredictionResult, Taxonomy
 from .serving.scoring import InputError, check_submission
 
 bp = Blueprint("label_issues", __name__, cli_group="labels")
-# Prediction.source of a paper imported from the base data rather than submitted to the site.
-DATASET_SOURCE = "dataset"
 SOURCE_MAX_CHARS = 300
 STATES = ("open", "reviewed", "all")
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl")

@@ -17,6 +17,9 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 from .extensions import db
 
+# Prediction.source of a paper imported from the base data (webapp/label_issues.py) rather than submitted: live
+# quality, learned thresholds, the review queue and replay leave it out, as no served model answered it.
+DATASET_SOURCE = "dataset"
 ROLES = ("curator", "adjudicator", "admin")
 
 
@@ -123,7 +126,8 @@ class Prediction(db.Model):
     title: Mapped[str | None] = mapped_column(Text, default=None)
     abstract: Mapped[str] = mapped_column(Text)
     text_sha256: Mapped[str] = mapped_column(String(64), index=True)
-    # "web", "api" or "batch".
+    # "web", "api", "batch", or DATASET_SOURCE: a base-data paper imported for the label-error queue, whose
+    # result holds the data's labels and out-of-fold scores, not a served model's answer.
     source: Mapped[str] = mapped_column(String(20))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     # The CSV batch job this came from.

@@ -25,7 +25,7 @@ from sqlalchemy.orm import load_only, selectinload
 from .annotations import REVIEW_KINDS, active_events, current_labels, has_active_event, label_map, prediction_text
 from .auth import has_role
 from .extensions import db
-from .models import AnnotationEvent, ModelVersion, Prediction, PredictionResult, Taxonomy
+from .models import DATASET_SOURCE, AnnotationEvent, ModelVersion, Prediction, PredictionResult, Taxonomy
 from .serving.registry import RegistryError, get_taxonomy, get_version
 
 bp = Blueprint("quality", __name__)
@@ -69,8 +69,11 @@ def reviews(taxonomy_id: int, version_id: str | None = None, *, with_scores: boo
             load_only(*columns),
             selectinload(PredictionResult.prediction).load_only(Prediction.title, Prediction.abstract),
         )
+        .join(Prediction, Prediction.id == PredictionResult.prediction_id)
         .where(
-            PredictionResult.taxonomy_id == taxonomy_id, has_active_event(PredictionResult.prediction_id, taxonomy_id)
+            PredictionResult.taxonomy_id == taxonomy_id,
+            has_active_event(PredictionResult.prediction_id, taxonomy_id),
+            Prediction.source != DATASET_SOURCE,  # no served model answered a base-data paper
         )
         .order_by(PredictionResult.prediction_id)
     )

@@ -25,10 +25,10 @@ from werkzeug.exceptions import Conflict, NotFound
 
 from . import jobs
 from .admin import gate_failed
-from .annotations import current_labels, label_map
+from .annotations import current_labels, has_active_event, label_map
 from .auth import role_required, token_user_role
 from .extensions import db
-from .models import AnnotationEvent, ModelVersion, Prediction, PredictionResult, ReplayReport, Taxonomy
+from .models import DATASET_SOURCE, AnnotationEvent, ModelVersion, Prediction, PredictionResult, ReplayReport, Taxonomy
 from .serving.bundle import BundleError, compose_text
 from .serving.inference import LoadedModel
 from .serving.registry import RegistryError, get_version, live_models, load_version
@@ -53,21 +53,33 @@ class Sampled:
 
 
 def sample(taxonomy: Taxonomy, size: int) -> list[Sampled]:
-    """Up to ``size`` stored predictions of the taxonomy: the reviewed ones first (latest corrected first),
-    then the newest others."""
+    """Up to ``size`` stored predictions of the taxonomy: the reviewed ones first (latest reviewed first), then the
+    newest others; never base-data papers (the label-error queue's), which trained the models compared."""
+    latest_event = (
+        select(func.max(AnnotationEvent.id))
+        .where(AnnotationEvent.prediction_id == PredictionResult.prediction_id)
+        .where(AnnotationEvent.taxonomy_id == taxonomy.id)
+        .scalar_subquery()
+    )
+    # Reviewed: an accept, correction or adjudication still in force (a skip or an undone review is no gold).
     reviewed_ids = list(
         db.session.scalars(
-            select(AnnotationEvent.prediction_id)
-            .where(AnnotationEvent.taxonomy_id == taxonomy.id)
-            .group_by(AnnotationEvent.prediction_id)
-            .order_by(func.max(AnnotationEvent.id).desc())
+            select(PredictionResult.prediction_id)
+            .join(Prediction, Prediction.id == PredictionResult.prediction_id)
+            .where(PredictionResult.taxonomy_id == taxonomy.id)
+            .where(has_active_event(PredictionResult.prediction_id, taxonomy.id))
+            .where(Prediction.source != DATASET_SOURCE)  # base-data papers trained the models compared
+            .group_by(PredictionResult.prediction_id)
+            .order_by(func.max(latest_event).desc())
             .limit(size)
         )
     )
     other_ids = list(
         db.session.scalars(
             select(PredictionResult.prediction_id)
+            .join(Prediction, Prediction.id == PredictionResult.prediction_id)
             .where(PredictionResult.taxonomy_id == taxonomy.id, PredictionResult.prediction_id.not_in(reviewed_ids))
+            .where(Prediction.source != DATASET_SOURCE)
             .group_by(PredictionResult.prediction_id)
             .order_by(PredictionResult.prediction_id.desc())
             .limit(size - len(reviewed_ids))
