@@ -386,7 +386,9 @@ def test_admin_retrains_then_activates_and_rolls_back(page: Page, site: Site, ab
     expect(page.locator("aside .version")).to_have_text(site.other)
 
     page.goto("/models")
-    page.get_by_role("button", name=f"Roll back {site.other}").click()
+    page.get_by_role("link", name=f"Roll back {site.other}…").click()  # a rollback is confirmed first
+    page.get_by_label("I have read what this does and want it done.").check()
+    page.get_by_role("button", name="Roll back Research tasks").click()
     expect(page.locator(".flash").first).to_contain_text(f"Rolled back: {site.active} is the active")
     expect(page.locator("tr.active-row .version")).to_have_text(site.active)
     assert active_version(site) == site.active

@@ -59,7 +59,8 @@ def test_explain_highlights_sentences_and_similar_papers_show_reviews(
     expect(similar.locator(".similar-item")).to_have_count(5)
     reviewed = similar.locator(".similar-item", has=page.locator(".badge.ok"))
     expect(reviewed).to_have_count(1)
-    expect(reviewed.locator(".chip")).to_have_text(["Machine Translation", "Question Answering"])
+    # The current labels; the model's own sit folded under them (details), one click away.
+    expect(reviewed.locator(":scope > ul.chips > .chip")).to_have_text(["Machine Translation", "Question Answering"])
 
     panel.get_by_label("Label").select_option(first)
     page.set_viewport_size(README_VIEWPORT)
