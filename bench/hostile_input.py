@@ -18,25 +18,14 @@ import io
 import json
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.timing import best  # noqa: E402
 from webapp import create_app  # noqa: E402
 from webapp.csv_cells import csv_lines  # noqa: E402
-
-
-def best(rounds: int, work: Callable[[], object]) -> float:
-    """The fastest of ``rounds`` runs, in seconds."""
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def plain_lines(rows: list[list[object]]) -> list[str]:

@@ -24,8 +24,6 @@ import random
 import shutil
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,6 +32,7 @@ sys.path.insert(0, str(REPO))
 import flask_migrate  # noqa: E402
 from sqlalchemy import Select, exists, func, select  # noqa: E402
 
+from bench.timing import best  # noqa: E402
 from tests.tiny_bundle import LABELS, build_bundle, build_tokenizer  # noqa: E402
 from webapp import create_app  # noqa: E402
 from webapp.annotations import label_views, results_labelled, results_with_label  # noqa: E402
@@ -42,16 +41,6 @@ from webapp.curate import queue_query  # noqa: E402
 from webapp.extensions import db  # noqa: E402
 from webapp.models import AnnotationEvent, PredictedLabel, Prediction, PredictionResult, User  # noqa: E402
 from webapp.serving.registry import import_bundle  # noqa: E402
-
-
-def best(rounds: int, work: Callable[[], object]) -> float:
-    """The fastest of ``rounds`` runs, in seconds."""
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def fill(n: int, corrected: int) -> None:
