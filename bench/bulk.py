@@ -24,8 +24,8 @@ from sqlalchemy import select  # noqa: E402
 from bench import label_filter  # noqa: E402  (its fill(): stored results of a tiny bundle)
 from tests.tiny_bundle import LABELS  # noqa: E402
 from webapp import bulk, create_app  # noqa: E402
-from webapp.agreement import taxonomy_agreement  # noqa: E402
-from webapp.corrections import ReviewCommand, ReviewPart, taxonomy_state  # noqa: E402
+from webapp.curation.agreement import taxonomy_agreement  # noqa: E402
+from webapp.curation.corrections import ReviewCommand, ReviewPart, taxonomy_state  # noqa: E402
 from webapp.extensions import db  # noqa: E402
 from webapp.models import Prediction, Taxonomy, User  # noqa: E402
 

@@ -35,9 +35,9 @@ from sqlalchemy import Select, exists, func, select  # noqa: E402
 from bench.timing import best  # noqa: E402
 from tests.tiny_bundle import LABELS, build_bundle, build_tokenizer  # noqa: E402
 from webapp import create_app  # noqa: E402
-from webapp.annotations import label_views, results_labelled, results_with_label  # noqa: E402
-from webapp.corrections import ReviewCommand, ReviewPart  # noqa: E402
-from webapp.curate import queue_query  # noqa: E402
+from webapp.curation.annotations import label_views, results_labelled, results_with_label  # noqa: E402
+from webapp.curation.corrections import ReviewCommand, ReviewPart  # noqa: E402
+from webapp.curation.curate import queue_query  # noqa: E402
 from webapp.extensions import db  # noqa: E402
 from webapp.models import AnnotationEvent, PredictedLabel, Prediction, PredictionResult, User  # noqa: E402
 from webapp.serving.registry import import_bundle  # noqa: E402

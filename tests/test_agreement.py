@@ -99,7 +99,7 @@ def test_alpha_per_label_and_overall_on_a_hand_checked_example(
     for label in (X, Y):
         row = text.split(f'<tr data-label="{label}">')[1].split("</tr>")[0]
         assert "<td data-alpha>0.533</td><td>3</td><td>1</td>" in row
-    from webapp.agreement import taxonomy_agreement
+    from webapp.curation.agreement import taxonomy_agreement
     from webapp.models import Taxonomy
 
     with app.test_request_context():

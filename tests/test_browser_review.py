@@ -13,7 +13,7 @@ from sqlalchemy import select
 from tests import test_browser
 from tests.conftest import BundleFactory
 from tests.test_browser import SCREENSHOTS, SLUG, Site, check_layout, predict, sign_in
-from webapp.annotations import label_views
+from webapp.curation.annotations import label_views
 from webapp.extensions import db
 from webapp.models import AnnotationEvent, PredictionResult, Taxonomy
 from webapp.serving.registry import import_bundle

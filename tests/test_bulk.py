@@ -166,7 +166,7 @@ def test_bulk_max_bounds_a_selection_and_a_filter(
 def test_a_failure_part_way_records_nothing(
     app: Flask, curator_client: FlaskClient, predicted: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from webapp import bulk
+    from webapp.curation import bulk
 
     calls = []
     original = bulk.ReviewCommand.run

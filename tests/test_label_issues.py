@@ -23,10 +23,10 @@ from tests.tiny_bundle import LABELS
 from trainer.config import TrainConfig
 from trainer.data import Paper, merge_corrections
 from trainer.label_issues import Scored, issue_rows, out_of_fold, quality_order, write_issues
-from webapp.annotations import corrected_predictions
-from webapp.curate import queue_query
+from webapp.curation.annotations import corrected_predictions
+from webapp.curation.curate import queue_query
+from webapp.curation.label_issues import DATASET_SOURCE, import_issues, read_issue_file
 from webapp.extensions import db
-from webapp.label_issues import DATASET_SOURCE, import_issues, read_issue_file
 from webapp.models import ApiToken, LabelIssue, Prediction, PredictionResult, Taxonomy, User
 from webapp.quality import reviews
 from webapp.replay import sample as replay_sample
@@ -365,7 +365,7 @@ def test_the_api_imports_the_file_for_admin_tokens_only(app: Flask, abstracts: l
 
 
 def test_a_taxonomy_without_an_active_version_refuses_new_papers(app: Flask, abstracts: list[dict]) -> None:
-    from webapp.label_issues import IssueFileError
+    from webapp.curation.label_issues import IssueFileError
     from webapp.models import Taxonomy
 
     with app.app_context():

@@ -147,13 +147,13 @@ class DatabaseTarget:
             yield
 
     def corrections(self, slug: str) -> list[Paper]:
-        from webapp.annotations import corrected_predictions
+        from webapp.curation.annotations import corrected_predictions
 
         with self._context():
             return [paper_from_annotation(line) for line in corrected_predictions(slug)]
 
     def label_changes(self, slug: str) -> LabelMap:
-        from webapp.annotations import label_map
+        from webapp.curation.annotations import label_map
         from webapp.extensions import db
         from webapp.models import Taxonomy
 

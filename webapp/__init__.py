@@ -145,15 +145,11 @@ def register_blueprints(app: Flask) -> None:
     from . import (
         accounts,
         admin,
-        agreement,
         api,
         batch,
-        bulk,
-        curate,
         explain,
         exports,
         history,
-        label_issues,
         labels,
         learned_thresholds,
         predict,
@@ -161,6 +157,7 @@ def register_blueprints(app: Flask) -> None:
         replay,
         similar,
     )
+    from .curation import agreement, bulk, curate, label_issues
 
     app.register_blueprint(predict.bp)
     app.register_blueprint(history.bp)

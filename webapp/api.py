@@ -11,9 +11,9 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from .admin import activate_confirmed
-from .annotations import corrected_predictions, event_json, label_map
 from .auth import bearer_token, token_user_role
-from .corrections import (
+from .curation.annotations import corrected_predictions, event_json, label_map
+from .curation.corrections import (
     ACTIONS,
     LABEL_ACTIONS,
     CorrectionError,

@@ -29,9 +29,9 @@ from werkzeug.utils import secure_filename
 from werkzeug.wrappers import Response
 
 from . import jobs
-from .annotations import label_map, mapped_result
 from .auth import has_role, role_required
 from .csv_cells import csv_lines
+from .curation.annotations import label_map, mapped_result
 from .extensions import db
 from .models import BatchJob, BatchRow, ModelVersion, Prediction, PredictionResult, utcnow
 from .serving.scoring import InputError, NoModelError, Submission, check_submission, predict_and_store

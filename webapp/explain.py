@@ -33,8 +33,8 @@ from flask_limiter.errors import RateLimitExceeded
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from .annotations import label_map
 from .api import predict_rate_limit
+from .curation.annotations import label_map
 from .extensions import db, limiter
 from .models import Explanation, Prediction, PredictionResult, Taxonomy
 from .serving.bundle import compose_text

@@ -11,9 +11,9 @@ from flask import Blueprint, Response, abort, render_template, request, stream_w
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from .annotations import corrected_predictions, current_labels, mapped_result, review_status
 from .auth import role_required
 from .csv_cells import csv_lines
+from .curation.annotations import corrected_predictions, current_labels, mapped_result, review_status
 from .extensions import db
 from .models import Prediction, PredictionResult, Taxonomy
 

@@ -7,8 +7,8 @@ from sqlalchemy import Select, select
 from sqlalchemy.orm import selectinload
 
 from . import search
-from .annotations import has_active_event, label_views
-from .corrections import describe
+from .curation.annotations import has_active_event, label_views
+from .curation.corrections import describe
 from .explain import page_panel
 from .extensions import db
 from .models import BatchJob, ModelVersion, Prediction, PredictionResult

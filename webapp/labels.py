@@ -16,15 +16,22 @@ from sqlalchemy import select
 from werkzeug.wrappers import Response
 from wtforms import SelectField, SelectMultipleField, StringField, TextAreaField
 
-from .annotations import (
+from .auth import role_required
+from .curation.annotations import (
     corrected_predictions,
     forget_label_maps,
     label_map,
     mapped_result,
     prediction_texts,
 )
-from .auth import role_required
-from .corrections import MAX_NOTE_CHARS, CorrectionError, check_label, check_note, stored_labels, taxonomy_labels
+from .curation.corrections import (
+    MAX_NOTE_CHARS,
+    CorrectionError,
+    check_label,
+    check_note,
+    stored_labels,
+    taxonomy_labels,
+)
 from .extensions import db
 from .models import (
     AnnotationEvent,

@@ -33,9 +33,9 @@ from flask import (
 )
 from flask_login import current_user
 
-from .annotations import label_map
 from .api import json_body
 from .auth import has_role, role_required, token_user_role
+from .curation.annotations import label_map
 from .extensions import db
 from .models import ModelVersion
 from .quality import Review, reviews

@@ -17,7 +17,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 from .extensions import db
 
-# Prediction.source of a paper imported from the base data (webapp/label_issues.py) rather than submitted: live
+# Prediction.source of a paper imported from the base data (webapp/curation/label_issues.py), not submitted: live
 # quality, learned thresholds, the review queue and replay leave it out, as no served model answered it.
 DATASET_SOURCE = "dataset"
 ROLES = ("curator", "adjudicator", "admin")

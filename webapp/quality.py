@@ -22,8 +22,15 @@ from flask_login import current_user
 from sqlalchemy import select
 from sqlalchemy.orm import load_only, selectinload
 
-from .annotations import REVIEW_KINDS, active_events, current_labels, has_active_event, label_map, prediction_text
 from .auth import has_role
+from .curation.annotations import (
+    REVIEW_KINDS,
+    active_events,
+    current_labels,
+    has_active_event,
+    label_map,
+    prediction_text,
+)
 from .extensions import db
 from .models import DATASET_SOURCE, AnnotationEvent, ModelVersion, Prediction, PredictionResult, Taxonomy
 from .serving.registry import RegistryError, get_taxonomy, get_version

@@ -25,8 +25,8 @@ from werkzeug.exceptions import Conflict, NotFound
 
 from . import jobs
 from .admin import gate_failed
-from .annotations import current_labels, has_active_event, label_map
 from .auth import role_required, token_user_role
+from .curation.annotations import current_labels, has_active_event, label_map
 from .extensions import db
 from .models import DATASET_SOURCE, AnnotationEvent, ModelVersion, Prediction, PredictionResult, ReplayReport, Taxonomy
 from .serving.bundle import BundleError, compose_text

@@ -20,7 +20,7 @@ from sqlalchemy import Float, Integer, Select, and_, false, func, literal_column
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import Subquery
 
-from .annotations import label_map, results_labelled
+from .curation.annotations import label_map, results_labelled
 from .extensions import db
 from .models import ModelVersion, PredictedLabel, Prediction, PredictionResult, Taxonomy
 

@@ -17,7 +17,7 @@ import numpy as np
 from flask import Blueprint, Response, abort, current_app, jsonify, request
 from sqlalchemy import select
 
-from .annotations import current_labels, mapped_result, review_status
+from .curation.annotations import current_labels, mapped_result, review_status
 from .explain import prediction_or_404, results_in
 from .extensions import db
 from .models import AnnotationEvent, Prediction, PredictionResult

@@ -67,7 +67,7 @@ CURRENT = sa.table(
 def _backfill():
     """Rows for every result with a correction event: its labels with the active corrections applied in order (an
     event is active unless an active undo reverses it), in the names stored; readers map them through the label
-    changes like the model's labels. The same rule as webapp.annotations.current_labels."""
+    changes like the model's labels. The same rule as webapp.curation.annotations.current_labels."""
     bind = op.get_bind()
     events = {}
     for row in bind.execute(sa.select(EVENTS).order_by(EVENTS.c.id)):

@@ -24,7 +24,7 @@ from flask import Flask, current_app
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from ..corrections import CorrectionError, check_label
+from ..curation.corrections import CorrectionError, check_label
 from ..extensions import db
 from ..models import ActivationEvent, ModelArtifact, ModelVersion, Taxonomy, utcnow
 from .bundle import (

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from flask import current_app
 
-from ..annotations import mapped_result
+from ..curation.annotations import mapped_result
 from ..extensions import db
 from ..models import PredictedLabel, Prediction, PredictionResult
 from .bundle import compose_text

@@ -1,8 +1,8 @@
 """Bulk actions (issue 12 point 4): accept, add a label or remove a label on many predictions at once, from the
 history, the review queue or ``POST /api/v1/annotations/bulk``.
 
-A bulk action is the review command (webapp/corrections.py) applied to each prediction that would change, all in
-one transaction: the same rules and the same append-only events as one review, never a second code path. A
+A bulk action is the review command (corrections.py) applied to each prediction that would change, all in one
+transaction: the same rules and the same append-only events as one review, never a second code path. A
 prediction that would not change (the label already there, or already absent; labels this curator already
 reviewed) is not counted and gets no event. Pages confirm first, saying how many predictions change.
 """
@@ -18,10 +18,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 from werkzeug.wrappers import Response
 
-from . import search
+from .. import search
+from ..api import json_body, json_flag
+from ..auth import role_required, token_user_role
+from ..extensions import db
+from ..history import REVIEWED_CHOICES, filtered_predictions
+from ..models import BatchJob, Prediction, PredictionResult, Taxonomy, User
+from ..read_access import can_read
 from .annotations import CURATOR_REVIEW_KINDS, active_events
-from .api import json_body, json_flag
-from .auth import role_required, token_user_role
 from .corrections import (
     CorrectionError,
     ReviewCommand,
@@ -31,10 +35,6 @@ from .corrections import (
     taxonomy_state,
 )
 from .curate import queue_query
-from .extensions import db
-from .history import REVIEWED_CHOICES, filtered_predictions
-from .models import BatchJob, Prediction, PredictionResult, Taxonomy, User
-from .read_access import can_read
 
 bp = Blueprint("bulk", __name__, url_prefix="/curate")
 api_bp = Blueprint("bulk_api", __name__, url_prefix="/api/v1")

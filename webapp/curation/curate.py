@@ -11,9 +11,11 @@ from sqlalchemy.orm import selectinload
 from werkzeug.wrappers import Response
 from wtforms import HiddenField, SelectMultipleField, StringField, TextAreaField
 
+from ..auth import role_required
+from ..extensions import db
+from ..models import DATASET_SOURCE, LabelProposal, Prediction, PredictionResult, Taxonomy
 from .agreement import awaiting_review
 from .annotations import has_active_event, known_labels, mapped_result, results_labelled
-from .auth import role_required
 from .corrections import (
     MAX_LABEL_CHARS,
     MAX_NOTE_CHARS,
@@ -27,8 +29,6 @@ from .corrections import (
     taxonomy_labels,
     taxonomy_state,
 )
-from .extensions import db
-from .models import DATASET_SOURCE, LabelProposal, Prediction, PredictionResult, Taxonomy
 
 bp = Blueprint("curate", __name__, url_prefix="/curate")
 
@@ -90,7 +90,7 @@ def _queue_args() -> dict[str, str]:
 
 def queue_query(taxonomy_slug: str = "", label: str = "", user_id: int | None = None) -> Select:
     """Results still awaiting review in their taxonomy (nobody accepted or corrected them; with REVIEWS_NEEDED
-    above 1, fewer curators than that and not ``user_id``: webapp/agreement.py), the smallest margin (a score
+    above 1, fewer curators than that and not ``user_id``: webapp/curation/agreement.py), the smallest margin (a score
     nearest its threshold) first; those ``user_id`` skipped go to the back of their queue."""
     waiting = awaiting_review(PredictionResult.prediction_id, PredictionResult.taxonomy_id, user_id)
     order = [PredictionResult.margin, PredictionResult.id]

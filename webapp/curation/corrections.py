@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
+from ..auth import ROLE_RANK
+from ..extensions import db
+from ..models import AnnotationEvent, LabelProposal, ModelVersion, Prediction, PredictionResult, Taxonomy, User, utcnow
 from .annotations import (
     LABEL_KINDS,
     current_labels,
@@ -23,9 +26,6 @@ from .annotations import (
     review_status,
     store_current_labels,
 )
-from .auth import ROLE_RANK
-from .extensions import db
-from .models import AnnotationEvent, LabelProposal, ModelVersion, Prediction, PredictionResult, Taxonomy, User, utcnow
 
 # Longer is a pasted sentence, not a label; the same limit as the label_proposals column.
 MAX_LABEL_CHARS = 200

@@ -17,8 +17,8 @@ from flask import g
 from sqlalchemy import ColumnElement, ScalarSelect, Select, and_, delete, distinct, exists, func, literal, or_, select
 from sqlalchemy.orm import aliased, selectinload
 
-from .extensions import db
-from .models import (
+from ..extensions import db
+from ..models import (
     AnnotationEvent,
     CurrentLabel,
     LabelChange,
@@ -28,8 +28,8 @@ from .models import (
     PredictionResult,
     Taxonomy,
 )
-from .serving.bundle import compose_text
-from .surgery import LabelMap, Rule
+from ..serving.bundle import compose_text
+from ..surgery import LabelMap, Rule
 
 
 def label_map(taxonomy_id: int) -> LabelMap:
@@ -56,7 +56,7 @@ def prediction_text(prediction: Prediction) -> str:
 
 
 # Events that review an item (it leaves the queue, live quality counts it); a skip is seen, not decided. An
-# adjudication (an adjudicator's final label set where curators disagreed, webapp/agreement.py) is a review too.
+# adjudication (an adjudicator's final label set where curators disagreed, agreement.py) is a review too.
 REVIEW_KINDS = ("correction", "accepted", "adjudicated")
 # Events that change labels: a correction (a difference) and an adjudication (the whole final set).
 LABEL_KINDS = ("correction", "adjudicated")
@@ -188,7 +188,7 @@ def has_active_event(
     return clause
 
 
-# What a curator's own review is (several curators per item, webapp/agreement.py): an adjudication is not one.
+# What a curator's own review is (several curators per item, webapp/curation/agreement.py): an adjudication is not one.
 CURATOR_REVIEW_KINDS = ("correction", "accepted")
 
 

@@ -22,11 +22,11 @@ from sqlalchemy.orm import selectinload
 from werkzeug.wrappers import Response
 from wtforms import SelectMultipleField, TextAreaField
 
+from ..auth import has_role, role_required
+from ..extensions import db
+from ..models import AnnotationEvent, Prediction, PredictionResult, Taxonomy
 from .annotations import CURATOR_REVIEW_KINDS, active_events, current_labels, has_active_event, reviewer_count
-from .auth import has_role, role_required
 from .corrections import CorrectionError, ReviewCommand, ReviewForbidden, ReviewPart, describe
-from .extensions import db
-from .models import AnnotationEvent, Prediction, PredictionResult, Taxonomy
 
 bp = Blueprint("agreement", __name__)
 

@@ -23,12 +23,12 @@ from flask.cli import with_appcontext
 from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import selectinload
 
+from ..auth import role_required, token_user_role
+from ..extensions import csrf, db
+from ..models import DATASET_SOURCE, AnnotationEvent, LabelIssue, PredictedLabel, Prediction, PredictionResult, Taxonomy
+from ..serving.scoring import InputError, check_submission
 from .annotations import current_labels
-from .auth import role_required, token_user_role
 from .corrections import CorrectionError, check_label
-from .extensions import csrf, db
-from .models import DATASET_SOURCE, AnnotationEvent, LabelIssue, PredictedLabel, Prediction, PredictionResult, Taxonomy
-from .serving.scoring import InputError, check_submission
 
 bp = Blueprint("label_issues", __name__, cli_group="labels")
 SOURCE_MAX_CHARS = 300
