@@ -46,11 +46,12 @@ SQLITE_DOWNGRADE = [
     'DROP TABLE IF EXISTS predictions_fts',
 ]
 # A stored generated column is computed for existing rows by the ALTER itself (the backfill) and for new rows on
-# insert; the title weighs more (A) than the abstract (B) in ts_rank.
+# insert; the title weighs more (A) than the abstract (B) in ts_rank. "<" and ">" become spaces first: PostgreSQL's
+# parser reads "<script>" as an XML tag and indexes no word of it, where FTS5 and the query parser see "script".
 POSTGRESQL_UPGRADE = [
     """ALTER TABLE predictions ADD COLUMN search_vector tsvector GENERATED ALWAYS AS (
-        setweight(to_tsvector('english'::regconfig, coalesce(title, '')), 'A')
-        || setweight(to_tsvector('english'::regconfig, coalesce(abstract, '')), 'B')
+        setweight(to_tsvector('english'::regconfig, translate(coalesce(title, ''), '<>', '  ')), 'A')
+        || setweight(to_tsvector('english'::regconfig, translate(coalesce(abstract, ''), '<>', '  ')), 'B')
     ) STORED""",
     'CREATE INDEX ix_predictions_search_vector ON predictions USING gin (search_vector)',
 ]
