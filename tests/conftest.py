@@ -2,13 +2,19 @@
 ONNX bundles built by :mod:`tests.tiny_bundle`.
 
 With ``TEST_DATABASE_URL`` set (a PostgreSQL server, see ``tests/services/postgres.sh``), every data directory
-gets a fresh PostgreSQL database of its own instead of SQLite, dropped after the test."""
+gets a fresh PostgreSQL database of its own instead of SQLite, dropped after the test. Apps queue background jobs
+on Huey's SQLite storage in their data directory; ``redis_url`` gives the job engine's tests a Redis server
+(``TEST_REDIS_URL``, or one ``tests/services/redis.sh`` starts for the session)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
+import threading
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import flask_migrate
@@ -23,10 +29,12 @@ from tests.tiny_bundle import build_bundle, build_tokenizer, fixture_abstracts
 from webapp import create_app
 from webapp.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.extensions import db
+from webapp.jobs import JobEngine
 from webapp.serving.registry import import_bundle, live_models
 
 BundleFactory = Callable[..., Path]
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "")
+REPO = Path(__file__).resolve().parent.parent
 # Databases made for the current test: resolved data dir -> URL (dropped by _drop_test_databases).
 _databases: dict[str, str] = {}
 
@@ -126,6 +134,48 @@ def empty_app(tmp_path: Path) -> Iterator[Flask]:
     app.extensions[BATCH_WORKER].stop()
     with app.app_context():
         db.engine.dispose()
+
+
+def job_engine_of(app: Flask) -> JobEngine:
+    return app.extensions[BATCH_WORKER]
+
+
+@contextmanager
+def running_jobs(app: Flask) -> Iterator[None]:
+    """A thread running the app's queued jobs, as a worker process's consumer thread does, for tests of the pages
+    and flows around jobs (tests/test_job_engine.py runs real worker processes)."""
+    engine, stop = job_engine_of(app), threading.Event()
+
+    def work() -> None:
+        while not stop.wait(0.05):
+            try:
+                engine.run_pending()
+            except Exception:  # the app may be torn down under it; the test's own assertions say what went wrong
+                logging.getLogger(__name__).exception("running the queued jobs failed")
+        engine.stop()  # this thread's connection to the queue
+
+    thread = threading.Thread(target=work, name="test-job-worker", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis server for the job queue: ``TEST_REDIS_URL`` (``make test`` starts one), else one started here."""
+    given = os.environ.get("TEST_REDIS_URL", "")
+    if given:
+        yield given
+        return
+    script = str(REPO / "tests" / "services" / "redis.sh")
+    started = subprocess.run(["sh", script, "start"], capture_output=True, text=True)
+    if started.returncode != 0:
+        pytest.fail(f"tests/services/redis.sh could not start Redis: {started.stderr[-2000:]}")
+    yield started.stdout.strip().splitlines()[-1]
+    subprocess.run(["sh", script, "stop"], check=False)
 
 
 def live_models_of(app: Flask):  # noqa: ANN201 - test helper

@@ -15,7 +15,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
-from tests.conftest import PASSWORD, add_user, make_app, signed_in
+from tests.conftest import PASSWORD, add_user, job_engine_of, make_app, signed_in
 from webapp.batch import claim_job, create_job, decode_upload, parse_csv, process_job
 from webapp.extensions import db
 from webapp.models import BatchJob, BatchRow, Prediction, utcnow
@@ -41,9 +41,12 @@ def upload(client: FlaskClient, content: bytes, name: str = "papers.csv"):  # no
 
 
 def wait_for(client: FlaskClient, job_id: int, timeout: float = 120) -> dict:
-    """The job's final status; ``timeout`` only stops a hung test (a busy CI machine is slow, never wrong)."""
+    """Run the app's queued jobs here, playing its worker process, until the job ended; its final status.
+    ``timeout`` only stops a hung test (a busy CI machine is slow, never wrong)."""
+    engine = job_engine_of(client.application)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        engine.run_pending()
         status = client.get(f"/batches/{job_id}/status").get_json()
         if status["status"] in ("finished", "failed"):
             return status

@@ -20,7 +20,7 @@ from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 from sqlalchemy import select
 from werkzeug.serving import WSGIRequestHandler, make_server
 
-from tests.conftest import PASSWORD, BundleFactory, add_user, live_models_of, make_app
+from tests.conftest import PASSWORD, BundleFactory, add_user, live_models_of, make_app, running_jobs
 from tests.tiny_bundle import LABELS
 from webapp.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.config import REPO_ROOT
@@ -75,7 +75,7 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture
 def site(tmp_path: Path, make_bundle: BundleFactory) -> Iterator[Site]:
     """The app with two versions of ``research-tasks``, a curator and an admin, served by werkzeug in a thread."""
-    app = make_app(tmp_path / "data", WTF_CSRF_ENABLED=True, BATCH_POLL_SECONDS=0.5)
+    app = make_app(tmp_path / "data", WTF_CSRF_ENABLED=True)
     with app.app_context():
         versions = [
             import_bundle(make_bundle(seed=seed, slug=SLUG, name="Research tasks", labels=LABELS), actor="tests")
@@ -90,12 +90,14 @@ def site(tmp_path: Path, make_bundle: BundleFactory) -> Iterator[Site]:
 
 @contextmanager
 def served(app: Flask) -> Iterator[str]:
-    """``app`` on a real HTTP server in a thread, at the URL yielded; stopped with its background threads after."""
+    """``app`` on a real HTTP server in a thread, with a thread running its queued jobs as a worker process would,
+    at the URL yielded; stopped with its background threads after."""
     server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=QuietRequestHandler)
     thread = threading.Thread(target=server.serve_forever, name="browser-test-server", daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}"
+        with running_jobs(app):
+            yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
         thread.join(timeout=10)

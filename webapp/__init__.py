@@ -202,7 +202,9 @@ def register_errorhandlers(app: Flask) -> None:
 
 def register_commands(app: Flask) -> None:
     from .commands import models_cli, tokens_cli, users_cli
+    from .worker import jobs_cli
 
+    app.cli.add_command(jobs_cli)
     app.cli.add_command(models_cli)
     app.cli.add_command(users_cli)
     app.cli.add_command(tokens_cli)

@@ -1,10 +1,10 @@
 """CSV batch jobs: upload a CSV of abstracts, tag it in the background, download the result as CSV.
 
 The upload is read and checked in the request (so every problem with the file is a form error), then stored
-row by row in the database and tagged by a background thread in some web process, in chunks. Each chunk's
-predictions and its bookkeeping commit together, and the shared job runner (``webapp/jobs.py``) holds a job by
-claiming it with a conditional UPDATE and renewing a heartbeat, so a job whose process died is resumed elsewhere
-and never processed twice.
+row by row in the database and queued on the job engine (``webapp/jobs.py``); a worker process tags it in chunks.
+Each chunk's predictions and its bookkeeping commit together, and the worker holds the job by claiming it with a
+conditional UPDATE and renewing a heartbeat, so a job whose worker died is resumed by another and no row is ever
+tagged twice.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from .serving.scoring import InputError, NoModelError, Submission, check_submiss
 
 log = logging.getLogger(__name__)
 bp = Blueprint("batch", __name__, url_prefix="/batches")
-EXTENSION_KEY = jobs.EXTENSION_KEY
+EXTENSION_KEY = jobs.EXTENSION_KEY  # the app's job engine
 
 # What a misnamed upload really is, by its first bytes, so the error can say what to do instead.
 SIGNATURES = {
@@ -148,7 +148,7 @@ def row_submission(cells: list[str], title_column: int | None, abstract_column: 
 
 
 def create_job(filename: str, parsed: ParsedCsv, created_by: str | None) -> BatchJob:
-    """Store the job and all its rows in one commit; the background worker takes it from there."""
+    """Store the job and all its rows in one commit; :func:`webapp.jobs.enqueue` hands it to the workers."""
     skipped = parsed.skipped
     job = BatchJob(
         filename=filename,
@@ -170,7 +170,7 @@ def create_job(filename: str, parsed: ParsedCsv, created_by: str | None) -> Batc
     return job
 
 
-# --- the background work (run by the shared job runner, webapp/jobs.py) ----------------------------------------
+# --- the background work (run by a worker process of the job engine, webapp/jobs.py) ---------------------------
 
 
 def claim_job(worker: str) -> int | None:
@@ -235,19 +235,9 @@ BATCH_JOBS = jobs.JobKind(
 )
 
 
-def batch_worker() -> jobs.JobRunner:
-    return jobs.job_runner()
-
-
 @bp.record_once
 def _attach_worker(state: Any) -> None:
     jobs.register(state.app, BATCH_JOBS)
-
-
-@bp.before_app_request
-def _start_worker() -> None:
-    """Any request starts this process's job runner, so jobs left by a dead process resume without an upload."""
-    batch_worker().ensure_started()
 
 
 # --- the result CSV ------------------------------------------------------------------------------------------
@@ -415,7 +405,7 @@ def upload() -> Response | tuple[str, int]:
     except CsvError as exc:
         return _render_index(form, 400, error=f"{PurePath(filename).name}: {exc}")
     job = create_job(PurePath(filename).name[:255], parsed, created_by=current_user.name)
-    batch_worker().wake()
+    jobs.enqueue(BATCH_JOBS, job.id)
     flash(f"Batch #{job.id} queued: {job.total_rows:,} rows, {job.skipped:,} of them skipped.", "ok")
     return redirect(url_for("batch.detail", job_id=job.id))
 

@@ -57,8 +57,12 @@ class Defaults:
     BATCH_MAX_ROWS = 5000
     BATCH_MAX_UPLOAD_BYTES = 32 * 1024 * 1024
     BATCH_CHUNK_SIZE = 32
-    # How often each web process looks for background jobs (CSV batches, replays) left behind; queueing one wakes
-    # it at once (seconds).
+    # Background jobs (CSV batches, replays) go through Huey's queue to worker processes (`flask jobs worker`). The
+    # queue is Redis at this URL (Render Key Value's internal URL) when workers run on several machines; empty means
+    # Huey's SQLite storage in DATA_DIR/job-queue.db: one machine, nothing more to install.
+    REDIS_URL = ""
+    # How often each worker process queues again the jobs no task is pending for: a killed worker's (once its
+    # heartbeat is stale) and queued ones whose task was lost with the queue (seconds; it also does so at start).
     BATCH_POLL_SECONDS = 10.0
     # A running job (batch or replay) whose heartbeat is older than this is taken over: its process died (seconds).
     BATCH_STALE_SECONDS = 120.0
@@ -133,6 +137,7 @@ ENV_KEYS = (
     "PAPERTAG_ENV",
     "SECRET_KEY",
     "DATABASE_URL",
+    "REDIS_URL",
     "DEFAULT_BUNDLES_DIR",
     "WEB_CONCURRENCY",
     "ORT_THREADS",

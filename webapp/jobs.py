@@ -1,10 +1,18 @@
-"""The in-process background job runner shared by CSV batches and replays.
+"""The job engine shared by CSV batches and replays: Huey queues the work, dedicated worker processes do it.
 
-Each web process has one daemon thread that claims jobs of every registered kind and processes them. A job is a
-row with ``status`` (queued -> running -> finished | failed), ``worker`` and ``heartbeat_at``: it is held by
-claiming it with a conditional UPDATE and renewing the heartbeat while it works, so a job whose process died
-(its heartbeat went stale after ``BATCH_STALE_SECONDS``) is taken over by another process, and a holder that lost
-its job notices at its next heartbeat and commits nothing more.
+A web process only writes a job row and enqueues a Huey task carrying the job's id (``JobEngine.enqueue``); a
+worker process (``flask --app wsgi jobs worker``, ``webapp/worker.py``) runs Huey's consumer, whose task claims the
+row and processes it. Huey's queue lives in a SQLite file in ``DATA_DIR`` (one machine, nothing to install) or in
+Redis (``REDIS_URL``: workers on any machine).
+
+The job tables stay the record of progress: a job is a row with ``status`` (queued -> running -> finished |
+failed), ``worker`` and ``heartbeat_at``. It is held by claiming it with a conditional UPDATE and renewing the
+heartbeat while it works, so a task delivered twice finds the job held and does nothing, and a holder that lost
+its job (taken over after its heartbeat went stale) notices at its next heartbeat and commits nothing more.
+Huey drops a task once a worker takes it, so a worker killed mid-job takes its task with it: every worker process
+sweeps the tables now and then (``JobEngine.sweep``) and enqueues again the running jobs whose heartbeat went stale
+(after ``BATCH_STALE_SECONDS``) and the queued jobs no task is pending for (lost with a queue, or made before the
+engine existed).
 """
 
 from __future__ import annotations
@@ -13,12 +21,15 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, current_app
+from huey import Huey, RedisHuey, SqliteHuey
 from sqlalchemy import and_, or_, select, update
 
 from .extensions import db
@@ -26,12 +37,14 @@ from .models import utcnow
 
 log = logging.getLogger(__name__)
 EXTENSION_KEY = "papertag.batch_worker"  # the name the batch worker had before replays shared it
+QUEUE_NAME = "papertag"
+QUEUE_FILE = "job-queue.db"  # Huey's SQLite storage, in DATA_DIR
 
 
 @dataclass(frozen=True)
 class JobKind:
     """One kind of job: its table (a model with id, status, worker, heartbeat_at, finished_at, error) and the
-    function that does the work once this process holds a job of it."""
+    function that does the work once this worker holds a job of it."""
 
     name: str
     model: Any
@@ -58,19 +71,22 @@ def is_waiting(job: Any) -> bool:
     return job.status == "running" and (job.heartbeat_at is None or job.heartbeat_at < stale_before())
 
 
-def claim(kind: JobKind, worker: str) -> int | None:
-    """Take the oldest claimable job of ``kind``; the conditional UPDATE lets exactly one worker win it."""
+def claim(kind: JobKind, worker: str, job_id: int | None = None) -> int | None:
+    """Take job ``job_id`` of ``kind`` (by default the oldest claimable one) if it is claimable; the conditional
+    UPDATE lets exactly one worker win it."""
     model, before = kind.model, stale_before()
-    candidates = db.session.scalars(select(model.id).where(_claimable(model, before)).order_by(model.id)).all()
-    for job_id in candidates:
+    query = select(model.id).where(_claimable(model, before)).order_by(model.id)
+    if job_id is not None:
+        query = query.where(model.id == job_id)
+    for candidate in db.session.scalars(query).all():
         claimed = db.session.execute(
             update(model)
-            .where(model.id == job_id, _claimable(model, before))
+            .where(model.id == candidate, _claimable(model, before))
             .values(status="running", worker=worker, heartbeat_at=utcnow(), **kind.on_claim(model))
         ).rowcount
         db.session.commit()
         if claimed:
-            return job_id
+            return candidate
     return None
 
 
@@ -96,81 +112,134 @@ def finish(model: Any, job_id: int, worker: str, *, status: str, error: str | No
     return bool(done)
 
 
-class JobRunner:
-    """One per process: a daemon thread that claims and processes jobs of every registered kind, woken when one
-    is queued and otherwise polling now and then (``BATCH_POLL_SECONDS``) for jobs left behind by a dead process."""
+def process_prefix() -> str:
+    """What the names of every worker thread of this process start with."""
+    return f"{socket.gethostname()}:{os.getpid()}:"
+
+
+def worker_name() -> str:
+    """Who holds a job: host, process and thread, so two worker threads of one process never share a job."""
+    return f"{process_prefix()}{threading.get_native_id()}"
+
+
+def make_queue(config: dict[str, Any]) -> Huey:
+    """Huey on Redis when ``REDIS_URL`` is set, else on its SQLite storage in ``DATA_DIR``. No result store: a
+    job's outcome is its row."""
+    if config["REDIS_URL"]:
+        return RedisHuey(QUEUE_NAME, url=config["REDIS_URL"], results=False)
+    path = Path(config["DATA_DIR"]) / QUEUE_FILE
+    return SqliteHuey(QUEUE_NAME, filename=str(path), results=False, timeout=float(config["SQLITE_BUSY_TIMEOUT"]))
+
+
+class JobEngine:
+    """One per app: the Huey queue, the job kinds, and the one task that runs a job of any kind by its id."""
 
     def __init__(self, app: Flask) -> None:
         self.app = app
-        self.kinds: list[JobKind] = []
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._pid: int | None = None
-
-    @property
-    def name(self) -> str:
-        return f"{socket.gethostname()}:{os.getpid()}"
+        self.kinds: dict[str, JobKind] = {}
+        self.huey = make_queue(app.config)
+        self._task = self.huey.task(name="run_job")(self._run)
 
     def register(self, kind: JobKind) -> None:
-        if all(known.name != kind.name for known in self.kinds):
-            self.kinds.append(kind)
+        self.kinds.setdefault(kind.name, kind)
 
-    def ensure_started(self) -> None:
-        """Start the thread once per process (after gunicorn forks, not at import)."""
-        if self._pid == os.getpid():
-            return
-        with self._lock:
-            if self._pid == os.getpid():
-                return
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._run, name="papertag-job-runner", daemon=True)
-            self._thread.start()
-            self._pid = os.getpid()
+    @staticmethod
+    def _pending_key(kind_name: str, job_id: int) -> str:
+        return f"pending:{kind_name}:{job_id}"
 
-    def wake(self) -> None:
-        self.ensure_started()
-        self._wake.set()
+    def enqueue(self, kind: JobKind, job_id: int) -> bool:
+        """Queue a task for the job unless one is already pending for it (its mark is younger than
+        ``BATCH_STALE_SECONDS``); True when one was queued. A mark left by a process that died between marking
+        and queueing expires, so the job is queued again; two sweeps at once may both queue it, and the claim
+        makes the second task a no-op."""
+        key = self._pending_key(kind.name, job_id)
+        marked = self.huey.get(key, peek=True)
+        if marked is not None and time.time() - marked < float(self.app.config["BATCH_STALE_SECONDS"]):
+            return False
+        self.huey.put(key, time.time())
+        self._task(kind.name, job_id)
+        return True
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
-        self._pid = None
-
-    def run_pending(self) -> int:
-        """Process every claimable job of every kind, oldest first within a kind; returns how many were taken."""
-        taken = 0
+    def sweep(self) -> int:
+        """Enqueue every claimable job no task is pending for: queued ones (whose task was lost, or made before
+        the upgrade to this engine) and running ones whose holder went quiet (killed). Returns how many."""
+        queued = 0
         with self.app.app_context():
             try:
-                for kind in self.kinds:
-                    while not self._stop.is_set() and (job_id := claim(kind, self.name)) is not None:
-                        log.info("%s job %d claimed by %s", kind.name, job_id, self.name)
-                        kind.process(job_id, self.name)
-                        taken += 1
+                before = stale_before()
+                for kind in self.kinds.values():
+                    ids = db.session.scalars(
+                        select(kind.model.id).where(_claimable(kind.model, before)).order_by(kind.model.id)
+                    ).all()
+                    queued += sum(self.enqueue(kind, job_id) for job_id in ids)
             finally:
                 db.session.remove()
-        return taken
+        return queued
 
-    def _run(self) -> None:
-        interval = float(self.app.config["BATCH_POLL_SECONDS"])
-        while not self._stop.is_set():
+    def release(self, prefix: str) -> int:
+        """Hand back the jobs held by worker threads named ``prefix``... (a worker process stopping): queued again
+        at once rather than when their heartbeat goes stale. A thread still working on one loses it at its next
+        heartbeat and commits nothing more. Returns how many."""
+        released = 0
+        with self.app.app_context():
             try:
-                self.run_pending()
-            except Exception as exc:  # the database may be away for a moment; try again on the next round
-                log.warning("job runner %s could not look for jobs: %s", self.name, exc)
-            self._wake.wait(interval)
-            self._wake.clear()
+                for kind in self.kinds.values():
+                    model = kind.model
+                    released += db.session.execute(
+                        update(model)
+                        .where(model.status == "running", model.worker.startswith(prefix, autoescape=True))
+                        .values(status="queued", worker=None, heartbeat_at=None)
+                    ).rowcount
+                db.session.commit()
+            finally:
+                db.session.remove()
+        return released
+
+    def run_pending(self) -> int:
+        """Run the queued tasks in this thread until none is left, as a consumer's worker thread runs them (for a
+        one-off drain, and tests that play the worker); returns how many ran."""
+        ran = 0
+        while (task := self.huey.dequeue()) is not None:
+            self.huey.execute(task)
+            ran += 1
+        return ran
+
+    def stop(self) -> None:
+        """Close this thread's connection to the queue (an app being torn down)."""
+        self.huey.storage.close()
+
+    def _run(self, kind_name: str, job_id: int) -> None:
+        """The task: claim the job (nothing to do when another worker holds it or it ended) and process it."""
+        kind = self.kinds.get(kind_name)
+        if kind is None:
+            log.error("no job kind %r: %s job %d dropped", kind_name, kind_name, job_id)
+            return
+        self.huey.delete(self._pending_key(kind_name, job_id))
+        worker = worker_name()
+        with self.app.app_context():
+            try:
+                if claim(kind, worker, job_id) is None:
+                    log.info("%s job %d is held by another worker or has ended", kind_name, job_id)
+                    return
+                log.info("%s job %d claimed by %s", kind_name, job_id, worker)
+                kind.process(job_id, worker)
+            finally:
+                db.session.remove()
 
 
-def register(app: Flask, kind: JobKind) -> JobRunner:
-    """Add ``kind`` to the app's runner (made on first use); blueprints call it when they are registered."""
-    runner = app.extensions.setdefault(EXTENSION_KEY, JobRunner(app))
-    runner.register(kind)
-    return runner
+def register(app: Flask, kind: JobKind) -> JobEngine:
+    """Add ``kind`` to the app's engine (made on first use); blueprints call it when they are registered."""
+    engine = app.extensions.get(EXTENSION_KEY)
+    if engine is None:
+        engine = app.extensions[EXTENSION_KEY] = JobEngine(app)
+    engine.register(kind)
+    return engine
 
 
-def job_runner() -> JobRunner:
+def job_engine() -> JobEngine:
     return current_app.extensions[EXTENSION_KEY]
+
+
+def enqueue(kind: JobKind, job_id: int) -> bool:
+    """Queue job ``job_id`` of ``kind`` on the current app's engine (what a request does after creating it)."""
+    return job_engine().enqueue(kind, job_id)

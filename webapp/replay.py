@@ -5,8 +5,8 @@ counts, and the reviewed predictions it would now get right or wrong).
 Both sides are scored fresh, by the same inference code, on the same texts. Stored results may come from older
 versions or thresholds, so comparing the candidate with them would blame it for what earlier models did.
 
-A replay is a background job (``webapp/jobs.py``, the runner CSV batches use): the request queues it, a worker
-thread claims it, re-scores up to ``REPLAY_SAMPLE_SIZE`` abstracts chunk by chunk with a heartbeat and a progress
+A replay is a background job (``webapp/jobs.py``, the engine CSV batches use): the request queues it, a worker
+process claims it, re-scores up to ``REPLAY_SAMPLE_SIZE`` abstracts chunk by chunk with a heartbeat and a progress
 count that its page polls, and stores the report, so the page shows it without recomputing.
 """
 
@@ -192,7 +192,7 @@ def queue_replay(version_id: str, *, actor: str | None) -> ReplayReport:
     """Queue a replay of a candidate against its taxonomy's active version, or return the one already queued or
     running for it. Raises :class:`~webapp.serving.registry.RegistryError` for an unknown version and
     :class:`ReplayError` when there is nothing to compare it with (checked again when the job runs). The caller
-    wakes the job runner once it has read what it answers (the job may start at once)."""
+    enqueues it (:func:`webapp.jobs.enqueue`) once it has read what it answers (the job may start at once)."""
     candidate = get_version(version_id)
     active_id = _comparable(candidate)
     pending = db.session.scalar(
@@ -359,7 +359,7 @@ def replay(version_id: str) -> Response:
         flash(f"Nothing replayed: {exc.description}.", "error")
     else:
         flash(f"Replay #{job.id} of {version_id} against {job.active_version_id} is {job.status}.", "ok")
-        jobs.job_runner().wake()
+        jobs.enqueue(REPLAY_JOBS, job.id)
     return redirect(url_for("replay.show", version_id=version_id))
 
 
@@ -368,7 +368,7 @@ def replay(version_id: str) -> Response:
 def api_replay(version_id: str) -> tuple[Response, int]:
     """Queue a replay (or find the one queued or running): 202 with the job and its ``status_url``."""
     body = job_json(queue_replay(version_id, actor=f"api:{g.api_user.name}"))
-    jobs.job_runner().wake()
+    jobs.enqueue(REPLAY_JOBS, body["id"])
     response = jsonify(body)
     response.headers["Location"] = body["status_url"]
     return response, 202

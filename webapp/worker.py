@@ -1,0 +1,75 @@
+"""A job worker process: ``flask --app wsgi jobs worker`` runs Huey's consumer on the app's queue
+(``webapp/jobs.py``), so CSV batches and replays run beside the web processes, never in them.
+
+Besides the consumer's threads, a sweeper thread queues again, at start and every ``BATCH_POLL_SECONDS``, the jobs
+no task is pending for (a killed worker's, a lost queue's). SIGTERM (Render's deploys, ``make run`` stopping) stops
+at once and hands the jobs this process held back to the queue, so another worker resumes them without waiting for
+their heartbeat to go stale; SIGINT lets running tasks finish first (a second one stops at once).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import click
+from flask import Flask, current_app
+from flask.cli import with_appcontext
+
+from . import jobs
+
+log = logging.getLogger(__name__)
+# How long an idle consumer thread waits at most between looks at a SQLite queue (Redis blocks until a task
+# comes): a queued job starts within about this long.
+IDLE_POLL_SECONDS = 1.0
+
+
+def _sweep_every(engine: jobs.JobEngine, interval: float, stop: threading.Event) -> None:
+    while True:
+        try:
+            queued = engine.sweep()
+            if queued:
+                log.info("queued %d job(s) that no task was pending for", queued)
+        except Exception as exc:  # the database or the queue may be away for a moment; try again next round
+            log.warning("could not sweep the job tables: %s", exc)
+        if stop.wait(interval):
+            return
+
+
+def run_worker(app: Flask, threads: int = 1) -> None:
+    """Run jobs until SIGTERM or SIGINT (blocks; installs the consumer's signal handlers, so the main thread)."""
+    engine: jobs.JobEngine = app.extensions[jobs.EXTENSION_KEY]
+    consumer = engine.huey.create_consumer(
+        workers=threads, worker_type="thread", periodic=False, max_delay=IDLE_POLL_SECONDS
+    )
+    stop = threading.Event()
+    interval = float(app.config["BATCH_POLL_SECONDS"])
+    sweeper = threading.Thread(target=_sweep_every, args=(engine, interval, stop), name="job-sweeper", daemon=True)
+    sweeper.start()
+    log.info("job worker %s: %d thread(s) on %s", jobs.process_prefix().rstrip(":"), threads, _queue_name(app))
+    try:
+        consumer.run()
+    finally:
+        stop.set()
+        released = engine.release(jobs.process_prefix())
+        if released:
+            log.info("handed %d running job(s) back to the queue", released)
+
+
+def _queue_name(app: Flask) -> str:
+    """Where the queue is, for the log (a Redis URL's password stays out)."""
+    url = app.config["REDIS_URL"]
+    return f"Redis at {url.rsplit('@', 1)[-1]}" if url else f"SQLite {app.config['DATA_DIR']}/{jobs.QUEUE_FILE}"
+
+
+@click.group("jobs", help="Run the background job workers (CSV batches, replays).")
+def jobs_cli() -> None:
+    pass
+
+
+@jobs_cli.command("worker")
+@click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True, help="Jobs run at once.")
+@with_appcontext
+def worker_command(threads: int) -> None:
+    """Run the job queue's consumer until stopped (SIGTERM: at once, held jobs handed back; SIGINT: gracefully)."""
+    run_worker(current_app._get_current_object(), threads)  # type: ignore[attr-defined]
