@@ -138,7 +138,8 @@ class JobEngine:
         self.app = app
         self.kinds: dict[str, JobKind] = {}
         self.huey = make_queue(app.config)
-        self._task = self.huey.task(name="run_job")(self._run)
+        # Huey's task: calling it queues a run of a job (kind name, id), past the pending mark enqueue() keeps.
+        self.run_job = self.huey.task(name="run_job")(self._run)
 
     def register(self, kind: JobKind) -> None:
         self.kinds.setdefault(kind.name, kind)
@@ -157,7 +158,7 @@ class JobEngine:
         if marked is not None and time.time() - marked < float(self.app.config["BATCH_STALE_SECONDS"]):
             return False
         self.huey.put(key, time.time())
-        self._task(kind.name, job_id)
+        self.run_job(kind.name, job_id)
         return True
 
     def sweep(self) -> int:

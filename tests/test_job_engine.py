@@ -1,0 +1,210 @@
+"""The job engine for real (issue 13 point 2): CSV batches uploaded through the site are queued on Huey's SQLite
+storage or on Redis and run by `flask jobs worker` processes, never by the web process. A worker killed with
+SIGKILL mid-batch loses nothing: another worker takes the job over once its heartbeat is stale and finishes it with
+every CSV row stored exactly once; a worker stopped with SIGTERM hands its job back at once; a task delivered twice
+runs the job once; a job queued before the engine existed (no task) is found by the workers' sweep."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import func, select
+
+from tests.conftest import BundleFactory, database_url_for, job_engine_of, live_models_of, make_app, signed_in
+from tests.gunicorn_harness import BIN, REPO, app_env
+from tests.test_batch import make_csv
+from tests.tiny_bundle import fixture_abstracts
+from webapp.batch import BATCH_JOBS, create_job, parse_csv
+from webapp.extensions import db
+from webapp.models import BatchJob, BatchRow, Prediction
+from webapp.serving.registry import import_bundle
+
+# Rows per batch, tagged two per commit: hundreds of commits, so a worker is killed well before the end.
+ROWS = 600
+# Seconds: a killed worker's job is taken over this long after its last heartbeat; workers sweep this often.
+SETTINGS = {"BATCH_CHUNK_SIZE": 2, "BATCH_STALE_SECONDS": 3.0, "BATCH_POLL_SECONDS": 0.5}
+# Only stops a hung test (a busy CI machine is slow, never wrong); nothing here measures speed.
+LIMIT = 300.0
+
+
+@dataclass
+class Site:
+    app: Flask
+    env: dict[str, str]
+    curator: FlaskClient
+    logs: Path
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def site(request: pytest.FixtureRequest, tmp_path: Path, make_bundle: BundleFactory) -> Iterator[Site]:
+    """An app with a model whose workers are separate processes, its queue on Huey's SQLite storage in the data
+    directory or on the test Redis server (flushed first)."""
+    redis_url = ""
+    if request.param == "redis":
+        redis_url = request.getfixturevalue("redis_url")
+        redis.Redis.from_url(redis_url).flushdb()
+    data = tmp_path / "data"
+    data.mkdir()
+    # The settings reach the worker processes as they reach an operator's: DATA_DIR/config.py.
+    (data / "config.py").write_text("".join(f"{key} = {value!r}\n" for key, value in SETTINGS.items()))
+    app = make_app(data, REDIS_URL=redis_url)
+    with app.app_context():
+        import_bundle(make_bundle(seed=1), actor="tests")
+    env = app_env(data, database_url_for(data), REDIS_URL=redis_url)
+    try:
+        yield Site(app, env, signed_in(app, "cora", "curator"), tmp_path)
+    finally:
+        live_models_of(app).stop()
+        job_engine_of(app).stop()
+        with app.app_context():
+            db.engine.dispose()
+
+
+@pytest.fixture
+def workers(site: Site) -> Iterator[list[subprocess.Popen]]:
+    """Start worker processes with ``workers.append(start_worker(site))``; every one left is killed after."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def start_worker(site: Site, n: int) -> subprocess.Popen:
+    """``flask --app wsgi jobs worker`` on the site's data directory, database and queue, as an operator runs it."""
+    log = open(site.logs / f"worker-{n}.log", "wb")  # noqa: SIM115 - the process writes it until it ends
+    return subprocess.Popen(
+        [str(BIN / "flask"), "--app", "wsgi", "jobs", "worker"], cwd=REPO, env=site.env, stdout=log, stderr=log
+    )
+
+
+def worker_log(site: Site) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(site.logs.glob("worker-*.log")))
+
+
+def batch_csv() -> bytes:
+    """ROWS rows of the fixture abstracts, each title numbered so every row is told apart in what was stored."""
+    abstracts = fixture_abstracts()
+    papers = [abstracts[i % len(abstracts)] for i in range(ROWS)]
+    return make_csv([["title", "abstract"]] + [[f"{p['title']} ({i})", p["abstract"]] for i, p in enumerate(papers)])
+
+
+def upload(site: Site) -> int:
+    """The batch uploaded through the site, as a curator does; its job id."""
+    response = site.curator.post(
+        "/batches", data={"file": (io.BytesIO(batch_csv()), "big.csv")}, content_type="multipart/form-data"
+    )
+    assert response.status_code == 302, response.get_data(as_text=True)
+    return int(response.headers["Location"].rsplit("/", 1)[1])
+
+
+def stored_without_task(site: Site, filename: str) -> int:
+    """The batch stored as the upload stores it, with no task queued for it (as before the engine existed)."""
+    with site.app.app_context():
+        return create_job(filename, parse_csv(batch_csv().decode(), ROWS), created_by="tests").id
+
+
+def state(site: Site, job_id: int) -> BatchJob:
+    with site.app.app_context():
+        job = db.session.get(BatchJob, job_id)
+        db.session.expunge(job)
+        return job
+
+
+def wait_until(site: Site, job_id: int, done: Callable[[BatchJob], bool], what: str) -> BatchJob:
+    deadline = time.monotonic() + LIMIT
+    while True:
+        job = state(site, job_id)
+        if done(job):
+            return job
+        assert job.status != "failed", f"job {job_id} failed: {job.error}"
+        assert time.monotonic() < deadline, (
+            f"job {job_id} never {what}: {job.status} {job.processed}\n{worker_log(site)}"
+        )
+        time.sleep(0.02)
+
+
+def prefix(proc: subprocess.Popen) -> str:
+    """The start of every job holder's name in a worker process (host:pid:thread)."""
+    return f"{os.uname().nodename}:{proc.pid}:"
+
+
+def assert_every_row_stored_once(site: Site, job_id: int) -> None:
+    with site.app.app_context():
+        rows = db.session.execute(select(BatchRow.row_number, BatchRow.prediction_id).where(BatchRow.job_id == job_id))
+        linked = {number: prediction for number, prediction in rows}
+        stored = db.session.scalars(select(Prediction.id).where(Prediction.batch_id == job_id)).all()
+        titles = db.session.scalars(select(Prediction.title).where(Prediction.batch_id == job_id)).all()
+    assert len(linked) == ROWS and None not in linked.values(), "every row is linked to its prediction"
+    assert sorted(stored) == sorted(linked.values()), "no prediction of the batch outside its rows (none twice)"
+    assert len(set(titles)) == ROWS, "each row's title (numbered) was stored once"
+
+
+def test_a_worker_killed_mid_batch_loses_nothing(site: Site, workers: list[subprocess.Popen]) -> None:
+    job_id = upload(site)
+    assert state(site, job_id).status == "queued"  # the web process only queued it
+    workers.append(first := start_worker(site, 1))
+    held = wait_until(site, job_id, lambda j: j.processed > 0, "started")
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    killed = state(site, job_id)
+    assert killed.worker.startswith(prefix(first)) and held.worker == killed.worker
+    assert killed.status == "running" and 0 < killed.processed < ROWS, "the worker was killed mid-batch"
+
+    workers.append(second := start_worker(site, 2))
+    done = wait_until(site, job_id, lambda j: j.status == "finished", "finished")
+    assert done.worker.startswith(prefix(second)), "the second worker took the job over"
+    assert (done.processed, done.skipped, done.error) == (ROWS, 0, None)
+    assert_every_row_stored_once(site, job_id)
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=60) == 0, worker_log(site)
+
+
+def test_a_stopped_worker_hands_its_job_back_at_once(site: Site, workers: list[subprocess.Popen]) -> None:
+    job_id = upload(site)
+    workers.append(first := start_worker(site, 1))
+    wait_until(site, job_id, lambda j: j.processed > 0, "started")
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=60) == 0, worker_log(site)
+    handed_back = state(site, job_id)
+    assert (handed_back.status, handed_back.worker) == ("queued", None), worker_log(site)
+    assert 0 < handed_back.processed < ROWS
+
+    workers.append(start_worker(site, 2))
+    done = wait_until(site, job_id, lambda j: j.status == "finished", "finished")
+    assert done.processed == ROWS
+    assert_every_row_stored_once(site, job_id)
+
+
+def test_two_deliveries_of_a_job_to_two_workers_run_it_once(site: Site, workers: list[subprocess.Popen]) -> None:
+    engine = job_engine_of(site.app)
+    job_id = stored_without_task(site, "twice.csv")
+    engine.run_job(BATCH_JOBS.name, job_id)  # Huey's task itself, twice, past the pending mark
+    engine.run_job(BATCH_JOBS.name, job_id)
+    workers.extend([start_worker(site, 1), start_worker(site, 2)])
+    done = wait_until(site, job_id, lambda j: j.status == "finished", "finished")
+    assert done.processed == ROWS
+    assert_every_row_stored_once(site, job_id)
+    assert "is held by another worker or has ended" in worker_log(site), "a second delivery was declined"
+
+
+def test_a_job_queued_without_a_task_is_found_by_the_sweep(site: Site, workers: list[subprocess.Popen]) -> None:
+    """A batch row made before the upgrade to the engine (or whose task was lost with the queue) still runs."""
+    job_id = stored_without_task(site, "before.csv")
+    assert job_engine_of(site.app).huey.storage.queue_size() == 0
+    workers.append(start_worker(site, 1))
+    assert wait_until(site, job_id, lambda j: j.status == "finished", "finished").processed == ROWS
+    with site.app.app_context():
+        assert db.session.scalar(select(func.count(Prediction.id)).where(Prediction.batch_id == job_id)) == ROWS
