@@ -1,6 +1,6 @@
-"""Similar past abstracts: embeddings stored on every path, neighbours equal to a brute-force cosine over embeddings
-computed with the model, only the same model version, the prediction itself and copies of its text left out, the
-reviewed labels shown, and ``k`` checked."""
+"""Similar past abstracts: embeddings stored on every path (int8 directions within quantisation of the model's),
+neighbours equal to a brute-force cosine over the stored embeddings and close to the model's own, only the same model
+version, the prediction itself and copies of its text left out, the reviewed labels shown, and ``k`` checked."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from tests.test_batch import make_csv, paper_rows, upload, wait_for
 from webapp.extensions import db
 from webapp.models import PredictionResult
 from webapp.serving.bundle import compose_text
+from webapp.serving.stored import unpack_embedding
 from webapp.serving.registry import activate, import_bundle
 
 SLUG = "test-tasks"
@@ -46,7 +47,13 @@ def test_embeddings_are_stored_for_web_api_and_batch_predictions(
         assert [r.prediction.source for r in rows] == ["web", "api", "batch", "batch"]
         for row, paper in zip(rows, abstracts, strict=False):
             expected = model.score([compose_text(paper["title"], paper["abstract"])])[0].embedding
-            assert np.frombuffer(row.embedding, dtype="<f4") == pytest.approx(expected, abs=1e-6)
+            # int8 keeps the direction to within half a step of 1/127 of the largest component
+            assert direction(row.embedding.vector) == pytest.approx(expected / np.linalg.norm(expected), abs=0.01)
+
+
+def direction(blob: bytes) -> np.ndarray:
+    vector = unpack_embedding(blob)
+    return vector / np.linalg.norm(vector)
 
 
 def test_neighbours_match_a_brute_force_cosine(app: Flask, client: FlaskClient, abstracts: list[dict]) -> None:
@@ -54,14 +61,20 @@ def test_neighbours_match_a_brute_force_cosine(app: Flask, client: FlaskClient, 
     ids = predict(client, papers)
     with app.app_context():
         model = live_models_of(app).current()[SLUG].model
-        vectors = np.stack([model.score([compose_text(p["title"], p["abstract"])])[0].embedding for p in papers])
-    vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        exact = np.stack([model.score([compose_text(p["title"], p["abstract"])])[0].embedding for p in papers])
+        rows = db.session.scalars(select(PredictionResult).order_by(PredictionResult.prediction_id)).all()
+        vectors = np.stack([direction(row.embedding.vector) for row in rows])
+    exact = exact / np.linalg.norm(exact, axis=1, keepdims=True)
     for i in (0, 5):
         cosine = vectors @ vectors[i]
         expected = [j for j in np.argsort(-cosine, kind="stable") if j != i][:5]
         found = similar(client, ids[i])
         assert [row["id"] for row in found] == [ids[j] for j in expected]
         assert [row["similarity"] for row in found] == pytest.approx([float(cosine[j]) for j in expected], abs=1e-5)
+        # and within the int8 quantisation of the model's own float32 cosine
+        assert [row["similarity"] for row in found] == pytest.approx(
+            [float(exact[j] @ exact[i]) for j in expected], abs=0.01
+        )
         assert found[0]["title"] == papers[expected[0]]["title"] and found[0]["reviewed"] is False
     # Rows stored after the first query join the index.
     (newer,) = predict(client, [{"title": "Copy", "abstract": papers[0]["abstract"] + " Extra words here."}])

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from flask import current_app
 from flask_login import UserMixin
-from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint, select
 from sqlalchemy import false as sa_false
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from .extensions import db
+from .serving.stored import Layout
 
 # Prediction.source of a paper imported from the base data (webapp/curation/label_issues.py), not submitted: live
 # quality, learned thresholds, the review queue and replay leave it out, as no served model answered it.
@@ -141,8 +144,22 @@ class Prediction(db.Model):
     )
 
 
+class Embedding(db.Model):
+    """One prediction's pooled vector from one encoder, shared by every result whose bundle has that encoder (similar
+    papers read it). ``vector``: its direction as int8, the largest component +-127 (``webapp/serving/stored.py``)."""
+
+    __tablename__ = "embeddings"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class PredictionResult(db.Model):
-    """What one model version said about one prediction: every label's score and the thresholds used."""
+    """What one model version said about one prediction: every label's score and the thresholds used.
+
+    Stored compactly (``webapp/serving/stored.py``): the scores packed in the version's label order, the thresholds
+    only where they differ from the version's. Read ``scores`` and ``thresholds`` as label -> value dicts; a new row
+    takes them as constructor arguments (its ``model_version_id`` names the version they are packed against)."""
 
     __tablename__ = "prediction_results"
 
@@ -150,13 +167,17 @@ class PredictionResult(db.Model):
     prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id"), index=True)
     taxonomy_id: Mapped[int] = mapped_column(ForeignKey("taxonomies.id"))
     model_version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id"), index=True)
-    scores: Mapped[dict[str, float]] = mapped_column(JSON)
+    # Every label's score in the version's label order (varints of millionths); or, when the scores do not fit that
+    # (another label set, more than 6 decimals), ``scores_by_label`` holds them as given.
+    score_values: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    scores_by_label: Mapped[dict[str, float] | None] = mapped_column(JSON, default=None)
     labels: Mapped[list[str]] = mapped_column(JSON)
-    thresholds: Mapped[dict[str, float]] = mapped_column(JSON)
+    # None: the version's thresholds (nearly every row).
+    thresholds_by_label: Mapped[dict[str, float] | None] = mapped_column(JSON, default=None)
     # Smallest |score - threshold| over the labels: the review queue shows the most uncertain first.
     margin: Mapped[float] = mapped_column(Float, index=True)
-    # float32 little-endian pooled embedding, for similarity search later.
-    embedding: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    # Not a foreign key: SQLite cannot drop a column that is one, which migration 0012's downgrade does.
+    embedding_id: Mapped[int | None] = mapped_column(Integer, default=None)
     # No label passed its threshold, so ``labels`` holds the most probable one, shown as below threshold.
     best_guess: Mapped[bool] = mapped_column(default=False, server_default=sa_false())
     # Cosine similarity to the nearest training paper, and whether it fell below the bundle's off-domain cut.
@@ -169,6 +190,51 @@ class PredictionResult(db.Model):
     prediction: Mapped[Prediction] = relationship(back_populates="results")
     taxonomy: Mapped[Taxonomy] = relationship()
     predicted: Mapped[list[PredictedLabel]] = relationship(cascade="all, delete-orphan")
+    embedding: Mapped[Embedding | None] = relationship(
+        primaryjoin="foreign(PredictionResult.embedding_id) == Embedding.id"
+    )
+
+    def __init__(
+        self, *, scores: Mapping[str, float], thresholds: Mapping[str, float] | None = None, **columns: Any
+    ) -> None:
+        """``thresholds`` default to the version's."""
+        super().__init__(**columns)
+        layout = version_layout(self.model_version_id)
+        packed = layout.pack(scores, layout.thresholds if thresholds is None else thresholds)
+        self.score_values, self.scores_by_label, self.thresholds_by_label = packed
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """Label -> score (6 decimals), in the version's label order."""
+        if self.scores_by_label is not None:
+            return dict(self.scores_by_label)
+        return version_layout(self.model_version_id).scores(self.score_values or b"")
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """Label -> the threshold the result was decided with."""
+        if self.thresholds_by_label is not None:
+            return dict(self.thresholds_by_label)
+        return dict(version_layout(self.model_version_id).thresholds)
+
+
+LAYOUTS_KEY = "papertag.version_layouts"
+
+
+def version_layout(version_id: str) -> Layout:
+    """The label order and thresholds results of ``version_id`` are packed against. Kept per app: a version's labels
+    and thresholds never change (learned thresholds are a new version), so pages read them once, not per row."""
+    cache: dict[str, Layout] = current_app.extensions.setdefault(LAYOUTS_KEY, {})
+    layout = cache.get(version_id)
+    if layout is None:
+        with db.session.no_autoflush:  # called while a caller builds rows: flush none of them half-made
+            row = db.session.execute(
+                select(ModelVersion.labels, ModelVersion.thresholds).where(ModelVersion.id == version_id)
+            ).one_or_none()
+        if row is None:
+            raise LookupError(f"no model version {version_id!r}")
+        layout = cache[version_id] = Layout.of(row.labels, row.thresholds)
+    return layout
 
 
 class Explanation(db.Model):

@@ -67,7 +67,7 @@ def reviews(taxonomy_id: int, version_id: str | None = None, *, with_scores: boo
         PredictionResult.taxonomy_id,
         PredictionResult.model_version_id,
         PredictionResult.labels,
-        *([PredictionResult.scores] if with_scores else []),
+        *([PredictionResult.score_values, PredictionResult.scores_by_label] if with_scores else []),
     ]
     query = (
         select(PredictionResult)

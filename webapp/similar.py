@@ -3,8 +3,9 @@
 Only results of the same model version are compared: each version (even of one taxonomy) has its own embedding
 space, so distances across versions mean nothing. Each worker keeps, per version, the stored embeddings in one
 normalised float32 matrix that grows by the rows stored since the last query (found by id, so a query reads only
-new rows after the first one). Cost: 4 bytes x hidden size per stored result (1.5 KB for MiniLM, 150 MB per
-100,000 predictions of one version) in every worker, and one matrix-vector product plus a sort per query.
+new rows after the first one). The database keeps each vector once per prediction and encoder as int8
+(``embeddings``, ``webapp/serving/stored.py``). Cost: 4 bytes x hidden size per stored result (1.5 KB for MiniLM,
+150 MB per 100,000 predictions of one version) in every worker, and one matrix-vector product plus a sort per query.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from sqlalchemy import select
 from .curation.annotations import current_labels, mapped_result, review_status
 from .explain import prediction_or_404, results_in
 from .extensions import db
-from .models import AnnotationEvent, Prediction, PredictionResult
+from .models import AnnotationEvent, Embedding, Prediction, PredictionResult
+from .serving.stored import unpack_embedding
 
 bp = Blueprint("similar", __name__)
 EXTENSION_KEY = "papertag.similar"
@@ -34,7 +36,7 @@ _cache_lock = threading.Lock()
 
 
 def _normalised(blob: bytes) -> np.ndarray:
-    vector = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+    vector = unpack_embedding(blob)
     norm = float(np.linalg.norm(vector))
     return vector / norm if norm > 0 else vector
 
@@ -58,7 +60,7 @@ class VersionIndex:
             select(PredictionResult.id).where(
                 PredictionResult.model_version_id == self.version_id,
                 PredictionResult.id > self.newest - LATE_IDS,
-                PredictionResult.embedding.is_not(None),
+                PredictionResult.embedding_id.is_not(None),
             )
         )
         todo = sorted(set(ids) - self.known)
@@ -68,12 +70,13 @@ class VersionIndex:
                     PredictionResult.id,
                     PredictionResult.prediction_id,
                     Prediction.text_sha256,
-                    PredictionResult.embedding,
+                    Embedding.vector,
                 )
                 .join(Prediction, Prediction.id == PredictionResult.prediction_id)
+                .join(Embedding, Embedding.id == PredictionResult.embedding_id)
                 .where(PredictionResult.id.in_(todo[start : start + CHUNK]))
             ).all()
-            vectors = [_normalised(row.embedding) for row in rows]
+            vectors = [_normalised(row.vector) for row in rows]
             width = self.matrix.shape[1] if len(self.result_ids) else (len(vectors[0]) if vectors else 0)
             kept = [(row, v) for row, v in zip(rows, vectors, strict=True) if len(v) == width]
             if not kept:
@@ -93,7 +96,7 @@ class VersionIndex:
             self.refresh()
             if result.embedding is None or not self.result_ids:
                 return []
-            query = _normalised(result.embedding)
+            query = _normalised(result.embedding.vector)
             if len(query) != self.matrix.shape[1]:
                 return []
             similarity = self.matrix @ query

@@ -16,10 +16,11 @@ from flask import current_app
 
 from ..curation.annotations import mapped_result
 from ..extensions import db
-from ..models import PredictedLabel, Prediction, PredictionResult
+from ..models import Embedding, PredictedLabel, Prediction, PredictionResult
 from .bundle import compose_text
 from .inference import score_all
 from .registry import LiveModel, live_models
+from .stored import pack_embedding, rounded
 
 log = logging.getLogger(__name__)
 
@@ -140,20 +141,23 @@ def predict_and_store(
             source=source,
             batch_id=batch_id,
         )
+        # Taxonomies whose bundles share the encoder read the same vector: one stored copy for all of them.
+        embeddings: dict[bytes, Embedding] = {}
         for slug, outputs in scored.items():
             entry = live[slug]
             labels, thresholds = entry.model.labels, entry.model.thresholds
             answer = outputs[i]
             probabilities = answer.probabilities
             decision = entry.model.decide(probabilities, answer.domain)
+            vector = pack_embedding(answer.embedding)
             result = PredictionResult(
                 taxonomy_id=entry.taxonomy_id,
                 model_version_id=entry.version_id,
-                scores={label: round(float(p), 6) for label, p in zip(labels, probabilities, strict=True)},
+                scores=dict(zip(labels, rounded(probabilities).tolist(), strict=True)),
                 labels=decision.labels,
-                thresholds={label: round(float(t), 6) for label, t in zip(labels, thresholds, strict=True)},
+                thresholds=dict(zip(labels, rounded(thresholds).tolist(), strict=True)),
                 margin=float(np.min(np.abs(probabilities - thresholds))),
-                embedding=np.asarray(answer.embedding, dtype="<f4").tobytes(),
+                embedding=embeddings.setdefault(vector, Embedding(vector=vector)),
                 best_guess=decision.best_guess,
                 domain=round(answer.domain, 6),
                 off_domain=decision.off_domain,
