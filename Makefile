@@ -36,17 +36,24 @@ $(TRAIN_STAMP): requirements.txt requirements-train.txt | $(BIN)/python
 
 install: $(SERVE_STAMP)
 
-# Migrate, import the shipped default bundles on first start, then serve on 127.0.0.1:$(PORT).
+# Migrate, import the shipped default bundles on first start, then serve on 127.0.0.1:$(PORT) with one job worker
+# process beside gunicorn (CSV batches, replays); the worker is stopped (SIGTERM: its jobs handed back) when gunicorn
+# ends, whatever ends it.
 run: $(SERVE_STAMP)
 	$(BIN)/flask --app wsgi db upgrade
 	$(BIN)/flask --app wsgi models import-defaults
+	@$(BIN)/flask --app wsgi jobs worker & worker=$$!; \
+	trap 'kill -TERM $$worker 2>/dev/null; wait $$worker; trap - EXIT; exit' EXIT INT TERM; \
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
 # Two passes: the whole suite on SQLite, then again on a throwaway PostgreSQL server (postgres.sh installs
 # Debian's postgresql if missing and serves on a Unix socket) without the slow `trainer` tests; stopped either way.
+# Both passes have a throwaway Redis server (redis.sh, likewise) for the job engine's tests on Redis.
 test: $(DEV_STAMP) $(TRAIN_STAMP)
 	sh tests/services/chromium.sh
-	@$(MAKE) --no-print-directory test-passes
+	@url=$$(sh tests/services/redis.sh start) || { echo "make test: the Redis server did not start"; exit 1; }; \
+	status=0; TEST_REDIS_URL="$$url" $(MAKE) --no-print-directory test-passes || status=$$?; \
+	sh tests/services/redis.sh stop; exit $$status
 
 # Both passes always run (a failed SQLite pass must not hide the PostgreSQL one); the summary names each pass's
 # outcome and the exit status is non-zero if either failed. The first pass is SQLite even where TEST_DATABASE_URL is

@@ -62,12 +62,17 @@ def flask_cli(env: dict[str, str], *args: str) -> str:
     return done.stdout
 
 
-def request(port: int, method: str, path: str, body: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
-    """One request on a fresh connection, so the kernel spreads them over the workers; a page comes as {"html": ...}."""
+def request(
+    port: int, method: str, path: str, body: dict | None = None, timeout: float = 30, token: str | None = None
+) -> tuple[int, dict]:
+    """One request on a fresh connection, so the kernel spreads them over the workers; a page comes as {"html": ...}.
+    ``token``: an API token sent as ``Authorization: Bearer``."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         payload = json.dumps(body) if body is not None else None
         headers = {"Content-Type": "application/json", "Connection": "close"} if body is not None else {}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
         conn.request(method, path, body=payload, headers=headers)
         response = conn.getresponse()
         payload = response.read()

@@ -1,13 +1,15 @@
 """The job engine for real (issue 13 point 2): CSV batches uploaded through the site are queued on Huey's SQLite
 storage or on Redis and run by `flask jobs worker` processes, never by the web process. A worker killed with
 SIGKILL mid-batch loses nothing: another worker takes the job over once its heartbeat is stale and finishes it with
-every CSV row stored exactly once; a worker stopped with SIGTERM hands its job back at once; a task delivered twice
-runs the job once; a job queued before the engine existed (no task) is found by the workers' sweep."""
+every CSV row stored exactly once; a worker stopped with SIGTERM or SIGINT hands its job back at once; a task
+delivered twice runs the job once; a job queued before the engine existed (no task) is found by the workers' sweep.
+"""
 
 from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -17,17 +19,18 @@ from pathlib import Path
 
 import pytest
 import redis
+import yaml
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
 from tests.conftest import BundleFactory, database_url_for, job_engine_of, live_models_of, make_app, signed_in
-from tests.gunicorn_harness import BIN, REPO, app_env
+from tests.gunicorn_harness import BIN, REPO, app_env, database, flask_cli, gunicorn, request, worker_pids
 from tests.test_batch import make_csv
 from tests.tiny_bundle import fixture_abstracts
 from webapp.batch import BATCH_JOBS, create_job, parse_csv
 from webapp.extensions import db
-from webapp.models import BatchJob, BatchRow, Prediction
+from webapp.models import BatchJob, BatchRow, Prediction, ReplayReport
 from webapp.serving.registry import import_bundle
 
 # Rows per batch, tagged two per commit: hundreds of commits, so a worker is killed well before the end.
@@ -73,7 +76,7 @@ def site(request: pytest.FixtureRequest, tmp_path: Path, make_bundle: BundleFact
 
 @pytest.fixture
 def workers(site: Site) -> Iterator[list[subprocess.Popen]]:
-    """Start worker processes with ``workers.append(start_worker(site))``; every one left is killed after."""
+    """Start worker processes with ``workers.append(start_worker(site, n))``; every one left is killed after."""
     started: list[subprocess.Popen] = []
     yield started
     for proc in started:
@@ -84,14 +87,20 @@ def workers(site: Site) -> Iterator[list[subprocess.Popen]]:
 
 def start_worker(site: Site, n: int) -> subprocess.Popen:
     """``flask --app wsgi jobs worker`` on the site's data directory, database and queue, as an operator runs it."""
-    log = open(site.logs / f"worker-{n}.log", "wb")  # noqa: SIM115 - the process writes it until it ends
-    return subprocess.Popen(
-        [str(BIN / "flask"), "--app", "wsgi", "jobs", "worker"], cwd=REPO, env=site.env, stdout=log, stderr=log
-    )
+    return worker_process(site.env, site.logs / f"worker-{n}.log")
 
 
-def worker_log(site: Site) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(site.logs.glob("worker-*.log")))
+def worker_process(env: dict[str, str], log: Path) -> subprocess.Popen:
+    """``flask --app wsgi jobs worker`` with ``env``, its output in ``log``."""
+    with open(log, "wb") as out:  # the process keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [str(BIN / "flask"), "--app", "wsgi", "jobs", "worker"], cwd=REPO, env=env, stdout=out, stderr=out
+        )
+
+
+def logs_in(folder: Path) -> str:
+    """The end of every log in ``folder`` (the workers'), for a failure's message."""
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(folder.glob("*.log")))
 
 
 def batch_csv() -> bytes:
@@ -131,7 +140,7 @@ def wait_until(site: Site, job_id: int, done: Callable[[BatchJob], bool], what: 
             return job
         assert job.status != "failed", f"job {job_id} failed: {job.error}"
         assert time.monotonic() < deadline, (
-            f"job {job_id} never {what}: {job.status} {job.processed}\n{worker_log(site)}"
+            f"job {job_id} never {what}: {job.status} {job.processed}\n{logs_in(site.logs)}"
         )
         time.sleep(0.02)
 
@@ -169,17 +178,21 @@ def test_a_worker_killed_mid_batch_loses_nothing(site: Site, workers: list[subpr
     assert (done.processed, done.skipped, done.error) == (ROWS, 0, None)
     assert_every_row_stored_once(site, job_id)
     second.send_signal(signal.SIGTERM)
-    assert second.wait(timeout=60) == 0, worker_log(site)
+    assert second.wait(timeout=60) == 0, logs_in(site.logs)
 
 
-def test_a_stopped_worker_hands_its_job_back_at_once(site: Site, workers: list[subprocess.Popen]) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stopped_worker_hands_its_job_back_at_once(
+    site: Site, workers: list[subprocess.Popen], stop: signal.Signals
+) -> None:
+    """Render's deploys send SIGTERM, Ctrl-C SIGINT: either way the job goes back to the queue at once."""
     job_id = upload(site)
     workers.append(first := start_worker(site, 1))
     wait_until(site, job_id, lambda j: j.processed > 0, "started")
-    first.send_signal(signal.SIGTERM)
-    assert first.wait(timeout=60) == 0, worker_log(site)
+    first.send_signal(stop)
+    assert first.wait(timeout=60) == 0, logs_in(site.logs)
     handed_back = state(site, job_id)
-    assert (handed_back.status, handed_back.worker) == ("queued", None), worker_log(site)
+    assert (handed_back.status, handed_back.worker) == ("queued", None), logs_in(site.logs)
     assert 0 < handed_back.processed < ROWS
 
     workers.append(start_worker(site, 2))
@@ -197,7 +210,7 @@ def test_two_deliveries_of_a_job_to_two_workers_run_it_once(site: Site, workers:
     done = wait_until(site, job_id, lambda j: j.status == "finished", "finished")
     assert done.processed == ROWS
     assert_every_row_stored_once(site, job_id)
-    assert "is held by another worker or has ended" in worker_log(site), "a second delivery was declined"
+    assert "is held by another worker or has ended" in logs_in(site.logs), "a second delivery was declined"
 
 
 def test_a_job_queued_without_a_task_is_found_by_the_sweep(site: Site, workers: list[subprocess.Popen]) -> None:
@@ -208,3 +221,62 @@ def test_a_job_queued_without_a_task_is_found_by_the_sweep(site: Site, workers: 
     assert wait_until(site, job_id, lambda j: j.status == "finished", "finished").processed == ROWS
     with site.app.app_context():
         assert db.session.scalar(select(func.count(Prediction.id)).where(Prediction.batch_id == job_id)) == ROWS
+
+
+def test_gunicorn_only_queues_and_a_worker_process_runs_the_job(
+    tmp_path: Path, make_bundle: BundleFactory, abstracts: list[dict]
+) -> None:
+    """`make run`'s processes: gunicorn (2 web workers) answers a replay request with 202 and the job is run by
+    the job worker process beside it, not by a web worker."""
+    defaults = tmp_path / "models"
+    defaults.mkdir()
+    shutil.copytree(make_bundle(seed=1), defaults / "test-tasks")
+    env = app_env(tmp_path / "data", database_url_for(tmp_path / "data"), DEFAULT_BUNDLES_DIR=str(defaults))
+    flask_cli(env, "db", "upgrade")
+    flask_cli(env, "models", "import-defaults")
+    candidate = flask_cli(env, "models", "import", str(make_bundle(seed=2))).splitlines()[-1]
+    token = flask_cli(env, "tokens", "create", "root", "--role", "admin").splitlines()[-1]
+    port = int(env["PORT"])
+    with gunicorn(env, tmp_path / "gunicorn.log") as master:
+        assert request(port, "POST", "/api/v1/predict", {"abstracts": abstracts[:12]})[0] == 200
+        status, job = request(port, "POST", f"/api/v1/models/{candidate}/replay", {}, token=token)
+        assert (status, job["status"]) == (202, "queued")
+        web_workers = worker_pids(master.pid)
+        worker = worker_process(env, tmp_path / "worker.log")
+        try:
+            deadline = time.monotonic() + LIMIT
+            while (answer := request(port, "GET", job["status_url"], token=token)[1])["status"] in (
+                "queued",
+                "running",
+            ):
+                assert time.monotonic() < deadline, f"replay never ended: {answer}\n{logs_in(tmp_path)}"
+                time.sleep(0.05)
+            assert answer["status"] == "finished" and answer["report"]["sample"]["size"] >= 12, answer
+            with database(env) as conn:
+                holder = conn.execute(select(ReplayReport.worker).where(ReplayReport.id == job["id"])).scalar()
+            assert holder.startswith(prefix(worker)), (holder, worker.pid, web_workers)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=60) == 0, logs_in(tmp_path)
+
+
+def test_the_render_blueprint_runs_a_worker_service_on_the_web_services_database_and_queue() -> None:
+    """render.yaml's worker service is built like the web service and reads the same settings, database and queue."""
+    blueprint = yaml.safe_load((REPO / "render.yaml").read_text())
+    services = {service["type"]: service for service in blueprint["services"]}
+    web, worker, queue = services["web"], services["worker"], services["keyvalue"]
+    assert worker["startCommand"] == "flask --app wsgi jobs worker"  # no migrations: the web service runs them
+    assert worker["buildCommand"] == web["buildCommand"] and worker["runtime"] == web["runtime"]
+
+    def sources(service: dict) -> dict[str, object]:
+        return {
+            var.get("key", "group"): var.get("fromDatabase") or var.get("fromService") or var.get("fromGroup")
+            for var in service["envVars"]
+        }
+
+    shared = {"group", "DATABASE_URL", "REDIS_URL"}
+    assert {key: sources(web)[key] for key in shared} == {key: sources(worker)[key] for key in shared}
+    assert sources(web)["REDIS_URL"] == {"type": "keyvalue", "name": queue["name"], "property": "connectionString"}
+    assert sources(web)["DATABASE_URL"]["name"] == blueprint["databases"][0]["name"]
+    assert queue["maxmemoryPolicy"] == "noeviction"  # a full queue refuses a task rather than dropping one
+    assert "disk" not in web, "a Render disk belongs to one service: the worker could not reach a database on it"

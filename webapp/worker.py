@@ -2,19 +2,21 @@
 (``webapp/jobs.py``), so CSV batches and replays run beside the web processes, never in them.
 
 Besides the consumer's threads, a sweeper thread queues again, at start and every ``BATCH_POLL_SECONDS``, the jobs
-no task is pending for (a killed worker's, a lost queue's). SIGTERM (Render's deploys, ``make run`` stopping) stops
-at once and hands the jobs this process held back to the queue, so another worker resumes them without waiting for
-their heartbeat to go stale; SIGINT lets running tasks finish first (a second one stops at once).
+no task is pending for (a killed worker's, a lost queue's). SIGTERM (Render's deploys, ``make run`` stopping) and
+SIGINT stop at once and hand the jobs this process held back to the queue, so another worker resumes them without
+waiting for their heartbeat to go stale; only the chunk in progress is redone.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 
 import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
+from huey.consumer import Consumer
 
 from . import jobs
 
@@ -22,6 +24,15 @@ log = logging.getLogger(__name__)
 # How long an idle consumer thread waits at most between looks at a SQLite queue (Redis blocks until a task
 # comes): a queued job starts within about this long.
 IDLE_POLL_SECONDS = 1.0
+
+
+class _Consumer(Consumer):
+    """Huey's consumer, except that SIGINT (Ctrl-C) stops at once as SIGTERM does: the jobs held are handed back
+    rather than waited for (a batch may take many minutes, and only its current chunk is redone)."""
+
+    def _set_signal_handlers(self) -> None:
+        super()._set_signal_handlers()
+        signal.signal(signal.SIGINT, self._handle_stop_signal)
 
 
 def _sweep_every(engine: jobs.JobEngine, interval: float, stop: threading.Event) -> None:
@@ -39,8 +50,8 @@ def _sweep_every(engine: jobs.JobEngine, interval: float, stop: threading.Event)
 def run_worker(app: Flask, threads: int = 1) -> None:
     """Run jobs until SIGTERM or SIGINT (blocks; installs the consumer's signal handlers, so the main thread)."""
     engine: jobs.JobEngine = app.extensions[jobs.EXTENSION_KEY]
-    consumer = engine.huey.create_consumer(
-        workers=threads, worker_type="thread", periodic=False, max_delay=IDLE_POLL_SECONDS
+    consumer = _Consumer(
+        engine.huey, workers=threads, worker_type="thread", periodic=False, max_delay=IDLE_POLL_SECONDS
     )
     stop = threading.Event()
     interval = float(app.config["BATCH_POLL_SECONDS"])
@@ -71,5 +82,5 @@ def jobs_cli() -> None:
 @click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True, help="Jobs run at once.")
 @with_appcontext
 def worker_command(threads: int) -> None:
-    """Run the job queue's consumer until stopped (SIGTERM: at once, held jobs handed back; SIGINT: gracefully)."""
+    """Run the job queue's consumer until SIGTERM or SIGINT (held jobs are handed back to the queue)."""
     run_worker(current_app._get_current_object(), threads)  # type: ignore[attr-defined]
