@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import current_app
 from flask_login import UserMixin
 from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint, select
 from sqlalchemy import false as sa_false
@@ -218,14 +217,16 @@ class PredictionResult(db.Model):
         return dict(version_layout(self.model_version_id).thresholds)
 
 
-LAYOUTS_KEY = "papertag.version_layouts"
+# Version id -> its layout, for the whole process: a version id names one bundle's content (the taxonomy slug and
+# its archive's sha256), so its labels and thresholds are the same in every database and never change (learned
+# thresholds are a new version). Pages read them once, not per row, and a result read earlier decodes without a
+# database at hand.
+_layouts: dict[str, Layout] = {}
 
 
 def version_layout(version_id: str) -> Layout:
-    """The label order and thresholds results of ``version_id`` are packed against. Kept per app: a version's labels
-    and thresholds never change (learned thresholds are a new version), so pages read them once, not per row."""
-    cache: dict[str, Layout] = current_app.extensions.setdefault(LAYOUTS_KEY, {})
-    layout = cache.get(version_id)
+    """The label order and thresholds results of ``version_id`` are packed against."""
+    layout = _layouts.get(version_id)
     if layout is None:
         with db.session.no_autoflush:  # called while a caller builds rows: flush none of them half-made
             row = db.session.execute(
@@ -233,7 +234,7 @@ def version_layout(version_id: str) -> Layout:
             ).one_or_none()
         if row is None:
             raise LookupError(f"no model version {version_id!r}")
-        layout = cache[version_id] = Layout.of(row.labels, row.thresholds)
+        layout = _layouts[version_id] = Layout.of(row.labels, row.thresholds)
     return layout
 
 
