@@ -85,6 +85,8 @@ FORMS = ("0011", "now")
 # The revision whose storage form "0011" is.
 OLD_REVISION = "0011_current_labels"
 CHUNK = 500
+# Prediction i of a fill is made this many seconds after FILL_START.
+FILL_START = datetime(2026, 1, 1)
 
 # prediction_results as migration 0011 left it (the app's model follows today's schema).
 OLD_RESULTS = Table(
@@ -164,9 +166,17 @@ def read_papers(n: int) -> list[dict]:
     return papers
 
 
-def model_answers(bundles: Sequence[Bundle], papers: Sequence[dict]) -> list[dict[str, Answer]]:
-    """What the shipped models answer for each paper (one encoder pass for all of them, as the server runs them)."""
-    models = {bundle.slug: LoadedModel(bundle.path, threads=os.cpu_count() or 1) for bundle in bundles}
+def load_models(bundles: Sequence[Bundle]) -> dict[str, LoadedModel]:
+    """Slug -> the bundle loaded for scoring (on every core: nothing else runs meanwhile)."""
+    return {bundle.slug: LoadedModel(bundle.path, threads=os.cpu_count() or 1) for bundle in bundles}
+
+
+def model_answers(
+    bundles: Sequence[Bundle], papers: Sequence[dict], models: dict[str, LoadedModel] | None = None
+) -> list[dict[str, Answer]]:
+    """What the shipped models (``models``, else loaded here) answer for each paper (one encoder pass for all of
+    them, as the server runs them)."""
+    models = models or load_models(bundles)
     texts = [compose_text(p.get("title"), p["abstract"]) for p in papers]
     scored = score_all(models, texts)
     answers: list[dict[str, Answer]] = [{} for _ in texts]
@@ -209,9 +219,9 @@ def add_versions(connection: Connection, bundles: Sequence[Bundle]) -> dict[str,
     return ids
 
 
-def _chunks(n: int) -> Iterator[range]:
-    for start in range(0, n, CHUNK):
-        yield range(start, min(n, start + CHUNK))
+def _chunks(first: int, n: int) -> Iterator[range]:
+    for start in range(first, first + n, CHUNK):
+        yield range(start, min(first + n, start + CHUNK))
 
 
 def fill(
@@ -222,12 +232,12 @@ def fill(
     papers: Sequence[dict],
     answers: Sequence[dict[str, Answer]],
     n: int,
+    first: int = 0,
 ) -> None:
-    """``n`` predictions (paper and answers ``i % len(...)``, a distinct text each), one result per bundle, written
-    as storage ``form`` ("0011" or "now") writes them. Commits per chunk. "now" needs an app context (the versions'
-    layouts)."""
-    start = datetime(2026, 1, 1)
-    for chunk in _chunks(n):
+    """``n`` predictions numbered ``first``, ``first + 1``, ... (paper and answers ``i % len(...)``, a distinct text
+    each), one result per bundle, written as storage ``form`` ("0011" or "now") writes them. Commits per chunk. "now"
+    needs an app context (the versions' layouts). A later call with ``first`` = the count so far grows the history."""
+    for chunk in _chunks(first, n):
         rows = []
         for i in chunk:
             paper = papers[i % len(papers)]
@@ -238,7 +248,7 @@ def fill(
                     "abstract": paper["abstract"],
                     "text_sha256": hashlib.sha256(f"{i} {title} {paper['abstract']}".encode()).hexdigest(),
                     "source": "batch",
-                    "created_at": start + timedelta(seconds=i),
+                    "created_at": FILL_START + timedelta(seconds=i),
                 }
             )
         ids = connection.scalars(insert(Prediction).returning(Prediction.id, sort_by_parameter_order=True), rows).all()
