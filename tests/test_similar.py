@@ -15,8 +15,8 @@ from tests.test_batch import make_csv, paper_rows, upload, wait_for
 from webapp.extensions import db
 from webapp.models import PredictionResult
 from webapp.serving.bundle import compose_text
-from webapp.serving.stored import unpack_embedding
 from webapp.serving.registry import activate, import_bundle
+from webapp.serving.stored import unpack_embedding
 
 SLUG = "test-tasks"
 
