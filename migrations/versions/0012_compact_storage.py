@@ -27,7 +27,7 @@ depends_on = None
 CHUNK = 500
 
 # The byte formats of this revision, written out here (not imported from the app) so this migration keeps writing
-# them whatever the app does later; webapp/serving/stored.py documents and reads them, and tests/test_migrations.py
+# them whatever the app does later; webapp/serving/stored.py documents and reads them, and tests/test_storage.py
 # checks that the app reads back what was there. Scores: each label's millionths as an unsigned LEB128 varint, in
 # the version's label order. Embeddings: int8, the direction scaled so the largest component is +-127.
 OLD_EMBEDDING_DTYPE = '<f4'
