@@ -67,8 +67,10 @@ def run_migrations_offline():
 # The full-text search index of migration 0010 lives outside the models (webapp/search.py reads it with SQL): the
 # FTS5 table and its shadow tables on SQLite, a generated tsvector column and its GIN index on PostgreSQL.
 # Autogenerate must not propose dropping them.
+# Likewise similar papers' index (migration 0013, webapp/similar_index.py): sqlite-vec tables and their shadow tables,
+# pgvector tables and their HNSW indexes, one per vector width, made as widths appear.
 def include_object(obj, name, type_, reflected, compare_to):
-    if type_ == "table" and name.startswith("predictions_fts"):
+    if type_ == "table" and name.startswith(("predictions_fts", "similar_")):
         return False
     if type_ == "column" and name == "search_vector" and obj.table.name == "predictions":
         return False

@@ -18,6 +18,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import config as config_module
 from .extensions import csrf, db, limiter, login_manager, migrate
+from .similar_index import load_sqlite_vec
 
 REPO_ROOT = config_module.REPO_ROOT
 
@@ -123,6 +124,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
+        load_sqlite_vec(dbapi_connection)  # similar papers' index (webapp/similar_index.py) is written on every one
 
 
 def register_extensions(app: Flask) -> None:

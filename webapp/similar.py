@@ -1,129 +1,73 @@
 """Similar past abstracts: the nearest stored predictions by cosine similarity of the model's pooled embedding.
 
 Only results of the same model version are compared: each version (even of one taxonomy) has its own embedding
-space, so distances across versions mean nothing. Each worker keeps, per version, the stored embeddings in one
-normalised float32 matrix that grows by the rows stored since the last query (found by id, so a query reads only
-new rows after the first one). The database keeps each vector once per prediction and encoder as int8
-(``embeddings``, ``webapp/serving/stored.py``). Cost: 4 bytes x hidden size per stored result (1.5 KB for MiniLM,
-150 MB per 100,000 predictions of one version) in every worker, and one matrix-vector product plus a sort per query.
+space, so distances across versions mean nothing. What is compared: the stored int8 directions
+(``embeddings.vector``, ``webapp/serving/stored.py``), by exact cosine. Which results are looked at comes from the
+vector index (``webapp/similar_index.py``: sqlite-vec on SQLite, pgvector's HNSW on PostgreSQL, else an exact
+scan): it proposes ``CANDIDATES_PER_K`` times ``k`` candidates (at least ``MIN_CANDIDATES``), this module ranks them
+exactly and leaves out the prediction itself and copies of texts already listed; when that leaves fewer than ``k``
+and the index had more, it asks for four times as many. A version with at most that many results is searched
+exactly. Nothing is kept between requests, so a web worker's memory does not grow with the history.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 from flask import Blueprint, Response, abort, current_app, jsonify, request
 from sqlalchemy import select
 
+from . import similar_index
 from .curation.annotations import current_labels, mapped_result, review_status
 from .explain import prediction_or_404, results_in
 from .extensions import db
 from .models import AnnotationEvent, Embedding, Prediction, PredictionResult
-from .serving.stored import unpack_embedding
 
 bp = Blueprint("similar", __name__)
-EXTENSION_KEY = "papertag.similar"
-# Rows fetched per query while loading a version's embeddings.
-CHUNK = 500
-# Ids this far below the highest loaded one are looked at again: a concurrent writer may commit a lower id later.
-LATE_IDS = 1000
-# Versions whose matrices a worker keeps (the least recently used is dropped).
-VERSIONS_KEPT = 4
-_cache_lock = threading.Lock()
+# Candidates asked of the index per neighbour wanted: binary codes and HNSW are approximate, the ranking is exact.
+# bench/similar_scale.py measures how many of the exact k nearest this finds.
+CANDIDATES_PER_K = 8
+MIN_CANDIDATES = 64
 
 
-def _normalised(blob: bytes) -> np.ndarray:
-    vector = unpack_embedding(blob)
-    norm = float(np.linalg.norm(vector))
-    return vector / norm if norm > 0 else vector
+def _ranked(result: PredictionResult, candidate_ids: list[int], k: int) -> list[tuple[int, int, float]]:
+    """The ``k`` nearest of the candidates by exact cosine, most similar first (ties by result id); the prediction
+    itself and copies of its text are left out, and copies among them count once."""
+    rows = db.session.execute(
+        select(PredictionResult.id, PredictionResult.prediction_id, Prediction.text_sha256, Embedding.vector)
+        .join(Prediction, Prediction.id == PredictionResult.prediction_id)
+        .join(Embedding, Embedding.id == PredictionResult.embedding_id)
+        .where(PredictionResult.id.in_(candidate_ids), PredictionResult.model_version_id == result.model_version_id)
+    ).all()
+    query = result.embedding.vector
+    rows = [row for row in rows if len(row.vector) == len(query)]
+    similarity = similar_index.cosines([row.vector for row in rows], query).tolist() if rows else []
+    scored = sorted(zip(similarity, rows, strict=True), key=lambda pair: (-pair[0], pair[1].id))
+    seen = {result.prediction.text_sha256}
+    found = []
+    for similarity, row in scored:
+        if row.prediction_id == result.prediction_id or row.text_sha256 in seen:
+            continue
+        seen.add(row.text_sha256)
+        found.append((row.id, row.prediction_id, similarity))
+        if len(found) == k:
+            break
+    return found
 
 
-@dataclass
-class VersionIndex:
-    """One version's stored embeddings: row i is result ``result_ids[i]`` of prediction ``prediction_ids[i]``."""
-
-    version_id: str
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    result_ids: list[int] = field(default_factory=list)
-    prediction_ids: list[int] = field(default_factory=list)
-    text_sha256: list[str] = field(default_factory=list)
-    matrix: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
-    known: set[int] = field(default_factory=set)
-    newest: int = 0
-
-    def refresh(self) -> None:
-        """Append the rows stored since the last call (and any late commit among the last ``LATE_IDS`` ids)."""
-        ids = db.session.scalars(
-            select(PredictionResult.id).where(
-                PredictionResult.model_version_id == self.version_id,
-                PredictionResult.id > self.newest - LATE_IDS,
-                PredictionResult.embedding_id.is_not(None),
-            )
-        )
-        todo = sorted(set(ids) - self.known)
-        for start in range(0, len(todo), CHUNK):
-            rows = db.session.execute(
-                select(
-                    PredictionResult.id,
-                    PredictionResult.prediction_id,
-                    Prediction.text_sha256,
-                    Embedding.vector,
-                )
-                .join(Prediction, Prediction.id == PredictionResult.prediction_id)
-                .join(Embedding, Embedding.id == PredictionResult.embedding_id)
-                .where(PredictionResult.id.in_(todo[start : start + CHUNK]))
-            ).all()
-            vectors = [_normalised(row.vector) for row in rows]
-            width = self.matrix.shape[1] if len(self.result_ids) else (len(vectors[0]) if vectors else 0)
-            kept = [(row, v) for row, v in zip(rows, vectors, strict=True) if len(v) == width]
-            if not kept:
-                continue
-            self.matrix = np.vstack([self.matrix.reshape(-1, width), np.stack([v for _, v in kept])])
-            for row, _ in kept:
-                self.result_ids.append(row.id)
-                self.prediction_ids.append(row.prediction_id)
-                self.text_sha256.append(row.text_sha256)
-                self.known.add(row.id)
-                self.newest = max(self.newest, row.id)
-
-    def nearest(self, result: PredictionResult, k: int) -> list[tuple[int, int, float]]:
-        """``(result id, prediction id, cosine)`` of the ``k`` nearest other texts, most similar first; the
-        prediction itself and copies of its text are left out, and copies among them count once."""
-        with self.lock:
-            self.refresh()
-            if result.embedding is None or not self.result_ids:
-                return []
-            query = _normalised(result.embedding.vector)
-            if len(query) != self.matrix.shape[1]:
-                return []
-            similarity = self.matrix @ query
-            seen = {result.prediction.text_sha256}
-            found = []
-            for i in np.argsort(-similarity, kind="stable"):
-                sha = self.text_sha256[i]
-                if self.prediction_ids[i] == result.prediction_id or sha in seen:
-                    continue
-                seen.add(sha)
-                found.append((self.result_ids[i], self.prediction_ids[i], float(similarity[i])))
-                if len(found) == k:
-                    break
+def nearest(result: PredictionResult, k: int) -> list[tuple[int, int, float]]:
+    """``(result id, prediction id, cosine)`` of the ``k`` nearest other texts of ``result``'s model version."""
+    if result.embedding is None:
+        return []
+    connection = db.session.connection()
+    engine = similar_index.engine_for(connection)
+    wanted = max(MIN_CANDIDATES, CANDIDATES_PER_K * k)
+    while True:
+        candidates = engine.candidates(connection, result.model_version_id, result.embedding.vector, wanted)
+        found = _ranked(result, candidates, k)
+        if len(found) == k or len(candidates) < wanted or wanted >= similar_index.MAX_CANDIDATES:
             return found
-
-
-def _index(version_id: str) -> VersionIndex:
-    """This worker's index of a version (one cache per app, so several apps in one process stay apart)."""
-    cache: OrderedDict[str, VersionIndex] = current_app.extensions.setdefault(EXTENSION_KEY, OrderedDict())
-    with _cache_lock:
-        index = cache.get(version_id)
-        if index is None:
-            index = cache[version_id] = VersionIndex(version_id)
-        cache.move_to_end(version_id)
-        while len(cache) > VERSIONS_KEPT:
-            cache.popitem(last=False)
-        return index
+        wanted = min(4 * wanted, similar_index.MAX_CANDIDATES)
 
 
 @dataclass(frozen=True)
@@ -147,23 +91,21 @@ class SimilarPaper:
 def similar_papers(result: PredictionResult, k: int) -> list[SimilarPaper]:
     """The nearest past abstracts of the same model version with their current labels in this taxonomy: the
     reviewed labels (corrections applied) when a curator reviewed them, else the predicted ones."""
-    nearest = _index(result.model_version_id).nearest(result, k)
-    if not nearest:
+    nearest_ones = nearest(result, k)
+    if not nearest_ones:
         return []
-    results = {
-        r.id: r
-        for r in db.session.scalars(select(PredictionResult).where(PredictionResult.id.in_([n[0] for n in nearest])))
-    }
+    wanted = [n[0] for n in nearest_ones]
+    results = {r.id: r for r in db.session.scalars(select(PredictionResult).where(PredictionResult.id.in_(wanted)))}
     events: dict[int, list[AnnotationEvent]] = {}
     for event in db.session.scalars(
         select(AnnotationEvent).where(
-            AnnotationEvent.prediction_id.in_([n[1] for n in nearest]),
+            AnnotationEvent.prediction_id.in_([n[1] for n in nearest_ones]),
             AnnotationEvent.taxonomy_id == result.taxonomy_id,
         )
     ):
         events.setdefault(event.prediction_id, []).append(event)
     papers = []
-    for result_id, prediction_id, similarity in nearest:
+    for result_id, prediction_id, similarity in nearest_ones:
         theirs = events.get(prediction_id, [])
         other = results[result_id]
         labels = current_labels(other, theirs)  # without events: the predicted labels, in today's names

@@ -1,0 +1,182 @@
+"""Similar papers' vector index (``webapp/similar_index.py``): the engine follows the database (sqlite-vec, pgvector
+where the server has it, else the exact scan), the index holds exactly the stored results with an embedding (new ones
+at once, none of a rolled-back or deleted one), the exact scan finds what the index finds, copies of the query's
+text beyond the first candidates do not hide other papers, and migration 0013 indexes a database's existing results
+(and its downgrade drops the index)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import flask_migrate
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import select, text
+
+from tests.conftest import BundleFactory, live_models_of, make_app
+from tests.test_similar import SLUG, predict, similar
+from webapp import similar as similar_module
+from webapp import similar_index
+from webapp.batch import EXTENSION_KEY as BATCH_WORKER
+from webapp.extensions import db
+from webapp.models import PredictionResult
+from webapp.serving.registry import activate, import_bundle
+from webapp.serving.scoring import Submission, predict_and_store
+
+
+def index_tables(app: Flask) -> list[str]:
+    """The tables of the index (every width), from the database's catalogue."""
+    with app.app_context():
+        connection = db.session.connection()
+        if connection.dialect.name == "sqlite":
+            query = "SELECT name FROM sqlite_master WHERE name GLOB 'similar_codes_*' AND sql LIKE 'CREATE VIRTUAL%'"
+        else:
+            query = "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() AND tablename LIKE 'similar%'"
+        return sorted(connection.execute(text(query)).scalars())
+
+
+def indexed(app: Flask) -> set[int]:
+    """Result ids the index holds."""
+    with app.app_context():
+        connection = db.session.connection()
+        column = "rowid" if connection.dialect.name == "sqlite" else "result_id"
+        return {
+            i
+            for table in index_tables(app)
+            for i in connection.execute(text(f"SELECT {column} FROM {table}")).scalars()
+        }
+
+
+def with_embeddings(app: Flask) -> set[int]:
+    with app.app_context():
+        return set(db.session.scalars(select(PredictionResult.id).where(PredictionResult.embedding_id.is_not(None))))
+
+
+def expected_engine(app: Flask) -> type[similar_index.IndexEngine]:
+    with app.app_context():
+        connection = db.session.connection()
+        if connection.dialect.name == "sqlite":
+            return similar_index.SqliteVec
+        offered = connection.execute(text("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")).first()
+        return similar_index.PgVector if offered else similar_index.ExactScan
+
+
+def engine_of(app: Flask) -> similar_index.IndexEngine:
+    with app.app_context():
+        return similar_index.engine_for(db.session.connection())
+
+
+def test_the_engine_follows_the_database_and_holds_every_stored_result(
+    app: Flask, client: FlaskClient, abstracts: list[dict]
+) -> None:
+    engine = engine_of(app)
+    assert type(engine) is expected_engine(app)
+    ids = predict(client, abstracts[:6])
+    assert similar(client, ids[0])  # the index answers
+    stored = with_embeddings(app)
+    assert len(stored) == 6
+    if isinstance(engine, similar_index.ExactScan):
+        assert index_tables(app) == []  # nothing to keep in step: the scan reads the embeddings
+    else:
+        assert indexed(app) == stored
+        # A prediction stored after the first query is in the index at once.
+        (newer,) = predict(client, abstracts[6:7])
+        assert indexed(app) == with_embeddings(app) and newer in [row["id"] for row in similar(client, ids[0], k=50)]
+
+
+def test_a_rolled_back_or_deleted_result_leaves_the_index(
+    app: Flask, client: FlaskClient, abstracts: list[dict]
+) -> None:
+    ids = predict(client, abstracts[:4])
+    before = indexed(app)
+    with app.app_context():
+        predict_and_store([Submission(abstracts[5]["title"], abstracts[5]["abstract"])], "api", commit=False)
+        db.session.rollback()
+    assert indexed(app) == before
+    assert len(similar(client, ids[0], k=50)) == 3
+    with app.app_context():
+        gone = db.session.scalars(select(PredictionResult).where(PredictionResult.prediction_id == ids[1])).one()
+        gone_id = gone.id
+        db.session.delete(gone)
+        db.session.commit()
+    assert gone_id not in indexed(app)
+    assert {row["id"] for row in similar(client, ids[0], k=50)} == {ids[2], ids[3]}
+
+
+@contextmanager
+def exact_scan_on() -> Iterator[None]:
+    """Every database uses the fallback meanwhile."""
+    similar_index.FORCE_EXACT_SCAN = True
+    similar_index.forget_engines()
+    try:
+        yield
+    finally:
+        similar_index.FORCE_EXACT_SCAN = False
+        similar_index.forget_engines()
+
+
+def test_the_exact_scan_finds_what_the_index_finds(app: Flask, client: FlaskClient, abstracts: list[dict]) -> None:
+    ids = predict(client, abstracts[:12])
+    indexed_answers = [similar(client, i, k=5) for i in ids[:3]]
+    with exact_scan_on():
+        assert isinstance(engine_of(app), similar_index.ExactScan)
+        assert [similar(client, i, k=5) for i in ids[:3]] == indexed_answers
+
+
+def test_copies_of_the_text_beyond_the_first_candidates_do_not_hide_other_papers(
+    client: FlaskClient, abstracts: list[dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, *copies = predict(client, [abstracts[0]] * 6)
+    others = predict(client, abstracts[1:3])
+    assert set(copies).isdisjoint(row["id"] for row in similar(client, first, k=2))
+    monkeypatch.setattr(similar_module, "MIN_CANDIDATES", 1)
+    monkeypatch.setattr(similar_module, "CANDIDATES_PER_K", 1)
+    # The first candidates are the text's own copies (cosine 1); the search widens until two other papers are found.
+    assert sorted(row["id"] for row in similar(client, first, k=2)) == sorted(others)
+
+
+def test_0013_indexes_existing_results_of_every_version(
+    tmp_path: Path, make_bundle: BundleFactory, abstracts: list[dict]
+) -> None:
+    app = make_app(tmp_path / "data")
+    with app.app_context():
+        import_bundle(make_bundle(seed=1), actor="tests")
+    client = app.test_client()
+    old = predict(client, abstracts[:5])
+    with app.app_context():
+        newer = import_bundle(make_bundle(seed=2), actor="tests").version.id
+        activate(newer)
+    live_models_of(app).refresh()
+    new = predict(client, abstracts[5:10])
+    answers = {i: similar(client, i, k=3) for i in (old[0], new[0])}
+    live_models_of(app).stop()
+    app.extensions[BATCH_WORKER].stop()
+    engine = engine_of(app)
+    with app.app_context():
+        flask_migrate.downgrade(revision="0012_compact_storage")
+    assert index_tables(app) == []
+    with app.app_context():
+        flask_migrate.upgrade()
+    if isinstance(engine, similar_index.ExactScan):
+        assert index_tables(app) == []
+    else:
+        assert indexed(app) == with_embeddings(app) and len(indexed(app)) == 10
+    assert {i: similar(client, i, k=3) for i in (old[0], new[0])} == answers
+    assert {row["id"] for row in similar(client, old[0], k=50)} == set(old[1:])
+    body = client.get(f"/api/v1/predictions/{new[0]}/similar?k=50").get_json()["results"][SLUG]
+    assert body["model_version"] == newer and {row["id"] for row in body["similar"]} == set(new[1:])
+    with app.app_context():
+        db.engine.dispose()
+
+
+def test_sqlite_vec_loads_on_a_plain_connection_and_leaves_loading_off() -> None:
+    connection = sqlite3.connect(":memory:")
+    similar_index.load_sqlite_vec(connection)
+    assert connection.execute("SELECT vec_version()").fetchone() == ("v0.1.9",)
+    with pytest.raises(sqlite3.OperationalError, match="not authorized"):
+        connection.execute("SELECT load_extension('/nonexistent/library')")
+    connection.close()
