@@ -1,6 +1,7 @@
 #!/bin/sh
 # A throwaway PostgreSQL server for the test suite's PostgreSQL pass (Debian's `postgresql` package).
-#   postgres.sh start   install the package if missing, create the cluster if missing, start it (idempotent);
+#   postgres.sh start   install the package (and pgvector where Debian has it) if missing, create the cluster if
+#                       missing, start it (idempotent);
 #                       prints the DATABASE_URL to give the tests as TEST_DATABASE_URL
 #   postgres.sh url     prints that URL
 #   postgres.sh stop    stops the server (the cluster stays for the next start)
@@ -42,8 +43,27 @@ install() {
   apt-get install -y -q --no-install-recommends postgresql >&2
 }
 
+# pgvector (similar papers' index, webapp/similar_index.py) where Debian packages it for this server's major version
+# (trixie does, bookworm does not): the PostgreSQL pass then tests it for real; without it the app's exact scan runs.
+install_pgvector() {
+  major=$(basename "$(dirname "$1")")
+  [ -f "/usr/share/postgresql/$major/extension/vector.control" ] && return
+  [ "$(id -u)" = 0 ] || return 0
+  package="postgresql-$major-pgvector"
+  if ! apt-cache show "$package" >/dev/null 2>&1; then
+    apt-get update -q >&2 || return 0
+  fi
+  if apt-cache show "$package" >/dev/null 2>&1; then
+    echo "postgres.sh: installing Debian's $package" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$package" >&2
+  else
+    echo "postgres.sh: no $package package here; similar papers use the exact scan on this server" >&2
+  fi
+}
+
 start() {
   install
+  install_pgvector "$(pg_bin)"
   bin=$(pg_bin)
   mkdir -p "$PG_ROOT"
   [ "$(id -u)" = 0 ] && chown postgres: "$PG_ROOT"
