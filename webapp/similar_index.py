@@ -385,6 +385,23 @@ def add(connection: Connection, rows: Iterable[IndexRow]) -> None:
         engine_for(connection).add(connection, rows)
 
 
+def add_stored(connection: Connection, after: int = 0, chunk: int = 2000) -> int:
+    """Index every stored result with an embedding and an id above ``after`` (what a Core writer stored: a bulk
+    fill), ``chunk`` at a time in ``connection``'s transaction; returns the highest id seen (``after`` if none)."""
+    while True:
+        rows = connection.execute(
+            text(
+                "SELECT r.id, r.model_version_id, e.vector FROM prediction_results r "
+                "JOIN embeddings e ON e.id = r.embedding_id WHERE r.id > :after ORDER BY r.id LIMIT :n"
+            ),
+            {"after": after, "n": chunk},
+        ).all()
+        if not rows:
+            return after
+        add(connection, [IndexRow(row[0], row[1], bytes(row[2])) for row in rows])
+        after = rows[-1][0]
+
+
 @event.listens_for(Session, "after_flush")
 def _index_flushed(session: Session, _flush: UOWTransaction) -> None:
     """Index the results this flush inserted (in its transaction, so the index commits or rolls back with them) and
