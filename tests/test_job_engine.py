@@ -280,3 +280,37 @@ def test_the_render_blueprint_runs_a_worker_service_on_the_web_services_database
     assert sources(web)["DATABASE_URL"]["name"] == blueprint["databases"][0]["name"]
     assert queue["maxmemoryPolicy"] == "noeviction"  # a full queue refuses a task rather than dropping one
     assert "disk" not in web, "a Render disk belongs to one service: the worker could not reach a database on it"
+
+
+def test_an_upload_while_the_queue_is_down_is_stored_and_queued_by_the_sweep(
+    tmp_path: Path, make_bundle: BundleFactory, redis_url: str
+) -> None:
+    """Redis away when a batch is uploaded: the upload still succeeds (the row is the record), and once the queue
+    is back a worker's sweep queues the job."""
+    data = tmp_path / "data"
+    down = make_app(data, REDIS_URL=f"unix://{tmp_path}/no-redis-here.sock")
+    try:
+        with down.app_context():
+            import_bundle(make_bundle(seed=1), actor="tests")
+        response = signed_in(down, "cora", "curator").post(
+            "/batches", data={"file": (io.BytesIO(batch_csv()), "down.csv")}, content_type="multipart/form-data"
+        )
+        assert response.status_code == 302, response.get_data(as_text=True)
+        with down.app_context():
+            assert db.session.scalar(select(BatchJob.status)) == "queued"
+    finally:
+        live_models_of(down).stop()
+        with down.app_context():
+            db.engine.dispose()
+    redis.Redis.from_url(redis_url).flushdb()
+    up = make_app(data, REDIS_URL=redis_url)
+    try:
+        assert job_engine_of(up).sweep() == 1
+        assert job_engine_of(up).run_pending() == 1
+        with up.app_context():
+            assert db.session.scalar(select(BatchJob.status)) == "finished"
+            assert db.session.scalar(select(func.count(Prediction.id))) == ROWS
+    finally:
+        live_models_of(up).stop()
+        with up.app_context():
+            db.engine.dispose()

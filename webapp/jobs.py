@@ -242,5 +242,13 @@ def job_engine() -> JobEngine:
 
 
 def enqueue(kind: JobKind, job_id: int) -> bool:
-    """Queue job ``job_id`` of ``kind`` on the current app's engine (what a request does after creating it)."""
-    return job_engine().enqueue(kind, job_id)
+    """Queue job ``job_id`` of ``kind`` on the current app's engine (what a request does after creating it). When
+    the queue cannot be reached (Redis down) the request still succeeds: the job's row is stored, and the workers'
+    sweep queues it once the queue is back."""
+    try:
+        return job_engine().enqueue(kind, job_id)
+    except Exception as exc:
+        log.warning(
+            "%s job %d is stored but could not be queued now (the workers' sweep will): %s", kind.name, job_id, exc
+        )
+        return False
