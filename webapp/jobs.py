@@ -197,8 +197,8 @@ class JobEngine:
         return released
 
     def run_pending(self) -> int:
-        """Run the queued tasks in this thread until none is left, as a consumer's worker thread runs them (for a
-        one-off drain, and tests that play the worker); returns how many ran."""
+        """Run the queued tasks in this thread until none is left, as a consumer's worker thread runs them (for
+        tests that play the worker); returns how many ran."""
         ran = 0
         while (task := self.huey.dequeue()) is not None:
             self.huey.execute(task)
