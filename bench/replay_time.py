@@ -6,7 +6,7 @@ thresholds nudged, as bench/swap_time.py makes it) as the candidate, stores --pa
 Papers-with-Code set as predictions, marks --reviewed of them as corrected (to their data-set labels), and then,
 in a fresh app (a worker whose model cache has never seen these texts), times the replay twice: the first loads
 the candidate from the database into the model cache, the second finds it there. Each replay is queued as the page
-does (timed: the request's share) and run to the end by this process as the job runner would. Prints seconds,
+does (timed: the request's share) and run to the end by this process as a job worker would. Prints seconds,
 abstracts/s and the request's share.
 
 The twin carries the same encoder.onnx, as a head retrained on the frozen encoder does: both versions then share
@@ -108,7 +108,7 @@ def replay_once(config: dict, candidate: str) -> dict[str, float]:
         queued = time.perf_counter() - started
         if jobs.claim(REPLAY_JOBS, "bench") != job_id:
             raise SystemExit(f"replay {job_id} could not be claimed")
-        process_replay(job_id, "bench")  # what the job runner does
+        process_replay(job_id, "bench")  # what a job worker does
         seconds = time.perf_counter() - started
         report = db.session.get(ReplayReport, job_id)
         if report.status != "finished":
