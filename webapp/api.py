@@ -113,14 +113,18 @@ def predict() -> Response:
     submissions = _submissions(body)
     try:
         models = chosen_models(body.get("taxonomies"))
-        predictions = predict_and_store(submissions, source="api", models=models)
+        predictions = predict_and_store(submissions, source="api", models=models, commit=False)
     except InputError as exc:
         abort(400, description=str(exc))
     except NoModelError as exc:
         abort(503, description=str(exc))
+    # The answer is read from the rows just flushed, before the commit expires them (read back after it, they would
+    # be loaded again from the database: a few milliseconds of every predict call).
+    answers = [prediction_json(p) for p in predictions]
+    db.session.commit()
     # A taxonomy whose model failed on this request is named with the reason; the others' answers are stored.
     failed = {"errors": predictions.errors} if predictions.errors else {}
-    return jsonify(predictions=[prediction_json(p) for p in predictions], **failed)
+    return jsonify(predictions=answers, **failed)
 
 
 @bp.get("/taxonomies")
