@@ -6,8 +6,9 @@ space, so distances across versions mean nothing. What is compared: the stored i
 vector index (``webapp/similar_index.py``: sqlite-vec on SQLite, pgvector's HNSW on PostgreSQL, else an exact
 scan): it proposes ``CANDIDATES_PER_K`` times ``k`` candidates (at least ``MIN_CANDIDATES``), this module ranks them
 exactly and leaves out the prediction itself and copies of texts already listed; when that leaves fewer than ``k``
-and the index had more, it asks for four times as many. A version with at most that many results is searched
-exactly. Nothing is kept between requests, so a web worker's memory does not grow with the history.
+and the index had more, it asks for four times as many. On SQLite and in the scan, a version with at most that many
+results is searched exactly. Nothing is kept between requests, so a web worker's memory does not grow with the
+history.
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ run time and logged once:
   in a ``vec0`` table per code width (``similar_codes_<bits>``) partitioned by model version; a query takes the
   nearest codes by Hamming distance and :mod:`webapp.similar` ranks them by the exact cosine of their stored int8
   vectors. Why codes and not ``int8[384]`` rows: sqlite-vec 0.1.9 has flat (brute-force) tables only, and at a
-  million rows its int8 cosine scan took 1.2 s a query on the 2-core box, a ``vec_distance_cosine`` scan of the
-  ``embeddings`` table as long, the Hamming scan of codes 60-100 ms (``bench/similar_scale.py``); codes also add
-  ~80 bytes a result to the database where ``int8[384]`` rows would add ~420.
+  million rows of one version its int8 cosine scan took 1.2 s a query on the 2-core box (shared, load ~2), a
+  ``vec_distance_cosine`` scan of the ``embeddings`` table as long, the Hamming scan of codes 60-150 ms for 8-64
+  candidates (``bench/similar_scale.py`` measures whole requests); codes also add ~80 bytes a result to the
+  database where ``int8[384]`` rows would add ~420.
 - **PostgreSQL with pgvector** (created by migration 0013 where ``pg_available_extensions`` offers it): each result's
   int8 vector as a ``halfvec`` (a ``vector`` before pgvector 0.7; int8 values are exact in both) in a table per width
   (``similar_vectors_<width>``), with an HNSW index (cosine) per model version, queried with ``<=>``.
