@@ -1,5 +1,6 @@
-"""CSV batch jobs: upload -> background tagging -> result CSV and history; every bad file; resuming a job whose
-process died without tagging anything twice; who may use batches."""
+"""CSV batch jobs: upload -> background tagging -> result CSV and history; every bad file; a batch cut into
+chunks that workers share, a chunk whose process died redone without tagging anything twice, the batch's status
+and counters exact whoever ends its chunks; who may use batches."""
 
 from __future__ import annotations
 
@@ -10,15 +11,17 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import flask_migrate
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
-from tests.conftest import PASSWORD, add_user, job_engine_of, make_app, signed_in
-from webapp.batch import claim_job, create_job, decode_upload, parse_csv, process_job
+from tests.conftest import PASSWORD, BundleFactory, add_user, job_engine_of, live_models_of, make_app, signed_in
+from webapp import batch, jobs
+from webapp.batch import BATCH_CHUNKS, create_job, decode_upload, parse_csv, process_chunk, queue_job
 from webapp.extensions import db
-from webapp.models import BatchJob, BatchRow, Prediction, utcnow
+from webapp.models import BatchChunk, BatchJob, BatchRow, Prediction, utcnow
 from webapp.serving.registry import import_bundle
 from webapp.serving.scoring import Submission, predict_and_store
 
@@ -211,9 +214,11 @@ def test_decode_reports_the_first_bad_line_and_keeps_a_bom_out() -> None:
         decode_upload(b"ok\nabc\xffdef\n\xff\n")
 
 
-def _stored_job(app: Flask, abstracts: list[dict], n: int = 40) -> int:
+def _stored_job(app: Flask, abstracts: list[dict], n: int = 40, chunk: int = 16) -> int:
+    """A batch of ``n`` rows stored as the upload stores it, in chunks of ``chunk`` rows, with no task queued."""
     rows = [[a["title"], a["abstract"]] for a in (abstracts * 3)[:n]]
     with app.app_context():
+        app.config["BATCH_CHUNK_SIZE"] = chunk
         parsed = parse_csv(make_csv([["title", "abstract"], *rows]).decode(), 5000)
         return create_job("stored.csv", parsed, created_by="tests").id
 
@@ -227,43 +232,184 @@ def _counts(app: Flask, job_id: int) -> tuple[int, int, str]:
         return predictions, linked, db.session.get(BatchJob, job_id).status
 
 
-def test_a_job_left_running_by_a_dead_process_is_resumed_without_duplicates(app: Flask, abstracts: list[dict]) -> None:
-    job_id = _stored_job(app, abstracts)
+def _job(app: Flask, job_id: int) -> BatchJob:
     with app.app_context():
-        app.config["BATCH_CHUNK_SIZE"] = 16
-        assert claim_job("dead-host:1") == job_id
-        # The dead process had committed one chunk of 16 before it died.
-        rows = db.session.scalars(select(BatchRow).where(BatchRow.job_id == job_id).order_by(BatchRow.row_number))
-        first = list(rows)[:16]
-        predictions = predict_and_store(
-            [Submission(r.cells[0], r.cells[1]) for r in first], "batch", job_id, commit=False
-        )
-        for row, prediction in zip(first, predictions, strict=True):
-            row.prediction_id = prediction.id
         job = db.session.get(BatchJob, job_id)
-        job.processed, job.heartbeat_at = job.processed + 16, utcnow() - timedelta(hours=1)
-        db.session.commit()
+        db.session.expunge(job)
+        return job
 
-        assert claim_job("alive:2") == job_id
-        assert claim_job("alive:3") is None  # held, with a fresh heartbeat
-        process_job(job_id, "alive:2")
-        job = db.session.get(BatchJob, job_id)
-        assert (job.status, job.processed, job.worker) == ("finished", 40, "alive:2")
+
+def _chunks(app: Flask, job_id: int) -> list[tuple[int, int, str, str | None]]:
+    """(first row, last row, status, worker) of the job's chunks, in order."""
+    with app.app_context():
+        query = select(BatchChunk.first_row, BatchChunk.last_row, BatchChunk.status, BatchChunk.worker)
+        return [tuple(row) for row in db.session.execute(query.where(BatchChunk.job_id == job_id).order_by("id"))]
+
+
+def _claim(worker: str) -> int | None:
+    """What a worker's task does first: take the oldest claimable chunk."""
+    return jobs.claim(BATCH_CHUNKS, worker)
+
+
+def _stale(chunk_id: int) -> None:
+    """The chunk's holder went quiet (its process died) long ago."""
+    chunk = db.session.get(BatchChunk, chunk_id)
+    chunk.heartbeat_at = utcnow() - timedelta(hours=1)
+    db.session.commit()
+
+
+def test_a_batch_is_cut_into_chunks_of_its_taggable_rows(app: Flask, abstracts: list[dict]) -> None:
+    rows = [[a["title"], a["abstract"]] for a in abstracts[:9]]
+    rows[3][1] = "too short"  # spreadsheet row 5: skipped at upload, so in no chunk
+    with app.app_context():
+        app.config["BATCH_CHUNK_SIZE"] = 3
+        job_id = create_job("c.csv", parse_csv(make_csv([["title", "abstract"], *rows]).decode(), 50), "tests").id
+    assert _chunks(app, job_id) == [(2, 4, "queued", None), (6, 8, "queued", None), (9, 10, "queued", None)]
+    assert (_job(app, job_id).processed, _job(app, job_id).skipped) == (1, 1)
+
+
+def test_workers_share_a_batch_chunk_by_chunk_and_its_status_moves_once(app: Flask, abstracts: list[dict]) -> None:
+    job_id = _stored_job(app, abstracts, 10, chunk=4)
+    assert _job(app, job_id).status == "queued"
+    with app.app_context():
+        first, second, third = _claim("a:1"), _claim("b:1"), _claim("a:2")
+        assert _claim("b:2") is None, "three chunks, three claims"
+        assert _job(app, job_id).status == "queued", "claiming alone starts nothing the page shows"
+        process_chunk(second, "b:1")
+        job = _job(app, job_id)
+        assert (job.status, job.processed, job.worker) == ("running", 4, "b:1") and job.started_at
+        process_chunk(first, "a:1")
+        assert (_job(app, job_id).status, _job(app, job_id).processed) == ("running", 8)
+        process_chunk(third, "a:2")
+    job = _job(app, job_id)
+    assert (job.status, job.processed, job.skipped, job.error) == ("finished", 10, 0, None)
+    assert job.started_at <= job.finished_at
+    assert [(status, worker) for *_, status, worker in _chunks(app, job_id)] == [
+        ("finished", "a:1"),
+        ("finished", "b:1"),
+        ("finished", "a:2"),
+    ]
+    assert _counts(app, job_id) == (10, 10, "finished")
+
+
+def test_a_chunk_left_running_by_a_dead_process_is_redone_without_duplicates(app: Flask, abstracts: list[dict]) -> None:
+    job_id = _stored_job(app, abstracts, 40, chunk=16)
+    with app.app_context():
+        done = _claim("dead-host:1")
+        process_chunk(done, "dead-host:1")  # the dead process had committed one chunk of 16
+        held = _claim("dead-host:1")  # and died holding the next one
+        last = _claim("alive:2")
+        assert last not in (None, done, held)
+        assert _claim("alive:3") is None, "the dead process's chunk is held while its heartbeat is fresh"
+        _stale(held)
+        assert _claim("alive:3") == held
+        process_chunk(held, "alive:3")
+        assert _job(app, job_id).status == "running", "a chunk is still held by alive:2"
+    assert _counts(app, job_id)[:2] == (32, 32)
+    with app.app_context():
+        process_chunk(last, "alive:2")
+    assert _job(app, job_id).processed == 40
     assert _counts(app, job_id) == (40, 40, "finished")
 
 
-def test_a_worker_that_lost_its_job_commits_nothing(app: Flask, abstracts: list[dict]) -> None:
+def test_a_worker_that_lost_its_chunk_commits_nothing(app: Flask, abstracts: list[dict]) -> None:
     job_id = _stored_job(app, abstracts, 10)
     with app.app_context():
-        assert claim_job("slow:1") == job_id
-        job = db.session.get(BatchJob, job_id)
-        job.heartbeat_at = utcnow() - timedelta(hours=1)
-        db.session.commit()
-        assert claim_job("fast:2") == job_id  # took over the stale job
-        process_job(job_id, "slow:1")  # the old holder wakes up: its chunk must not count
+        chunk = _claim("slow:1")
+        _stale(chunk)
+        assert _claim("fast:2") == chunk  # took over the stale chunk
+        process_chunk(chunk, "slow:1")  # the old holder wakes up: its chunk must not count
         assert _counts(app, job_id) == (0, 0, "running")
-        process_job(job_id, "fast:2")
+        assert _job(app, job_id).processed == 0
+        process_chunk(chunk, "fast:2")
     assert _counts(app, job_id) == (10, 10, "finished")
+
+
+def test_a_row_linked_while_its_chunk_was_tagged_is_never_linked_twice(
+    app: Flask, abstracts: list[dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever holds the chunk, a row linked to a prediction meanwhile keeps it: the chunk commits nothing."""
+    job_id = _stored_job(app, abstracts, 4)
+
+    def racing(submissions: list[Submission], **kwargs: object) -> list[Prediction]:
+        predictions = predict_and_store(submissions, **kwargs)
+        first = select(func.min(BatchRow.id)).where(BatchRow.job_id == job_id).scalar_subquery()
+        db.session.execute(update(BatchRow).where(BatchRow.id == first).values(prediction_id=predictions[0].id))
+        return predictions
+
+    monkeypatch.setattr(batch, "predict_and_store", racing)
+    with app.app_context():
+        chunk = _claim("w:1")
+        process_chunk(chunk, "w:1")
+        assert db.session.get(BatchChunk, chunk).status == "running", "nothing committed; redone once stale"
+    assert _counts(app, job_id) == (0, 0, "running")
+    assert _job(app, job_id).processed == 0
+
+
+def test_the_batch_ends_once_whoever_ends_its_last_chunk(
+    app: Flask, abstracts: list[dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that dies between committing the last chunk and ending the batch leaves it to the sweep, which
+    ends it once; two settles at once cannot both mark it (the UPDATE is conditional)."""
+    job_id = _stored_job(app, abstracts, 8, chunk=4)
+    with monkeypatch.context() as patch:
+        patch.setattr(batch, "settle_batches", lambda job_id=None: 0)  # dies before ending the batch
+        with app.app_context():
+            for worker in ("a:1", "b:1"):
+                process_chunk(_claim(worker), worker)
+    job = _job(app, job_id)
+    assert (job.status, job.processed, job.finished_at) == ("running", 8, None)
+    assert all(status == "finished" for *_, status, _ in _chunks(app, job_id))
+    engine = job_engine_of(app)
+    assert engine.sweep() == 0  # nothing to queue: it only ends the batch
+    assert _job(app, job_id).status == "finished"
+    with app.app_context():
+        assert batch.settle_batches(job_id) == 0 and batch.settle_batches() == 0, "ended once"
+
+
+def test_a_failing_chunk_fails_the_batch_at_once_and_its_other_chunks_are_not_run(
+    app: Flask, abstracts: list[dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = _stored_job(app, abstracts, 16, chunk=4)
+    with app.app_context():
+        first, broken, held = _claim("a:1"), _claim("a:2"), _claim("dead:1")
+        process_chunk(first, "a:1")
+        with monkeypatch.context() as patch:
+            patch.setattr(batch, "predict_and_store", lambda *a, **k: 1 / 0)
+            process_chunk(broken, "a:2")
+        job = _job(app, job_id)
+        assert (job.status, job.processed, job.error) == ("failed", 4, "ZeroDivisionError: division by zero")
+        assert _claim("b:1") is None, "the chunk not yet taken is not run"
+        _stale(held)
+        assert _claim("b:1") == held
+        process_chunk(held, "b:1")  # a dead worker's chunk, taken over after the batch failed
+    assert _counts(app, job_id) == (4, 4, "failed")
+    assert [(status, worker) for *_, status, worker in _chunks(app, job_id)] == [
+        ("finished", "a:1"),
+        ("failed", "a:2"),
+        ("failed", "b:1"),
+        ("failed", None),
+    ]
+    with app.app_context():
+        errors = db.session.scalars(select(BatchChunk.error).where(BatchChunk.job_id == job_id).order_by("id")).all()
+    assert errors[1:] == [
+        "ZeroDivisionError: division by zero",
+        f"not run: batch job {job_id} had failed",
+        f"not run: chunk {broken} failed",
+    ]
+    assert (_job(app, job_id).status, _job(app, job_id).error) == ("failed", "ZeroDivisionError: division by zero")
+
+
+def test_a_stopping_worker_hands_its_chunks_back(app: Flask, abstracts: list[dict]) -> None:
+    job_id = _stored_job(app, abstracts, 8, chunk=4)
+    with app.app_context():
+        _claim(f"{jobs.process_prefix()}1")
+        _claim("other-host:1:1")
+    assert job_engine_of(app).release(jobs.process_prefix()) == 1
+    assert [(status, worker) for *_, status, worker in _chunks(app, job_id)] == [
+        ("queued", None),
+        ("running", "other-host:1:1"),
+    ]
 
 
 def test_a_job_without_an_active_model_fails_visibly(
@@ -338,10 +484,59 @@ def test_rows_that_break_limits_changed_after_upload_are_skipped_while_processin
     job_id = _stored_job(app, abstracts, 5)
     with app.app_context():
         app.config["ABSTRACT_MAX_CHARS"] = 100
-        assert claim_job("w:1") == job_id
-        process_job(job_id, "w:1")
+        assert queue_job(job_id) == 1
+    assert job_engine_of(app).run_pending() == 1
+    with app.app_context():
         job = db.session.get(BatchJob, job_id)
         assert (job.status, job.processed, job.skipped) == ("finished", 5, 5)
         reasons = db.session.scalars(select(BatchRow.skip_reason).where(BatchRow.job_id == job_id)).all()
         assert all("it must have at most 100" in reason for reason in reasons)
     assert _counts(app, job_id) == (0, 0, "finished")
+
+
+def test_0014_gives_the_open_batches_chunks_of_their_rows_not_yet_tagged(
+    tmp_path: Path, make_bundle: BundleFactory, abstracts: list[dict]
+) -> None:
+    """A database of the release before: a queued batch, one running with some rows tagged (its worker still
+    holds it), a finished one, and one running whose rows were all handled. After the upgrade the open batches'
+    untagged rows are chunks, and the workers finish every batch with each row tagged once."""
+    app = make_app(tmp_path / "data")
+    try:
+        with app.app_context():
+            import_bundle(make_bundle(seed=1), actor="tests")
+        rows = [[a["title"], a["abstract"]] for a in (abstracts * 3)[:40]]
+        rows[5][1] = "too short"  # skipped at upload
+        running, finished, handled = (_stored_job(app, abstracts, 40, chunk=8) for _ in range(3))
+        with app.app_context():
+            queued = create_job("q.csv", parse_csv(make_csv([["title", "abstract"], *rows]).decode(), 50), "t").id
+            assert queue_job(finished) + queue_job(handled) == 10
+        assert job_engine_of(app).run_pending() == 10
+        with app.app_context():
+            for _ in range(2):  # two chunks of the running batch tagged before the upgrade
+                process_chunk(_claim("old-host:1:1"), "old-host:1:1")
+            flask_migrate.downgrade(revision="0013_vector_index")
+            db.session.execute(
+                update(BatchJob)
+                .where(BatchJob.id.in_([running, handled]))
+                .values(status="running", worker="old-host:1:1", finished_at=None)
+            )
+            db.session.commit()
+            flask_migrate.upgrade()
+        assert _chunks(app, queued) == [(2, 34, "queued", None), (35, 41, "queued", None)]  # 32 rows, then 7
+        assert _chunks(app, running) == [(18, 41, "queued", None)]
+        assert _chunks(app, finished) == _chunks(app, handled) == []
+        assert _job(app, running).worker is None, "a worker of the release before loses its batch"
+        assert (_job(app, running).processed, _job(app, handled).status) == (16, "running")
+
+        assert job_engine_of(app).sweep() == 3
+        assert _job(app, handled).status == "finished"
+        assert job_engine_of(app).run_pending() == 3
+        for job_id, tagged in ((queued, 39), (running, 40), (finished, 40), (handled, 40)):
+            job = _job(app, job_id)
+            assert (job.status, job.processed, job.processed - job.skipped) == ("finished", 40, tagged)
+            assert _counts(app, job_id) == (tagged, tagged, "finished")
+    finally:
+        live_models_of(app).stop()
+        job_engine_of(app).stop()
+        with app.app_context():
+            db.engine.dispose()

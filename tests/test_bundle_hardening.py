@@ -18,11 +18,11 @@ import pytest
 from flask import Flask
 from sqlalchemy import func, select
 
-from tests.conftest import BundleFactory, live_models_of, make_app
+from tests.conftest import BundleFactory, job_engine_of, live_models_of, make_app
 from tests.test_auth import _token as api_token
 from tests.test_batch import make_csv
 from webapp.batch import EXTENSION_KEY as BATCH_WORKER
-from webapp.batch import claim_job, create_job, parse_csv, process_job
+from webapp.batch import create_job, parse_csv, queue_job
 from webapp.extensions import db
 from webapp.models import BatchJob, BatchRow, ModelVersion, Prediction, PredictionResult
 from webapp.serving.bundle import BUNDLE_FILES, MANIFEST_FILE, BundleError, unpack
@@ -386,8 +386,8 @@ def test_a_batch_goes_on_when_one_taxonomy_breaks(
         app.config["BATCH_CHUNK_SIZE"] = 4
         parsed = parse_csv(make_csv([["title", "abstract"], *rows]).decode(), 5000)
         job_id = create_job("b.csv", parsed, created_by="tests").id
-        assert claim_job("tests:1") == job_id
-        process_job(job_id, "tests:1")
+        assert queue_job(job_id) == 3
+        assert job_engine_of(app).run_pending() == 3
         job = db.session.get(BatchJob, job_id)
         assert (job.status, job.processed) == ("finished", 10), job.error
         linked = select(func.count(BatchRow.id)).where(BatchRow.job_id == job_id, BatchRow.prediction_id.is_not(None))

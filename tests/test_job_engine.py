@@ -1,8 +1,9 @@
 """The job engine for real (issue 13 point 2): CSV batches uploaded through the site are queued on Huey's SQLite
-storage or on Redis and run by `flask jobs worker` processes, never by the web process. A worker killed with
-SIGKILL mid-batch loses nothing: another worker takes the job over once its heartbeat is stale and finishes it with
-every CSV row stored exactly once; a worker stopped with SIGTERM or SIGINT hands its job back at once; a task
-delivered twice runs the job once; a job queued before the engine existed (no task) is found by the workers' sweep.
+storage or on Redis, chunk by chunk, and run by `flask jobs worker` processes, never by the web process. Two workers
+tag one batch together, and when one is killed with SIGKILL mid-batch the other redoes its chunk once its heartbeat
+is stale and finishes the batch, every CSV row stored exactly once and the counters exact; a worker stopped with
+SIGTERM or SIGINT hands its chunk back at once; a chunk delivered twice runs once; a batch queued without tasks
+(before the engine existed, or with a lost queue) is found by the workers' sweep.
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ from tests.conftest import BundleFactory, database_url_for, job_engine_of, live_
 from tests.gunicorn_harness import BIN, REPO, app_env, database, flask_cli, gunicorn, request, worker_pids
 from tests.test_batch import make_csv
 from tests.tiny_bundle import fixture_abstracts
-from webapp.batch import BATCH_JOBS, create_job, parse_csv
+from webapp.batch import BATCH_CHUNKS, create_job, parse_csv
 from webapp.extensions import db
-from webapp.models import BatchJob, BatchRow, Prediction, ReplayReport
+from webapp.models import BatchChunk, BatchJob, BatchRow, Prediction, ReplayReport
 from webapp.serving.registry import import_bundle
 
-# Rows per batch, tagged two per commit: hundreds of commits, so a worker is killed well before the end.
+# Rows per batch, tagged two per chunk: hundreds of chunks, so a worker is killed well before the end.
 ROWS = 600
 # Seconds: a killed worker's job is taken over this long after its last heartbeat; workers sweep this often.
 SETTINGS = {"BATCH_CHUNK_SIZE": 2, "BATCH_STALE_SECONDS": 3.0, "BATCH_POLL_SECONDS": 0.5}
@@ -64,7 +65,8 @@ def site(request: pytest.FixtureRequest, tmp_path: Path, make_bundle: BundleFact
     app = make_app(data, REDIS_URL=redis_url)
     with app.app_context():
         import_bundle(make_bundle(seed=1), actor="tests")
-    env = app_env(data, database_url_for(data), REDIS_URL=redis_url)
+    # WEB_CONCURRENCY=1 and no ORT_THREADS would give a web worker every core: a job worker takes one.
+    env = app_env(data, database_url_for(data), REDIS_URL=redis_url, WEB_CONCURRENCY="1", ORT_THREADS="")
     try:
         yield Site(app, env, signed_in(app, "cora", "curator"), tmp_path)
     finally:
@@ -132,10 +134,15 @@ def state(site: Site, job_id: int) -> BatchJob:
         return job
 
 
-def wait_until(site: Site, job_id: int, done: Callable[[BatchJob], bool], what: str) -> BatchJob:
+def wait_until(
+    site: Site, job_id: int, done: Callable[[BatchJob], bool], what: str, seen: list[str] | None = None
+) -> BatchJob:
+    """Poll the job until ``done``; the statuses it showed are added to ``seen``, each time it changed."""
     deadline = time.monotonic() + LIMIT
     while True:
         job = state(site, job_id)
+        if seen is not None and seen[-1:] != [job.status]:
+            seen.append(job.status)
         if done(job):
             return job
         assert job.status != "failed", f"job {job_id} failed: {job.error}"
@@ -150,6 +157,31 @@ def prefix(proc: subprocess.Popen) -> str:
     return f"{os.uname().nodename}:{proc.pid}:"
 
 
+def chunks(site: Site, job_id: int) -> list[tuple[int, str, str | None]]:
+    """(id, status, worker) of the batch's chunks."""
+    with site.app.app_context():
+        query = select(BatchChunk.id, BatchChunk.status, BatchChunk.worker).where(BatchChunk.job_id == job_id)
+        return [tuple(row) for row in db.session.execute(query.order_by(BatchChunk.id))]
+
+
+def chunks_of(site: Site, job_id: int, proc: subprocess.Popen, status: str) -> set[int]:
+    """The batch's chunks in ``status`` whose worker is (or was) in ``proc``."""
+    return {
+        id_ for id_, now, worker in chunks(site, job_id) if now == status and (worker or "").startswith(prefix(proc))
+    }
+
+
+def started_workers(site: Site, count: int) -> list[subprocess.Popen]:
+    """``count`` worker processes, once each has logged that its consumer runs (an upload finds them all waiting)."""
+    procs = [start_worker(site, n) for n in range(1, count + 1)]
+    deadline = time.monotonic() + LIMIT
+    for n, proc in enumerate(procs, start=1):
+        while "job worker" not in (site.logs / f"worker-{n}.log").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, logs_in(site.logs)
+            time.sleep(0.05)
+    return procs
+
+
 def assert_every_row_stored_once(site: Site, job_id: int) -> None:
     with site.app.app_context():
         rows = db.session.execute(select(BatchRow.row_number, BatchRow.prediction_id).where(BatchRow.job_id == job_id))
@@ -161,39 +193,55 @@ def assert_every_row_stored_once(site: Site, job_id: int) -> None:
     assert len(set(titles)) == ROWS, "each row's title (numbered) was stored once"
 
 
-def test_a_worker_killed_mid_batch_loses_nothing(site: Site, workers: list[subprocess.Popen]) -> None:
+def test_two_workers_share_a_batch_and_one_killed_mid_batch_loses_nothing(
+    site: Site, workers: list[subprocess.Popen]
+) -> None:
+    workers.extend(started_workers(site, 2))
+    first, second = workers
+    assert "1 onnxruntime thread(s) each" in logs_in(site.logs), "two processes on the machine's cores: one each"
     job_id = upload(site)
-    assert state(site, job_id).status == "queued"  # the web process only queued it
-    workers.append(first := start_worker(site, 1))
-    held = wait_until(site, job_id, lambda j: j.processed > 0, "started")
+    seen: list[str] = []
+    wait_until(
+        site,
+        job_id,
+        lambda _: chunks_of(site, job_id, first, "finished") and chunks_of(site, job_id, second, "finished"),
+        "tagged by both workers",
+        seen,
+    )
+    wait_until(site, job_id, lambda _: chunks_of(site, job_id, first, "running"), "held by the first worker")
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=30)
     killed = state(site, job_id)
-    assert killed.worker.startswith(prefix(first)) and held.worker == killed.worker
     assert killed.status == "running" and 0 < killed.processed < ROWS, "the worker was killed mid-batch"
+    held = chunks_of(site, job_id, first, "running")  # still running (unless its commit landed as it was killed)
 
-    workers.append(second := start_worker(site, 2))
-    done = wait_until(site, job_id, lambda j: j.status == "finished", "finished")
-    assert done.worker.startswith(prefix(second)), "the second worker took the job over"
+    done = wait_until(site, job_id, lambda j: j.status == "finished", "finished", seen)
+    assert seen == sorted(set(seen), key=["queued", "running", "finished"].index), f"the status went back: {seen}"
+    assert done.started_at <= done.finished_at and done.worker.startswith(prefix(second))
     assert (done.processed, done.skipped, done.error) == (ROWS, 0, None)
+    assert held <= chunks_of(site, job_id, second, "finished"), "the second worker redid the killed one's chunk"
+    assert all(status == "finished" for _, status, _ in chunks(site, job_id))
     assert_every_row_stored_once(site, job_id)
     second.send_signal(signal.SIGTERM)
     assert second.wait(timeout=60) == 0, logs_in(site.logs)
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_stopped_worker_hands_its_job_back_at_once(
+def test_a_stopped_worker_hands_its_chunk_back_at_once(
     site: Site, workers: list[subprocess.Popen], stop: signal.Signals
 ) -> None:
-    """Render's deploys send SIGTERM, Ctrl-C SIGINT: either way the job goes back to the queue at once."""
+    """Render's deploys send SIGTERM, Ctrl-C SIGINT: either way the chunk held goes back to the queue at once (no
+    chunk is left running for its heartbeat to go stale), and the batch stays running."""
     job_id = upload(site)
+    assert state(site, job_id).status == "queued"  # the web process only queued it
     workers.append(first := start_worker(site, 1))
-    wait_until(site, job_id, lambda j: j.processed > 0, "started")
+    wait_until(site, job_id, lambda j: j.processed > 0, "started")  # its models loaded (not stopped mid-load)
+    wait_until(site, job_id, lambda _: chunks_of(site, job_id, first, "running"), "held by the worker")
     first.send_signal(stop)
     assert first.wait(timeout=60) == 0, logs_in(site.logs)
     handed_back = state(site, job_id)
-    assert (handed_back.status, handed_back.worker) == ("queued", None), logs_in(site.logs)
-    assert 0 < handed_back.processed < ROWS
+    assert handed_back.status == "running" and 0 < handed_back.processed < ROWS
+    assert "running" not in {status for _, status, _ in chunks(site, job_id)}, logs_in(site.logs)
 
     workers.append(start_worker(site, 2))
     done = wait_until(site, job_id, lambda j: j.status == "finished", "finished")
@@ -201,11 +249,12 @@ def test_a_stopped_worker_hands_its_job_back_at_once(
     assert_every_row_stored_once(site, job_id)
 
 
-def test_two_deliveries_of_a_job_to_two_workers_run_it_once(site: Site, workers: list[subprocess.Popen]) -> None:
+def test_two_deliveries_of_each_chunk_to_two_workers_run_it_once(site: Site, workers: list[subprocess.Popen]) -> None:
     engine = job_engine_of(site.app)
     job_id = stored_without_task(site, "twice.csv")
-    engine.run_job(BATCH_JOBS.name, job_id)  # Huey's task itself, twice, past the pending mark
-    engine.run_job(BATCH_JOBS.name, job_id)
+    for chunk_id, _, _ in chunks(site, job_id):
+        engine.run_job(BATCH_CHUNKS.name, chunk_id)  # Huey's task itself, twice, past the pending mark
+        engine.run_job(BATCH_CHUNKS.name, chunk_id)
     workers.extend([start_worker(site, 1), start_worker(site, 2)])
     done = wait_until(site, job_id, lambda j: j.status == "finished", "finished")
     assert done.processed == ROWS
@@ -305,8 +354,9 @@ def test_an_upload_while_the_queue_is_down_is_stored_and_queued_by_the_sweep(
     redis.Redis.from_url(redis_url).flushdb()
     up = make_app(data, REDIS_URL=redis_url)
     try:
-        assert job_engine_of(up).sweep() == 1
-        assert job_engine_of(up).run_pending() == 1
+        chunk_count = -(-ROWS // up.config["BATCH_CHUNK_SIZE"])  # one task per chunk of the batch
+        assert job_engine_of(up).sweep() == chunk_count
+        assert job_engine_of(up).run_pending() == chunk_count
         with up.app_context():
             assert db.session.scalar(select(BatchJob.status)) == "finished"
             assert db.session.scalar(select(func.count(Prediction.id))) == ROWS

@@ -159,7 +159,7 @@ def test_the_active_version_is_read_when_the_replay_runs(app: Flask, make_bundle
 
 def test_batches_and_replays_share_one_engine(app: Flask, client: FlaskClient, make_bundle: BundleFactory) -> None:
     engine = app.extensions[JOB_RUNNER]
-    assert list(engine.kinds) == ["batch", "replay"]
+    assert list(engine.kinds) == ["batch-chunk", "replay"]
     with app.app_context():
         assert db.session.scalar(select(Taxonomy.active_version_id).where(Taxonomy.slug == SLUG))
     report_id = queued(app, import_version(app, make_bundle, 2))

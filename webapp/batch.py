@@ -1,10 +1,13 @@
 """CSV batch jobs: upload a CSV of abstracts, tag it in the background, download the result as CSV.
 
 The upload is read and checked in the request (so every problem with the file is a form error), then stored
-row by row in the database and queued on the job engine (``webapp/jobs.py``); a worker process tags it in chunks.
-Each chunk's predictions and its bookkeeping commit together, and the worker holds the job by claiming it with a
-conditional UPDATE and renewing a heartbeat, so a job whose worker died is resumed by another and no row is ever
-tagged twice.
+row by row in the database with its chunks (``BATCH_CHUNK_SIZE`` taggable rows each), one task per chunk queued on
+the job engine (``webapp/jobs.py``): every worker process, on this machine or another, takes chunks of it. A chunk
+is claimed like any job (a conditional UPDATE, then held by its worker), and its predictions, its rows' links and
+the batch's counters commit in one transaction only while its worker still holds it, so a chunk whose worker died
+is redone by another and no row is ever tagged twice. The batch goes running when its first chunk is claimed,
+fails at once with the first chunk that fails, and finishes when its last chunk ends (decided in SQL, so of two
+workers ending the last chunks at once exactly one marks it).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from flask import Response as FlaskResponse
 from flask_login import current_user
 from flask_wtf import FlaskForm
 from flask_wtf.file import FileAllowed, FileField, FileRequired
-from sqlalchemy import func, select
+from sqlalchemy import case, exists, func, select, update
 from sqlalchemy.orm import selectinload
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.utils import secure_filename
@@ -33,7 +36,7 @@ from .auth import has_role, role_required
 from .csv_cells import csv_lines
 from .curation.annotations import label_map, mapped_result
 from .extensions import db
-from .models import BatchJob, BatchRow, ModelVersion, Prediction, PredictionResult, utcnow
+from .models import BatchChunk, BatchJob, BatchRow, ModelVersion, Prediction, PredictionResult, utcnow
 from .serving.scoring import InputError, NoModelError, Submission, check_submission, predict_and_store
 
 log = logging.getLogger(__name__)
@@ -148,7 +151,7 @@ def row_submission(cells: list[str], title_column: int | None, abstract_column: 
 
 
 def create_job(filename: str, parsed: ParsedCsv, created_by: str | None) -> BatchJob:
-    """Store the job and all its rows in one commit; :func:`webapp.jobs.enqueue` hands it to the workers."""
+    """Store the job, all its rows and its chunks in one commit; :func:`queue_job` hands the chunks to the workers."""
     skipped = parsed.skipped
     job = BatchJob(
         filename=filename,
@@ -166,50 +169,83 @@ def create_job(filename: str, parsed: ParsedCsv, created_by: str | None) -> Batc
         BatchRow(job_id=job.id, row_number=number, cells=cells, skip_reason=reason)
         for number, cells, reason in parsed.rows
     )
+    taggable = [number for number, _, reason in parsed.rows if reason is None]
+    size = int(current_app.config["BATCH_CHUNK_SIZE"])
+    db.session.add_all(
+        BatchChunk(job_id=job.id, first_row=taggable[at], last_row=taggable[min(at + size, len(taggable)) - 1])
+        for at in range(0, len(taggable), size)
+    )
     db.session.commit()
     return job
 
 
-# --- the background work (run by a worker process of the job engine, webapp/jobs.py) ---------------------------
+def queue_job(job_id: int) -> int:
+    """Queue a task for each of the job's chunks not yet taken (what the upload does once the job is stored);
+    how many were queued."""
+    chunks = db.session.scalars(
+        select(BatchChunk.id).where(BatchChunk.job_id == job_id, BatchChunk.status == "queued").order_by(BatchChunk.id)
+    ).all()
+    return jobs.enqueue(BATCH_CHUNKS, *chunks)
 
 
-def claim_job(worker: str) -> int | None:
-    """Take the oldest claimable batch job (queued, or left running by a process that died)."""
-    return jobs.claim(BATCH_JOBS, worker)
+# --- the background work (run by worker processes of the job engine, webapp/jobs.py) ---------------------------
+
+OPEN = ("queued", "running")
 
 
-def process_job(job_id: int, worker: str) -> None:
-    """Tag the job's pending rows chunk by chunk until none is left, the job is lost to another worker, or
-    something fails (then the job is marked failed with the reason)."""
-    chunk = int(current_app.config["BATCH_CHUNK_SIZE"])
+def process_chunk(chunk_id: int, worker: str) -> None:
+    """Tag one chunk, which this worker holds (the job engine claimed it): its rows' predictions, their links and
+    the batch's counters commit together, then the batch ends if this was its last open chunk. A failure fails the
+    chunk and, at once, its batch (with the reason), whose chunks not yet taken are not run."""
+    chunk = db.session.get(BatchChunk, chunk_id)
+    assert chunk is not None
+    job_id, first_row, last_row = chunk.job_id, chunk.first_row, chunk.last_row
     job = db.session.get(BatchJob, job_id)
     assert job is not None
-    title_column, abstract_column = job.title_column, job.abstract_column
+    columns = (job.title_column, job.abstract_column)
+    if job.status == "failed":  # the chunk was held by a worker that died, and meanwhile another chunk failed
+        _fail(chunk_id, job_id, worker, f"not run: batch job {job_id} had failed")
+        return
+    if job.status == "queued":
+        db.session.execute(
+            update(BatchJob)
+            .where(BatchJob.id == job_id, BatchJob.status == "queued")
+            .values(status="running", started_at=func.coalesce(BatchJob.started_at, utcnow()), heartbeat_at=utcnow())
+        )
+        db.session.commit()
     try:
-        while True:
-            rows = db.session.scalars(
-                select(BatchRow)
-                .where(BatchRow.job_id == job_id, BatchRow.prediction_id.is_(None), BatchRow.skip_reason.is_(None))
-                .order_by(BatchRow.row_number)
-                .limit(chunk)
-            ).all()
-            if not rows:
-                jobs.finish(BatchJob, job_id, worker, status="finished")
-                return
-            if not _tag_chunk(job_id, worker, rows, title_column, abstract_column):
-                log.warning("batch job %d was taken over by another worker; %s stops", job_id, worker)
-                return
+        rows = db.session.scalars(
+            select(BatchRow)
+            .where(
+                BatchRow.job_id == job_id,
+                BatchRow.row_number.between(first_row, last_row),
+                BatchRow.prediction_id.is_(None),
+                BatchRow.skip_reason.is_(None),
+            )
+            .order_by(BatchRow.row_number)
+        ).all()
+        if not _tag_chunk(chunk_id, job_id, worker, rows, *columns):
+            log.warning(
+                "chunk %d of batch job %d was taken over by another worker; %s drops it", chunk_id, job_id, worker
+            )
+            return
     except NoModelError as exc:
         db.session.rollback()
-        jobs.finish(BatchJob, job_id, worker, status="failed", error=str(exc))
+        _fail(chunk_id, job_id, worker, str(exc))
+        return
     except Exception as exc:
         db.session.rollback()
-        log.exception("batch job %d failed", job_id)
-        jobs.finish(BatchJob, job_id, worker, status="failed", error=f"{exc.__class__.__name__}: {exc}")
+        log.exception("chunk %d of batch job %d failed", chunk_id, job_id)
+        _fail(chunk_id, job_id, worker, f"{exc.__class__.__name__}: {exc}")
+        return
+    settle_batches(job_id)
 
 
-def _tag_chunk(job_id: int, worker: str, rows: list[BatchRow], title_column: int | None, abstract_column: int) -> bool:
-    """Predict one chunk and commit it with the job's counters, only while this worker still holds the job."""
+def _tag_chunk(
+    chunk_id: int, job_id: int, worker: str, rows: list[BatchRow], title_column: int | None, abstract_column: int
+) -> bool:
+    """Predict the chunk's rows and commit them with the batch's counters, only while this worker still holds the
+    chunk and only onto rows no one linked meanwhile; False (nothing committed) otherwise."""
     valid: list[tuple[BatchRow, Submission]] = []
     skipped = 0
     for row in rows:
@@ -220,24 +256,82 @@ def _tag_chunk(job_id: int, worker: str, rows: list[BatchRow], title_column: int
             skipped += 1
     submissions = [submission for _, submission in valid]
     predictions = predict_and_store(submissions, source="batch", batch_id=job_id, commit=False) if valid else []
-    for (row, _), prediction in zip(valid, predictions, strict=True):
-        row.prediction_id = prediction.id
-    counters = {"processed": BatchJob.processed + len(rows), "skipped": BatchJob.skipped + skipped}
-    if not jobs.heartbeat(BatchJob, job_id, worker, **counters):
+    if valid:
+        links = {row.id: prediction.id for (row, _), prediction in zip(valid, predictions, strict=True)}
+        linked = db.session.execute(
+            update(BatchRow)
+            .where(BatchRow.id.in_(links), BatchRow.prediction_id.is_(None))
+            .values(prediction_id=case(links, value=BatchRow.id))
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if linked != len(links):
+            db.session.rollback()
+            log.error(
+                "chunk %d of batch job %d: %d of its rows were already tagged", chunk_id, job_id, len(links) - linked
+            )
+            return False
+    if not jobs.finish(BatchChunk, chunk_id, worker, status="finished", commit=False):
         db.session.rollback()
         return False
+    db.session.execute(
+        update(BatchJob)
+        .where(BatchJob.id == job_id)
+        .values(
+            processed=BatchJob.processed + len(rows),
+            skipped=BatchJob.skipped + skipped,
+            worker=worker,
+            heartbeat_at=utcnow(),
+        )
+    )
     db.session.commit()
     return True
 
 
-BATCH_JOBS = jobs.JobKind(
-    "batch", BatchJob, process_job, on_claim=lambda model: {"started_at": func.coalesce(model.started_at, utcnow())}
-)
+def _fail(chunk_id: int, job_id: int, worker: str, error: str) -> None:
+    """Fail the chunk this worker holds and, unless it has ended, its batch with the same reason; the batch's
+    chunks not yet taken are failed too (not run). Nothing when another worker took the chunk over."""
+    if not jobs.finish(BatchChunk, chunk_id, worker, status="failed", error=error, commit=False):
+        db.session.rollback()
+        return
+    now = utcnow()
+    db.session.execute(
+        update(BatchJob)
+        .where(BatchJob.id == job_id, BatchJob.status.in_(OPEN))
+        .values(status="failed", error=error, finished_at=now, heartbeat_at=now)
+    )
+    db.session.execute(
+        update(BatchChunk)
+        .where(BatchChunk.job_id == job_id, BatchChunk.status == "queued")
+        .values(status="failed", error=f"not run: chunk {chunk_id} failed", finished_at=now)
+    )
+    db.session.commit()
+
+
+def settle_batches(job_id: int | None = None) -> int:
+    """Mark finished the open batch ``job_id`` (by default every open batch) once none of its chunks is open, and
+    commit; how many. Run by the worker that ended a chunk, after its commit (whichever of two workers ending the
+    last chunks at once runs this later sees both ended; the UPDATE's condition lets one of them mark it), and by
+    every sweep, for a batch whose last chunk's worker died in between (or that has no chunk to run)."""
+    open_chunks = exists().where(BatchChunk.job_id == BatchJob.id, BatchChunk.status.in_(OPEN))
+    ending = update(BatchJob).where(BatchJob.status.in_(OPEN), ~open_chunks)
+    if job_id is not None:
+        still_open = exists().where(BatchChunk.job_id == job_id, BatchChunk.status.in_(OPEN))
+        if db.session.scalar(select(still_open)):  # a read first: most chunks are not the last
+            db.session.rollback()
+            return 0
+        ending = ending.where(BatchJob.id == job_id)
+    now = utcnow()
+    ended = db.session.execute(ending.values(status="finished", finished_at=now, heartbeat_at=now)).rowcount
+    db.session.commit()
+    return ended
+
+
+BATCH_CHUNKS = jobs.JobKind("batch-chunk", BatchChunk, process_chunk, settle=settle_batches)
 
 
 @bp.record_once
 def _attach_worker(state: Any) -> None:
-    jobs.register(state.app, BATCH_JOBS)
+    jobs.register(state.app, BATCH_CHUNKS)
 
 
 # --- the result CSV ------------------------------------------------------------------------------------------
@@ -405,7 +499,7 @@ def upload() -> Response | tuple[str, int]:
     except CsvError as exc:
         return _render_index(form, 400, error=f"{PurePath(filename).name}: {exc}")
     job = create_job(PurePath(filename).name[:255], parsed, created_by=current_user.name)
-    jobs.enqueue(BATCH_JOBS, job.id)
+    queue_job(job.id)
     flash(f"Batch #{job.id} queued: {job.total_rows:,} rows, {job.skipped:,} of them skipped.", "ok")
     return redirect(url_for("batch.detail", job_id=job.id))
 

@@ -11,8 +11,11 @@ heartbeat while it works, so a task delivered twice finds the job held and does 
 its job (taken over after its heartbeat went stale) notices at its next heartbeat and commits nothing more.
 Huey drops a task once a worker takes it, so a worker killed mid-job takes its task with it: every worker process
 sweeps the tables now and then (``JobEngine.sweep``) and enqueues again the running jobs whose heartbeat went stale
-(after ``BATCH_STALE_SECONDS``) and the queued jobs no task is pending for (lost with a queue, or made before the
-engine existed).
+(after ``BATCH_STALE_SECONDS``) and, when the queue is empty, the queued jobs no task is pending for (lost with a
+queue, or made before the engine existed).
+
+A "job" here is whatever a kind claims: a replay is one, a CSV batch is many, one per chunk of its rows
+(``webapp/batch.py``), so several workers tag one batch together.
 """
 
 from __future__ import annotations
@@ -51,14 +54,19 @@ class JobKind:
     process: Callable[[int, str], None]
     # Columns set when a job is claimed, besides status, worker and heartbeat (e.g. started_at).
     on_claim: Callable[[Any], dict[str, Any]] = field(default=lambda _model: {})
+    # Run by every sweep before it queues anything: ends what its own jobs' ends left open when a worker died in
+    # between (a batch whose last chunk was committed but not the batch's end); returns how many it ended.
+    settle: Callable[[], int] | None = None
+
+
+def _abandoned(model: Any, stale_before: Any) -> Any:
+    """Running jobs whose holder stopped renewing its heartbeat (its process died)."""
+    return and_(model.status == "running", or_(model.heartbeat_at.is_(None), model.heartbeat_at < stale_before))
 
 
 def _claimable(model: Any, stale_before: Any) -> Any:
-    """Queued jobs, and running ones whose holder stopped renewing its heartbeat (its process died)."""
-    return or_(
-        model.status == "queued",
-        and_(model.status == "running", or_(model.heartbeat_at.is_(None), model.heartbeat_at < stale_before)),
-    )
+    """Queued jobs, and abandoned ones."""
+    return or_(model.status == "queued", _abandoned(model, stale_before))
 
 
 def stale_before() -> Any:
@@ -101,14 +109,18 @@ def heartbeat(model: Any, job_id: int, worker: str, **values: Any) -> bool:
     return bool(held)
 
 
-def finish(model: Any, job_id: int, worker: str, *, status: str, error: str | None = None, **values: Any) -> bool:
-    """End a job this worker holds (finished or failed) and commit; False when another worker took it over."""
+def finish(
+    model: Any, job_id: int, worker: str, *, status: str, error: str | None = None, commit: bool = True, **values: Any
+) -> bool:
+    """End a job this worker holds (finished or failed) and commit; False when another worker took it over.
+    ``commit=False`` leaves the commit (or the rollback, on False) to a caller that ends the job with its work."""
     done = db.session.execute(
         update(model)
         .where(model.id == job_id, model.worker == worker)
         .values(status=status, error=error, finished_at=utcnow(), heartbeat_at=utcnow(), **values)
     ).rowcount
-    db.session.commit()
+    if commit:
+        db.session.commit()
     return bool(done)
 
 
@@ -148,31 +160,39 @@ class JobEngine:
     def _pending_key(kind_name: str, job_id: int) -> str:
         return f"pending:{kind_name}:{job_id}"
 
-    def enqueue(self, kind: JobKind, job_id: int) -> bool:
-        """Queue a task for the job unless one is already pending for it (its mark is younger than
-        ``BATCH_STALE_SECONDS``); True when one was queued. A mark left by a process that died between marking
+    def enqueue(self, kind: JobKind, *job_ids: int) -> int:
+        """Queue a task for each job unless one is already pending for it (its mark is younger than
+        ``BATCH_STALE_SECONDS``); returns how many were queued. A mark left by a process that died between marking
         and queueing expires, so the job is queued again; two sweeps at once may both queue it, and the claim
         makes the second task a no-op."""
-        key = self._pending_key(kind.name, job_id)
-        marked = self.huey.get(key, peek=True)
-        if marked is not None and time.time() - marked < float(self.app.config["BATCH_STALE_SECONDS"]):
-            return False
-        self.huey.put(key, time.time())
-        self.run_job(kind.name, job_id)
-        return True
+        queued = 0
+        for job_id in job_ids:
+            key = self._pending_key(kind.name, job_id)
+            marked = self.huey.get(key, peek=True)
+            if marked is not None and time.time() - marked < float(self.app.config["BATCH_STALE_SECONDS"]):
+                continue
+            self.huey.put(key, time.time())
+            self.run_job(kind.name, job_id)
+            queued += 1
+        return queued
 
     def sweep(self) -> int:
-        """Enqueue every claimable job no task is pending for: queued ones (whose task was lost, or made before
-        the upgrade to this engine) and running ones whose holder went quiet (killed). Returns how many."""
+        """Settle what each kind left open, then enqueue every claimable job no task is pending for: running ones
+        whose holder went quiet (killed) and, when the queue is empty, queued ones (whose task was lost, or made
+        before the upgrade to this engine). While the queue holds tasks a queued job's task is presumed among them:
+        a big batch's chunks wait longer than a pending mark lives, and queueing them again would only add tasks
+        that find them taken. Returns how many were queued."""
         queued = 0
         with self.app.app_context():
             try:
                 before = stale_before()
+                idle = self.huey.pending_count() == 0
                 for kind in self.kinds.values():
-                    ids = db.session.scalars(
-                        select(kind.model.id).where(_claimable(kind.model, before)).order_by(kind.model.id)
-                    ).all()
-                    queued += sum(self.enqueue(kind, job_id) for job_id in ids)
+                    if kind.settle is not None:
+                        kind.settle()
+                    lost = (_claimable if idle else _abandoned)(kind.model, before)
+                    ids = db.session.scalars(select(kind.model.id).where(lost).order_by(kind.model.id)).all()
+                    queued += self.enqueue(kind, *ids)
             finally:
                 db.session.remove()
         return queued
@@ -241,14 +261,17 @@ def job_engine() -> JobEngine:
     return current_app.extensions[EXTENSION_KEY]
 
 
-def enqueue(kind: JobKind, job_id: int) -> bool:
-    """Queue job ``job_id`` of ``kind`` on the current app's engine (what a request does after creating it). When
-    the queue cannot be reached (Redis down) the request still succeeds: the job's row is stored, and the workers'
-    sweep queues it once the queue is back."""
+def enqueue(kind: JobKind, *job_ids: int) -> int:
+    """Queue jobs ``job_ids`` of ``kind`` on the current app's engine (what a request does after creating them);
+    how many were queued. When the queue cannot be reached (Redis down) the request still succeeds: the jobs' rows
+    are stored, and the workers' sweep queues them once the queue is back."""
     try:
-        return job_engine().enqueue(kind, job_id)
+        return job_engine().enqueue(kind, *job_ids)
     except Exception as exc:
         log.warning(
-            "%s job %d is stored but could not be queued now (the workers' sweep will): %s", kind.name, job_id, exc
+            "%s job(s) %s stored but could not be queued now (the workers' sweep will): %s",
+            kind.name,
+            ", ".join(map(str, job_ids[:3])) + (", ..." if len(job_ids) > 3 else ""),
+            exc,
         )
-        return False
+        return 0

@@ -463,8 +463,9 @@ class TrainingRun(db.Model):
 
 
 class BatchJob(db.Model):
-    """A CSV of abstracts tagged in the background. Its rows are stored with it, so a job whose process died
-    is resumed by another one; ``worker`` and ``heartbeat_at`` say who holds it and whether they are alive."""
+    """A CSV of abstracts tagged in the background. Its rows are stored with it and tagged in chunks
+    (:class:`BatchChunk`) that any worker takes, so a chunk whose process died is redone by another one;
+    ``worker`` and ``heartbeat_at`` say who last committed a chunk and when (a quiet batch waits for a worker)."""
 
     __tablename__ = "batch_jobs"
 
@@ -505,6 +506,25 @@ class BatchRow(db.Model):
     skip_reason: Mapped[str | None] = mapped_column(Text, default=None)
 
     prediction: Mapped[Prediction | None] = relationship()
+
+
+class BatchChunk(db.Model):
+    """A run of a batch's taggable rows (``first_row``..``last_row``, spreadsheet numbers) that one worker tags and
+    commits at once: the unit the job engine claims (``webapp/batch.py``), so several workers share one batch.
+    queued -> running -> finished | failed, held like any job through ``worker`` and ``heartbeat_at``."""
+
+    __tablename__ = "batch_chunks"
+    __table_args__ = (Index("ix_batch_chunks_job_status", "job_id", "status"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("batch_jobs.id"))
+    first_row: Mapped[int] = mapped_column(Integer)
+    last_row: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    worker: Mapped[str | None] = mapped_column(String(120), default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class ReplayReport(db.Model):

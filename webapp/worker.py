@@ -5,6 +5,10 @@ Besides the consumer's threads, a sweeper thread queues again, at start and ever
 no task is pending for (a killed worker's, a lost queue's). SIGTERM (Render's deploys, ``make run`` stopping) and
 SIGINT stop at once and hand the jobs this process held back to the queue, so another worker resumes them without
 waiting for their heartbeat to go stale; only the chunk in progress is redone.
+
+Each consumer thread runs one job (a batch's chunk, a replay) at a time with ``ORT_THREADS`` onnxruntime intra-op
+threads, 1 when unset: a batch is shared out chunk by chunk, so a machine's cores are filled by job threads or
+worker processes (two processes on two cores each take one), never by threads of one run that would fight theirs.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from flask.cli import with_appcontext
 from huey.consumer import Consumer
 
 from . import jobs
+from .serving.registry import live_models
 
 log = logging.getLogger(__name__)
 # How long an idle consumer thread waits at most between looks at a SQLite queue (Redis blocks until a task
@@ -50,6 +55,9 @@ def _sweep_every(engine: jobs.JobEngine, interval: float, stop: threading.Event)
 def run_worker(app: Flask, threads: int = 1) -> None:
     """Run jobs until SIGTERM or SIGINT (blocks; installs the consumer's signal handlers, so the main thread)."""
     engine: jobs.JobEngine = app.extensions[jobs.EXTENSION_KEY]
+    with app.app_context():
+        live = live_models()
+        live.threads = int(app.config["ORT_THREADS"]) or 1  # before the first job loads the models
     consumer = _Consumer(
         engine.huey, workers=threads, worker_type="thread", periodic=False, max_delay=IDLE_POLL_SECONDS
     )
@@ -57,7 +65,13 @@ def run_worker(app: Flask, threads: int = 1) -> None:
     interval = float(app.config["BATCH_POLL_SECONDS"])
     sweeper = threading.Thread(target=_sweep_every, args=(engine, interval, stop), name="job-sweeper", daemon=True)
     sweeper.start()
-    log.info("job worker %s: %d thread(s) on %s", jobs.process_prefix().rstrip(":"), threads, _queue_name(app))
+    log.info(
+        "job worker %s: %d thread(s), %d onnxruntime thread(s) each, on %s",
+        jobs.process_prefix().rstrip(":"),
+        threads,
+        live.threads,
+        _queue_name(app),
+    )
     try:
         consumer.run()
     finally:
