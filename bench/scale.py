@@ -22,7 +22,8 @@ Per database (``--databases``) the history grows to each size of ``--sizes`` in 
 3. **Speed**, against gunicorn started as ``make run`` starts it (``gunicorn.conf.py``: 2 workers x 2 threads;
    rate limits off so the bench is not refused), one client, a fresh connection per request, signed in as an
    admin: p50/p95 of the history page (pages 1-5), the label filter (a label the models give, any frequency), the
-   full-text search (two neighbouring words of a real title), the review queue (all taxonomies or one), similar
+   full-text search (two neighbouring words of a real title), the review queue (all taxonomies or one), the label
+   filter on the label most results carry (every fourth round: it has the most rows to count and sort), similar
    papers (``GET /api/v1/predictions/<id>/similar``, random ids) and ``POST /api/v1/predict`` of 64 abstracts,
    taking turns round after round so a change of load hits them alike; the first calls (each worker loads what
    it caches) are reported apart as "cold". Then export throughput: rows/s of ``GET /api/v1/predictions.csv``
@@ -81,6 +82,7 @@ from sqlalchemy import Connection, Select, Table, create_engine, func, insert, l
 from bench import storage  # noqa: E402
 from bench.search import queries  # noqa: E402
 from tests.gunicorn_harness import BIN, app_env, gunicorn, rss_bytes, worker_pids  # noqa: E402
+from webapp import similar_index  # noqa: E402
 from webapp.config import database_uri  # noqa: E402
 from webapp.curation.corrections import ReviewCommand, ReviewPart  # noqa: E402
 from webapp.extensions import db  # noqa: E402
@@ -103,7 +105,8 @@ CURATOR = "scale-curator"
 LOGIT_NOISE = 0.3  # standard deviation added to each recycled logit
 EMBEDDING_NOISE = 0.25  # of the embedding's own per-component spread
 PAGE_FIGURES = ("history page", "label filter", "full-text search", "review queue")
-FIGURES = (*PAGE_FIGURES, "similar papers", "predict 64")
+TOP_LABEL = "top-label filter"  # the label filter on the label most results carry: the most rows to count and sort
+FIGURES = (*PAGE_FIGURES, TOP_LABEL, "similar papers", "predict 64")
 COLD_CALLS = 4  # first calls per figure reported apart: each worker loads and caches (models, labels, indexes)
 BATCH_POLL = 0.5
 COPY_BLOCK = 50_000  # predictions copied per statement set (and commit) beyond --written
@@ -266,12 +269,16 @@ class Site:
         with self.app.app_context():
             ids = dict(db.session.execute(select(Taxonomy.slug, Taxonomy.id)).all())
             with db.engine.connect() as connection:
+                before = connection.execute(select(func.max(PredictionResult.id))).scalar_one() or 0
                 storage.fill(
                     connection, "now", bundles, ids, Papers(corpus.texts), corpus.answers, written, first=self.filled
                 )
                 filled = time.perf_counter() - started
                 replicate(connection, args.written, self.filled + written, copied)
-            copy_s = time.perf_counter() - started - filled
+                copy_s = time.perf_counter() - started - filled
+                similar_index.add_stored(connection, after=before)  # what the app's flush does for its own writes
+                connection.commit()
+                index_s = time.perf_counter() - started - filled - copy_s
             reviews = review(self.filled, n - self.filled, args.reviewed)
             with db.engine.connect() as connection:
                 if connection.dialect.name == "postgresql":
@@ -288,8 +295,9 @@ class Site:
             "fill_per_s": round(written / filled) if written else None,
             "copied": copied,
             "copy_s": round(copy_s, 1),
+            "index_s": round(index_s, 1),
             "reviews": reviews,
-            "review_s": round(time.perf_counter() - started - filled - copy_s, 1),
+            "review_s": round(time.perf_counter() - started - filled - copy_s - index_s, 1),
             "stored_results": results,
             "bytes": grown,
             "bytes_per_result": round(grown / results),
@@ -300,9 +308,11 @@ class Site:
         with self.app.app_context():
             slugs = list(db.session.scalars(select(Taxonomy.slug).order_by(Taxonomy.slug)))
             ids = list(db.session.scalars(select(Prediction.id).order_by(func.random()).limit(1000)))
+            count = func.count(PredictedLabel.id)
+            top = db.session.scalar(select(PredictedLabel.label).group_by(PredictedLabel.label).order_by(count.desc()))
             db.session.remove()
             db.engine.dispose()
-        return Requests(corpus, slugs, ids, seed)
+        return Requests(corpus, slugs, ids, top or "", seed)
 
     def close(self) -> None:
         with self.app.app_context():
@@ -559,8 +569,8 @@ class Client:
 class Requests:
     """The page requests timed, each drawn at random from realistic ones."""
 
-    def __init__(self, corpus: Corpus, slugs: list[str], ids: list[int], seed: int = 5) -> None:
-        self.corpus, self.slugs, self.ids = corpus, slugs, ids
+    def __init__(self, corpus: Corpus, slugs: list[str], ids: list[int], top: str, seed: int = 5) -> None:
+        self.corpus, self.slugs, self.ids, self.top = corpus, slugs, ids, top
         self.rng = random.Random(seed)
         self.count = 0
 
@@ -570,6 +580,8 @@ class Requests:
             return f"/history?page={rng.randint(1, 5)}"
         if figure == "label filter":
             return "/history?" + urlencode({"label": rng.choice(self.corpus.labels)})
+        if figure == TOP_LABEL:
+            return "/history?" + urlencode({"label": self.top})
         if figure == "full-text search":
             return "/history?" + urlencode({"q": rng.choice(self.corpus.searches)})
         if figure == "review queue":
@@ -603,12 +615,17 @@ def measure_served(site: Site, corpus: Corpus, args: argparse.Namespace, with_si
         client = Client(int(site.env["PORT"]), site.token)
         client.sign_in()
         for figure in figures:
-            for _ in range(1 if figure == "predict 64" else COLD_CALLS):
+            for _ in range(COLD_CALLS if figure in PAGE_FIGURES or figure == "similar papers" else 1):
                 cold[figure].append(requests.timed(client, figure))
-        every = max(1, args.requests // max(1, args.predict_calls))
+        # Every round times each figure once, except the slow ones: --predict-calls predicts, a quarter as many
+        # top-label filters.
+        every = dict.fromkeys(figures, 1) | {
+            "predict 64": max(1, args.requests // max(1, args.predict_calls)),
+            TOP_LABEL: 4,
+        }
         for r in range(args.requests):
             for figure in figures[r % len(figures) :] + figures[: r % len(figures)]:
-                if figure != "predict 64" or r % every == 0:
+                if r % every[figure] == 0:
                     times[figure].append(requests.timed(client, figure))
         export = {fmt: client.export_rate(fmt, args.export_rows) for fmt in ("csv", "jsonl")}
         rss = [round((rss_bytes(pid) or 0) / 2**20) for pid in sorted(worker_pids(master.pid))]
@@ -656,7 +673,8 @@ def report_fill(tag: str, block: dict[str, Any]) -> None:
     written = f"{block['written']:,} written in {block['fill_s']} s ({block['fill_per_s'] or 0:,}/s)"
     copied = f", {block['copied']:,} copied in SQL in {block['copy_s']} s" if block["copied"] else ""
     print(
-        f"{tag} {written}{copied}, {block['reviews']:,} reviewed in {block['review_s']} s; the database grew "
+        f"{tag} {written}{copied}, vector index {block['index_s']} s, {block['reviews']:,} reviewed in "
+        f"{block['review_s']} s; the database grew "
         f"{block['bytes'] / 2**20:,.0f} MiB: {block['bytes_per_result']:,} bytes per stored (prediction, taxonomy), "
         "indexes included",
         flush=True,
@@ -667,7 +685,7 @@ def report_block(block: dict[str, Any]) -> None:
     tag = f"[{block['database']} N={block['n']:,}]"
     for name, f in block["figures"].items():
         print(
-            f"{tag} {name:17s} p50 {f['p50_ms']:8.1f} ms  p95 {f['p95_ms']:8.1f} ms  ({f['calls']} calls; "
+            f"{tag} {name:16s} p50 {f['p50_ms']:8.1f} ms  p95 {f['p95_ms']:8.1f} ms  ({f['calls']} calls; "
             f"cold: first calls up to {f['cold_max_ms']:.0f} ms)"
         )
     if "similar papers" not in block["figures"]:

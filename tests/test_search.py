@@ -13,11 +13,13 @@ import flask_migrate
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import select
 
 from tests.conftest import BundleFactory, live_models_of, make_app
+from tests.tiny_bundle import LABELS
 from webapp.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.extensions import db
-from webapp.models import Prediction
+from webapp.models import Prediction, Taxonomy
 from webapp.search import Query, parse
 from webapp.serving.registry import activate, import_bundle
 
@@ -264,3 +266,28 @@ def test_suggestions_per_taxonomy(client: FlaskClient, two_taxonomies: list[int]
     datalist = re.search(r'<datalist id="known-labels">(.*?)</datalist>', page, re.S).group(1)
     assert re.findall(r'value="([^"]+)"', datalist) == ["graph_learning", "Object Detection"]
     assert 'data-taxonomy="test-tasks"' in page and 'data-taxonomy="test-topics"' in page
+
+
+def test_suggestions_keep_up_with_labels_stored_after_the_first_reading(
+    app: Flask, make_bundle: BundleFactory, abstracts: list[dict]
+) -> None:
+    """Each app reads the stored labels once, then only the rows stored since (a full read costs 0.7 s at a million
+    predictions): a label stored later by a version that is no longer active is still suggested."""
+    client = app.test_client()
+
+    def suggested() -> list[str]:
+        body = client.get("/api/v1/label-suggestions?taxonomy=test-tasks").get_json()
+        return body["taxonomies"][0]["labels"]
+
+    assert "Brand New Task" not in suggested()  # the first reading
+    with app.app_context():
+        first = db.session.scalar(select(Taxonomy.active_version_id).where(Taxonomy.slug == "test-tasks"))
+        newer = import_bundle(make_bundle(seed=2, threshold=0.001, labels=[*LABELS, "Brand New Task"]), actor="tests")
+        activate(newer.version.id)
+    live_models_of(app).refresh()
+    response = client.post("/api/v1/predict", json={"abstract": abstracts[0]["abstract"]})
+    assert "Brand New Task" in response.get_json()["predictions"][0]["results"]["test-tasks"]["labels"]
+    with app.app_context():
+        activate(first)  # the label is in no active version now: only the stored rows name it
+    live_models_of(app).refresh()
+    assert "Brand New Task" in suggested()

@@ -20,9 +20,9 @@ from sqlalchemy import Float, Integer, Select, and_, false, func, literal_column
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import Subquery
 
-from .curation.annotations import label_map, results_labelled
+from .curation.annotations import label_map, results_labelled, stored_label_pairs
 from .extensions import db
-from .models import ModelVersion, PredictedLabel, Prediction, PredictionResult, Taxonomy
+from .models import ModelVersion, Prediction, PredictionResult, Taxonomy
 
 # The PostgreSQL text search configuration; migration 0010 builds ``predictions.search_vector`` with the same one.
 PG_CONFIG = "english"
@@ -167,13 +167,8 @@ def _read_taxonomy_labels() -> list[TaxonomyLabels]:
     )
     for taxonomy_id, labels in db.session.execute(active):
         found[taxonomy_id].update(labels or [])
-    seen = (
-        select(PredictionResult.taxonomy_id, PredictedLabel.label)
-        .join(PredictionResult, PredictionResult.id == PredictedLabel.result_id)
-        .distinct()
-    )
-    for taxonomy_id, label in db.session.execute(seen):
-        found[taxonomy_id].add(label)
+    for taxonomy_id, label in stored_label_pairs():
+        found.setdefault(taxonomy_id, set()).add(label)
     return [
         TaxonomyLabels(t.id, t.slug, t.name, sorted(label_map(t.id).vocabulary(sorted(found[t.id])), key=str.casefold))
         for t in taxonomies

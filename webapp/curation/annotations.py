@@ -9,11 +9,12 @@ changes (renames, merges, splits: ``webapp/surgery.py``) that are not undone. An
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from flask import g
+from flask import current_app, g
 from sqlalchemy import ColumnElement, ScalarSelect, Select, and_, delete, distinct, exists, func, literal, or_, select
 from sqlalchemy.orm import aliased, selectinload
 
@@ -298,15 +299,44 @@ def _routed_to(label: str, taxonomy_id: int, names: set[str], rows: LabelRows) -
     return sorted({rid for rid, pid, stored in found if label in labels_map.map_label(stored, texts[pid])})
 
 
+@dataclass
+class _StoredLabels:
+    """One app's reading of the (taxonomy id, label) pairs in ``predicted_labels``, up to row ``high``."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    high: int | None = None
+    pairs: set[tuple[int, str]] = field(default_factory=set)
+
+
+STORED_LABELS_KEY = "papertag.stored_labels"
+# Rows read again at every look: a writer may commit a lower id after a higher one was read.
+LATE_LABEL_ROWS = 10_000
+
+
+def stored_label_pairs() -> set[tuple[int, str]]:
+    """(taxonomy id, label) of every predicted-label row: the labels the history holds, as stored. Reading them all
+    is a scan of ``predicted_labels`` (0.7 s at a million predictions, bench/scale.py), so each app reads them once
+    and then only the rows stored since, plus the last ``LATE_LABEL_ROWS`` again. Rows are never deleted."""
+    stored: _StoredLabels = current_app.extensions.setdefault(STORED_LABELS_KEY, _StoredLabels())
+    with stored.lock:
+        high = db.session.scalar(select(func.max(PredictedLabel.id))) or 0
+        after = -1 if stored.high is None else stored.high - LATE_LABEL_ROWS
+        rows = db.session.execute(
+            select(PredictionResult.taxonomy_id, PredictedLabel.label)
+            .join(PredictionResult, PredictionResult.id == PredictedLabel.result_id)
+            .where(PredictedLabel.id > after, PredictedLabel.id <= high)
+            .distinct()
+        )
+        stored.pairs.update((taxonomy_id, label) for taxonomy_id, label in rows)
+        stored.high = high
+        return set(stored.pairs)
+
+
 def known_labels(limit: int = 2000) -> list[str]:
-    """Predicted labels found in the history, in today's names (the filters' suggestions)."""
-    rows = db.session.execute(
-        select(PredictionResult.taxonomy_id, PredictedLabel.label)
-        .join(PredictionResult, PredictionResult.id == PredictedLabel.result_id)
-        .distinct()
-        .limit(limit)
-    )
-    return sorted({name for taxonomy_id, label in rows for name in label_map(taxonomy_id).vocabulary([label])})
+    """Predicted labels found in the history (``limit`` of them at most), in today's names (the filters'
+    suggestions)."""
+    pairs = sorted(stored_label_pairs())[:limit]
+    return sorted({name for taxonomy_id, label in pairs for name in label_map(taxonomy_id).vocabulary([label])})
 
 
 def event_json(event: AnnotationEvent) -> dict[str, Any]:
