@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 
 # vec0 answers at most this many neighbours a query.
 MAX_CANDIDATES = 4096
-# Rows streamed per chunk by the exact scan (x 384 bytes of vectors for MiniLM).
-SCAN_CHUNK = 4096
+# Result ids read per query by the exact scan: ~4,096 rows of a version with two taxonomies (x 768 hex digits each for
+# MiniLM), the most it holds at once.
+SCAN_IDS = 8192
 CODE_TABLE = "similar_codes_{bits}"
 VECTOR_TABLE = "similar_vectors_{width}"
 # Every table the index makes starts so (migrations/env.py keeps autogenerate off them; 0013's downgrade drops them).
@@ -297,28 +298,43 @@ class PgVector(IndexEngine):
 
 
 class ExactScan(IndexEngine):
-    """No index (PostgreSQL without pgvector): the version's vectors streamed in chunks, the best ``n`` kept."""
+    """No index (PostgreSQL without pgvector): the version's vectors read a range of ``SCAN_IDS`` result ids at a
+    time, each range as one row (ids and hex vectors aggregated by the database, so Python handles no row one by
+    one), the best ``n`` kept."""
 
     name = "exact scan"
 
     def candidates(self, connection: Connection, version_id: str, vector: bytes, n: int) -> list[int]:
+        low, high = connection.execute(
+            text("SELECT min(id), max(id) FROM prediction_results WHERE model_version_id = :version"),
+            {"version": version_id},
+        ).one()
+        if low is None:
+            return []
+        query = _directions(np.frombuffer(vector, dtype=EMBEDDING_DTYPE)[None, :])[0]
+        rows = (
+            "SELECT r.id AS id, {hex} AS vector FROM prediction_results r JOIN embeddings e ON e.id = r.embedding_id "
+            "WHERE r.model_version_id = :version AND r.id >= :low AND r.id < :high AND {length} = :width"
+        )
+        if connection.dialect.name == "sqlite":
+            rows = rows.format(hex="hex(e.vector)", length="length(e.vector)")
+            chunk = text(f"SELECT group_concat(id), group_concat(vector, '') FROM ({rows} ORDER BY r.id)")
+        else:
+            rows = rows.format(hex="encode(e.vector, 'hex')", length="octet_length(e.vector)")
+            chunk = text(
+                f"SELECT string_agg(id::text, ',' ORDER BY id), string_agg(vector, '' ORDER BY id) FROM ({rows}) c"
+            )
         best_ids = np.zeros(0, dtype=np.int64)
         best = np.zeros(0, dtype=np.float32)
-        rows = connection.execution_options(stream_results=True, yield_per=SCAN_CHUNK).execute(
-            text(
-                "SELECT r.id, e.vector FROM prediction_results r JOIN embeddings e ON e.id = r.embedding_id "
-                "WHERE r.model_version_id = :version"
-            ),
-            {"version": version_id},
-        )
-        for chunk in rows.partitions(SCAN_CHUNK):
-            kept = [(row[0], bytes(row[1])) for row in chunk if len(row[1]) == len(vector)]
-            if not kept:
+        for start in range(low, high + 1, SCAN_IDS):
+            ids_text, vectors_hex = connection.execute(
+                chunk, {"version": version_id, "low": start, "high": start + SCAN_IDS, "width": len(vector)}
+            ).one()
+            if not ids_text:
                 continue
-            ids = np.fromiter((row[0] for row in kept), dtype=np.int64, count=len(kept))
-            similarity = cosines([row[1] for row in kept], vector)
-            best_ids = np.concatenate([best_ids, ids])
-            best = np.concatenate([best, similarity])
+            matrix = np.frombuffer(bytes.fromhex(vectors_hex), dtype=EMBEDDING_DTYPE).reshape(-1, len(vector))
+            best_ids = np.concatenate([best_ids, np.array(ids_text.split(","), dtype=np.int64)])
+            best = np.concatenate([best, _directions(matrix) @ query])
             if len(best) > n:
                 top = np.argpartition(-best, n - 1)[:n]
                 best_ids, best = best_ids[top], best[top]
