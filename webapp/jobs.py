@@ -233,7 +233,8 @@ class JobEngine:
         """The task: claim the job (nothing to do when another worker holds it or it ended) and process it."""
         kind = self.kinds.get(kind_name)
         if kind is None:
-            log.error("no job kind %r: %s job %d dropped", kind_name, kind_name, job_id)
+            # e.g. a "batch" task queued by the release before batches were chunked: the sweep queues its chunks
+            log.warning("no job kind %r: its task for job %d is dropped", kind_name, job_id)
             return
         self.huey.delete(self._pending_key(kind_name, job_id))
         worker = worker_name()
