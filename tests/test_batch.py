@@ -367,6 +367,21 @@ def test_the_batch_ends_once_whoever_ends_its_last_chunk(
         assert batch.settle_batches(job_id) == 0 and batch.settle_batches() == 0, "ended once"
 
 
+def test_the_sweep_queues_queued_chunks_again_only_once_the_queue_is_empty(app: Flask, abstracts: list[dict]) -> None:
+    """A big batch's chunks wait in the queue longer than a pending mark lives: while the queue holds tasks, theirs
+    are presumed among them (queueing them again would only add tasks that find them taken); a lost queue is empty."""
+    job_id = _stored_job(app, abstracts, 8, chunk=4)
+    with app.app_context():
+        assert queue_job(job_id) == 2
+    engine = job_engine_of(app)
+    app.config["BATCH_STALE_SECONDS"] = 0  # every pending mark has expired
+    assert engine.sweep() == 0
+    engine.huey.flush()  # the queue is lost
+    assert engine.sweep() == 2
+    assert engine.run_pending() == 2
+    assert _counts(app, job_id) == (8, 8, "finished")
+
+
 def test_a_failing_chunk_fails_the_batch_at_once_and_its_other_chunks_are_not_run(
     app: Flask, abstracts: list[dict], monkeypatch: pytest.MonkeyPatch
 ) -> None:
