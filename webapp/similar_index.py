@@ -312,15 +312,17 @@ class ExactScan(IndexEngine):
         if low is None:
             return []
         query = _directions(np.frombuffer(vector, dtype=EMBEDDING_DTYPE)[None, :])[0]
+        # The vector by a subquery per row: a join let PostgreSQL's planner hash the whole embeddings table per range.
         rows = (
-            "SELECT r.id AS id, {hex} AS vector FROM prediction_results r JOIN embeddings e ON e.id = r.embedding_id "
-            "WHERE r.model_version_id = :version AND r.id >= :low AND r.id < :high AND {length} = :width"
+            "SELECT r.id AS id, (SELECT {hex} FROM embeddings e WHERE e.id = r.embedding_id) AS vector "
+            "FROM prediction_results r WHERE r.model_version_id = :version AND r.id >= :low AND r.id < :high "
+            "AND r.embedding_id IS NOT NULL"
         )
         if connection.dialect.name == "sqlite":
-            rows = rows.format(hex="hex(e.vector)", length="length(e.vector)")
+            rows = rows.format(hex="hex(e.vector)")
             chunk = text(f"SELECT group_concat(id), group_concat(vector, '') FROM ({rows} ORDER BY r.id)")
         else:
-            rows = rows.format(hex="encode(e.vector, 'hex')", length="octet_length(e.vector)")
+            rows = rows.format(hex="encode(e.vector, 'hex')")
             chunk = text(
                 f"SELECT string_agg(id::text, ',' ORDER BY id), string_agg(vector, '' ORDER BY id) FROM ({rows}) c"
             )
@@ -328,7 +330,7 @@ class ExactScan(IndexEngine):
         best = np.zeros(0, dtype=np.float32)
         for start in range(low, high + 1, SCAN_IDS):
             ids_text, vectors_hex = connection.execute(
-                chunk, {"version": version_id, "low": start, "high": start + SCAN_IDS, "width": len(vector)}
+                chunk, {"version": version_id, "low": start, "high": start + SCAN_IDS}
             ).one()
             if not ids_text:
                 continue
