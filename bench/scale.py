@@ -32,10 +32,10 @@ Per database (``--databases``) the history grows to each size of ``--sizes`` in 
 Then (unless ``--skip-batch``) the job engine: a fresh site on ``--batch-database`` with ``min(--sizes)``
 predictions, Huey on a Redis server of its own (``tests/services/redis.sh`` under ``--redis-root``, stopped after),
 ``--batch-rows`` abstracts uploaded through ``POST /batches`` as CSV files of at most ``--batch-file-rows`` rows
-(the app takes ``BATCH_MAX_ROWS`` = 5,000 a file; a file is one job, which one worker holds), tagged by one
+(the app takes ``BATCH_MAX_ROWS`` = 5,000 a file; the workers share each file chunk by chunk), tagged by one
 ``flask jobs worker`` process, then again by two. It reports each run's steady rate (abstracts/s between 10% and
 90% done), the speed-up (two / one, same run) and the web pages' p95 while each batch runs against idle (a client
-requesting history, label filter, search and queue pages throughout).
+requesting history, label filter, search and queue pages in turn, one every ``--probe-interval`` seconds).
 
 Every block prints the database, N and ``os.getloadavg()`` at its start and end; ``--json`` writes every figure.
 On a shared machine quote the figures with those loads.
@@ -740,13 +740,22 @@ def job_workers(site: Site, count: int) -> Iterator[list[subprocess.Popen]]:
                 proc.wait()
 
 
-def probe(client: Client, requests: Requests, stop: threading.Event, out: list[tuple[float, float]]) -> None:
-    """Page requests one after another until ``stop``: (finished at, seconds)."""
+def probe(
+    client: Client,
+    requests: Requests,
+    interval: float,
+    stop: threading.Event,
+    out: list[tuple[float, float]],
+    most: int,
+) -> None:
+    """Page requests, one started every ``interval`` seconds (or as soon as the last one answered), until ``stop`` or
+    ``most`` of them: (finished at, seconds). Paced like a person browsing, so the probe does not take a core itself."""
     k = 0
-    while not stop.is_set():
+    while not stop.is_set() and k < most:
         seconds = client.get(requests.path(PAGE_FIGURES[k % len(PAGE_FIGURES)]))
         out.append((time.perf_counter(), seconds))
         k += 1
+        stop.wait(max(0.0, interval - seconds))
 
 
 def batch_files(corpus: Corpus, rows: int, per_file: int, tag: str) -> list[tuple[str, str]]:
@@ -775,7 +784,7 @@ def run_batch(site: Site, client: Client, corpus: Corpus, args: argparse.Namespa
         ]
         started = time.perf_counter()
         stop, probed = threading.Event(), []
-        thread = threading.Thread(target=probe, args=(client, requests, stop, probed))
+        thread = threading.Thread(target=probe, args=(client, requests, args.probe_interval, stop, probed, 10**9))
         thread.start()
         progress: list[tuple[float, int]] = []
         try:
@@ -841,9 +850,9 @@ def run_batches(corpus: Corpus, args: argparse.Namespace, postgres: str, work: P
                     for _ in range(COLD_CALLS):
                         client.get(requests.path(figure))
                 idle_load = load()
-                idle = [
-                    client.get(requests.path(PAGE_FIGURES[k % len(PAGE_FIGURES)])) for k in range(4 * args.requests)
-                ]
+                probed: list[tuple[float, float]] = []
+                probe(client, requests, args.probe_interval, threading.Event(), probed, 4 * args.requests)
+                idle = [seconds for _, seconds in probed]
                 out: dict[str, Any] = {
                     "database": args.batch_database,
                     "history": history,
@@ -926,6 +935,9 @@ def main() -> None:
         "--batch-file-rows", type=int, default=5000, help="rows per uploaded CSV (BATCH_MAX_ROWS at most)"
     )
     parser.add_argument("--batch-database", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument(
+        "--probe-interval", type=float, default=0.5, help="seconds between the page requests timed around the batch"
+    )
     parser.add_argument(
         "--redis-root",
         default=str(Path(tempfile.gettempdir()) / "papertag-redis-scale"),
