@@ -415,16 +415,21 @@ def test_a_failing_chunk_fails_the_batch_at_once_and_its_other_chunks_are_not_ru
     assert (_job(app, job_id).status, _job(app, job_id).error) == ("failed", "ZeroDivisionError: division by zero")
 
 
-def test_a_stopping_worker_hands_its_chunks_back(app: Flask, abstracts: list[dict]) -> None:
+def test_a_stopping_worker_hands_its_chunks_back_and_claims_no_more(app: Flask, abstracts: list[dict]) -> None:
     job_id = _stored_job(app, abstracts, 8, chunk=4)
     with app.app_context():
         _claim(f"{jobs.process_prefix()}1")
         _claim("other-host:1:1")
-    assert job_engine_of(app).release(jobs.process_prefix()) == 1
-    assert [(status, worker) for *_, status, worker in _chunks(app, job_id)] == [
-        ("queued", None),
-        ("running", "other-host:1:1"),
-    ]
+    engine = job_engine_of(app)
+    assert engine.release(jobs.process_prefix()) == 1
+    released = [("queued", None), ("running", "other-host:1:1")]
+    assert [(status, worker) for *_, status, worker in _chunks(app, job_id)] == released
+    # Its consumer thread, not stopped yet, takes the chunk's task: the task goes back to the queue, unclaimed.
+    with app.app_context():
+        assert queue_job(job_id) == 1
+    engine.huey.execute(engine.huey.dequeue())
+    assert [(status, worker) for *_, status, worker in _chunks(app, job_id)] == released
+    assert engine.huey.pending_count() == 1
 
 
 def test_a_job_without_an_active_model_fails_visibly(

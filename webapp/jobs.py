@@ -152,6 +152,10 @@ class JobEngine:
         self.huey = make_queue(app.config)
         # Huey's task: calling it queues a run of a job (kind name, id), past the pending mark enqueue() keeps.
         self.run_job = self.huey.task(name="run_job")(self._run)
+        # Set by release(): this process claims nothing more. Its consumer threads outlive the consumer for a moment
+        # and take their next task; the lock keeps a claim from slipping in between the flag and the hand-back.
+        self._released = threading.Event()
+        self._claiming = threading.Lock()
 
     def register(self, kind: JobKind) -> None:
         self.kinds.setdefault(kind.name, kind)
@@ -200,8 +204,11 @@ class JobEngine:
     def release(self, prefix: str) -> int:
         """Hand back the jobs held by worker threads named ``prefix``... (a worker process stopping): queued again
         at once rather than when their heartbeat goes stale. A thread still working on one loses it at its next
-        heartbeat and commits nothing more. Returns how many."""
+        heartbeat and commits nothing more, and from now on this engine claims nothing (a task its threads still
+        take goes back to the queue). Returns how many."""
         released = 0
+        with self._claiming:
+            self._released.set()
         with self.app.app_context():
             try:
                 for kind in self.kinds.values():
@@ -240,7 +247,12 @@ class JobEngine:
         worker = worker_name()
         with self.app.app_context():
             try:
-                if claim(kind, worker, job_id) is None:
+                with self._claiming:
+                    if self._released.is_set():
+                        self.enqueue(kind, job_id)  # for another worker: this process is stopping
+                        return
+                    claimed = claim(kind, worker, job_id)
+                if claimed is None:
                     log.info("%s job %d is held by another worker or has ended", kind_name, job_id)
                     return
                 log.info("%s job %d claimed by %s", kind_name, job_id, worker)
