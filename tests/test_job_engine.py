@@ -235,7 +235,7 @@ def test_a_stopped_worker_hands_its_chunk_back_at_once(
     job_id = upload(site)
     assert state(site, job_id).status == "queued"  # the web process only queued it
     workers.append(first := start_worker(site, 1))
-    wait_until(site, job_id, lambda j: j.processed > 0, "started")  # its models loaded (not stopped mid-load)
+    wait_until(site, job_id, lambda j: j.processed > 0, "started")  # mid-batch
     wait_until(site, job_id, lambda _: chunks_of(site, job_id, first, "running"), "held by the worker")
     first.send_signal(stop)
     assert first.wait(timeout=60) == 0, logs_in(site.logs)
