@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -171,11 +172,13 @@ def redis_url() -> Iterator[str]:
         yield given
         return
     script = str(REPO / "tests" / "services" / "redis.sh")
-    started = subprocess.run(["sh", script, "start"], capture_output=True, text=True)
+    # A root of this session's own: another test run on the machine starts and stops the default one.
+    env = {**os.environ, "PAPERTAG_REDIS_ROOT": tempfile.mkdtemp(prefix="papertag-redis-")}
+    started = subprocess.run(["sh", script, "start"], capture_output=True, text=True, env=env)
     if started.returncode != 0:
         pytest.fail(f"tests/services/redis.sh could not start Redis: {started.stderr[-2000:]}")
     yield started.stdout.strip().splitlines()[-1]
-    subprocess.run(["sh", script, "stop"], check=False)
+    subprocess.run(["sh", script, "stop"], check=False, env=env)
 
 
 def live_models_of(app: Flask):  # noqa: ANN201 - test helper

@@ -268,11 +268,13 @@ SQL_ABSTRACT = f"' OR '1'='1' -- ; DELETE FROM users WHERE 'a'='a'; {ABSTRACT}"
 
 
 def test_sql_looking_input_is_stored_verbatim_and_harmless(app: Flask, client: FlaskClient) -> None:
+    # The innocent prediction first: storing the first one makes the vector index's tables (webapp/similar_index.py),
+    # so the tables counted after it are those the injected text could add to or drop.
+    client.post("/api/v1/predict", json={"title": "an innocent title", "abstract": ABSTRACT})
     with app.app_context():
         tables = set(inspect(db.engine).get_table_names())
     response = client.post("/api/v1/predict", json={"title": SQL_TITLE, "abstract": SQL_ABSTRACT})
     assert response.status_code == 200
-    client.post("/api/v1/predict", json={"title": "an innocent title", "abstract": ABSTRACT})
     with app.app_context():
         stored = db.session.get(Prediction, response.get_json()["predictions"][0]["id"])
         assert (stored.title, stored.abstract) == (SQL_TITLE, SQL_ABSTRACT)
