@@ -48,10 +48,12 @@ run: $(SERVE_STAMP)
 
 # Two passes: the whole suite on SQLite, then again on a throwaway PostgreSQL server (postgres.sh installs
 # Debian's postgresql if missing and serves on a Unix socket) without the slow `trainer` tests; stopped either way.
-# Both passes have a throwaway Redis server (redis.sh, likewise) for the job engine's tests on Redis.
+# Both passes have a throwaway Redis server (redis.sh, likewise) for the job engine's tests on Redis, in a directory
+# of this run's own (another run or benchmark on the machine starts and stops the default one).
 test: $(DEV_STAMP) $(TRAIN_STAMP)
 	sh tests/services/chromium.sh
-	@url=$$(sh tests/services/redis.sh start) || { echo "make test: the Redis server did not start"; exit 1; }; \
+	@export PAPERTAG_REDIS_ROOT=$$(mktemp -d /tmp/papertag-redis-XXXXXX); \
+	url=$$(sh tests/services/redis.sh start) || { echo "make test: the Redis server did not start"; exit 1; }; \
 	status=0; TEST_REDIS_URL="$$url" $(MAKE) --no-print-directory test-passes || status=$$?; \
 	sh tests/services/redis.sh stop; exit $$status
 
