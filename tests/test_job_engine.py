@@ -29,6 +29,7 @@ from tests.conftest import BundleFactory, database_url_for, job_engine_of, live_
 from tests.gunicorn_harness import BIN, REPO, app_env, database, flask_cli, gunicorn, request, worker_pids
 from tests.test_batch import make_csv
 from tests.tiny_bundle import fixture_abstracts
+from webapp import jobs
 from webapp.batch import BATCH_CHUNKS, create_job, parse_csv
 from webapp.extensions import db
 from webapp.models import BatchChunk, BatchJob, BatchRow, Prediction, ReplayReport
@@ -363,4 +364,21 @@ def test_an_upload_while_the_queue_is_down_is_stored_and_queued_by_the_sweep(
     finally:
         live_models_of(up).stop()
         with up.app_context():
+            db.engine.dispose()
+
+
+def test_a_worker_waits_rather_than_spins_while_redis_is_away(
+    tmp_path: Path, make_bundle: BundleFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Huey's Redis storage took an unreachable Redis for an empty queue and its worker thread asked again at once
+    (a core spent while Redis was away); ours waits before asking again."""
+    app = make_app(tmp_path / "data", REDIS_URL=f"unix://{tmp_path}/no-redis-here.sock")
+    slept: list[float] = []
+    monkeypatch.setattr(jobs.time, "sleep", slept.append)
+    try:
+        assert job_engine_of(app).huey.dequeue() is None
+        assert slept == [jobs.REDIS_RETRY_SECONDS]
+    finally:
+        live_models_of(app).stop()
+        with app.app_context():
             db.engine.dispose()

@@ -33,6 +33,9 @@ from typing import Any
 
 from flask import Flask, current_app
 from huey import Huey, RedisHuey, SqliteHuey
+from huey.storage import RedisStorage
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import and_, or_, select, update
 
 from .extensions import db
@@ -134,11 +137,31 @@ def worker_name() -> str:
     return f"{process_prefix()}{threading.get_native_id()}"
 
 
+# How long a worker thread waits before it asks an unreachable Redis again.
+REDIS_RETRY_SECONDS = 1.0
+
+
+class _RedisStorage(RedisStorage):
+    """Huey's Redis storage, except that a dequeue that cannot reach Redis waits a moment: Huey's takes the error
+    for a blocking read's timeout and its worker thread asks again at once, a core spent for as long as Redis is away.
+    """
+
+    def dequeue(self) -> bytes | None:
+        try:
+            found = self.conn.brpop(self.queue_key, timeout=self.read_timeout)
+        except RedisTimeoutError:  # the socket's own timeout: nothing came, as when the read times out
+            return None
+        except RedisConnectionError:
+            time.sleep(REDIS_RETRY_SECONDS)
+            return None
+        return found[1] if found else None
+
+
 def make_queue(config: dict[str, Any]) -> Huey:
     """Huey on Redis when ``REDIS_URL`` is set, else on its SQLite storage in ``DATA_DIR``. No result store: a
     job's outcome is its row."""
     if config["REDIS_URL"]:
-        return RedisHuey(QUEUE_NAME, url=config["REDIS_URL"], results=False)
+        return RedisHuey(QUEUE_NAME, url=config["REDIS_URL"], results=False, storage_class=_RedisStorage)
     path = Path(config["DATA_DIR"]) / QUEUE_FILE
     return SqliteHuey(QUEUE_NAME, filename=str(path), results=False, timeout=float(config["SQLITE_BUSY_TIMEOUT"]))
 
