@@ -71,6 +71,10 @@ class Defaults:
     REPLAY_SAMPLE_SIZE = 200
     # Rows per history page.
     HISTORY_PER_PAGE = 25
+    # Matches a filtered history, a search or the review queue counts exactly; past it the page says "10,000+"
+    # (counting every match of a frequent label costs seconds at a million predictions: webapp/paging.py). A full-text
+    # search matching more ranks the newest this many of its matches.
+    LIST_COUNT_CAP = 10_000
     # Most predictions one bulk action (accept, add or remove a label) changes: all of them are one transaction,
     # and the confirmation page lists what changes.
     BULK_MAX = 5000
@@ -168,6 +172,7 @@ ENV_KEYS = (
     "THRESHOLD_MIN_EVIDENCE",
     "BULK_MAX",
     "REVIEWS_NEEDED",
+    "LIST_COUNT_CAP",
 )
 
 

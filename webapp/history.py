@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
 from flask import Blueprint, Response, abort, current_app, jsonify, render_template, request
-from sqlalchemy import Select, select
+from sqlalchemy import ColumnElement, CompoundSelect, Select, select
 from sqlalchemy.orm import selectinload
 
-from . import search
-from .curation.annotations import has_active_event, label_views
+from . import paging, search
+from .curation.annotations import has_active_event, label_views, reviewed_predictions
 from .curation.corrections import describe
 from .explain import page_panel
 from .extensions import db
@@ -36,23 +40,60 @@ def filtered_predictions(
     if batch is not None:
         stmt = stmt.where(Prediction.batch_id == batch)
     if q:  # full text, any word order, ranked (webapp/search.py)
-        stmt = search.matching(stmt, q)
+        alone = not (label or version or reviewed or taxonomy or batch is not None)
+        stmt = search.matching(stmt, q, pool=paging.count_cap() if alone else None)
+    for ids in _id_sets(label, version, reviewed, taxonomy):
+        stmt = stmt.where(_among(ids))
+    if reviewed == "no":
+        stmt = stmt.where(~has_active_event(Prediction.id))
+    return stmt
+
+
+IdSet = Callable[..., Select | CompoundSelect]
+
+
+def _id_sets(label: str, version: str, reviewed: str, taxonomy: str) -> list[IdSet]:
+    """The filters that name a set of predictions: each gives a select of their ids, or with ``of=`` a correlated
+    test of one prediction."""
     chosen = search.taxonomy_labels(taxonomy) if label or taxonomy else []
+    sets: list[IdSet] = []
     if taxonomy:
-        stmt = stmt.where(search.in_taxonomies([t.id for t in chosen]))
+        sets.append(partial(search.taxonomy_predictions, [t.id for t in chosen]))
     if label:
         # Case and separators do not count (webapp/search.py). The current labels: a label a curator added finds
         # the item, one they removed does not; today's name finds items stored under the names it replaced.
-        stmt = stmt.where(search.with_label(label, chosen))
+        sets.append(partial(search.labelled_predictions, label, chosen))
     if version:
-        made_by = select(PredictionResult.prediction_id).where(PredictionResult.model_version_id == version)
-        stmt = stmt.where(Prediction.id.in_(made_by))
-    is_reviewed = has_active_event(Prediction.id)  # accepted or corrected, not undone; a skip is no review
-    if reviewed == "yes":
-        stmt = stmt.where(is_reviewed)
-    elif reviewed == "no":
-        stmt = stmt.where(~is_reviewed)
-    return stmt
+        sets.append(partial(_made_by, version))
+    if reviewed == "yes":  # accepted or corrected, not undone; a skip is no review
+        sets.append(reviewed_predictions)
+    return sets
+
+
+def _among(ids: IdSet) -> ColumnElement[bool]:
+    """Predictions whose id ``ids()`` gives. Up to LIST_COUNT_CAP of them are read first and sorted; more are
+    tested one by one (``ids(of=Prediction.id)``, an index probe) while the history is walked newest first, so a
+    page stops after its rows instead of sorting every match of a frequent label (seconds at a million)."""
+    if paging.count_up_to(ids()) <= paging.count_cap():
+        return Prediction.id.in_(ids())
+    return ids(of=Prediction.id).exists()
+
+
+def _counted(q: str, label: str, version: str, reviewed: str, batch: str, taxonomy: str) -> Select | None:
+    """What a filtered history counts when cheaper than its rows: a lone set filter's distinct ids, read in index
+    order however sparse they are among the newest predictions; a lone search's matches."""
+    sets = _id_sets(label, version, reviewed, taxonomy)
+    if q and not (sets or batch or reviewed):  # a search ranks a pool of its matches but counts them all
+        return search.matching_ids(q)
+    if len(sets) != 1 or q or batch or reviewed == "no":
+        return None
+    ids = sets[0]().subquery()
+    return select(ids.c[0]).distinct()
+
+
+def _made_by(version: str, of: Any = None) -> Select:
+    found = select(PredictionResult.prediction_id).where(PredictionResult.model_version_id == version)
+    return found if of is None else found.where(PredictionResult.prediction_id == of)
 
 
 @bp.get("/history")
@@ -74,14 +115,14 @@ def index() -> str:
     if reviewed not in REVIEWED_CHOICES:
         abort(400, description="reviewed must be 'yes', 'no' or empty")
     taxonomy = _taxonomy_arg()
-    pagination = db.paginate(
+    pagination = paging.paginate(
         filtered_predictions(q, label, version, reviewed, int(batch) if batch else None, taxonomy).options(
             selectinload(Prediction.results).selectinload(PredictionResult.taxonomy)
         ),
-        page=page,
-        per_page=current_app.config["HISTORY_PER_PAGE"],
-        error_out=False,
-        count=True,
+        page,
+        current_app.config["HISTORY_PER_PAGE"],
+        exact=not (q or label or version or reviewed or taxonomy),  # the whole history, or one batch: cheap
+        counted=_counted(q, label, version, reviewed, batch, taxonomy),
     )
     if page > 1 and page > (pagination.pages or 1):
         abort(404, description=f"there is no page {page}; the last page is {pagination.pages or 1}")

@@ -191,16 +191,23 @@ def has_active_event(
 ) -> ColumnElement[bool]:
     """SQL: the prediction (in the taxonomy, when given; by the user, when given) has an active event of one of
     ``kinds``. With the default kinds: it is reviewed."""
-    clause = exists().where(
-        AnnotationEvent.prediction_id == prediction_id,
-        AnnotationEvent.kind.in_(list(kinds)),
-        AnnotationEvent.id.not_in(_undone_roots()),
-    )
+    clause = exists().where(AnnotationEvent.prediction_id == prediction_id, *_active(kinds))
     if taxonomy_id is not None:
         clause = clause.where(AnnotationEvent.taxonomy_id == taxonomy_id)
     if user_id is not None:
         clause = clause.where(AnnotationEvent.user_id == user_id)
     return clause
+
+
+def reviewed_predictions(of: Any = None) -> Select:
+    """Ids of the predictions reviewed in some taxonomy (an active accept or correction); of ``of`` only, when
+    given (a correlated test)."""
+    found = select(AnnotationEvent.prediction_id).where(*_active(REVIEW_KINDS))
+    return found if of is None else found.where(AnnotationEvent.prediction_id == of)
+
+
+def _active(kinds: Iterable[str]) -> tuple[ColumnElement[bool], ...]:
+    return AnnotationEvent.kind.in_(list(kinds)), AnnotationEvent.id.not_in(_undone_roots())
 
 
 # What a curator's own review is (several curators per item, webapp/curation/agreement.py): an adjudication is not one.
@@ -259,9 +266,12 @@ def prediction_texts(ids: Iterable[int]) -> dict[int, str]:
 LabelRows = type[PredictedLabel] | type[CurrentLabel]
 
 
-def results_with_label(label: str, rows: LabelRows = PredictedLabel) -> Select:
+def results_with_label(
+    label: str, rows: LabelRows = PredictedLabel, *, of: Any = None, taxonomy_ids: list[int] | None = None
+) -> Select:
     """Ids of the prediction results whose label rows (the model's, or the current ones of corrected results) read
-    as ``label`` now, whatever name they were stored under (the history and review queue filters)."""
+    as ``label`` now, whatever name they were stored under (the history and review queue filters). Narrowed to
+    ``taxonomy_ids`` and to prediction ``of`` (a correlated test: one index probe per prediction) when given."""
     changed = list(
         db.session.scalars(select(LabelChange.taxonomy_id).where(LabelChange.undone_at.is_(None)).distinct())
     )
@@ -272,20 +282,36 @@ def results_with_label(label: str, rows: LabelRows = PredictedLabel) -> Select:
             conditions.append(PredictionResult.id.in_(_routed_to(label, taxonomy_id, names, rows)))
         else:
             conditions.append(and_(PredictionResult.taxonomy_id == taxonomy_id, rows.label.in_(sorted(names))))
-    return select(rows.result_id).join(PredictionResult, PredictionResult.id == rows.result_id).where(or_(*conditions))
+    found = select(rows.result_id).join(PredictionResult, PredictionResult.id == rows.result_id).where(or_(*conditions))
+    if taxonomy_ids is not None:
+        found = found.where(PredictionResult.taxonomy_id.in_(taxonomy_ids))
+    if of is not None:
+        found = found.where(rows.prediction_id == of).correlate_except(rows, PredictionResult)
+    return found
 
 
-def results_labelled(label: str) -> CompoundSelect:
-    """Ids of the prediction results whose *current* labels include ``label``: the model's labels where no curator
-    corrected the result, the ``current_labels`` rows (kept by the review command) where one did; so a label a
-    curator added finds the result and one they removed does not, in one indexed query. A union, not an OR of two
-    IN lists: PostgreSQL tests an OR row by row over every result (0.4 s at 100,000 predictions, bench/scale.py)."""
+def labelled_selects(label: str, **narrowed: Any) -> tuple[Select, Select]:
+    """The two parts of :func:`results_labelled` (``narrowed``: as :func:`results_with_label` takes), each a select
+    of ``(result id, prediction id)``."""
     corrected = exists().where(
         AnnotationEvent.prediction_id == PredictionResult.prediction_id,
         AnnotationEvent.taxonomy_id == PredictionResult.taxonomy_id,
         AnnotationEvent.kind.in_(LABEL_KINDS),
     )
-    return union_all(results_with_label(label).where(~corrected), results_with_label(label, CurrentLabel))
+    model = results_with_label(label, **narrowed).where(~corrected).add_columns(PredictedLabel.prediction_id)
+    curated = results_with_label(label, CurrentLabel, **narrowed).add_columns(CurrentLabel.prediction_id)
+    return model, curated
+
+
+def results_labelled(label: str, **narrowed: Any) -> CompoundSelect:
+    """Ids of the prediction results whose *current* labels include ``label``: the model's labels where no curator
+    corrected the result, the ``current_labels`` rows (kept by the review command) where one did; so a label a
+    curator added finds the result and one they removed does not, in one indexed query. A union, not an OR of two
+    IN lists: PostgreSQL tests an OR row by row over every result (0.4 s at 100,000 predictions, bench/scale.py).
+    ``narrowed``: as :func:`results_with_label` takes."""
+    return union_all(
+        *(part.with_only_columns(part.selected_columns[0]) for part in labelled_selects(label, **narrowed))
+    )
 
 
 def store_current_labels(result: PredictionResult, events: list[AnnotationEvent]) -> None:

@@ -1,0 +1,131 @@
+"""Lists that grow with the history (issue 13): the label filter, full-text search and the review queue count up
+to LIST_COUNT_CAP and say "N+" beyond it, and a set filter with more matches than that is walked newest first (or
+in margin order) with a test per item instead of being read whole. Whichever plan a list takes, it lists the
+same items in the same order; only the count's wording and a broad search's ranked pool differ."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import select
+
+from tests.conftest import signed_in
+from webapp.extensions import db
+from webapp.models import PredictionResult
+
+SLUG = "test-tasks"
+PER_PAGE = 3
+
+
+@pytest.fixture
+def stored(app: Flask, client: FlaskClient, abstracts: list[dict]) -> list[int]:
+    """Ids of 24 stored predictions, three pages of three in every list below at least."""
+    app.config["HISTORY_PER_PAGE"] = PER_PAGE
+    body = {"abstracts": [{"title": a["title"], "abstract": a["abstract"]} for a in abstracts[:24]]}
+    response = client.post("/api/v1/predict", json=body)
+    assert response.status_code == 200
+    return [p["id"] for p in response.get_json()["predictions"]]
+
+
+def _labels(app: Flask) -> dict[int, list[str]]:
+    with app.app_context():
+        return dict(db.session.execute(select(PredictionResult.prediction_id, PredictionResult.labels)).all())
+
+
+def _common_label(app: Flask) -> str:
+    """The label the model gave most often (the filter whose matches pass a small cap)."""
+    counts = Counter(label for labels in _labels(app).values() for label in labels)
+    return counts.most_common(1)[0][0]
+
+
+def _all_pages(client: FlaskClient, path: str, query: dict[str, str]) -> tuple[list[int], list[str]]:
+    """Every page of a list, followed by its "next" links: the prediction ids in order, and each page's count."""
+    ids, counts, page = [], [], 1
+    while True:
+        response = client.get(path, query_string={**query, "page": str(page)})
+        assert response.status_code == 200, response.get_data(as_text=True)[:500]
+        text = response.get_data(as_text=True)
+        ids += [int(i) for i in re.findall(r'class="history-title" href="/(?:curate/)?predictions/(\d+)', text)]
+        counts += re.findall(r'<p class="muted">([\d,+]+) (?:prediction|to review)', text)
+        if 'rel="next"' not in text:
+            return ids, counts
+        page += 1
+        assert page < 50, "the pages never end"
+
+
+def _review(app: Flask, client: FlaskClient, pid: int, action: str, **form: object) -> None:
+    data = {"based_on": "0", "labels": form.pop("labels", []), "add": [""], "note": "", "action": action, **form}
+    response = client.post(f"/curate/predictions/{pid}/{SLUG}", data=data)
+    assert response.status_code == 302, response.get_data(as_text=True)[:500]
+
+
+def test_every_plan_lists_the_same_items_in_the_same_order(app: Flask, stored: list[int]) -> None:
+    curator = signed_in(app, "cora", "curator")
+    labels, label = _labels(app), _common_label(app)
+    having = [pid for pid in stored if label in labels[pid]]
+    lacking = [pid for pid in stored if label not in labels[pid]]
+    assert len(having) > 4 and lacking, "the fixture needs a frequent label and papers without it"
+    # Corrections move papers in and out of the label filter; accepts take papers out of the queue; a skip sends
+    # one to the back of this curator's queue.
+    _review(app, curator, having[0], "save", labels=[x for x in labels[having[0]] if x != label] or [])
+    _review(app, curator, lacking[0], "save", labels=labels[lacking[0]], add=[label, ""])
+    _review(app, curator, having[1], "accept", labels=labels[having[1]])
+    _review(app, curator, having[2], "skip")
+    lists = [
+        ("/history", {"label": label}),
+        ("/history", {"label": label.upper().replace(" ", "-")}),  # case and separators do not count
+        ("/history", {"taxonomy": SLUG}),
+        ("/history", {"reviewed": "yes"}),
+        ("/history", {"reviewed": "no"}),
+        ("/history", {"label": label, "taxonomy": SLUG, "reviewed": "no"}),
+        ("/curate/queue", {}),
+        ("/curate/queue", {"taxonomy": SLUG}),
+        ("/curate/queue", {"label": label}),
+    ]
+    for path, query in lists:
+        app.config["LIST_COUNT_CAP"] = 10_000  # every set read whole, every count exact
+        exact, exact_counts = _all_pages(curator, path, query)
+        app.config["LIST_COUNT_CAP"] = 2  # sets walked item by item, counts capped
+        walked, capped_counts = _all_pages(curator, path, query)
+        assert walked == exact, (path, query)
+        assert len(exact) > 2 and set(exact_counts) == {str(len(exact))}, (path, query, exact_counts)
+        assert set(capped_counts) == {"2+"}, (path, query, capped_counts)
+    app.config["LIST_COUNT_CAP"] = 2
+    labelled, _ = _all_pages(curator, "/history", {"label": label})
+    assert lacking[0] in labelled and having[0] not in labelled  # the curator's labels, not the model's
+    assert set(labelled) == {*having[1:], lacking[0]}
+    queue, _ = _all_pages(curator, "/curate/queue", {})
+    assert queue[-1] == having[2] and having[1] not in queue and len(queue) == len(stored) - 3
+
+
+def test_a_capped_count_says_so_and_paging_goes_on_past_it(app: Flask, stored: list[int]) -> None:
+    curator = signed_in(app, "cora", "curator")
+    app.config["LIST_COUNT_CAP"] = 4
+    page = curator.get("/curate/queue").get_data(as_text=True)
+    assert "4+ to review" in page and "Page 1 of 2+" in page and 'rel="next"' in page
+    # Past the counted pages the list still pages on, and its last page has no "next".
+    last_page = (len(stored) + PER_PAGE - 1) // PER_PAGE
+    last = curator.get("/curate/queue", query_string={"page": str(last_page)}).get_data(as_text=True)
+    assert f"Page {last_page} of {last_page}+" in last and 'rel="next"' not in last
+    history = curator.get("/history", query_string={"taxonomy": SLUG}).get_data(as_text=True)
+    assert "4+ predictions" in history
+    # The whole history counts exactly whatever the cap: it is one cheap count.
+    assert f"{len(stored)} predictions" in curator.get("/history").get_data(as_text=True)
+    app.config["LIST_COUNT_CAP"] = 10_000
+    assert f"{len(stored)} to review" in curator.get("/curate/queue").get_data(as_text=True)
+
+
+def test_a_search_matching_more_than_the_cap_ranks_its_newest_matches(app: Flask, stored: list[int]) -> None:
+    client = app.test_client()
+    app.config["LIST_COUNT_CAP"] = 10_000
+    everything, counts = _all_pages(client, "/history", {"q": "method"})
+    assert len(everything) > 6 and counts[0] == str(len(everything))
+    app.config["LIST_COUNT_CAP"] = 5
+    pooled, counts = _all_pages(client, "/history", {"q": "method"})
+    assert set(pooled) == set(sorted(everything)[-5:])  # the newest five matches (ids grow with time here)
+    assert pooled == [pid for pid in everything if pid in set(pooled)]  # in the same relevance order
+    assert counts[0] == "5+"

@@ -1,0 +1,78 @@
+"""Pages of the lists that grow with the history: the label filter, full-text search and the review queue.
+
+Counting every match of a frequent label or a common word costs as much as reading the matches (seconds at a
+million predictions, bench/scale.py), so these lists count up to ``LIST_COUNT_CAP`` (config) and say "more than"
+beyond it, as search engines do; each page's items come from a query that can stop once it has the page.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from flask import current_app
+from flask_sqlalchemy.pagination import Pagination
+from sqlalchemy import Select, func, select
+
+from .extensions import db
+
+
+def count_cap() -> int:
+    return current_app.config["LIST_COUNT_CAP"]
+
+
+def count_up_to(stmt: Select, cap: int | None = None) -> int:
+    """How many rows ``stmt`` gives, counting no further than ``cap + 1`` (default: ``LIST_COUNT_CAP`` + 1)."""
+    limited = stmt.order_by(None).limit((count_cap() if cap is None else cap) + 1).subquery()
+    return db.session.execute(select(func.count()).select_from(limited)).scalar_one()
+
+
+class CappedPagination(Pagination):
+    """Flask-SQLAlchemy's pagination of ``select`` whose count stops at ``LIST_COUNT_CAP`` unless ``exact``; ``more``
+    says the list goes on past the count (``total`` is then ``LIST_COUNT_CAP``), and paging on stays possible."""
+
+    more: bool = False
+
+    def _query_items(self) -> list[Any]:
+        stmt = self._query_args["select"].limit(self.per_page).offset(self._query_offset)
+        return list(db.session.execute(stmt).unique().scalars())
+
+    def _query_count(self) -> int:
+        stmt = self._query_args["select"]
+        if self._query_args.get("counted") is not None:
+            return self._capped(count_up_to(self._query_args["counted"]))
+        if self._query_args.get("exact"):
+            return db.session.execute(select(func.count()).select_from(stmt.order_by(None).subquery())).scalar_one()
+        return self._capped(count_up_to(stmt))
+
+    def _capped(self, counted: int) -> int:
+        self.more = counted > count_cap()
+        return min(counted, count_cap())
+
+    @property
+    def counted(self) -> str:
+        """The count as a page shows it: ``10,000+`` when the list goes on past it."""
+        return f"{self.total or 0:,}{'+' if self.more else ''}"
+
+    @property
+    def pages(self) -> int:
+        counted = math.ceil((self.total or 0) / self.per_page) if self.per_page else 0
+        if not self.more:
+            return counted
+        return max(counted, self.page + 1 if len(self.items) == self.per_page else self.page)
+
+    @property
+    def has_next(self) -> bool:
+        if self.more:
+            return len(self.items) == self.per_page
+        return self.page < self.pages
+
+
+def paginate(
+    stmt: Select, page: int, per_page: int, *, exact: bool = False, counted: Select | None = None
+) -> CappedPagination:
+    """A page of ``stmt`` (which orders its rows) with a count capped at ``LIST_COUNT_CAP`` unless ``exact``;
+    ``counted``: a select with as many rows as ``stmt`` that is cheaper to count."""
+    return CappedPagination(
+        page=page, per_page=per_page, max_per_page=None, error_out=False, select=stmt, exact=exact, counted=counted
+    )
