@@ -269,7 +269,7 @@ class Site:
         with self.app.app_context():
             ids = dict(db.session.execute(select(Taxonomy.slug, Taxonomy.id)).all())
             with db.engine.connect() as connection:
-                before = connection.execute(select(func.max(PredictionResult.id))).scalar_one() or 0
+                before = connection.execute(select(func.max(Embedding.id))).scalar_one() or 0
                 storage.fill(
                     connection, "now", bundles, ids, Papers(corpus.texts), corpus.answers, written, first=self.filled
                 )

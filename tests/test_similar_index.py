@@ -1,8 +1,9 @@
 """Similar papers' vector index (``webapp/similar_index.py``): the engine follows the database (sqlite-vec, pgvector
-where the server has it, else the exact scan), the index holds exactly the stored results with an embedding (new ones
-at once, none of a rolled-back or deleted one), the exact scan finds what the index finds, copies of the query's
-text beyond the first candidates do not hide other papers, and migration 0013 indexes a database's existing results
-(and its downgrade drops the index)."""
+where the server has it, else the exact scan), the index holds exactly the stored embeddings a result points at, once
+whatever the number of taxonomies sharing the encoder (new ones at once, none of a rolled-back or deleted one), the
+exact scan finds what the index finds, copies of the query's text beyond the first candidates do not hide other
+papers, an old version sparse among newer ones in its space is still answered in full, and migrations 0013 and 0015
+index a database's existing results (and their downgrades go back)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import flask_migrate
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 
 from tests.conftest import BundleFactory, live_models_of, make_app
 from tests.test_similar import SLUG, predict, similar
@@ -23,7 +24,7 @@ from webapp import similar as similar_module
 from webapp import similar_index
 from webapp.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.extensions import db
-from webapp.models import PredictionResult
+from webapp.models import Embedding, PredictionResult
 from webapp.serving.registry import activate, import_bundle
 from webapp.serving.scoring import Submission, predict_and_store
 
@@ -33,17 +34,19 @@ def index_tables(app: Flask) -> list[str]:
     with app.app_context():
         connection = db.session.connection()
         if connection.dialect.name == "sqlite":
-            query = "SELECT name FROM sqlite_master WHERE name GLOB 'similar_codes_*' AND sql LIKE 'CREATE VIRTUAL%'"
+            query = (
+                "SELECT name FROM sqlite_master WHERE name GLOB 'similar_space_codes_*' AND sql LIKE 'CREATE VIRTUAL%'"
+            )
         else:
             query = "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() AND tablename LIKE 'similar%'"
         return sorted(connection.execute(text(query)).scalars())
 
 
 def indexed(app: Flask) -> set[int]:
-    """Result ids the index holds."""
+    """Embedding ids the index holds."""
     with app.app_context():
         connection = db.session.connection()
-        column = "rowid" if connection.dialect.name == "sqlite" else "result_id"
+        column = "rowid" if connection.dialect.name == "sqlite" else "embedding_id"
         return {
             i
             for table in index_tables(app)
@@ -52,8 +55,11 @@ def indexed(app: Flask) -> set[int]:
 
 
 def with_embeddings(app: Flask) -> set[int]:
+    """Ids of the embeddings stored results point at."""
     with app.app_context():
-        return set(db.session.scalars(select(PredictionResult.id).where(PredictionResult.embedding_id.is_not(None))))
+        return set(
+            db.session.scalars(select(PredictionResult.embedding_id).where(PredictionResult.embedding_id.is_not(None)))
+        )
 
 
 def expected_engine(app: Flask) -> type[similar_index.IndexEngine]:
@@ -88,7 +94,7 @@ def test_the_engine_follows_the_database_and_holds_every_stored_result(
         assert indexed(app) == with_embeddings(app) and newer in [row["id"] for row in similar(client, ids[0], k=50)]
 
 
-def test_a_rolled_back_or_deleted_result_leaves_the_index(
+def test_a_rolled_back_or_deleted_embedding_leaves_the_index(
     app: Flask, client: FlaskClient, abstracts: list[dict]
 ) -> None:
     ids = predict(client, abstracts[:4])
@@ -98,13 +104,52 @@ def test_a_rolled_back_or_deleted_result_leaves_the_index(
         db.session.rollback()
     assert indexed(app) == before
     assert len(similar(client, ids[0], k=50)) == 3
-    with app.app_context():
+    with app.app_context():  # a result gone: its embedding's index row is passed over
         gone = db.session.scalars(select(PredictionResult).where(PredictionResult.prediction_id == ids[1])).one()
-        gone_id = gone.id
+        embedding = gone.embedding
         db.session.delete(gone)
         db.session.commit()
-    assert gone_id not in indexed(app)
     assert {row["id"] for row in similar(client, ids[0], k=50)} == {ids[2], ids[3]}
+    with app.app_context():
+        embedding_id = db.session.merge(embedding).id
+        db.session.delete(db.session.get(Embedding, embedding_id))
+        db.session.commit()
+    assert embedding_id not in indexed(app) and indexed(app) == with_embeddings(app)
+
+
+def test_taxonomies_sharing_an_encoder_share_one_index_row_per_abstract(
+    app: Flask, make_bundle: BundleFactory, abstracts: list[dict]
+) -> None:
+    with app.app_context():
+        import_bundle(make_bundle(seed=3, slug="other-tasks", name="Other tasks"), actor="tests")
+    live_models_of(app).refresh()
+    client = app.test_client()
+    ids = predict(client, abstracts[:8])
+    with app.app_context():
+        results = db.session.scalar(select(func.count()).select_from(PredictionResult))
+    assert results == 16
+    if not isinstance(engine_of(app), similar_index.ExactScan):
+        assert len(indexed(app)) == 8 and indexed(app) == with_embeddings(app)
+    body = client.get(f"/api/v1/predictions/{ids[0]}/similar?k=50").get_json()["results"]
+    assert set(body) == {SLUG, "other-tasks"}
+    for slug, answer in body.items():  # each taxonomy answers its own version's results, the same papers
+        assert {row["id"] for row in answer["similar"]} == set(ids[1:]), slug
+
+
+def test_an_old_version_sparse_in_its_space_is_answered_in_full(
+    app: Flask, make_bundle: BundleFactory, abstracts: list[dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = app.test_client()
+    old = predict(client, abstracts[:3])
+    with app.app_context():
+        activate(import_bundle(make_bundle(seed=2), actor="tests").version.id)  # the same encoder: one space
+    live_models_of(app).refresh()
+    predict(client, abstracts[3:15])
+    monkeypatch.setattr(similar_module, "MIN_CANDIDATES", 2)
+    monkeypatch.setattr(similar_module, "CANDIDATES_PER_K", 1)
+    monkeypatch.setattr(similar_index, "MAX_CANDIDATES", 4)
+    # The space's 4 nearest embeddings may all be the newer version's; the old version's own vectors are scanned.
+    assert {row["id"] for row in similar(client, old[0], k=2)} == set(old[1:])
 
 
 @contextmanager
@@ -139,7 +184,7 @@ def test_copies_of_the_text_beyond_the_first_candidates_do_not_hide_other_papers
     assert sorted(row["id"] for row in similar(client, first, k=2)) == sorted(others)
 
 
-def test_0013_indexes_existing_results_of_every_version(
+def test_migrations_index_existing_results_of_every_version(
     tmp_path: Path, make_bundle: BundleFactory, abstracts: list[dict]
 ) -> None:
     app = make_app(tmp_path / "data")
@@ -157,6 +202,14 @@ def test_0013_indexes_existing_results_of_every_version(
     app.extensions[BATCH_WORKER].stop()
     engine = engine_of(app)
     with app.app_context():
+        flask_migrate.downgrade(revision="0014_batch_chunks")  # 0013's layout: a row per result, by version
+        connection = db.session.connection()
+        if not isinstance(engine, similar_index.ExactScan):
+            old_layout = "similar_codes_32" if connection.dialect.name == "sqlite" else "similar_vectors_32"
+            key = "rowid" if connection.dialect.name == "sqlite" else "result_id"
+            rows = set(connection.execute(text(f"SELECT {key} FROM {old_layout}")).scalars())
+            assert rows == set(db.session.scalars(select(PredictionResult.id)))
+        db.session.remove()
         flask_migrate.downgrade(revision="0012_compact_storage")
     assert index_tables(app) == []
     with app.app_context():

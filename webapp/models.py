@@ -176,7 +176,7 @@ class PredictionResult(db.Model):
     # Smallest |score - threshold| over the labels: the review queue shows the most uncertain first.
     margin: Mapped[float] = mapped_column(Float, index=True)
     # Not a foreign key: SQLite cannot drop a column that is one, which migration 0012's downgrade does.
-    embedding_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    embedding_id: Mapped[int | None] = mapped_column(Integer, default=None, index=True)
     # No label passed its threshold, so ``labels`` holds the most probable one, shown as below threshold.
     best_guess: Mapped[bool] = mapped_column(default=False, server_default=sa_false())
     # Cosine similarity to the nearest training paper, and whether it fell below the bundle's off-domain cut.

@@ -1,14 +1,15 @@
 """Similar past abstracts: the nearest stored predictions by cosine similarity of the model's pooled embedding.
 
-Only results of the same model version are compared: each version (even of one taxonomy) has its own embedding
-space, so distances across versions mean nothing. What is compared: the stored int8 directions
+Only results of the same model version are compared (the index searches the embeddings of the version's encoder,
+``webapp/similar_index.py``, and keeps the version's results). What is compared: the stored int8 directions
 (``embeddings.vector``, ``webapp/serving/stored.py``), by exact cosine. Which results are looked at comes from the
 vector index (``webapp/similar_index.py``: sqlite-vec on SQLite, pgvector's HNSW on PostgreSQL, else an exact
 scan): it proposes ``CANDIDATES_PER_K`` times ``k`` candidates (at least ``MIN_CANDIDATES``), this module ranks them
 exactly and leaves out the prediction itself and copies of texts already listed; when that leaves fewer than ``k``
-and the index had more, it asks for four times as many. On SQLite and in the scan, a version with at most that many
-results is searched exactly. Nothing is kept between requests, so a web worker's memory does not grow with the
-history.
+and the index had more, it asks for four times as many, and past ``MAX_CANDIDATES`` (a version whose results are
+sparse in an embedding space shared with newer versions) it scans the version's own vectors. A space with at most
+that many embeddings is searched exactly. Nothing is kept between requests, so a web worker's memory does not grow
+with the history.
 """
 
 from __future__ import annotations
@@ -65,10 +66,15 @@ def nearest(result: PredictionResult, k: int) -> list[tuple[int, int, float]]:
     wanted = max(MIN_CANDIDATES, CANDIDATES_PER_K * k)
     while True:
         candidates = engine.candidates(connection, result.model_version_id, result.embedding.vector, wanted)
-        found = _ranked(result, candidates, k)
-        if len(found) == k or len(candidates) < wanted or wanted >= similar_index.MAX_CANDIDATES:
+        found = _ranked(result, candidates.result_ids, k)
+        if len(found) == k or not candidates.more:
             return found
+        if wanted >= similar_index.MAX_CANDIDATES:
+            break
         wanted = min(4 * wanted, similar_index.MAX_CANDIDATES)
+    # The space's nearest embeddings are mostly other versions' (an old version among newer ones): scan this one's.
+    scan = similar_index.ExactScan().candidates(connection, result.model_version_id, result.embedding.vector, wanted)
+    return _ranked(result, scan.result_ids, k)
 
 
 @dataclass(frozen=True)

@@ -1,30 +1,38 @@
 """The vector index behind similar papers (issue 13 point 3): which stored results lie nearest a result of the same
 model version, with memory bounded per web worker whatever the history's size. One engine is chosen per database at
-run time and logged once:
+run time and logged once.
+
+The index holds **embeddings, once per embedding space**, not results: the versions whose bundles share an encoder
+(``encoder_sha256`` in the manifest: the shipped taxonomies, every head retrained on the frozen encoder) embed a
+text alike, and their results point at one stored vector (``webapp/serving/stored.py``), so one index row and one
+search serve them all (two taxonomies cost one search, not two). A version without an encoder digest is a space of
+its own. A search takes the space's nearest embeddings and answers the version's results that point at them.
 
 - **SQLite: sqlite-vec** (the ``sqlite-vec`` wheel, loaded on every connection by :func:`load_sqlite_vec`). Each
-  result's embedding is indexed as its binary code, the sign bit of each int8 component (48 bytes for MiniLM's 384),
-  in a ``vec0`` table per code width (``similar_codes_<bits>``) partitioned by model version; a query takes the
-  nearest codes by Hamming distance and :mod:`webapp.similar` ranks them by the exact cosine of their stored int8
-  vectors. Why codes and not ``int8[384]`` rows: sqlite-vec 0.1.9 has flat (brute-force) tables only, and at a
-  million rows of one version its int8 cosine scan took 1.2 s a query on the 2-core box (shared, load ~2), a
-  ``vec_distance_cosine`` scan of the ``embeddings`` table as long, the Hamming scan of codes 60-150 ms for 8-64
-  candidates (``bench/similar_scale.py`` measures whole requests); codes also add ~80 bytes a result to the
-  database where ``int8[384]`` rows would add ~420.
-- **PostgreSQL with pgvector** (created by migration 0013 where ``pg_available_extensions`` offers it): each result's
-  int8 vector as a ``halfvec`` (a ``vector`` before pgvector 0.7; int8 values are exact in both) in a table per width
-  (``similar_vectors_<width>``), with an HNSW index (cosine) per model version, queried with ``<=>``.
+  embedding is indexed as its binary code, the sign bit of each int8 component (48 bytes for MiniLM's 384), in a
+  ``vec0`` table per code width (``similar_space_codes_<bits>``) partitioned by space; a query takes the nearest
+  codes by Hamming distance and :mod:`webapp.similar` ranks them by the exact cosine of their stored int8 vectors.
+  Why codes and not ``int8[384]`` rows: sqlite-vec 0.1.9 has flat (brute-force) tables only, and at a million rows
+  its int8 cosine scan took 1.2 s a query on the 2-core box (shared, load ~2), a ``vec_distance_cosine`` scan of the
+  ``embeddings`` table as long, the Hamming scan of codes 50-60 ms (``bench/similar_scale.py`` measures whole
+  requests); codes also add ~80 bytes an embedding to the database where ``int8[384]`` rows would add ~420.
+- **PostgreSQL with pgvector** (created by migration 0013 where ``pg_available_extensions`` offers it): each
+  embedding as a ``halfvec`` (a ``vector`` before pgvector 0.7; int8 values are exact in both) in a table per width
+  (``similar_space_vectors_<width>``), with an HNSW index (cosine) per space, queried with ``<=>``.
 - **PostgreSQL without pgvector**: no index; a query streams the version's vectors in chunks and keeps the best
-  (exact, memory bounded by the chunk; its time grows with the version's size).
+  (exact, memory bounded by the chunk; its time grows with the version's size). The other engines fall back to it
+  for a version whose results are too sparse in its space for the index's nearest to hold enough of them.
 
 Every engine answers *candidates*: result ids of the version, roughly nearest first, that :mod:`webapp.similar` ranks
-exactly. The index is written where results are (an ORM flush listener below; Core writers call :func:`add`), so a
-new prediction is found at once; a deleted result leaves its index row too.
+exactly. The index is written where embeddings are (an ORM flush listener below; Core writers call :func:`add`), so
+a new prediction is found at once; a deleted embedding leaves its index row too (a deleted result's embedding stays
+while another result points at it, and a row no result of a version points at is passed over).
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import sqlite3
 import sys
@@ -35,10 +43,11 @@ from hashlib import sha256
 from typing import Any, NamedTuple
 
 import numpy as np
-from sqlalchemy import event, text
+from sqlalchemy import event, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, UOWTransaction
 
+from .models import PredictionResult
 from .serving.stored import EMBEDDING_DTYPE
 
 log = logging.getLogger(__name__)
@@ -48,18 +57,62 @@ MAX_CANDIDATES = 4096
 # Result ids read per query by the exact scan: ~4,096 rows of a version with two taxonomies (x 768 hex digits each for
 # MiniLM), the most it holds at once.
 SCAN_IDS = 8192
-CODE_TABLE = "similar_codes_{bits}"
-VECTOR_TABLE = "similar_vectors_{width}"
+CODE_TABLE = "similar_space_codes_{bits}"
+VECTOR_TABLE = "similar_space_vectors_{width}"
 # Every table the index makes starts so (migrations/env.py keeps autogenerate off them; 0013's downgrade drops them).
 TABLE_PREFIX = "similar_"
 
 
 class IndexRow(NamedTuple):
-    """One result to index: its id, its model version and its embedding (int8 bytes, ``webapp/serving/stored.py``)."""
+    """One embedding to index: its id, its space (:func:`space_of`) and its vector (int8 bytes,
+    ``webapp/serving/stored.py``)."""
 
-    result_id: int
-    version_id: str
+    embedding_id: int
+    space: str
     vector: bytes
+
+
+class Candidates(NamedTuple):
+    """What an engine proposes: result ids of the version, roughly nearest first; ``more``: the index holds more
+    than it looked at (asking for more may find more)."""
+
+    result_ids: list[int]
+    more: bool
+
+
+_spaces: dict[str, str] = {}
+_spaces_lock = threading.Lock()
+
+
+def space_of(connection: Connection, version_id: str) -> str:
+    """The embedding space of a model version: its encoder's digest, else the version itself. Versions never change,
+    so each process reads it once."""
+    with _spaces_lock:
+        known = _spaces.get(version_id)
+    if known is None:
+        manifest = connection.execute(
+            text("SELECT manifest FROM model_versions WHERE id = :v"), {"v": version_id}
+        ).scalar()
+        if isinstance(manifest, str):  # SQLite hands JSON columns back as text through a plain text() query
+            manifest = json.loads(manifest)
+        digest = manifest.get("encoder_sha256") if isinstance(manifest, dict) else None
+        known = f"encoder:{digest}" if isinstance(digest, str) and digest else f"version:{version_id}"
+        with _spaces_lock:
+            _spaces[version_id] = known
+    return known
+
+
+def _results_of(connection: Connection, version_id: str, embedding_ids: list[int]) -> list[int]:
+    """The version's results that point at these embeddings, in the embeddings' order."""
+    if not embedding_ids:
+        return []
+    rows = connection.execute(
+        select(PredictionResult.id, PredictionResult.embedding_id).where(
+            PredictionResult.embedding_id.in_(embedding_ids), PredictionResult.model_version_id == version_id
+        )
+    ).all()
+    rank = {embedding_id: i for i, embedding_id in enumerate(embedding_ids)}
+    return [result_id for result_id, _ in sorted(rows, key=lambda row: (rank[row[1]], row[0]))]
 
 
 class SqliteVecMissing(RuntimeError):
@@ -122,19 +175,19 @@ class IndexEngine:
     name = ""
 
     def add(self, connection: Connection, rows: Sequence[IndexRow]) -> None:
-        """Index ``rows`` in ``connection``'s transaction."""
+        """Index ``rows`` (embeddings not indexed yet) in ``connection``'s transaction."""
 
-    def remove(self, connection: Connection, result_ids: Sequence[int]) -> None:
-        """Forget these results."""
+    def remove(self, connection: Connection, embedding_ids: Sequence[int]) -> None:
+        """Forget these embeddings."""
 
-    def candidates(self, connection: Connection, version_id: str, vector: bytes, n: int) -> list[int]:
-        """Up to ``n`` result ids of ``version_id`` (``vector`` among them if stored), roughly nearest ``vector`` first;
-        fewer only when the version has fewer results."""
+    def candidates(self, connection: Connection, version_id: str, vector: bytes, n: int) -> Candidates:
+        """Result ids of ``version_id`` among the ``n`` embeddings of its space nearest ``vector`` (``vector`` among
+        them if stored), roughly nearest first."""
         raise NotImplementedError
 
 
 class SqliteVec(IndexEngine):
-    """Binary codes in sqlite-vec ``vec0`` tables, one per code width, partitioned by model version."""
+    """Binary codes in sqlite-vec ``vec0`` tables, one per code width, partitioned by space; rowid = embedding id."""
 
     name = "sqlite-vec"
 
@@ -146,47 +199,50 @@ class SqliteVec(IndexEngine):
         by_width: dict[int, list[dict[str, Any]]] = {}
         for row in rows:
             code = binary_code(row.vector)
-            by_width.setdefault(8 * len(code), []).append(
-                {"id": row.result_id, "version": row.version_id, "code": code}
-            )
+            by_width.setdefault(8 * len(code), []).append({"id": row.embedding_id, "space": row.space, "code": code})
         for bits, values in by_width.items():
             table = self.table(bits)
             # In the writer's transaction: SQLite has one writer at a time, and another connection would wait on it.
             connection.execute(
                 text(
-                    f"CREATE VIRTUAL TABLE IF NOT EXISTS {table} USING vec0("
-                    f"model_version_id text partition key, code bit[{bits}])"
+                    f"CREATE VIRTUAL TABLE IF NOT EXISTS {table} USING vec0(space text partition key, code bit[{bits}])"
                 )
             )
             connection.execute(
-                text(f"INSERT INTO {table} (rowid, model_version_id, code) VALUES (:id, :version, vec_bit(:code))"),
-                values,
+                text(f"INSERT INTO {table} (rowid, space, code) VALUES (:id, :space, vec_bit(:code))"), values
             )
 
-    def remove(self, connection: Connection, result_ids: Sequence[int]) -> None:
+    def remove(self, connection: Connection, embedding_ids: Sequence[int]) -> None:
         for (table,) in connection.execute(
-            text("SELECT name FROM sqlite_master WHERE name GLOB 'similar_codes_*' AND sql LIKE 'CREATE VIRTUAL%'")
+            text(
+                "SELECT name FROM sqlite_master WHERE name GLOB 'similar_space_codes_*' AND sql LIKE 'CREATE VIRTUAL%'"
+            )
         ):
-            connection.execute(text(f"DELETE FROM {table} WHERE rowid = :id"), [{"id": i} for i in result_ids])
+            connection.execute(text(f"DELETE FROM {table} WHERE rowid = :id"), [{"id": i} for i in embedding_ids])
 
-    def candidates(self, connection: Connection, version_id: str, vector: bytes, n: int) -> list[int]:
+    def candidates(self, connection: Connection, version_id: str, vector: bytes, n: int) -> Candidates:
         code = binary_code(vector)
         table = self.table(8 * len(code))
         exists = connection.execute(text("SELECT 1 FROM sqlite_master WHERE name = :t"), {"t": table}).first()
         if exists is None:
-            return []
-        rows = connection.execute(
-            text(
-                f"SELECT rowid FROM {table} WHERE code MATCH vec_bit(:code) AND k = :k "
-                "AND model_version_id = :version ORDER BY distance"
-            ),
-            {"code": code, "k": min(n, MAX_CANDIDATES), "version": version_id},
+            return Candidates([], more=False)
+        k = min(n, MAX_CANDIDATES)
+        nearest = (
+            connection.execute(
+                text(
+                    f"SELECT rowid FROM {table} WHERE code MATCH vec_bit(:code) AND k = :k "
+                    "AND space = :space ORDER BY distance"
+                ),
+                {"code": code, "k": k, "space": space_of(connection, version_id)},
+            )
+            .scalars()
+            .all()
         )
-        return [row[0] for row in rows]
+        return Candidates(_results_of(connection, version_id, list(nearest)), more=len(nearest) == k)
 
 
 class PgVector(IndexEngine):
-    """pgvector: a table of vectors per width, an HNSW index (cosine) per model version."""
+    """pgvector: a table of embeddings per width, an HNSW index (cosine) per space."""
 
     name = "pgvector"
 
@@ -203,30 +259,30 @@ class PgVector(IndexEngine):
         return VECTOR_TABLE.format(width=width)
 
     @staticmethod
-    def index_name(table: str, version_id: str) -> str:
-        return f"ix_{table}_{sha256(version_id.encode()).hexdigest()[:16]}"
+    def index_name(table: str, space: str) -> str:
+        return f"ix_{table}_{sha256(space.encode()).hexdigest()[:16]}"
 
-    def ensure(self, connection: Connection, width: int, version_id: str) -> None:
-        """The width's table and the version's HNSW index. Made on a connection of their own and committed at once:
+    def ensure(self, connection: Connection, width: int, space: str) -> None:
+        """The width's table and the space's HNSW index. Made on a connection of their own and committed at once:
         inside a writer's transaction, CREATE INDEX would hold a lock that two writers of a new version could
         deadlock on."""
         table = self.table(width)
-        index = self.index_name(table, version_id)
+        index = self.index_name(table, space)
         if connection.execute(text("SELECT to_regclass(:i)"), {"i": index}).scalar() is not None:
             return
         with connection.engine.connect() as ddl:
             try:
                 ddl.execute(
                     text(
-                        f"CREATE TABLE IF NOT EXISTS {table} (result_id integer PRIMARY KEY, "
-                        f"model_version_id varchar(64) NOT NULL, embedding {self.type}({width}) NOT NULL)"
+                        f"CREATE TABLE IF NOT EXISTS {table} (embedding_id integer PRIMARY KEY, "
+                        f"space varchar(90) NOT NULL, embedding {self.type}({width}) NOT NULL)"
                     )
                 )
                 opclass = self.column_type(ddl, table).split("(")[0] + "_cosine_ops"
                 ddl.execute(
                     text(
                         f"CREATE INDEX IF NOT EXISTS {index} ON {table} USING hnsw (embedding {opclass}) "
-                        f"WHERE model_version_id = {_quoted(version_id)}"
+                        f"WHERE space = {_quoted(space)}"
                     )
                 )
                 ddl.commit()
@@ -252,49 +308,55 @@ class PgVector(IndexEngine):
         return known
 
     def add(self, connection: Connection, rows: Sequence[IndexRow]) -> None:
-        for width, version_id in {(len(row.vector), row.version_id) for row in rows}:
-            self.ensure(connection, width, version_id)
+        for width, space in {(len(row.vector), row.space) for row in rows}:
+            self.ensure(connection, width, space)
         by_table: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             width = len(row.vector)
             by_table.setdefault(self.table(width), []).append(
-                {"id": row.result_id, "version": row.version_id, "vector": _pgvector_literal(row.vector)}
+                {"id": row.embedding_id, "space": row.space, "vector": _pgvector_literal(row.vector)}
             )
         for table, values in by_table.items():
             column_type = self.column_type(connection, table)
             connection.execute(
                 text(
-                    f"INSERT INTO {table} (result_id, model_version_id, embedding) "
-                    f"VALUES (:id, :version, CAST(:vector AS {column_type}))"
+                    f"INSERT INTO {table} (embedding_id, space, embedding) "
+                    f"VALUES (:id, :space, CAST(:vector AS {column_type}))"
                 ),
                 values,
             )
 
-    def remove(self, connection: Connection, result_ids: Sequence[int]) -> None:
+    def remove(self, connection: Connection, embedding_ids: Sequence[int]) -> None:
         tables = connection.execute(
             text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema() AND tablename LIKE :p"),
             {"p": VECTOR_TABLE.format(width="%")},
         ).scalars()
         for table in tables:
-            connection.execute(text(f"DELETE FROM {table} WHERE result_id = ANY(:ids)"), {"ids": list(result_ids)})
+            connection.execute(
+                text(f"DELETE FROM {table} WHERE embedding_id = ANY(:ids)"), {"ids": list(embedding_ids)}
+            )
 
-    def candidates(self, connection: Connection, version_id: str, vector: bytes, n: int) -> list[int]:
+    def candidates(self, connection: Connection, version_id: str, vector: bytes, n: int) -> Candidates:
         table = self.table(len(vector))
         if connection.execute(text("SELECT to_regclass(:t)"), {"t": table}).scalar() is None:
-            return []
+            return Candidates([], more=False)
         column_type = self.column_type(connection, table)
-        # The version's partial index serves only a plan that knows the version: no generic plan. HNSW returns at
-        # most ef_search rows (pgvector caps it at 1000).
+        # The space's partial index serves only a plan that knows the space: no generic plan. HNSW returns at most
+        # ef_search rows (pgvector caps it at 1000).
         connection.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
         connection.execute(text(f"SET LOCAL hnsw.ef_search = {max(40, min(n, 1000))}"))
-        rows = connection.execute(
-            text(
-                f"SELECT result_id FROM {table} WHERE model_version_id = :version "
-                f"ORDER BY embedding <=> CAST(:vector AS {column_type}) LIMIT :n"
-            ),
-            {"version": version_id, "vector": _pgvector_literal(vector), "n": n},
+        nearest = (
+            connection.execute(
+                text(
+                    f"SELECT embedding_id FROM {table} WHERE space = :space "
+                    f"ORDER BY embedding <=> CAST(:vector AS {column_type}) LIMIT :n"
+                ),
+                {"space": space_of(connection, version_id), "vector": _pgvector_literal(vector), "n": n},
+            )
+            .scalars()
+            .all()
         )
-        return [row[0] for row in rows]
+        return Candidates(_results_of(connection, version_id, list(nearest)), more=len(nearest) == n)
 
 
 class ExactScan(IndexEngine):
@@ -304,13 +366,13 @@ class ExactScan(IndexEngine):
 
     name = "exact scan"
 
-    def candidates(self, connection: Connection, version_id: str, vector: bytes, n: int) -> list[int]:
+    def candidates(self, connection: Connection, version_id: str, vector: bytes, n: int) -> Candidates:
         low, high = connection.execute(
             text("SELECT min(id), max(id) FROM prediction_results WHERE model_version_id = :version"),
             {"version": version_id},
         ).one()
         if low is None:
-            return []
+            return Candidates([], more=False)
         query = _directions(np.frombuffer(vector, dtype=EMBEDDING_DTYPE)[None, :])[0]
         # The vector by a subquery per row: a join let PostgreSQL's planner hash the whole embeddings table per range.
         rows = (
@@ -341,7 +403,7 @@ class ExactScan(IndexEngine):
                 top = np.argpartition(-best, n - 1)[:n]
                 best_ids, best = best_ids[top], best[top]
         order = np.lexsort((best_ids, -best))
-        return best_ids[order].tolist()
+        return Candidates(best_ids[order].tolist(), more=len(best_ids) == n)
 
 
 def cosines(vectors: Sequence[bytes], query: bytes) -> np.ndarray:
@@ -398,46 +460,49 @@ def forget_engines() -> None:
 
 
 def add(connection: Connection, rows: Iterable[IndexRow]) -> None:
-    """Index results written outside the ORM (bulk fills); ORM writes are indexed by the flush listener."""
+    """Index embeddings written outside the ORM (bulk fills); ORM writes are indexed by the flush listener."""
     rows = list(rows)
     if rows:
         engine_for(connection).add(connection, rows)
 
 
 def add_stored(connection: Connection, after: int = 0, chunk: int = 2000) -> int:
-    """Index every stored result with an embedding and an id above ``after`` (what a Core writer stored: a bulk
-    fill), ``chunk`` at a time in ``connection``'s transaction; returns the highest id seen (``after`` if none)."""
+    """Index every stored embedding that a result points at with an id above ``after`` (what a Core writer stored:
+    a bulk fill), ``chunk`` at a time in ``connection``'s transaction; returns the highest id seen (``after`` if
+    none). Its space is that of the first version pointing at it (versions sharing an embedding share a space)."""
     while True:
         rows = connection.execute(
             text(
-                "SELECT r.id, r.model_version_id, e.vector FROM prediction_results r "
-                "JOIN embeddings e ON e.id = r.embedding_id WHERE r.id > :after ORDER BY r.id LIMIT :n"
+                "SELECT e.id, (SELECT r.model_version_id FROM prediction_results r WHERE r.embedding_id = e.id "
+                "ORDER BY r.id LIMIT 1) AS version, e.vector FROM embeddings e WHERE e.id > :after "
+                "ORDER BY e.id LIMIT :n"
             ),
             {"after": after, "n": chunk},
         ).all()
         if not rows:
             return after
-        add(connection, [IndexRow(row[0], row[1], bytes(row[2])) for row in rows])
+        add(connection, [IndexRow(row[0], space_of(connection, row[1]), bytes(row[2])) for row in rows if row[1]])
         after = rows[-1][0]
 
 
 @event.listens_for(Session, "after_flush")
 def _index_flushed(session: Session, _flush: UOWTransaction) -> None:
-    """Index the results this flush inserted (in its transaction, so the index commits or rolls back with them) and
-    forget the ones it deleted."""
-    from .models import PredictionResult
+    """Index the embeddings this flush inserted (in its transaction, so the index commits or rolls back with them),
+    each in the space of a version whose new result points at it, and forget the ones it deleted."""
+    from .models import Embedding
 
-    new = [
-        IndexRow(obj.id, obj.model_version_id, obj.embedding.vector)
+    versions = {
+        id(obj.embedding): obj.model_version_id
         for obj in session.new
         if isinstance(obj, PredictionResult) and obj.embedding is not None
-    ]
-    gone = [obj.id for obj in session.deleted if isinstance(obj, PredictionResult)]
+    }
+    new = [obj for obj in session.new if isinstance(obj, Embedding) and id(obj) in versions]
+    gone = [obj.id for obj in session.deleted if isinstance(obj, Embedding)]
     if not new and not gone:
         return
     connection = session.connection()
     engine = engine_for(connection)
     if new:
-        engine.add(connection, new)
+        engine.add(connection, [IndexRow(e.id, space_of(connection, versions[id(e)]), e.vector) for e in new])
     if gone:
         engine.remove(connection, gone)
