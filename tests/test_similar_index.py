@@ -114,7 +114,9 @@ def test_a_rolled_back_or_deleted_embedding_leaves_the_index(
         embedding_id = db.session.merge(embedding).id
         db.session.delete(db.session.get(Embedding, embedding_id))
         db.session.commit()
-    assert embedding_id not in indexed(app) and indexed(app) == with_embeddings(app)
+    if not isinstance(engine_of(app), similar_index.ExactScan):
+        assert embedding_id not in indexed(app) and indexed(app) == with_embeddings(app)
+    assert {row["id"] for row in similar(client, ids[0], k=50)} == {ids[2], ids[3]}
 
 
 def test_taxonomies_sharing_an_encoder_share_one_index_row_per_abstract(
