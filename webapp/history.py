@@ -79,16 +79,17 @@ def _among(ids: IdSet) -> ColumnElement[bool]:
     return ids(of=Prediction.id).exists()
 
 
-def _counted(q: str, label: str, version: str, reviewed: str, batch: str, taxonomy: str) -> Select | None:
-    """What a filtered history counts when cheaper than its rows: a lone set filter's distinct ids, read in index
-    order however sparse they are among the newest predictions; a lone search's matches."""
+def _counted(
+    q: str, label: str, version: str, reviewed: str, batch: str, taxonomy: str
+) -> Select | CompoundSelect | None:
+    """What a filtered history counts when cheaper than its rows: a lone set filter's ids, read in index order
+    however sparse they are among the newest predictions; a lone search's matches."""
     sets = _id_sets(label, version, reviewed, taxonomy)
     if q and not (sets or batch or reviewed):  # a search ranks a pool of its matches but counts them all
         return search.matching_ids(q)
     if len(sets) != 1 or q or batch or reviewed == "no":
         return None
-    ids = sets[0]().subquery()
-    return select(ids.c[0]).distinct()
+    return sets[0]()
 
 
 def _made_by(version: str, of: Any = None) -> Select:

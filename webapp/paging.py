@@ -12,7 +12,7 @@ from typing import Any
 
 from flask import current_app
 from flask_sqlalchemy.pagination import Pagination
-from sqlalchemy import Select, func, select
+from sqlalchemy import CompoundSelect, Select, func, select
 
 from .extensions import db
 
@@ -21,10 +21,16 @@ def count_cap() -> int:
     return current_app.config["LIST_COUNT_CAP"]
 
 
-def count_up_to(stmt: Select, cap: int | None = None) -> int:
-    """How many rows ``stmt`` gives, counting no further than ``cap + 1`` (default: ``LIST_COUNT_CAP`` + 1)."""
-    limited = stmt.order_by(None).limit((count_cap() if cap is None else cap) + 1).subquery()
-    return db.session.execute(select(func.count()).select_from(limited)).scalar_one()
+def count_up_to(stmt: Select | CompoundSelect, cap: int | None = None, *, distinct: bool = False) -> int:
+    """How many rows ``stmt`` gives, counting no further than ``cap + 1`` (default: ``LIST_COUNT_CAP`` + 1);
+    ``distinct``: how many different values its first column holds, when there are no more rows than ``cap`` (a
+    DISTINCT over every row first would read them all on PostgreSQL, whose hash cannot stop early)."""
+    cap = count_cap() if cap is None else cap
+    limited = stmt.order_by(None).limit(cap + 1).subquery()
+    counted = db.session.execute(select(func.count()).select_from(limited)).scalar_one()
+    if distinct and counted <= cap:
+        counted = db.session.execute(select(func.count(limited.c[0].distinct()))).scalar_one()
+    return counted
 
 
 class CappedPagination(Pagination):
@@ -40,7 +46,7 @@ class CappedPagination(Pagination):
     def _query_count(self) -> int:
         stmt = self._query_args["select"]
         if self._query_args.get("counted") is not None:
-            return self._capped(count_up_to(self._query_args["counted"]))
+            return self._capped(count_up_to(self._query_args["counted"], distinct=True))
         if self._query_args.get("exact"):
             return db.session.execute(select(func.count()).select_from(stmt.order_by(None).subquery())).scalar_one()
         return self._capped(count_up_to(stmt))
@@ -69,10 +75,11 @@ class CappedPagination(Pagination):
 
 
 def paginate(
-    stmt: Select, page: int, per_page: int, *, exact: bool = False, counted: Select | None = None
+    stmt: Select, page: int, per_page: int, *, exact: bool = False, counted: Select | CompoundSelect | None = None
 ) -> CappedPagination:
     """A page of ``stmt`` (which orders its rows) with a count capped at ``LIST_COUNT_CAP`` unless ``exact``;
-    ``counted``: a select with as many rows as ``stmt`` that is cheaper to count."""
+    ``counted``: a select whose first column holds as many different values as ``stmt`` has rows, cheaper to
+    count."""
     return CappedPagination(
         page=page, per_page=per_page, max_per_page=None, error_out=False, select=stmt, exact=exact, counted=counted
     )

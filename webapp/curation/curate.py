@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 from flask_wtf import FlaskForm
-from sqlalchemy import ColumnElement, Select, and_, false, select, true, union_all
+from sqlalchemy import ColumnElement, CompoundSelect, Select, and_, false, select, true, union_all
 from sqlalchemy.orm import selectinload
 from werkzeug.wrappers import Response
 from wtforms import HiddenField, SelectMultipleField, StringField, TextAreaField
@@ -128,22 +128,19 @@ class Queue:
 
     fresh: Select  # not skipped by this curator, in queue order
     skipped: Select  # skipped by this curator, in queue order
-    fresh_ids: Select  # as many rows as ``fresh``, cheaper to count
+    fresh_ids: Select | CompoundSelect  # as many different ids as ``fresh`` has rows, cheaper to count
 
     @classmethod
     def of(cls, taxonomy_slug: str = "", label: str = "", user_id: int | None = None) -> Queue:
         base = queue_query(taxonomy_slug, label, user_id)
         order = (PredictionResult.margin, PredictionResult.id)
-        fresh = skipped = true()
+        fresh, skipped = true(), false()
         if user_id is not None:
-            skipped = has_active_event(
-                PredictionResult.prediction_id, PredictionResult.taxonomy_id, ["skipped"], user_id
-            )
-            fresh = ~skipped
-            mine = select(AnnotationEvent.prediction_id).where(
+            mine = has_active_event(PredictionResult.prediction_id, PredictionResult.taxonomy_id, ["skipped"], user_id)
+            their_skips = select(AnnotationEvent.prediction_id).where(
                 AnnotationEvent.user_id == user_id, AnnotationEvent.kind == "skipped"
             )  # few: the skipped walk starts from them
-            skipped = and_(PredictionResult.prediction_id.in_(mine), skipped)
+            fresh, skipped = ~mine, and_(PredictionResult.prediction_id.in_(their_skips), mine)
         fresh_ids = base.with_only_columns(PredictionResult.id).where(fresh)
         if label:  # counted from the label's results (index ranges), however sparse among the smallest margins
             parts = [
@@ -152,11 +149,10 @@ class Queue:
                 .where(*_waiting(taxonomy_slug, user_id), fresh)
                 for part in labelled_selects(label)
             ]
-            ids = union_all(*parts).subquery()
-            fresh_ids = select(ids.c[0]).distinct()
+            fresh_ids = union_all(*parts)
         return cls(
             base.where(fresh).order_by(*order),
-            base.where(skipped if user_id is not None else false()).order_by(*order),
+            base.where(skipped).order_by(*order),
             fresh_ids,
         )
 
@@ -164,7 +160,7 @@ class Queue:
         loads = (selectinload(PredictionResult.prediction), selectinload(PredictionResult.taxonomy))
         items = list(db.session.scalars(self.fresh.options(*loads).limit(limit).offset(offset)))
         if len(items) < limit:
-            fresh = offset + len(items) if items else count_up_to(self.fresh_ids, offset)
+            fresh = offset + len(items) if items else count_up_to(self.fresh, offset)
             back = self.skipped.options(*loads).limit(limit - len(items)).offset(max(0, offset - fresh))
             items += db.session.scalars(back)
         return items
@@ -178,7 +174,7 @@ class QueuePagination(CappedPagination):
 
     def _query_count(self) -> int:
         queue = self._query_args["queue"]
-        fresh = self._capped(count_up_to(queue.fresh_ids))
+        fresh = self._capped(count_up_to(queue.fresh_ids, distinct=True))
         return fresh if self.more else fresh + count_up_to(queue.skipped)
 
 
