@@ -37,9 +37,11 @@ def _labels(app: Flask) -> dict[int, list[str]]:
 
 
 def _common_label(app: Flask) -> str:
-    """The label the model gave most often (the filter whose matches pass a small cap)."""
-    counts = Counter(label for labels in _labels(app).values() for label in labels)
-    return counts.most_common(1)[0][0]
+    """The label the model gave most often short of every paper (a filter whose matches pass a small cap, with
+    papers left out of it)."""
+    labels = _labels(app)
+    counts = Counter(label for assigned in labels.values() for label in assigned)
+    return next(label for label, n in counts.most_common() if n < len(labels))
 
 
 def _all_pages(client: FlaskClient, path: str, query: dict[str, str]) -> tuple[list[int], list[str]]:
