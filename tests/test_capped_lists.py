@@ -16,6 +16,7 @@ from sqlalchemy import select
 from tests.conftest import signed_in
 from webapp.extensions import db
 from webapp.models import PredictionResult
+from webapp.paging import count_up_to
 
 SLUG = "test-tasks"
 PER_PAGE = 3
@@ -131,3 +132,15 @@ def test_a_search_matching_more_than_the_cap_ranks_its_newest_matches(app: Flask
     assert set(pooled) == set(sorted(everything)[-5:])  # the newest five matches (ids grow with time here)
     assert pooled == [pid for pid in everything if pid in set(pooled)]  # in the same relevance order
     assert counts[0] == "5+"
+
+
+def test_a_remembered_count_is_forgotten_once_the_session_writes(app: Flask, stored: list[int]) -> None:
+    with app.test_request_context():
+        ids = select(PredictionResult.id)
+        assert count_up_to(ids) == count_up_to(ids) == len(stored)  # the second is remembered
+        first = db.session.scalars(select(PredictionResult).where(PredictionResult.prediction_id == stored[0])).one()
+        db.session.delete(first)
+        db.session.flush()
+        assert count_up_to(ids) == len(stored) - 1
+        db.session.rollback()
+        assert count_up_to(ids) == len(stored)

@@ -12,7 +12,8 @@ from typing import Any
 
 from flask import current_app
 from flask_sqlalchemy.pagination import Pagination
-from sqlalchemy import CompoundSelect, Select, func, select, text
+from sqlalchemy import CompoundSelect, Select, event, func, select, text
+from sqlalchemy.orm import Session
 
 from .extensions import db
 
@@ -33,19 +34,38 @@ def count_up_to(stmt: Select | CompoundSelect, cap: int | None = None, *, distin
     DISTINCT over every row first would read them all on PostgreSQL, whose hash cannot stop early)."""
     cap = count_cap() if cap is None else cap
     limited = stmt.order_by(None).limit(cap + 1).subquery()
+    compiled = limited.compile(db.session.get_bind())
+    key = (str(compiled), repr(sorted(compiled.params.items())))
+    known = db.session.info.setdefault(_COUNTS_KEY, {})  # a page asks some counts twice (the plan, then the total)
+    if key not in known:
+        known[key] = _count(select(func.count()).select_from(limited))
+    counted = known[key]
+    if distinct and counted <= cap:
+        counted = _count(select(func.count(limited.c[0].distinct())))
+    return counted
+
+
+_COUNTS_KEY = "papertag.capped_counts"
+
+
+@event.listens_for(Session, "after_flush")
+@event.listens_for(Session, "after_transaction_end")
+def _forget_counts(session: Session, *_: object) -> None:
+    """Counts are remembered within one transaction that has not written."""
+    session.info.pop(_COUNTS_KEY, None)
+
+
+def _count(stmt: Select) -> int:
     postgresql = db.session.get_bind().dialect.name == "postgresql"
     if postgresql:
         for setting in _STREAMING_PLAN:
             db.session.execute(text(f"SET LOCAL {setting} = {'0' if setting.startswith('max_') else 'off'}"))
     try:
-        counted = db.session.execute(select(func.count()).select_from(limited)).scalar_one()
-        if distinct and counted <= cap:
-            counted = db.session.execute(select(func.count(limited.c[0].distinct()))).scalar_one()
+        return db.session.execute(stmt).scalar_one()
     finally:
         if postgresql:
             for setting in _STREAMING_PLAN:
                 db.session.execute(text(f"RESET {setting}"))
-    return counted
 
 
 class CappedPagination(Pagination):
