@@ -8,10 +8,9 @@ beyond it, as search engines do; each page's items come from a query that can st
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from flask import current_app
-from flask_sqlalchemy.pagination import Pagination
+from flask_sqlalchemy.pagination import SelectPagination
 from sqlalchemy import CompoundSelect, Select, event, func, select, text
 from sqlalchemy.orm import Session
 
@@ -68,23 +67,18 @@ def _count(stmt: Select) -> int:
                 db.session.execute(text(f"RESET {setting}"))
 
 
-class CappedPagination(Pagination):
+class CappedPagination(SelectPagination):
     """Flask-SQLAlchemy's pagination of ``select`` whose count stops at ``LIST_COUNT_CAP`` unless ``exact``; ``more``
     says the list goes on past the count (``total`` is then ``LIST_COUNT_CAP``), and paging on stays possible."""
 
     more: bool = False
 
-    def _query_items(self) -> list[Any]:
-        stmt = self._query_args["select"].limit(self.per_page).offset(self._query_offset)
-        return list(db.session.execute(stmt).unique().scalars())
-
     def _query_count(self) -> int:
-        stmt = self._query_args["select"]
         if self._query_args.get("counted") is not None:
             return self._capped(count_up_to(self._query_args["counted"], distinct=True))
         if self._query_args.get("exact"):
-            return db.session.execute(select(func.count()).select_from(stmt.order_by(None).subquery())).scalar_one()
-        return self._capped(count_up_to(stmt))
+            return super()._query_count()
+        return self._capped(count_up_to(self._query_args["select"]))
 
     def _capped(self, counted: int) -> int:
         self.more = counted > count_cap()
@@ -116,5 +110,12 @@ def paginate(
     ``counted``: a select whose first column holds as many different values as ``stmt`` has rows, cheaper to
     count."""
     return CappedPagination(
-        page=page, per_page=per_page, max_per_page=None, error_out=False, select=stmt, exact=exact, counted=counted
+        page=page,
+        per_page=per_page,
+        max_per_page=None,
+        error_out=False,
+        select=stmt,
+        session=db.session,
+        exact=exact,
+        counted=counted,
     )
