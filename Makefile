@@ -48,14 +48,15 @@ run: $(SERVE_STAMP)
 
 # Two passes: the whole suite on SQLite, then again on a throwaway PostgreSQL server (postgres.sh installs
 # Debian's postgresql if missing and serves on a Unix socket) without the slow `trainer` tests; stopped either way.
-# Both passes have a throwaway Redis server (redis.sh, likewise) for the job engine's tests on Redis, in a directory
-# of this run's own (another run or benchmark on the machine starts and stops the default one).
+# Both passes have a throwaway Redis server (redis.sh, likewise) for the job engine's tests on Redis. Each server
+# lives in a directory of this run's own, removed after: a developer's default servers (which another run, a
+# benchmark or a kept database may use) are neither stopped nor filled.
 test: $(DEV_STAMP) $(TRAIN_STAMP)
 	sh tests/services/chromium.sh
-	@export PAPERTAG_REDIS_ROOT=$$(mktemp -d /tmp/papertag-redis-XXXXXX); \
+	@export PAPERTAG_REDIS_ROOT=$$(mktemp -d /tmp/papertag-redis-XXXXXX) PAPERTAG_PG_ROOT=$$(mktemp -d /tmp/papertag-pg-XXXXXX); \
 	url=$$(sh tests/services/redis.sh start) || { echo "make test: the Redis server did not start"; exit 1; }; \
 	status=0; TEST_REDIS_URL="$$url" $(MAKE) --no-print-directory test-passes || status=$$?; \
-	sh tests/services/redis.sh stop; exit $$status
+	sh tests/services/redis.sh stop; rm -rf "$$PAPERTAG_REDIS_ROOT" "$$PAPERTAG_PG_ROOT"; exit $$status
 
 # Both passes always run (a failed SQLite pass must not hide the PostgreSQL one); the summary names each pass's
 # outcome and the exit status is non-zero if either failed. The first pass is SQLite even where TEST_DATABASE_URL is

@@ -161,7 +161,7 @@ def running_jobs(app: Flask) -> Iterator[None]:
         yield
     finally:
         stop.set()
-        thread.join(timeout=120)
+        thread.join()
 
 
 @pytest.fixture(scope="session")

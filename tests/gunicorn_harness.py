@@ -23,8 +23,6 @@ from webapp.models import ModelVersion
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-# Generous for a busy 2-core CI machine: gunicorn imports onnxruntime in every worker before answering.
-START_SECONDS = 120.0
 WARM_UP = {"abstract": "A warm-up abstract about parsing."}
 
 
@@ -100,8 +98,6 @@ def gunicorn(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
                         break
                 except OSError:
                     pass
-                waited = time.monotonic() - started
-                assert waited < START_SECONDS, f"no prediction within {START_SECONDS:.0f} s:\n{log.read_text()[-3000:]}"
                 time.sleep(0.1)
             print(f"cold start to first prediction: {time.monotonic() - started:.2f}s")
             yield proc
@@ -151,17 +147,19 @@ def activated_at(env: dict[str, str], version: str) -> float:
 
 
 def wait_all_workers(
-    port: int, master: int, version: str, *, since: float, slug: str = "test-tasks", limit: float = 120.0
+    port: int, master: int, version: str, *, since: float, slug: str = "test-tasks", limit: float | None = None
 ) -> float:
     """Seconds from ``since`` (a ``time.time()``) until every worker of ``master`` reports ``version`` in /healthz.
 
-    ``limit`` only stops a hung test: how fast the swap is (the product's 5 s contract) is measured by
-    ``bench/swap_time.py``, not asserted here, since a busy shared CI machine makes any tight bound flaky."""
+    ``limit`` (seconds) is for benchmarks (``bench/swap_time.py`` measures the product's 5 s contract); tests pass
+    none: a busy shared CI machine makes any bound flaky, and pytest-timeout stops a hung test."""
     pids = worker_pids(master)
     switched: set[int] = set()
     while switched != pids:
         elapsed = time.time() - since
-        assert elapsed < limit, f"workers {sorted(pids - switched)} of {sorted(pids)} not on {version} after {limit} s"
+        assert limit is None or elapsed < limit, (
+            f"workers {sorted(pids - switched)} of {sorted(pids)} not on {version} after {limit} s"
+        )
         status, body = request(port, "GET", "/healthz")
         assert status == 200, f"/healthz answered {status}: {body}"
         if body["worker"]["loaded"].get(slug) == version:

@@ -100,7 +100,7 @@ def served(app: Flask) -> Iterator[str]:
             yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
-        thread.join(timeout=10)
+        thread.join()
         live_models_of(app).stop()
         app.extensions[BATCH_WORKER].stop()
         with app.app_context():

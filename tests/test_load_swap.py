@@ -20,7 +20,6 @@ from sqlalchemy import text
 
 from tests.conftest import TEST_DATABASE_URL, BundleFactory, database_url_for
 from tests.gunicorn_harness import (
-    START_SECONDS,
     activated_at,
     app_env,
     database,
@@ -37,9 +36,6 @@ CLIENTS = 8
 # A safety bound for each client loop; the tests stop the load as soon as they have seen what they need (a time
 # bound here would end the load while a slow machine's test still waits for it).
 LOAD_MAX_REQUESTS = 3000
-# Only stops a hung test: nothing here asserts how long anything took (bench/swap_time.py measures that), so a busy
-# 2-core CI machine never trips it.
-HANG_GUARD_SECONDS = 120.0
 # Each worker's RSS may grow this much over its level before the load (two versions loaded and freed, 4 threads).
 RSS_GROWTH_BOUND = 150 * 1024 * 1024
 
@@ -108,12 +104,12 @@ class Load:
     def failures(self) -> list[Outcome]:
         return [o for o in list(self.outcomes) if not o.ok]
 
-    def wait_for(self, what: str, condition: Callable[[], bool], seconds: float = HANG_GUARD_SECONDS) -> None:
-        """Poll until ``condition()`` holds while the load runs; fail naming ``what`` after ``seconds`` (a hang
-        guard, never a speed check)."""
-        deadline = time.monotonic() + seconds
+    def wait_for(self, what: str, condition: Callable[[], bool]) -> None:
+        """Poll until ``condition()`` holds while the load runs; ``what`` is printed first, so a hung test's report
+        (pytest-timeout) says what it waited for. Nothing here asserts how long anything took: bench/swap_time.py
+        measures that."""
+        print(f"waiting for {what}")
         while not condition():
-            assert time.monotonic() < deadline, f"no {what} within {seconds:.0f} s; failures: {self.failures()[:5]}"
             time.sleep(0.05)
 
 
@@ -245,9 +241,7 @@ def test_sigkilled_worker_loses_only_its_own_requests(served: Served, abstracts:
         load.wait_for("a respawned worker", lambda: len(worker_pids(master) - before) == 1)
         [respawned] = worker_pids(master) - before
         # It boots like any worker (imports the app, loads the model): as long as a start may take.
-        load.wait_for(
-            f"worker {respawned} serving {served.v1}", lambda: serves(port, respawned, served.v1), START_SECONDS
-        )
+        load.wait_for(f"worker {respawned} serving {served.v1}", lambda: serves(port, respawned, served.v1))
         load.wait_for("requests after the kill", lambda: len(load.successes(killed)) >= 4 * CLIENTS)
 
     failures = load.failures()

@@ -35,7 +35,6 @@ def run_passes(
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
     )
     return done.returncode, done.stdout + done.stderr, log.read_text()
 

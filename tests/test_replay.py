@@ -47,15 +47,13 @@ def predicted_sets(make_bundle: BundleFactory, seed: int, texts: list[str]) -> l
 
 def wait_for_replay(app: Flask, report_id: int) -> str:
     """Run the app's pending jobs here until the replay ended (the app's own runner thread may take it first);
-    returns its status. The deadline only stops a hung test: nothing here measures how long a replay takes."""
-    deadline = time.monotonic() + 600
+    returns its status."""
     while True:
         app.extensions[JOB_RUNNER].run_pending()
         with app.app_context():
             status = db.session.get(ReplayReport, report_id).status
         if status in ("finished", "failed"):
             return status
-        assert time.monotonic() < deadline, f"replay {report_id} is still {status}"
         time.sleep(0.05)
 
 

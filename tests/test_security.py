@@ -303,7 +303,6 @@ def test_production_refuses_to_start_without_secret_key_from_the_command_line(tm
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
     )
     assert result.returncode != 0, "a production start without SECRET_KEY went ahead"
     assert "papertag cannot start: SECRET_KEY must be set when PAPERTAG_ENV=production" in result.stderr

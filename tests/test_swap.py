@@ -18,19 +18,13 @@ from webapp.models import ModelArtifact, ModelVersion, PredictionResult, Taxonom
 from webapp.serving.bundle import pack, read_manifest, sha256_hex
 from webapp.serving.registry import activate, import_bundle, rollback
 
-# Only stops a hung test: how fast a swap reaches the workers (the 5 s contract) is bench/swap_time.py's to
-# measure, since a busy shared CI machine makes any tight bound flaky.
-SWAP_DEADLINE = 120.0
 
-
-def wait_until_serving(app: Flask, version: str, slug: str = "test-tasks") -> float:
-    """Seconds until this process's watcher serves ``version`` (fails only if it never does)."""
+def wait_until_serving(app: Flask, version: str, slug: str = "test-tasks") -> None:
+    """Wait until this process's watcher serves ``version``. How fast a swap reaches the workers (the 5 s
+    contract) is bench/swap_time.py's to measure: a busy shared CI machine makes any bound here flaky."""
     live = live_models_of(app)
-    start = time.monotonic()
     while live.loaded().get(slug) != version:
-        assert time.monotonic() - start < SWAP_DEADLINE, f"still serving {live.loaded()} after {SWAP_DEADLINE}s"
         time.sleep(0.02)
-    return time.monotonic() - start
 
 
 def current_version(app: Flask) -> str:
@@ -142,9 +136,7 @@ def test_a_version_that_fails_to_load_never_serves(
         ("nan", "smoke prediction returned non-finite scores"),
     ):
         bad = _store_unvalidated(app, make_bundle(seed=7, broken=broken))
-        deadline = time.monotonic() + SWAP_DEADLINE
-        while bad not in live.errors:
-            assert time.monotonic() < deadline, "the watcher never tried the broken version"
+        while bad not in live.errors:  # the watcher tries the broken version
             time.sleep(0.02)
         assert message in live.errors[bad]
         health = client.get("/healthz").get_json()

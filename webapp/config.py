@@ -64,6 +64,9 @@ class Defaults:
     # How often each worker process queues again the jobs no task is pending for: a killed worker's (once its
     # heartbeat is stale) and queued ones whose task was lost with the queue (seconds; it also does so at start).
     BATCH_POLL_SECONDS = 10.0
+    # Niceness a job worker process adds to itself at start (0-19; 0 keeps the default priority): on a machine it
+    # shares with the web processes, the pages take the CPU first and a batch gets what they leave.
+    JOB_WORKER_NICE = 10
     # A running job (batch or replay) whose heartbeat is older than this is taken over: its process died (seconds).
     BATCH_STALE_SECONDS = 120.0
     # Stored abstracts a replay re-scores with a candidate and the active model, reviewed ones first: 200 take
@@ -173,6 +176,7 @@ ENV_KEYS = (
     "BULK_MAX",
     "REVIEWS_NEEDED",
     "LIST_COUNT_CAP",
+    "JOB_WORKER_NICE",
 )
 
 

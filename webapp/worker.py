@@ -9,6 +9,9 @@ waiting for their heartbeat to go stale; only the chunk in progress is redone.
 Each consumer thread runs one job (a batch's chunk, a replay) at a time with ``ORT_THREADS`` onnxruntime intra-op
 threads, 1 when unset: a batch is shared out chunk by chunk, so a machine's cores are filled by job threads or
 worker processes (two processes on two cores each take one), never by threads of one run that would fight theirs.
+
+A worker lowers its own priority by ``JOB_WORKER_NICE`` (10): where it shares a machine with gunicorn (``make run``),
+the pages are served first and the batch runs on what is left, so a large batch does not slow the site down.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ def _sweep_every(engine: jobs.JobEngine, interval: float, stop: threading.Event)
 def run_worker(app: Flask, threads: int = 1) -> None:
     """Run jobs until SIGTERM or SIGINT (blocks; installs the consumer's signal handlers, so the main thread)."""
     engine: jobs.JobEngine = app.extensions[jobs.EXTENSION_KEY]
+    niceness = os.nice(int(app.config["JOB_WORKER_NICE"]))  # every thread started from here inherits it
     with app.app_context():
         live = live_models()
         live.threads = int(app.config["ORT_THREADS"]) or 1  # before the first job loads the models
@@ -68,10 +72,11 @@ def run_worker(app: Flask, threads: int = 1) -> None:
     sweeper = threading.Thread(target=_sweep_every, args=(engine, interval, stop), name="job-sweeper", daemon=True)
     sweeper.start()
     log.info(
-        "job worker %s: %d thread(s), %d onnxruntime thread(s) each, on %s",
+        "job worker %s: %d thread(s), %d onnxruntime thread(s) each, niceness %d, on %s",
         jobs.process_prefix().rstrip(":"),
         threads,
         live.threads,
+        niceness,
         _queue_name(app),
     )
     try:
@@ -99,6 +104,9 @@ def jobs_cli() -> None:
 @with_appcontext
 def worker_command(threads: int) -> None:
     """Run the job queue's consumer until SIGTERM or SIGINT (held jobs are handed back to the queue)."""
+    nice = current_app.config["JOB_WORKER_NICE"]
+    if not isinstance(nice, int) or not 0 <= nice <= 19:
+        raise click.ClickException(f"JOB_WORKER_NICE must be a whole number from 0 to 19, not {nice!r}")
     run_worker(current_app._get_current_object(), threads)  # type: ignore[attr-defined]
     # A consumer thread may still be inside onnxruntime (a chunk half tagged), whose C++ globals abort the process
     # (SIGABRT, "terminate called without an active exception") when the interpreter's exit destroys them under a
