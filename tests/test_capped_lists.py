@@ -14,6 +14,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from tests.conftest import signed_in
+from webapp import search
 from webapp.extensions import db
 from webapp.models import PredictionResult
 from webapp.paging import count_up_to
@@ -122,16 +123,31 @@ def test_a_capped_count_says_so_and_paging_goes_on_past_it(app: Flask, stored: l
     assert f"{len(stored)} to review" in curator.get("/curate/queue").get_data(as_text=True)
 
 
-def test_a_search_matching_more_than_the_cap_ranks_its_newest_matches(app: Flask, stored: list[int]) -> None:
+@pytest.mark.parametrize("q", ["method", '"we propose"'])
+@pytest.mark.parametrize("walks", [(search.FIRST_WALK, search.WALK_AT_MOST), (1, 60), (1, 1)])
+def test_a_search_matching_more_than_its_pool_ranks_its_newest_matches(
+    app: Flask, stored: list[int], monkeypatch: pytest.MonkeyPatch, walks: tuple[int, int], q: str
+) -> None:
+    """The pool is the newest matches whichever way PostgreSQL finds them: in one walk down the newest rows, in
+    several, or mostly in the older rows' bitmap (a phrase's walks go further). The pool is the list: its count
+    stops there, and so do its pages."""
+    monkeypatch.setattr(search, "FIRST_WALK", walks[0])
+    monkeypatch.setattr(search, "WALK_AT_MOST", walks[1])
+    monkeypatch.setattr(search, "WALK_PHRASE_AT_MOST", walks[1])
     client = app.test_client()
-    app.config["LIST_COUNT_CAP"] = 10_000
-    everything, counts = _all_pages(client, "/history", {"q": "method"})
+    everything, counts = _all_pages(client, "/history", {"q": q})
     assert len(everything) > 6 and counts[0] == str(len(everything))
-    app.config["LIST_COUNT_CAP"] = 5
-    pooled, counts = _all_pages(client, "/history", {"q": "method"})
+    app.config["SEARCH_RANK_POOL"] = 5
+    pooled, counts = _all_pages(client, "/history", {"q": q})
     assert set(pooled) == set(sorted(everything)[-5:])  # the newest five matches (ids grow with time here)
     assert pooled == [pid for pid in everything if pid in set(pooled)]  # in the same relevance order
-    assert counts[0] == "5+"
+    first = client.get("/history", query_string={"q": q}).get_data(as_text=True)
+    assert "5+ predictions; the newest 5 of them are shown, most relevant first" in first
+    assert f"Page 1 of {(5 + PER_PAGE - 1) // PER_PAGE}</span>" in first and counts == ["5+", "5+"]
+    app.config["SEARCH_RANK_POOL"] = len(everything)  # every match in the pool: nothing said
+    assert f"{len(everything)} predictions</p>" in client.get("/history", query_string={"q": q}).get_data(as_text=True)
+    app.config["SEARCH_RANK_POOL"] = 1_000
+    assert "the newest" not in client.get("/history", query_string={"q": q, "page": "1"}).get_data(as_text=True)
 
 
 def test_a_remembered_count_is_forgotten_once_the_session_writes(app: Flask, stored: list[int]) -> None:

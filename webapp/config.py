@@ -75,9 +75,11 @@ class Defaults:
     # Rows per history page.
     HISTORY_PER_PAGE = 25
     # Matches a filtered history, a search or the review queue counts exactly; past it the page says "10,000+"
-    # (counting every match of a frequent label costs seconds at a million predictions: webapp/paging.py). A full-text
-    # search matching more ranks the newest this many of its matches.
+    # (counting every match of a frequent label costs seconds at a million predictions: webapp/paging.py).
     LIST_COUNT_CAP = 10_000
+    # A full-text search of the history alone ranks its newest this many matches by relevance: ranking reads every
+    # match it ranks, and a query matching more than this wants more words (webapp/search.py).
+    SEARCH_RANK_POOL = 1_000
     # Most predictions one bulk action (accept, add or remove a label) changes: all of them are one transaction,
     # and the confirmation page lists what changes.
     BULK_MAX = 5000
@@ -176,6 +178,7 @@ ENV_KEYS = (
     "BULK_MAX",
     "REVIEWS_NEEDED",
     "LIST_COUNT_CAP",
+    "SEARCH_RANK_POOL",
     "JOB_WORKER_NICE",
 )
 

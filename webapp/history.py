@@ -33,15 +33,21 @@ def _page_number() -> int:
 
 
 def filtered_predictions(
-    q: str, label: str, version: str, reviewed: str, batch: int | None = None, taxonomy: str = ""
+    q: str,
+    label: str,
+    version: str,
+    reviewed: str,
+    batch: int | None = None,
+    taxonomy: str = "",
+    rank_pool: int | None = None,
 ) -> Select:
-    """The history query; every filter is optional. Newest first, or most relevant first when searching."""
+    """The history query; every filter is optional. Newest first, or most relevant first when searching (of the
+    newest ``rank_pool`` matches only, when given: ``search.matching``)."""
     stmt = select(Prediction).order_by(Prediction.created_at.desc(), Prediction.id.desc())
     if batch is not None:
         stmt = stmt.where(Prediction.batch_id == batch)
     if q:  # full text, any word order, ranked (webapp/search.py)
-        alone = not (label or version or reviewed or taxonomy or batch is not None)
-        stmt = search.matching(stmt, q, pool=paging.count_cap() if alone else None)
+        stmt = search.matching(stmt, q, pool=rank_pool)
     for ids in _id_sets(label, version, reviewed, taxonomy):
         stmt = stmt.where(_among(ids))
     if reviewed == "no":
@@ -71,22 +77,24 @@ def _id_sets(label: str, version: str, reviewed: str, taxonomy: str) -> list[IdS
 
 
 def _among(ids: IdSet) -> ColumnElement[bool]:
-    """Predictions whose id ``ids()`` gives. Up to LIST_COUNT_CAP of them are read first and sorted; more are
-    tested one by one (``ids(of=Prediction.id)``, an index probe) while the history is walked newest first, so a
-    page stops after its rows instead of sorting every match of a frequent label (seconds at a million)."""
-    if paging.count_up_to(ids()) <= paging.count_cap():
-        return Prediction.id.in_(ids())
+    """Predictions whose id ``ids()`` gives. Up to LIST_COUNT_CAP of them are read first (once: the page's count
+    reads the same) and the page sorts those; more are tested one by one (``ids(of=Prediction.id)``, an index probe)
+    while the history is walked newest first, so a page stops after its rows instead of sorting every match of a
+    frequent label (seconds at a million)."""
+    found = paging.ids_up_to(ids())
+    if len(found) <= paging.count_cap():
+        return paging.among(Prediction.id, found)
     return ids(of=Prediction.id).exists()
 
 
 def _counted(
     q: str, label: str, version: str, reviewed: str, batch: str, taxonomy: str
-) -> Select | CompoundSelect | None:
+) -> Select | CompoundSelect | int | None:
     """What a filtered history counts when cheaper than its rows: a lone set filter's ids, read in index order
     however sparse they are among the newest predictions; a lone search's matches."""
     sets = _id_sets(label, version, reviewed, taxonomy)
-    if q and not (sets or batch or reviewed):  # a search ranks a pool of its matches but counts them all
-        return search.matching_ids(q)
+    if q and not (sets or batch or reviewed):  # a search alone: its ranked pool is the list
+        return search.count_matches(q, current_app.config["SEARCH_RANK_POOL"])
     if len(sets) != 1 or q or batch or reviewed == "no":
         return None
     return sets[0]()
@@ -116,14 +124,21 @@ def index() -> str:
     if reviewed not in REVIEWED_CHOICES:
         abort(400, description="reviewed must be 'yes', 'no' or empty")
     taxonomy = _taxonomy_arg()
+    # A search alone ranks its newest matches (the rest are counted, not paged: more words narrow it).
+    pool = (
+        current_app.config["SEARCH_RANK_POOL"]
+        if q and not (label or version or reviewed or taxonomy or batch)
+        else None
+    )
     pagination = paging.paginate(
-        filtered_predictions(q, label, version, reviewed, int(batch) if batch else None, taxonomy).options(
+        filtered_predictions(q, label, version, reviewed, int(batch) if batch else None, taxonomy, pool).options(
             selectinload(Prediction.results).selectinload(PredictionResult.taxonomy)
         ),
         page,
         current_app.config["HISTORY_PER_PAGE"],
         exact=not (q or label or version or reviewed or taxonomy),  # the whole history, or one batch: cheap
         counted=_counted(q, label, version, reviewed, batch, taxonomy),
+        pool=pool,
     )
     if page > 1 and page > (pagination.pages or 1):
         abort(404, description=f"there is no page {page}; the last page is {pagination.pages or 1}")
@@ -154,6 +169,7 @@ def index() -> str:
         # A label no taxonomy knows (in any case or spelling) is said so, with the closest ones to pick instead.
         label_lookup=search.lookup_label(label, search.taxonomy_labels(taxonomy)) if label else None,
         wordless_search=bool(q) and search.parse(q).empty,
+        ranked_newest=pool if pool is not None and pagination.more else None,
     )
 
 

@@ -8,11 +8,15 @@ beyond it, as search engines do; each page's items come from a query that can st
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
 
 from flask import current_app
 from flask_sqlalchemy.pagination import SelectPagination
-from sqlalchemy import CompoundSelect, Select, event, func, select, text
+from sqlalchemy import ColumnElement, CompoundSelect, Select, bindparam, event, func, select, text
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.selectable import Subquery
 
 from .extensions import db
 
@@ -24,47 +28,94 @@ def count_cap() -> int:
 # PostgreSQL plans a count that stops at the cap as if it read every match: hash joins over a frequent label's
 # 660,000 rows (0.4 s at a million predictions, bench/scale.py) where nested loops down the label's index stop after
 # the cap (50 ms). For those counts only, the joins that read everything first are off.
-_STREAMING_PLAN = ("enable_hashjoin", "enable_mergejoin", "max_parallel_workers_per_gather")
+STREAMING_PLAN = {"enable_hashjoin": "off", "enable_mergejoin": "off", "max_parallel_workers_per_gather": "0"}
 
 
-def count_up_to(stmt: Select | CompoundSelect, cap: int | None = None, *, distinct: bool = False) -> int:
+@contextmanager
+def planned(settings: Mapping[str, str]) -> Iterator[None]:
+    """PostgreSQL's planner ``settings`` for the statements run inside (``SET LOCAL``, reset after); nothing on
+    SQLite. For the few queries whose cost the planner misjudges at scale (bench/scale.py)."""
+    postgresql = db.session.get_bind().dialect.name == "postgresql"
+    if postgresql:
+        for name, value in settings.items():
+            db.session.execute(text(f"SET LOCAL {name} = {value}"))
+    try:
+        yield
+    finally:
+        if postgresql:
+            for name in settings:
+                db.session.execute(text(f"RESET {name}"))
+
+
+def count_up_to(
+    stmt: Select | CompoundSelect,
+    cap: int | None = None,
+    *,
+    distinct: bool = False,
+    plan: Mapping[str, str] | None = None,
+) -> int:
     """How many rows ``stmt`` gives, counting no further than ``cap + 1`` (default: ``LIST_COUNT_CAP`` + 1);
     ``distinct``: how many different values its first column holds, when there are no more rows than ``cap`` (a
-    DISTINCT over every row first would read them all on PostgreSQL, whose hash cannot stop early)."""
+    DISTINCT over every row first would read them all on PostgreSQL, whose hash cannot stop early); ``plan``: more
+    planner settings (:func:`planned`)."""
     cap = count_cap() if cap is None else cap
     limited = stmt.order_by(None).limit(cap + 1).subquery()
-    compiled = limited.compile(db.session.get_bind())
-    key = (str(compiled), repr(sorted(compiled.params.items())))
-    known = db.session.info.setdefault(_COUNTS_KEY, {})  # a page asks some counts twice (the plan, then the total)
-    if key not in known:
-        known[key] = _count(select(func.count()).select_from(limited))
-    counted = known[key]
+    counted = _remembered(limited, lambda: _count(select(func.count()).select_from(limited), plan), _COUNTED)
     if distinct and counted <= cap:
-        counted = _count(select(func.count(limited.c[0].distinct())))
+        counted = _count(select(func.count(limited.c[0].distinct())), plan)
     return counted
 
 
-_COUNTS_KEY = "papertag.capped_counts"
+def remember_count(stmt: Select | CompoundSelect, cap: int, counted: int) -> None:
+    """Record what :func:`count_up_to` (``stmt``, ``cap``) would give, learned another way, for this transaction."""
+    limited = stmt.order_by(None).limit(cap + 1).subquery()
+    _remembered(limited, lambda: counted, _COUNTED)
+
+
+def ids_up_to(stmt: Select | CompoundSelect) -> list[int]:
+    """The first column of ``stmt``'s rows (ids), no more than ``LIST_COUNT_CAP`` + 1 of them: a set filter is
+    read once per page and then both counted and used as a list, rather than read again inside the page's query
+    (its joins cost more than its ids: 90 of 130 ms for a label with 4,700 matches at a million, PostgreSQL)."""
+    limited = stmt.order_by(None).limit(count_cap() + 1).subquery()
+
+    def read() -> list[int]:
+        with planned(STREAMING_PLAN):
+            return list(db.session.scalars(select(limited.c[0])))
+
+    return _remembered(limited, read, "ids")
+
+
+def among(column: ColumnElement[int], ids: Iterable[int]) -> ColumnElement[bool]:
+    """``column IN (ids)`` with the ids written into the statement (whole numbers only), so no database's limit on
+    bound parameters applies to a list as long as ``LIST_COUNT_CAP``."""
+    return column.in_(bindparam("among_ids", sorted({int(i) for i in ids}), expanding=True, literal_execute=True))
+
+
+_MEMO_KEY = "papertag.capped_reads"
+_COUNTED = "count"
+
+
+def _remembered(limited: Subquery, read: Callable[[], Any], what: str) -> Any:
+    """``read()``, once per transaction for the same statement and ``what`` it reads: a page asks the same count or
+    ids twice (its plan, then its total)."""
+    compiled = limited.compile(db.session.get_bind())
+    key = (str(compiled), repr(sorted(compiled.params.items())), what)
+    known = db.session.info.setdefault(_MEMO_KEY, {})
+    if key not in known:
+        known[key] = read()
+    return known[key]
 
 
 @event.listens_for(Session, "after_flush")
 @event.listens_for(Session, "after_transaction_end")
-def _forget_counts(session: Session, *_: object) -> None:
-    """Counts are remembered within one transaction that has not written."""
-    session.info.pop(_COUNTS_KEY, None)
+def _forget(session: Session, *_: object) -> None:
+    """Counts and ids are remembered within one transaction that has not written."""
+    session.info.pop(_MEMO_KEY, None)
 
 
-def _count(stmt: Select) -> int:
-    postgresql = db.session.get_bind().dialect.name == "postgresql"
-    if postgresql:
-        for setting in _STREAMING_PLAN:
-            db.session.execute(text(f"SET LOCAL {setting} = {'0' if setting.startswith('max_') else 'off'}"))
-    try:
+def _count(stmt: Select, plan: Mapping[str, str] | None) -> int:
+    with planned({**STREAMING_PLAN, **(plan or {})}):
         return db.session.execute(stmt).scalar_one()
-    finally:
-        if postgresql:
-            for setting in _STREAMING_PLAN:
-                db.session.execute(text(f"RESET {setting}"))
 
 
 class CappedPagination(SelectPagination):
@@ -74,15 +125,20 @@ class CappedPagination(SelectPagination):
     more: bool = False
 
     def _query_count(self) -> int:
-        if self._query_args.get("counted") is not None:
-            return self._capped(count_up_to(self._query_args["counted"], distinct=True))
+        counted = self._query_args.get("counted")
+        if isinstance(counted, int):
+            return self._capped(counted)
+        if counted is not None:
+            ids = ids_up_to(counted)
+            return self._capped(len(ids) if len(ids) > count_cap() else len(set(ids)))
         if self._query_args.get("exact"):
             return super()._query_count()
         return self._capped(count_up_to(self._query_args["select"]))
 
     def _capped(self, counted: int) -> int:
-        self.more = counted > count_cap()
-        return min(counted, count_cap())
+        cap = self._query_args.get("pool") or count_cap()
+        self.more = counted > cap
+        return min(counted, cap)
 
     @property
     def counted(self) -> str:
@@ -92,23 +148,39 @@ class CappedPagination(SelectPagination):
     @property
     def pages(self) -> int:
         counted = math.ceil((self.total or 0) / self.per_page) if self.per_page else 0
-        if not self.more:
-            return counted
-        return max(counted, self.page + 1 if len(self.items) == self.per_page else self.page)
+        if self.more:
+            counted = max(counted, self.page + 1 if len(self.items) == self.per_page else self.page)
+        pool = self._query_args.get("pool")
+        if pool is not None and self.per_page:
+            counted = min(counted, math.ceil(pool / self.per_page))
+        return counted
+
+    @property
+    def pages_go_on(self) -> bool:
+        """Whether there may be pages past ``pages`` (the count stopped at the cap; a pool's pages end with it)."""
+        return self.more and self._query_args.get("pool") is None
 
     @property
     def has_next(self) -> bool:
-        if self.more:
+        if self.pages_go_on:
             return len(self.items) == self.per_page
         return self.page < self.pages
 
 
 def paginate(
-    stmt: Select, page: int, per_page: int, *, exact: bool = False, counted: Select | CompoundSelect | None = None
+    stmt: Select,
+    page: int,
+    per_page: int,
+    *,
+    exact: bool = False,
+    counted: Select | CompoundSelect | int | None = None,
+    pool: int | None = None,
 ) -> CappedPagination:
     """A page of ``stmt`` (which orders its rows) with a count capped at ``LIST_COUNT_CAP`` unless ``exact``;
     ``counted``: a select whose first column holds as many different values as ``stmt`` has rows, cheaper to
-    count."""
+    count (its ids are read, as :func:`ids_up_to` reads them), or the count itself (up to the cap + 1);
+    ``pool``: ``stmt`` gives its first ``pool`` rows only (a search's ranked pool), so the count is capped there
+    and so are the pages."""
     return CappedPagination(
         page=page,
         per_page=per_page,
@@ -118,4 +190,5 @@ def paginate(
         session=db.session,
         exact=exact,
         counted=counted,
+        pool=pool,
     )

@@ -11,15 +11,29 @@ or nothing, never an error.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
 from flask import g
-from sqlalchemy import CompoundSelect, Float, Integer, Select, false, func, literal_column, select, text, union_all
+from sqlalchemy import (
+    ColumnElement,
+    CompoundSelect,
+    Float,
+    Integer,
+    Select,
+    false,
+    func,
+    literal_column,
+    select,
+    text,
+    union_all,
+)
 from sqlalchemy.sql.selectable import Subquery
 
+from . import paging
 from .curation.annotations import label_map, labelled_selects, stored_label_pairs
 from .extensions import db
 from .models import ModelVersion, Prediction, PredictionResult, Taxonomy
@@ -48,6 +62,11 @@ class Query:
     @property
     def empty(self) -> bool:
         return not self.groups and not self.excluded
+
+    @property
+    def has_phrase(self) -> bool:
+        """Whether a phrase of several words must match (an index of words finds rows with them all, not in order)."""
+        return any(" " in phrase for phrase in (*(p for group in self.groups for p in group), *self.excluded))
 
     def fts5(self) -> str:
         """The FTS5 MATCH expression of the groups (each phrase a quoted string: its words only)."""
@@ -97,25 +116,83 @@ def matching(stmt: Select, raw: str, pool: int | None = None) -> Select:
     query = parse(raw)
     if query.empty:
         return stmt.where(false())
-    newest = (Prediction.created_at.desc(), Prediction.id.desc())
+    newest_first = (Prediction.created_at.desc(), Prediction.id.desc())
     if db.session.get_bind().dialect.name == "postgresql":
         vector = literal_column("predictions.search_vector")
         tsquery = func.websearch_to_tsquery(literal_column(f"'{PG_CONFIG}'::regconfig"), query.websearch())
-        stmt = stmt.where(vector.op("@@")(tsquery))
-        if pool is not None:
-            newest_hits = select(Prediction.id).where(vector.op("@@")(tsquery)).order_by(Prediction.id.desc())
-            stmt = stmt.where(Prediction.id.in_(newest_hits.limit(pool)))
-        return stmt.order_by(None).order_by(func.ts_rank(vector, tsquery).desc(), *newest)
+        if pool is None:
+            stmt = stmt.where(vector.op("@@")(tsquery))
+        else:
+            newest = _pg_newest_matches(raw, vector.op("@@")(tsquery), pool, query.has_phrase)
+            stmt = stmt.where(paging.among(Prediction.id, newest))
+        return stmt.order_by(None).order_by(func.ts_rank(vector, tsquery).desc(), *newest_first)
     if not query.groups:  # only exclusions: FTS5's NOT needs something on its left
         hits = _fts5_hits(Query(groups=(query.excluded,)))
         return stmt.where(Prediction.id.not_in(select(hits.c.id)))
     hits = _fts5_hits(query, pool)
-    return stmt.join(hits, hits.c.id == Prediction.id).order_by(None).order_by(hits.c.score, *newest)
+    return stmt.join(hits, hits.c.id == Prediction.id).order_by(None).order_by(hits.c.score, *newest_first)
 
 
 def matching_ids(raw: str) -> Select:
     """Ids of every prediction whose title or abstract match ``raw``, unranked: what a search counts."""
     return matching(select(Prediction.id), raw).order_by(None)
+
+
+# PostgreSQL finds a search's matches in its GIN index as a bitmap of rows in no useful order, or by testing rows one
+# by one (each row's stored tsvector) down the key; its planner picks by its estimate of how many rows match, which is
+# far off for several words (it took 605,000 rows to find the newest 10,000 of a query it thought 10 times more
+# frequent: 2.5 s at a million, bench/scale.py). So the pool is first looked for among the newest FIRST_WALK x pool
+# rows, tested one by one (a walk of bounded length): a common query fills it there. Otherwise the matches are
+# counted up to the pool (the bitmap, whose scan stops there): if they all fit, the bitmap gives them; if not, the walk
+# goes on as far as the density met so far says the rest lie, up to WALK_AT_MOST x pool rows in all, and past that the
+# matches are sparse and the bitmap of the older rows' matches gives the rest. The bitmap gets the memory to stay
+# exact (one bit per row, not per page: a lossy page's every row is tested again). A phrase is the exception: the
+# bitmap holds every row with its words in any order, each then tested (1 s for "learning-based image" at a million,
+# against 0.2 s to walk to its newest 1,000), so its walk goes on up to WALK_PHRASE_AT_MOST x pool rows and is
+# counted only if that was not enough.
+FIRST_WALK = 5
+WALK_AT_MOST = 60
+WALK_PHRASE_AT_MOST = 200
+WALK_PLAN = {"enable_bitmapscan": "off", "enable_seqscan": "off"}
+BITMAP_PLAN = {"enable_indexscan": "off", "enable_seqscan": "off", "work_mem": "'32MB'"}
+
+
+def _pg_newest_matches(raw: str, matches: ColumnElement[bool], pool: int, phrase: bool) -> list[int]:
+    """Ids of the newest ``pool`` predictions that match ``raw`` (``matches``: its PostgreSQL condition; ``phrase``:
+    it has a phrase of several words)."""
+    newest_first = select(Prediction.id).where(matches).order_by(Prediction.id.desc())
+    found: list[int] = []  # looked for one past the pool: finding it says the count
+    below = (db.session.scalar(select(func.max(Prediction.id))) or 0) + 1
+    walked, walk, more = 0, FIRST_WALK * pool, False  # more: counted, more than the pool match
+    while below > 1 and walked + walk <= (WALK_PHRASE_AT_MOST if phrase else WALK_AT_MOST) * pool:
+        with paging.planned(WALK_PLAN):
+            found += db.session.scalars(
+                newest_first.where(Prediction.id < below, Prediction.id >= below - walk).limit(pool + 1 - len(found))
+            )
+        below, walked = below - walk, walked + walk
+        if len(found) > pool:
+            paging.remember_count(matching_ids(raw), pool, pool + 1)  # the page's count: "more than the pool"
+            return found[:pool]
+        if walked == walk and not phrase:
+            if count_matches(raw, pool) <= pool:
+                break  # all the others are in the bitmap below
+            more = True
+        if more and len(found) == pool:
+            return found
+        # The rows the rest of the pool needs at the density met so far, with a margin.
+        walk = math.ceil(1.5 * (pool + 1 - len(found)) * walked / max(len(found), 1))
+    if below > 1:
+        with paging.planned(BITMAP_PLAN):
+            found += db.session.scalars(newest_first.where(Prediction.id < below).limit(pool + 1 - len(found)))
+    if len(found) > pool:
+        paging.remember_count(matching_ids(raw), pool, pool + 1)
+    return found[:pool]
+
+
+def count_matches(raw: str, cap: int | None = None) -> int:
+    """How many predictions match ``raw``, up to ``cap`` + 1 (default ``LIST_COUNT_CAP`` + 1; PostgreSQL reads its
+    index's bitmap of matches, whose scan stops there whatever the planner thinks of the words)."""
+    return paging.count_up_to(matching_ids(raw), cap, plan=BITMAP_PLAN)
 
 
 def _fts5_hits(query: Query, pool: int | None = None) -> Subquery:
