@@ -98,6 +98,11 @@ def test_every_plan_lists_the_same_items_in_the_same_order(app: Flask, stored: l
         assert walked == exact, (path, query)
         assert len(exact) > 2 and set(exact_counts) == {str(len(exact))}, (path, query, exact_counts)
         assert set(capped_counts) == {"2+"}, (path, query, capped_counts)
+    # Two sets in one query, each read whole or each walked: each keeps its own ids (a label's, the reviewed ones).
+    app.config["LIST_COUNT_CAP"] = 10_000
+    both, _ = _all_pages(curator, "/history", {"label": label, "reviewed": "yes"})
+    app.config["LIST_COUNT_CAP"] = 2
+    assert both and both == _all_pages(curator, "/history", {"label": label, "reviewed": "yes"})[0]
     app.config["LIST_COUNT_CAP"] = 2
     labelled, _ = _all_pages(curator, "/history", {"label": label})
     assert lacking[0] in labelled and having[0] not in labelled  # the curator's labels, not the model's

@@ -88,7 +88,8 @@ def ids_up_to(stmt: Select | CompoundSelect) -> list[int]:
 def among(column: ColumnElement[int], ids: Iterable[int]) -> ColumnElement[bool]:
     """``column IN (ids)`` with the ids written into the statement (whole numbers only), so no database's limit on
     bound parameters applies to a list as long as ``LIST_COUNT_CAP``."""
-    return column.in_(bindparam("among_ids", sorted({int(i) for i in ids}), expanding=True, literal_execute=True))
+    values = sorted({int(i) for i in ids})
+    return column.in_(bindparam("among_ids", values, expanding=True, literal_execute=True, unique=True))
 
 
 _MEMO_KEY = "papertag.capped_reads"
