@@ -256,7 +256,10 @@ class PredictedLabel(db.Model):
     """One predicted label, a row each, so history can filter by label on SQLite and PostgreSQL alike."""
 
     __tablename__ = "predicted_labels"
-    __table_args__ = (Index("ix_predicted_labels_label_prediction", "label", "prediction_id"),)
+    # PostgreSQL also keeps the result in the index (migration 0016): a label filter reads the index alone.
+    __table_args__ = (
+        Index("ix_predicted_labels_label_prediction", "label", "prediction_id", postgresql_include=["result_id"]),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     result_id: Mapped[int] = mapped_column(ForeignKey("prediction_results.id"), index=True)
