@@ -94,3 +94,49 @@ def test_0007_adds_how_a_result_was_read_and_keeps_older_results(
     assert 'data-flag="' not in page.get_data(as_text=True)
     live_models_of(app).stop()
     app.extensions[BATCH_WORKER].stop()
+
+
+def test_0016_and_0017_lay_out_the_label_filter_and_search_for_postgresql_only(tmp_path: Path) -> None:
+    """PostgreSQL: the label filter's indexes hold all it reads (0016) and search vectors stay in their rows (0017),
+    undone on downgrade. SQLite's rowid tables and FTS5 index need neither: its schema is left as 0015 made it."""
+    app = make_app(tmp_path / "data")
+    with app.app_context():
+        postgresql = db.engine.dialect.name == "postgresql"
+
+        def layout() -> tuple[str | None, set[str]]:
+            """The search vector's storage and the label filter's indexes (their definitions, table names left out)."""
+            if not postgresql:
+                found = inspect(db.engine).get_indexes("predicted_labels") + inspect(db.engine).get_indexes(
+                    "prediction_results"
+                )
+                return None, {f"{i['name']} {i['column_names']}" for i in found}
+            storage = db.session.execute(
+                db.text(
+                    "SELECT attstorage FROM pg_attribute WHERE attrelid = 'predictions'::regclass "
+                    "AND attname = 'search_vector'"
+                )
+            ).scalar()
+            definitions = db.session.scalars(
+                db.text(
+                    "SELECT indexdef FROM pg_indexes WHERE indexname IN "
+                    "('ix_predicted_labels_label_prediction', 'ix_prediction_results_id_covering')"
+                )
+            )
+            return storage, {d.split(" ON ")[0] + d[d.index(" USING ") :] for d in definitions}
+
+        head = layout()
+        flask_migrate.downgrade(revision="0015_similar_by_space")
+        before = layout()
+        flask_migrate.upgrade()
+        assert layout() == head
+        db.session.commit()
+        db.engine.dispose()
+    if not postgresql:
+        assert head == before and "ix_predicted_labels_label_prediction ['label', 'prediction_id']" in head[1]
+        return
+    assert (head[0], before[0]) == ("m", "x")
+    assert head[1] == {
+        "CREATE INDEX ix_predicted_labels_label_prediction USING btree (label, prediction_id) INCLUDE (result_id)",
+        "CREATE INDEX ix_prediction_results_id_covering USING btree (id) INCLUDE (taxonomy_id, prediction_id)",
+    }
+    assert before[1] == {"CREATE INDEX ix_predicted_labels_label_prediction USING btree (label, prediction_id)"}
