@@ -5,6 +5,7 @@ changes, none for one that would not, all in one transaction."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from flask import Flask
@@ -161,6 +162,25 @@ def test_bulk_max_bounds_a_selection_and_a_filter(
     assert page.status_code == 400 and "at most 3 at once (BULK_MAX)" in page.get_data(as_text=True)
     page = curator_client.post("/curate/bulk", data=form | {"scope": "filter"})
     assert page.status_code == 400 and "4 predictions selected" in page.get_data(as_text=True)
+
+
+def test_a_search_alone_takes_every_match_up_to_bulk_max(
+    app: Flask, curator_client: FlaskClient, predicted: list[int]
+) -> None:
+    """A lone search is read from its newest matches, one past BULK_MAX at most (not ranked whole), and still takes
+    every match when they fit."""
+    listed = curator_client.get("/history", query_string={"q": "approach"}).get_data(as_text=True)
+    matches = [int(i) for i in re.findall(r'class="history-title" href="/predictions/(\d+)', listed)]
+    assert len(matches) >= 2
+    form = {"source": "history", "scope": "filter", "f_q": "approach", "action": "accept", "taxonomy": SLUG}
+    app.config["BULK_MAX"] = len(matches) - 1
+    page = curator_client.post("/curate/bulk", data=form)
+    assert page.status_code == 400 and f"{len(matches)} predictions selected" in page.get_data(as_text=True)
+    app.config["BULK_MAX"] = len(matches)
+    page = curator_client.post("/curate/bulk", data=form).get_data(as_text=True)
+    assert f'data-changed="{len(matches)}"' in page
+    resolved = re.search(r'name="resolved_ids" value="([\d,]+)"', page)
+    assert resolved and sorted(map(int, resolved.group(1).split(","))) == sorted(matches)
 
 
 def test_a_failure_part_way_records_nothing(

@@ -76,6 +76,12 @@ def _id_sets(label: str, version: str, reviewed: str, taxonomy: str) -> list[IdS
     return sets
 
 
+def lone_search(q: str, label: str, version: str, reviewed: str, taxonomy: str, batch: object) -> bool:
+    """Whether the history is filtered by a search and nothing else: such a search ranks only its newest matches
+    (``search.matching``'s pool), since no other filter narrows them."""
+    return bool(q) and not (label or version or reviewed or taxonomy or batch)
+
+
 def _among(ids: IdSet) -> ColumnElement[bool]:
     """Predictions whose id ``ids()`` gives. Up to LIST_COUNT_CAP of them are read first (once: the page's count
     reads the same) and the page sorts those; more are tested one by one (``ids(of=Prediction.id)``, an index probe)
@@ -92,9 +98,9 @@ def _counted(
 ) -> Select | CompoundSelect | int | None:
     """What a filtered history counts when cheaper than its rows: a lone set filter's ids, read in index order
     however sparse they are among the newest predictions; a lone search's matches."""
-    sets = _id_sets(label, version, reviewed, taxonomy)
-    if q and not (sets or batch or reviewed):  # a search alone: its ranked pool is the list
+    if lone_search(q, label, version, reviewed, taxonomy, batch):  # its ranked pool is the list
         return search.count_matches(q, current_app.config["SEARCH_RANK_POOL"])
+    sets = _id_sets(label, version, reviewed, taxonomy)
     if len(sets) != 1 or q or batch or reviewed == "no":
         return None
     return sets[0]()
@@ -125,11 +131,7 @@ def index() -> str:
         abort(400, description="reviewed must be 'yes', 'no' or empty")
     taxonomy = _taxonomy_arg()
     # A search alone ranks its newest matches (the rest are counted, not paged: more words narrow it).
-    pool = (
-        current_app.config["SEARCH_RANK_POOL"]
-        if q and not (label or version or reviewed or taxonomy or batch)
-        else None
-    )
+    pool = current_app.config["SEARCH_RANK_POOL"] if lone_search(q, label, version, reviewed, taxonomy, batch) else None
     pagination = paging.paginate(
         filtered_predictions(q, label, version, reviewed, int(batch) if batch else None, taxonomy, pool).options(
             selectinload(Prediction.results).selectinload(PredictionResult.taxonomy)

@@ -22,7 +22,7 @@ from .. import search
 from ..api import json_body, json_flag
 from ..auth import role_required, token_user_role
 from ..extensions import db
-from ..history import REVIEWED_CHOICES, filtered_predictions
+from ..history import REVIEWED_CHOICES, filtered_predictions, lone_search
 from ..models import BatchJob, Prediction, PredictionResult, Taxonomy, User
 from ..read_access import can_read
 from .annotations import CURATOR_REVIEW_KINDS, active_events
@@ -185,10 +185,10 @@ def filter_ids(form: dict[str, str], user: User) -> list[int]:
     job = db.session.get(BatchJob, int(batch)) if batch else None
     if job is not None and not can_read(user, job):
         raise BulkError(f"there is no batch job {batch} you may read")
-    version = form.get("f_version", "").strip()[:80]
-    query = filtered_predictions(
-        form.get("f_q", "").strip()[:200], label, version, reviewed, job.id if job else None, taxonomy
-    )
+    version, q = form.get("f_version", "").strip()[:80], form.get("f_q", "").strip()[:200]
+    # A search alone: its newest matches, one past the limit at most (ranking every match of a broad one is slow).
+    pool = limit if lone_search(q, label, version, reviewed, taxonomy, batch) else None
+    query = filtered_predictions(q, label, version, reviewed, job.id if job else None, taxonomy, pool)
     return list(db.session.scalars(query.with_only_columns(Prediction.id).limit(limit)))
 
 
