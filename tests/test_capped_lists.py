@@ -11,13 +11,14 @@ from collections import Counter
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import select
+from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
 
 from tests.conftest import signed_in
 from webapp import search
 from webapp.extensions import db
 from webapp.models import PredictionResult
-from webapp.paging import count_up_to
+from webapp.paging import STREAMING_PLAN, count_up_to, planned
 
 SLUG = "test-tasks"
 PER_PAGE = 3
@@ -165,3 +166,14 @@ def test_a_remembered_count_is_forgotten_once_the_session_writes(app: Flask, sto
         assert count_up_to(ids) == len(stored) - 1
         db.session.rollback()
         assert count_up_to(ids) == len(stored)
+
+
+def test_an_error_under_planner_settings_is_the_one_raised(app: Flask) -> None:
+    """A failing statement inside ``planned`` raises its own error: a RESET in PostgreSQL's aborted transaction
+    would have raised another and hidden it (and the 503 a lost database gets)."""
+    with app.app_context():
+        with pytest.raises(DBAPIError) as raised:
+            with planned(STREAMING_PLAN):
+                db.session.execute(text("SELECT * FROM no_such_table"))
+        assert "no_such_table" in str(raised.value) and "aborted" not in str(raised.value)
+        db.session.rollback()

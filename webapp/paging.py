@@ -34,17 +34,17 @@ STREAMING_PLAN = {"enable_hashjoin": "off", "enable_mergejoin": "off", "max_para
 @contextmanager
 def planned(settings: Mapping[str, str]) -> Iterator[None]:
     """PostgreSQL's planner ``settings`` for the statements run inside (``SET LOCAL``, reset after); nothing on
-    SQLite. For the few queries whose cost the planner misjudges at scale (bench/scale.py)."""
+    SQLite. For the few queries whose cost the planner misjudges at scale (bench/scale.py). Not reset after an
+    error: the transaction is then aborted and ends the settings with it, and the error stays the one raised (a
+    RESET in the aborted transaction would raise its own)."""
     postgresql = db.session.get_bind().dialect.name == "postgresql"
     if postgresql:
         for name, value in settings.items():
             db.session.execute(text(f"SET LOCAL {name} = {value}"))
-    try:
-        yield
-    finally:
-        if postgresql:
-            for name in settings:
-                db.session.execute(text(f"RESET {name}"))
+    yield
+    if postgresql:
+        for name in settings:
+            db.session.execute(text(f"RESET {name}"))
 
 
 def count_up_to(
@@ -137,7 +137,8 @@ class CappedPagination(SelectPagination):
         return self._capped(count_up_to(self._query_args["select"]))
 
     def _capped(self, counted: int) -> int:
-        cap = self._query_args.get("pool") or count_cap()
+        pool = self._query_args.get("pool")
+        cap = count_cap() if pool is None else pool
         self.more = counted > cap
         return min(counted, cap)
 

@@ -160,6 +160,8 @@ BITMAP_PLAN = {"enable_indexscan": "off", "enable_seqscan": "off", "work_mem": "
 def _pg_newest_matches(raw: str, matches: ColumnElement[bool], pool: int, phrase: bool) -> list[int]:
     """Ids of the newest ``pool`` predictions that match ``raw`` (``matches``: its PostgreSQL condition; ``phrase``:
     it has a phrase of several words)."""
+    if pool < 1:
+        return []
     newest_first = select(Prediction.id).where(matches).order_by(Prediction.id.desc())
     found: list[int] = []  # looked for one past the pool: finding it says the count
     below = (db.session.scalar(select(func.max(Prediction.id))) or 0) + 1
@@ -184,8 +186,8 @@ def _pg_newest_matches(raw: str, matches: ColumnElement[bool], pool: int, phrase
     if below > 1:
         with paging.planned(BITMAP_PLAN):
             found += db.session.scalars(newest_first.where(Prediction.id < below).limit(pool + 1 - len(found)))
-    if len(found) > pool:
-        paging.remember_count(matching_ids(raw), pool, pool + 1)
+    # Every match up to one past the pool is in hand: the page's count, not read again.
+    paging.remember_count(matching_ids(raw), pool, len(found))
     return found[:pool]
 
 
