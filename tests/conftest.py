@@ -36,8 +36,10 @@ from webapp.serving.registry import import_bundle, live_models
 BundleFactory = Callable[..., Path]
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "")
 REPO = Path(__file__).resolve().parent.parent
-# Databases made for the current test: resolved data dir -> URL (dropped by _drop_test_databases).
+# Databases made for the current test: resolved data dir -> URL (dropped by _isolate_tests).
 _databases: dict[str, str] = {}
+# Apps make_app built for the current test, their background threads stopped after it (by _isolate_tests).
+_apps: list[Flask] = []
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -70,9 +72,16 @@ def database_url_for(data_dir: Path) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _drop_test_databases() -> Iterator[None]:
-    """Keep PostgreSQL tests isolated: drop each test's databases (FORCE closes what its apps left open)."""
+def _isolate_tests() -> Iterator[None]:
+    """Each test's apps stop their model watchers (a poll every 0.2 s each, for the rest of the run otherwise) and
+    job engines, then its PostgreSQL databases are dropped (FORCE closes what its apps left open)."""
     yield
+    while _apps:
+        app = _apps.pop()
+        live_models_of(app).stop()
+        job_engine_of(app).stop()
+        with app.app_context():
+            db.engine.dispose()
     if not _databases:
         return
     with _admin_connection() as conn:
@@ -121,6 +130,7 @@ def make_app(data_dir: Path, **overrides: object) -> Flask:
         **overrides,
     }
     app = create_app(config)
+    _apps.append(app)
     with app.app_context():
         flask_migrate.upgrade()
     return app
