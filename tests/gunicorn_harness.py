@@ -146,20 +146,13 @@ def activated_at(env: dict[str, str], version: str) -> float:
     return stamp.replace(tzinfo=UTC).timestamp()
 
 
-def wait_all_workers(
-    port: int, master: int, version: str, *, since: float, slug: str = "test-tasks", limit: float | None = None
-) -> float:
+def wait_all_workers(port: int, master: int, version: str, *, since: float, slug: str = "test-tasks") -> float:
     """Seconds from ``since`` (a ``time.time()``) until every worker of ``master`` reports ``version`` in /healthz.
-
-    ``limit`` (seconds) is for benchmarks (``bench/swap_time.py`` measures the product's 5 s contract); tests pass
-    none: a busy shared CI machine makes any bound flaky, and pytest-timeout stops a hung test."""
+    Nothing here bounds them: ``bench/swap_time.py`` measures the product's 5 s contract, and pytest-timeout stops
+    a hung test."""
     pids = worker_pids(master)
     switched: set[int] = set()
     while switched != pids:
-        elapsed = time.time() - since
-        assert limit is None or elapsed < limit, (
-            f"workers {sorted(pids - switched)} of {sorted(pids)} not on {version} after {limit} s"
-        )
         status, body = request(port, "GET", "/healthz")
         assert status == 200, f"/healthz answered {status}: {body}"
         if body["worker"]["loaded"].get(slug) == version:
