@@ -14,10 +14,11 @@ import onnx
 import pytest
 
 from trainer.__main__ import main
-from trainer.config import TrainConfig
+from trainer.config import ConfigError, TrainConfig
 from trainer.data import (
     Paper,
     arxiv_order,
+    choose_labels,
     in_sample,
     merge_corrections,
     newest_cutoff,
@@ -26,7 +27,7 @@ from trainer.data import (
 )
 from trainer.metrics import product_report
 from trainer.thresholds import guessing_thresholds, tune_thresholds
-from trainer.train import load_dataset
+from trainer.train import joint_tasks, load_dataset
 from webapp.serving.bundle import read_manifest
 from webapp.serving.inference import load_and_validate
 
@@ -143,6 +144,9 @@ def test_arxiv_order_reads_new_and_old_style_ids() -> None:
     assert newest_cutoff([Paper(i, "", "x", []) for i in ("2101.00001", "2012.99999", "x")], 0.5) == (2021, 1, 1)
 
 
+BYO_FIELDS = {"id": "pmid", "title": "", "abstract": "text", "labels": "hallmarks"}
+
+
 def byo_rows(count: int, offset: int = 0) -> list[dict]:
     """A brought set shaped like a biomedical one: `pmid`, `text`, `hallmarks`, no title; papers that are about
     neither kept task carry an explicit empty label list (true negatives)."""
@@ -198,6 +202,132 @@ def test_a_brought_set_with_mapped_fields_negatives_and_its_own_test_file(
     # its own range, and evaluate batches the texts differently, which flips a few of these 13 in-scope papers.
     assert printed["examples"] == test["examples"] and printed["negatives"] == test["negatives"]
     assert 0.0 <= printed["negative_fp_rate"] <= 1.0 and 0.0 <= printed["micro_f1"] <= 1.0
+
+
+def test_a_joint_fine_tune_trains_one_encoder_on_two_taxonomies(tmp_path: Path, work_dir: Path) -> None:
+    """The encoder learns the smoke taxonomy and a second one together; the bundle serves the first one's labels
+    and records what the encoder learned from."""
+    joint = write_jsonl(tmp_path / "joint.jsonl", byo_rows(300))
+    joint_config = tmp_path / "joint-config.json"
+    joint_config.write_text(
+        json.dumps(
+            {
+                "taxonomy_slug": "hallmarks",
+                "taxonomy_name": "Hallmarks",
+                "data": [str(joint)],
+                "fields": BYO_FIELDS,
+                "min_label_count": 5,
+            }
+        )
+    )
+    config = smoke_config_with(tmp_path, joint_configs=[str(joint_config)], epochs=1, baseline=False)
+    out = tmp_path / "bundle"
+    assert main(["train", "--config", str(config), "--out", str(out), "--work-dir", str(work_dir)]) == 0
+    manifest = read_manifest(out)
+    training = manifest.metrics["training"]
+    assert training["encoder"] == "fine-tuned"
+    primary, other = training["taxonomies"]
+    assert primary["slug"] == "research-tasks" and primary["labels"] == len(manifest.labels)
+    # The hallmarks set's own labels and train split, none of its validation or test papers.
+    papers = read_papers(joint, BYO_FIELDS)
+    train = [p for p in papers if split_of(p.id, 0.1, 0.1) == "train"]
+    assert other == {
+        "slug": "hallmarks",
+        "labels": len(choose_labels(train, 5)[0]),
+        "train_papers": len(train),
+        "validation_micro_f1_first_window": other["validation_micro_f1_first_window"],
+    }
+    assert len(train) < len(papers)
+    assert training["validation_micro_f1_first_window"] == primary["validation_micro_f1_first_window"]
+    model = load_and_validate(out)
+    assert model.manifest.labels == manifest.labels  # the served head is the first taxonomy's alone
+
+
+def test_joint_taxonomies_train_on_their_own_train_split_without_this_runs_held_out_papers(tmp_path: Path) -> None:
+    rows = byo_rows(400)
+    joint = write_jsonl(tmp_path / "joint.jsonl", rows)
+    joint_config = tmp_path / "joint-config.json"
+    joint_config.write_text(
+        json.dumps(
+            {"taxonomy_slug": "hallmarks", "taxonomy_name": "H", "data": [str(joint)], "fields": BYO_FIELDS}
+            | {"min_label_count": 5}
+        )
+    )
+    config = TrainConfig.load(smoke_config_with(tmp_path, joint_configs=[str(joint_config)]))
+    papers = read_papers(joint, BYO_FIELDS)
+    train_ids = {p.id for p in papers if split_of(p.id, 0.1, 0.1) == "train"}
+    labels, _ = choose_labels([p for p in papers if p.id in train_ids], 5)
+    held_out = next(p for p in papers if p.id in train_ids)
+
+    (task,) = joint_tasks(config, {held_out.text})
+    assert task.slug == "hallmarks" and task.width == len(labels)
+    assert len(task.texts["train"]) == len(train_ids) - 1 and held_out.text not in task.texts["train"]
+    assert task.targets["train"].shape == (len(train_ids) - 1, len(labels))
+    assert len(task.texts["validation"]) == sum(split_of(p.id, 0.1, 0.1) == "validation" for p in papers)
+
+    halved = TrainConfig.load(smoke_config_with(tmp_path, joint_configs=[str(joint_config)], joint_sample_fraction=0.5))
+    (sampled,) = joint_tasks(halved, set())
+    expected = {p.text for p in papers if p.id in train_ids and in_sample(p.id, 0.5)}
+    assert set(sampled.texts["train"]) == expected and 0.35 < len(expected) / len(train_ids) < 0.65
+    assert len(sampled.texts["validation"]) == len(task.texts["validation"])  # validation is never sampled
+
+    same_slug = tmp_path / "same.json"
+    same_slug.write_text(json.dumps({**json.loads(SMOKE_CONFIG.read_text())}))
+    with pytest.raises(ConfigError, match="repeats the taxonomy 'research-tasks'"):
+        joint_tasks(TrainConfig.load(smoke_config_with(tmp_path, joint_configs=[str(same_slug)])), set())
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"joint_configs": "trainer/configs/arxiv-categories.json"}, "joint_configs must be a list"),
+        ({"joint_configs": [""]}, "joint_configs must be a list"),
+        (
+            {"joint_configs": ["trainer/configs/arxiv-categories.json"], "encoder": "models/research-tasks"},
+            "drop either",
+        ),
+        ({"joint_sample_fraction": 0}, "joint_sample_fraction must lie in (0, 1]"),
+        ({"joint_sample_fraction": "half"}, "joint_sample_fraction must lie in (0, 1]"),
+        ({"joint_configs": ["no/such/config.json"]}, "no/such/config.json does not exist"),
+    ],
+)
+def test_bad_joint_settings_are_refused(tmp_path: Path, capsys, changes: dict, message: str) -> None:
+    config = smoke_config_with(tmp_path, **changes)
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "out")]) != 0
+    assert message in capsys.readouterr().err
+
+
+def test_the_joint_loss_scores_each_paper_on_its_own_taxonomys_labels_only() -> None:
+    import torch
+
+    from trainer.finetune import Task, masked_bce, positive_weights, stacked
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 5, generator=generator)
+    targets = (torch.rand(4, 5, generator=generator) > 0.5).float()
+    weight = torch.tensor([1.0, 2.0, 3.0, 1.5, 1.0])
+    everything = torch.ones(4, 5)
+    expected = torch.nn.BCEWithLogitsLoss(pos_weight=weight)(logits, targets)
+    assert torch.allclose(masked_bce(logits, targets, everything, weight), expected)
+
+    scored = torch.tensor([[1, 1, 1, 0, 0]] * 2 + [[0, 0, 0, 1, 1]] * 2, dtype=torch.float32)
+    loss = masked_bce(logits, targets, scored, weight)
+    moved = logits.clone()
+    moved[0, 3] += 5.0  # a paper of the first taxonomy, a label of the second: not scored
+    assert torch.equal(masked_bce(moved, targets, scored, weight), loss)
+    moved[0, 0] += 5.0
+    assert not torch.equal(masked_bce(moved, targets, scored, weight), loss)
+
+    first = Task("a", {"train": ["x", "y", "z"]}, {"train": np.array([[1, 0], [1, 0], [0, 0]], dtype=np.float32)})
+    second = Task("b", {"train": ["w"]}, {"train": np.array([[1]], dtype=np.float32)})
+    data = stacked([first, second], "train", [[[1], [2], [3]], [[4]]])
+    assert data.ids == [[1], [2], [3], [4]]
+    assert data.scored.tolist() == [[1, 1, 0]] * 3 + [[0, 0, 1]]
+    assert data.targets.tolist() == [[1, 0, 0], [1, 0, 0], [0, 0, 0], [0, 0, 1]]
+    # Negatives over positives among the papers scored on a label (b's paper is no negative of a's labels), from 1:
+    # "a0" 1 / 2 -> 1; "a1" 3 / max(0, 1) = 3 (4 if b's paper counted); "b0" 0 / 1 -> 1.
+    assert positive_weights(data, 10.0).tolist() == [1.0, 3.0, 1.0]
+    assert positive_weights(data, 2.0).tolist() == [1.0, 2.0, 1.0]
 
 
 def test_training_output_names_dropped_labels_estimates_time_and_hides_quantizer_chatter(tmp_path: Path) -> None:

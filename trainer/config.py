@@ -75,6 +75,23 @@ class TrainConfig:
             "only the head and lexical part are trained (minutes on a CPU). Empty = fine-tune base_model."
         },
     )
+    joint_configs: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Other taxonomies' config files (relative to the repo root) whose training papers fine-tune the "
+            "encoder too: one output layer spans every taxonomy's labels, each paper is scored on its own taxonomy's "
+            "only, and early stopping follows the taxonomies' mean validation micro-F1. Only their train splits "
+            "train (so the heads later trained on this encoder with those configs are measured on papers it never "
+            "saw); papers held out here are left out of them. Needs a fine-tuned encoder (no `encoder`)."
+        },
+    )
+    joint_sample_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "Share of each joint config's training papers used (by a hash of the id; 1 = all): the joint "
+            "fine-tune within a CPU budget."
+        },
+    )
     encoder_layers: int = field(default=0, metadata={"help": "Keep only the first N encoder layers (0 = all)."})
     max_length: int = field(default=128, metadata={"help": "Tokens per window, special tokens included."})
     max_windows: int = field(
@@ -174,6 +191,12 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a list of file paths")
         if not self.data:
             raise ConfigError("data must be a non-empty list of file paths")
+        if not isinstance(self.joint_configs, list) or not all(isinstance(p, str) and p for p in self.joint_configs):
+            raise ConfigError("joint_configs must be a list of config file paths")
+        if self.joint_configs and self.frozen_encoder:
+            raise ConfigError("joint_configs fine-tune the encoder: drop either them or `encoder` (a reused one)")
+        if not isinstance(self.joint_sample_fraction, int | float) or not 0 < self.joint_sample_fraction <= 1:
+            raise ConfigError("joint_sample_fraction must lie in (0, 1]")
         if not isinstance(self.fields, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in self.fields.items()
         ):

@@ -1,6 +1,10 @@
 """Fine-tuning the shared encoder (torch): MiniLM + mean pooling + a linear head, trained end to end on the first
 window of each abstract, then exported as ``encoder.onnx`` (int8) and the head's weights.
 
+The encoder may learn several taxonomies at once (:class:`Task`): one output layer spans every taxonomy's labels and
+each paper's loss counts only its own taxonomy's columns, so papers of one taxonomy are neither positives nor
+negatives for another's labels. The shared encoder then serves them all in one pass.
+
 This is the step that needs a GPU to be quick; everything after it (heads, lexical part, fusion, thresholds) runs on
 the frozen encoder in minutes on a CPU (:mod:`trainer.heads`).
 """
@@ -14,6 +18,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -47,30 +52,80 @@ class FineTuned:
     info: dict[str, Any]
 
 
-class Encoded(torch.utils.data.Dataset):
-    """Token ids per paper (unpadded) and multi-hot targets; batches are padded by :func:`make_collate`."""
+@dataclass
+class Task:
+    """One taxonomy's share of a fine-tune: texts and multi-hot targets for its ``train`` and ``validation``
+    splits. The first task of a run is the one whose head comes back in :class:`FineTuned`."""
 
-    def __init__(self, ids: list[list[int]], targets: np.ndarray) -> None:
-        self.ids, self.targets = ids, torch.from_numpy(targets)
+    slug: str
+    texts: dict[str, list[str]]
+    targets: dict[str, np.ndarray]
+
+    @property
+    def width(self) -> int:
+        return self.targets["train"].shape[1]
+
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class Encoded(torch.utils.data.Dataset):
+    """Token ids per paper (unpadded), multi-hot targets over every task's labels and the mask of the columns the
+    paper is scored on (its own task's); batches are padded by :func:`make_collate`."""
+
+    def __init__(self, ids: list[list[int]], targets: np.ndarray, scored: np.ndarray) -> None:
+        self.ids, self.targets, self.scored = ids, torch.from_numpy(targets), torch.from_numpy(scored)
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> tuple[list[int], torch.Tensor]:
-        return self.ids[index], self.targets[index]
+    def __getitem__(self, index: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        return self.ids[index], self.targets[index], self.scored[index]
 
 
 def make_collate(pad_id: int) -> Callable:
-    def collate(batch: list[tuple[list[int], torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        width = max(len(ids) for ids, _ in batch)
+    def collate(batch: list[tuple[list[int], torch.Tensor, torch.Tensor]]) -> Batch:
+        width = max(len(ids) for ids, _, _ in batch)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (ids, _) in enumerate(batch):
+        for row, (ids, _, _) in enumerate(batch):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
-        return input_ids, mask, torch.stack([t for _, t in batch])
+        return input_ids, mask, torch.stack([t for _, t, _ in batch]), torch.stack([s for _, _, s in batch])
 
     return collate
+
+
+def stacked(tasks: list[Task], split: str, ids: list[list[list[int]]]) -> Encoded:
+    """Every task's papers of ``split`` in one data set, targets placed in the task's columns of the joint output
+    layer and only those columns scored."""
+    total = sum(task.width for task in tasks)
+    rows = sum(len(task.texts[split]) for task in tasks)
+    targets = np.zeros((rows, total), dtype=np.float32)
+    scored = np.zeros((rows, total), dtype=np.float32)
+    row, column = 0, 0
+    for task in tasks:
+        count = len(task.texts[split])
+        targets[row : row + count, column : column + task.width] = task.targets[split]
+        scored[row : row + count, column : column + task.width] = 1.0
+        row, column = row + count, column + task.width
+    return Encoded([paper for group in ids for paper in group], targets, scored)
+
+
+def positive_weights(dataset: Encoded, cap: float) -> np.ndarray:
+    """BCE positive weight per label: negatives over positives among the papers scored on it, from 1 to ``cap``."""
+    scored = dataset.scored.numpy()
+    positives = dataset.targets.numpy().sum(axis=0)
+    negatives = scored.sum(axis=0) - positives
+    return np.clip(negatives / np.maximum(positives, 1), 1.0, cap)
+
+
+def masked_bce(
+    logits: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor, pos_weight: torch.Tensor
+) -> torch.Tensor:
+    """Mean BCE over the scored cells only (with every cell scored: ``BCEWithLogitsLoss(pos_weight)``)."""
+    cells = nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight, reduction="none")
+    return (cells * scored).sum() / scored.sum().clamp(min=1.0)
 
 
 def pick_device(config: TrainConfig) -> torch.device:
@@ -94,7 +149,7 @@ def set_seed(seed: int) -> None:
 def predict_probabilities(model: nn.Module, loader: DataLoader, device: torch.device) -> np.ndarray:
     model.eval()
     outputs = []
-    for input_ids, mask, _ in loader:
+    for input_ids, mask, _, _ in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits, _ = model(input_ids.to(device), mask.to(device))
         outputs.append(torch.sigmoid(logits.float()).cpu().numpy())
@@ -113,13 +168,13 @@ def encoder_parity(model: Tagger, onnx_path: Path, input_ids: torch.Tensor, atte
 def finetune(
     config: TrainConfig,
     base_path: str,
-    texts: dict[str, list[str]],
-    targets: dict[str, np.ndarray],
+    tasks: list[Task],
     work_dir: Path,
     progress: Progress | None = None,
 ) -> FineTuned | None:
-    """Fine-tune on ``texts["train"]``, early-stop on validation micro-F1, export the best epoch's encoder to
-    ``work_dir``. Returns None in the non-main processes of a distributed (torchrun) run."""
+    """Fine-tune on every task's train split, early-stop on the tasks' mean validation micro-F1, export the best
+    epoch's encoder to ``work_dir`` with the first task's head. Returns None in the non-main processes of a
+    distributed (torchrun) run."""
     report = progress or (lambda update: None)
     started = time.monotonic()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -132,16 +187,20 @@ def finetune(
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     set_seed(config.seed)
-    n_labels = targets["train"].shape[1]
+    n_labels = sum(task.width for task in tasks)
+    edges = np.cumsum([0] + [task.width for task in tasks]).tolist()
+    spans = [slice(start, end) for start, end in pairwise(edges)]
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     encoded = {
-        name: tokenizer(texts[name], truncation=True, max_length=config.max_length)["input_ids"]
+        name: [
+            tokenizer(task.texts[name], truncation=True, max_length=config.max_length)["input_ids"] for task in tasks
+        ]
         for name in ("train", "validation")
     }
     collate = make_collate(tokenizer.pad_token_id or 0)
     batch_size = config.gpu_batch_size if device.type == "cuda" else config.batch_size
-    train_set = Encoded(encoded["train"], targets["train"])
+    train_set = stacked(tasks, "train", encoded["train"])
     sampler = DistributedSampler(train_set, seed=config.seed) if distributed else None
     generator = torch.Generator().manual_seed(config.seed)
     train_loader = DataLoader(
@@ -152,18 +211,17 @@ def finetune(
         collate_fn=collate,
         generator=generator,
     )
-    validation_loader = DataLoader(
-        Encoded(encoded["validation"], targets["validation"]), batch_size=config.eval_batch_size, collate_fn=collate
-    )
+    validation_loaders = [
+        DataLoader(stacked([task], "validation", [ids]), batch_size=config.eval_batch_size, collate_fn=collate)
+        for task, ids in zip(tasks, encoded["validation"], strict=True)
+    ]
 
     model = Tagger(base_path, n_labels, config.encoder_layers).to(device)
     trainable = model
     if distributed:
         device_ids = [device.index] if device.type == "cuda" else None
         trainable = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    positives = targets["train"].sum(axis=0)
-    pos_weight = np.clip((len(targets["train"]) - positives) / np.maximum(positives, 1), 1.0, config.max_pos_weight)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float32, device=device))
+    pos_weight = torch.tensor(positive_weights(train_set, config.max_pos_weight), dtype=torch.float32, device=device)
     head_params = list(model.head.parameters())
     head_ids = {id(p) for p in head_params}
     optimizer = torch.optim.AdamW(
@@ -182,7 +240,7 @@ def finetune(
         fields = {"epoch": epoch, "step": step, "total_steps": total_steps, "loss": round(loss, 5)}
         return {"status": "running", "phase": "epoch", "stage": "fine-tuning the encoder", **fields, **extra}
 
-    best: dict[str, Any] = {"micro_f1": -1.0, "epoch": 0, "state": None}
+    best: dict[str, Any] = {"micro_f1": -1.0, "epoch": 0, "state": None, "per_task": []}
     step, epoch, running = 0, 0, 0.0
     for epoch in range(1, config.epochs + 1):
         trainable.train()
@@ -190,12 +248,12 @@ def finetune(
             sampler.set_epoch(epoch)
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", disable=not main_process, unit="batch")
         loss_sum, batches = 0.0, 0
-        for input_ids, mask, batch_targets in bar:
+        for input_ids, mask, batch_targets, scored in bar:
             with torch.autocast(
                 device.type, dtype=torch.bfloat16 if use_bf16 else torch.float16, enabled=device.type == "cuda"
             ):
                 logits, _ = trainable(input_ids.to(device), mask.to(device))
-            loss = loss_fn(logits.float(), batch_targets.to(device))
+            loss = masked_bce(logits.float(), batch_targets.to(device), scored.to(device), pos_weight)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -209,15 +267,21 @@ def finetune(
             if main_process and (step == 1 or step % 20 == 0):
                 elapsed = time.monotonic() - started
                 report(progress_of(epoch, step, running, eta_seconds=round(elapsed / step * (total_steps - step))))
-        validation = predict_probabilities(model, validation_loader, device)
-        threshold, micro_f1 = best_global_threshold(validation, targets["validation"])
-        log.info("epoch %d: loss %.4f, validation micro-F1 %.4f at threshold %.3f", epoch, running, micro_f1, threshold)
+        per_task = []
+        for task, loader, span in zip(tasks, validation_loaders, spans, strict=True):
+            validation = predict_probabilities(model, loader, device)[:, span]
+            threshold, task_f1 = best_global_threshold(validation, task.targets["validation"])
+            log.info("epoch %d: %s validation micro-F1 %.4f at threshold %.3f", epoch, task.slug, task_f1, threshold)
+            per_task.append(task_f1)
+        micro_f1 = float(np.mean(per_task))
+        log.info("epoch %d: loss %.4f, validation micro-F1 %.4f (mean over taxonomies)", epoch, running, micro_f1)
         report(progress_of(epoch, step, running, validation_micro_f1=round(micro_f1, 4)))
         if micro_f1 > best["micro_f1"]:
             best = {
                 "micro_f1": micro_f1,
                 "epoch": epoch,
                 "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+                "per_task": per_task,
             }
         elif epoch - best["epoch"] >= config.patience:
             log.info("early stop: no validation gain for %d epochs (best epoch %d)", config.patience, best["epoch"])
@@ -232,22 +296,36 @@ def finetune(
     model = model.to("cpu").float().eval()
     work_dir.mkdir(parents=True, exist_ok=True)
     sample = tokenizer(
-        texts["validation"][:2], truncation=True, max_length=config.max_length, padding=True, return_tensors="pt"
+        tasks[0].texts["validation"][:2],
+        truncation=True,
+        max_length=config.max_length,
+        padding=True,
+        return_tensors="pt",
     )
     fp32_path = export_encoder(model, sample["input_ids"], sample["attention_mask"], work_dir / "encoder.fp32.onnx")
     encoder_path = quantize_int8(fp32_path, work_dir / "encoder.onnx")
     parity = encoder_parity(model, fp32_path, sample["input_ids"], sample["attention_mask"])
     tokenizer_path = work_dir / "tokenizer.json"
     tokenizer.backend_tokenizer.save(str(tokenizer_path))
-    weight = model.head.weight.detach().numpy().T.astype(np.float32)
-    bias = model.head.bias.detach().numpy().astype(np.float32)
+    weight = model.head.weight.detach().numpy()[spans[0]].T.astype(np.float32)
+    bias = model.head.bias.detach().numpy()[spans[0]].astype(np.float32)
     info = {
         "best_epoch": best["epoch"],
         "epochs_run": epoch,
-        "validation_micro_f1_first_window": round(float(best["micro_f1"]), 4),
+        "validation_micro_f1_first_window": round(float(best["per_task"][0]), 4),
         "torch_vs_onnx_fp32_max_abs_pooled": parity,
         "device": str(device),
         "processes": world_size,
         "seconds": round(time.monotonic() - started),
     }
+    if len(tasks) > 1:
+        info["taxonomies"] = [
+            {
+                "slug": task.slug,
+                "labels": task.width,
+                "train_papers": len(task.texts["train"]),
+                "validation_micro_f1_first_window": round(float(f1), 4),
+            }
+            for task, f1 in zip(tasks, best["per_task"], strict=True)
+        ]
     return FineTuned(encoder_path, tokenizer_path, weight, bias, info)

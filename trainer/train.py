@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -48,6 +48,9 @@ from .export import max_abs_difference
 from .heads import LinearHead, build_head, choose_head, domain_references
 from .hygiene import read_aliases
 from .thresholds import choose_min_support, guessing_thresholds
+
+if TYPE_CHECKING:
+    from .finetune import Task
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
@@ -260,19 +263,24 @@ def _encoder_source(
             config = TrainConfig(**{**asdict(config), **windows})
         info = {"encoder": "frozen", "from": config.encoder, "encoder_sha256": manifest.encoder_sha256}
         return source / ENCODER_FILE, source / TOKENIZER_FILE, None, info, manifest.base_model, config
-    from .finetune import finetune
+    from .finetune import Task, finetune
     from .model import resolve_base_model
 
     base_path = resolve_base_model(base_model or config.base_model)
     # The packaged default is named by its folder; a folder someone chose, by its path.
     base_name = Path(base_path).name if base_model is None and not config.base_model else base_path
+    held_out = {text for name in ("validation", "test", "newest") for text in texts[name]}
+    tasks = [Task(config.taxonomy_slug, texts, targets), *joint_tasks(config, held_out)]
+
+    def data_key(task: Task) -> str:
+        return _fingerprint(task.texts["train"], task.targets["train"].tolist(), task.texts["validation"])
+
     # Only what shapes the fine-tune keys its cache (a head or threshold setting must not start a new one).
-    key = _fingerprint(
-        {name: getattr(config, name) for name in FINETUNE_FIELDS},
-        base_path,
-        labels,
-        _fingerprint(texts["train"], targets["train"].tolist(), texts["validation"]),
-    )
+    key_parts: list[Any] = [{name: getattr(config, name) for name in FINETUNE_FIELDS}, base_path, labels]
+    key_parts.append(data_key(tasks[0]))
+    if len(tasks) > 1:
+        key_parts.append([(task.slug, task.width, data_key(task)) for task in tasks[1:]])
+    key = _fingerprint(*key_parts)
     cached = work_dir / f"finetune-{key}"
     if (cached / "info.json").is_file():
         log.info("reusing the encoder fine-tuned earlier with the same settings and data: %s", cached)
@@ -286,9 +294,10 @@ def _encoder_source(
             base_name,
             config,
         )
-    seconds = config.epochs * len(texts["train"]) / (CPU_FINETUNE_RATE * _cores())
+    papers = sum(len(task.texts["train"]) for task in tasks)
+    seconds = config.epochs * papers / (CPU_FINETUNE_RATE * _cores())
     log.info("estimated time: %s to fine-tune the encoder first (much less on a GPU)", _minutes(seconds))
-    tuned = finetune(config, base_path, texts, targets, cached, report)
+    tuned = finetune(config, base_path, tasks, cached, report)
     if tuned is None:  # a non-main process of a distributed run
         raise SystemExit(0)
     np.savez(cached / "head.npz", weight=tuned.head_weight, bias=tuned.head_bias)
@@ -302,6 +311,42 @@ def _encoder_source(
         base_name,
         config,
     )
+
+
+def joint_tasks(config: TrainConfig, held_out: set[str]) -> list[Task]:
+    """The taxonomies of ``joint_configs``, as fine-tuning tasks: each config's own labels, train split (sampled
+    by ``joint_sample_fraction``) and validation split, by its own split rule, so that a head trained later with
+    that config on this encoder is measured on papers the encoder never trained on. Papers this run holds out
+    (``held_out`` texts) are dropped from them for the same reason."""
+    from .finetune import Task
+
+    tasks = []
+    for name in config.joint_configs:
+        other = TrainConfig.load(_resolve(name))
+        if other.taxonomy_slug == config.taxonomy_slug or other.taxonomy_slug in {t.slug for t in tasks}:
+            raise ConfigError(f"joint config {name} repeats the taxonomy {other.taxonomy_slug!r}")
+        splits, _ = load_dataset(other)
+        labels, _ = choose_labels(splits["train"], other.min_label_count, other.max_labels)
+        chosen = {
+            "train": [p for p in splits["train"] if in_sample(p.id, config.joint_sample_fraction)],
+            "validation": splits["validation"],
+        }
+        chosen = {split: [p for p in items if p.text not in held_out] for split, items in chosen.items()}
+        log.info(
+            "joint fine-tune with %s: %d labels, %d training and %d validation papers",
+            other.taxonomy_slug,
+            len(labels),
+            len(chosen["train"]),
+            len(chosen["validation"]),
+        )
+        tasks.append(
+            Task(
+                other.taxonomy_slug,
+                {split: [p.text for p in items] for split, items in chosen.items()},
+                {split: multi_hot(items, labels) for split, items in chosen.items()},
+            )
+        )
+    return tasks
 
 
 def train(
