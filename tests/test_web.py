@@ -180,6 +180,51 @@ def test_production_refuses_to_start_without_secret_key(tmp_path: Path, monkeypa
     assert app.config["SECRET_KEY"] == "from-the-environment-0123456789abcdef" and app.config["SESSION_COOKIE_SECURE"]
 
 
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"HISTORY_PER_PAGE": 0}, "HISTORY_PER_PAGE must be a whole number of at least 1, not 0"),
+        ({"SEARCH_RANK_POOL": -5}, "SEARCH_RANK_POOL must be a whole number of at least 1, not -5"),
+        ({"LIST_COUNT_CAP": "many"}, "LIST_COUNT_CAP must be a whole number of at least 1, not 'many'"),
+        ({"BULK_MAX": 2.5}, "BULK_MAX must be a whole number of at least 1, not 2.5"),
+        ({"MAX_BATCH": True}, "MAX_BATCH must be a whole number of at least 1, not True"),
+        ({"JOB_WORKER_NICE": 20}, "JOB_WORKER_NICE must be a whole number from 0 to 19, not 20"),
+        ({"QUALITY_DROP_MARGIN": 1.5}, "QUALITY_DROP_MARGIN must be a number from 0 to 1, not 1.5"),
+        ({"MODEL_POLL_SECONDS": 0}, "MODEL_POLL_SECONDS must be a number of at least 0.01, not 0"),
+        ({"PASSWORD_MIN_LENGTH": 4}, "PASSWORD_MIN_LENGTH must be a whole number of at least 8, not 4"),
+        ({"SIMILAR_K": 60}, "SIMILAR_K (60) must not exceed SIMILAR_MAX_K (50)"),
+        ({"ABSTRACT_MIN_CHARS": 30_000}, "ABSTRACT_MIN_CHARS (30000) must not exceed ABSTRACT_MAX_CHARS (20000)"),
+        (
+            {"PREDICT_RATE_LIMIT": "lots"},
+            "PREDICT_RATE_LIMIT must be a rate limit such as '120 per minute', not 'lots'",
+        ),
+        ({"LOGIN_RATE_LIMIT": None}, "LOGIN_RATE_LIMIT must be a rate limit such as '120 per minute', not None"),
+    ],
+)
+def test_settings_out_of_bounds_stop_the_start_naming_the_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: dict, message: str
+) -> None:
+    monkeypatch.delenv("PAPERTAG_ENV", raising=False)
+    with pytest.raises(ConfigurationError) as refused:
+        create_app({"DATA_DIR": str(tmp_path / "data"), **given})
+    assert str(refused.value) == message
+    assert not (tmp_path / "data").exists()  # refused before anything is written
+
+
+def test_an_environment_variable_that_is_not_a_number_stops_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WEB_CONCURRENCY", "two")
+    with pytest.raises(
+        ConfigurationError, match="environment variable WEB_CONCURRENCY must be a whole number, not 'two'"
+    ):
+        create_app({"DATA_DIR": str(tmp_path)})
+    monkeypatch.setenv("WEB_CONCURRENCY", "1")
+    monkeypatch.setenv("QUALITY_DROP_MARGIN", "a lot")
+    with pytest.raises(ConfigurationError, match="QUALITY_DROP_MARGIN must be a number, not 'a lot'"):
+        create_app({"DATA_DIR": str(tmp_path)})
+
+
 def test_config_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for key in ("SECRET_KEY", "PAPERTAG_ENV", "HISTORY_PER_PAGE", "DATABASE_URL"):
         monkeypatch.delenv(key, raising=False)

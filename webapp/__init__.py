@@ -17,14 +17,14 @@ from sqlalchemy.engine import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import config as config_module
+from .config import ConfigurationError
 from .extensions import csrf, db, limiter, login_manager, migrate
 from .similar_index import load_sqlite_vec
 
 REPO_ROOT = config_module.REPO_ROOT
 
 
-class ConfigurationError(RuntimeError):
-    """The app cannot start with this configuration (e.g. production without SECRET_KEY)."""
+__all__ = ["ConfigurationError", "create_app"]
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
@@ -44,6 +44,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.config.update(config_module.from_environment(app.config, os.environ))
     app.config.update(test_config)
     app.config["DATA_DIR"] = str(data_dir)
+    config_module.check(app.config)
     data_dir.mkdir(parents=True, exist_ok=True)
     _configure_secret(app)
     hops = app.config["TRUSTED_PROXY_HOPS"]

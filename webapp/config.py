@@ -4,10 +4,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from limits import parse_many
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigurationError(RuntimeError):
+    """The app cannot start with this configuration (e.g. production without SECRET_KEY); the message names the
+    setting and what it must be."""
 
 
 class Defaults:
@@ -183,14 +191,85 @@ ENV_KEYS = (
 )
 
 
-def _coerce(raw: str, like: Any) -> Any:
+# The numeric settings' bounds (least, most or None, whole numbers only), checked at start: a wrong value stops the
+# app with its name, rather than failing requests later (a page size of 0, a pool that never fills, a nice of 40).
+BOUNDS: dict[str, tuple[float, float | None, bool]] = {
+    "WEB_CONCURRENCY": (1, None, True),
+    "ORT_THREADS": (0, None, True),
+    "INFERENCE_BATCH_SIZE": (1, None, True),
+    "MODEL_POLL_SECONDS": (0.01, None, False),
+    "MODEL_RETRY_SECONDS": (0, None, False),
+    "SQLITE_BUSY_TIMEOUT": (0, None, False),
+    "MAX_CONTENT_LENGTH": (1, None, True),
+    "JSON_MAX_DEPTH": (1, None, True),
+    "MAX_BUNDLE_UPLOAD_BYTES": (1, None, True),
+    "MAX_BUNDLE_UNPACKED_BYTES": (1, None, True),
+    "MAX_MANIFEST_BYTES": (1, None, True),
+    "ABSTRACT_MIN_CHARS": (1, None, True),
+    "ABSTRACT_MAX_CHARS": (1, None, True),
+    "TITLE_MAX_CHARS": (1, None, True),
+    "MAX_BATCH": (1, None, True),
+    "BATCH_MAX_ROWS": (1, None, True),
+    "BATCH_MAX_UPLOAD_BYTES": (1, None, True),
+    "BATCH_CHUNK_SIZE": (1, None, True),
+    "BATCH_POLL_SECONDS": (0.01, None, False),
+    "JOB_WORKER_NICE": (0, 19, True),
+    "BATCH_STALE_SECONDS": (0.01, None, False),
+    "REPLAY_SAMPLE_SIZE": (1, None, True),
+    "HISTORY_PER_PAGE": (1, None, True),
+    "LIST_COUNT_CAP": (1, None, True),
+    "SEARCH_RANK_POOL": (1, None, True),
+    "BULK_MAX": (1, None, True),
+    "REVIEWS_NEEDED": (1, None, True),
+    "LABEL_ISSUES_MAX_ROWS": (1, None, True),
+    "LABEL_ISSUES_MAX_UPLOAD_BYTES": (1, None, True),
+    "NEAR_MISSES": (0, None, True),
+    "EXPLAIN_BATCH_SIZE": (1, None, True),
+    "EXPLAIN_MAX_UNITS": (4, None, True),
+    "SIMILAR_K": (1, None, True),
+    "SIMILAR_MAX_K": (1, None, True),
+    "QUALITY_MIN_EVIDENCE": (1, None, True),
+    "QUALITY_DROP_MARGIN": (0, 1, False),
+    "THRESHOLD_MIN_EVIDENCE": (1, None, True),
+    "TRUSTED_PROXY_HOPS": (0, None, True),
+    "PASSWORD_MIN_LENGTH": (8, None, True),
+}
+RATE_LIMITS = ("PREDICT_RATE_LIMIT", "TOKEN_PREDICT_RATE_LIMIT", "LOGIN_RATE_LIMIT", "LOGIN_ADDRESS_RATE_LIMIT")
+
+
+def check(settings: Mapping[str, Any]) -> None:
+    """Refuse settings the app cannot run with, naming the first one and what it must be."""
+    for name, (least, most, whole) in BOUNDS.items():
+        value = settings[name]
+        kind = "a whole number" if whole else "a number"
+        fits = isinstance(value, int if whole else int | float) and not isinstance(value, bool)
+        if not fits or value < least or (most is not None and value > most):
+            bounds = f"from {least} to {most}" if most is not None else f"of at least {least}"
+            raise ConfigurationError(f"{name} must be {kind} {bounds}, not {value!r}")
+    for low, high in (("ABSTRACT_MIN_CHARS", "ABSTRACT_MAX_CHARS"), ("SIMILAR_K", "SIMILAR_MAX_K")):
+        if settings[low] > settings[high]:
+            raise ConfigurationError(f"{low} ({settings[low]}) must not exceed {high} ({settings[high]})")
+    for name in RATE_LIMITS:
+        try:
+            parse_many(settings[name])
+        except (TypeError, ValueError):
+            raise ConfigurationError(
+                f"{name} must be a rate limit such as '120 per minute', not {settings[name]!r}"
+            ) from None
+
+
+def _coerce(key: str, raw: str, like: Any) -> Any:
     """Parse an environment string into the type of the current value."""
     if isinstance(like, bool):
         return raw.strip().lower() in {"1", "true", "yes", "on"}
-    if isinstance(like, int):
-        return int(raw)
-    if isinstance(like, float):
-        return float(raw)
+    try:
+        if isinstance(like, int):
+            return int(raw)
+        if isinstance(like, float):
+            return float(raw)
+    except ValueError:
+        kind = "a whole number" if isinstance(like, int) else "a number"
+        raise ConfigurationError(f"environment variable {key} must be {kind}, not {raw[:40]!r}") from None
     return raw
 
 
@@ -199,7 +278,7 @@ def from_environment(current: dict[str, Any], environ: os._Environ[str] | dict[s
     found: dict[str, Any] = {}
     for key in ENV_KEYS:
         if key in environ and environ[key] != "":
-            found[key] = _coerce(environ[key], current.get(key, ""))
+            found[key] = _coerce(key, environ[key], current.get(key, ""))
     return found
 
 

@@ -36,6 +36,7 @@ from flask import Flask, abort, current_app, request, session
 from flask_login import current_user
 
 from .auth import bearer_token, has_role
+from .config import ConfigurationError
 from .extensions import db, login_manager
 from .models import BatchJob, Prediction, TrainingRun
 
@@ -180,8 +181,6 @@ def guard_reads() -> None:
 def init_app(app: Flask) -> None:
     """Check the setting, guard every read, and let templates ask ``may_read``."""
     if app.config["READ_ACCESS"] not in READ_ACCESS_CHOICES:
-        from . import ConfigurationError  # the package imports this module while it is being built
-
         raise ConfigurationError(
             f"READ_ACCESS must be one of {', '.join(READ_ACCESS_CHOICES)}, not {app.config['READ_ACCESS']!r}"
         )

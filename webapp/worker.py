@@ -104,9 +104,6 @@ def jobs_cli() -> None:
 @with_appcontext
 def worker_command(threads: int) -> None:
     """Run the job queue's consumer until SIGTERM or SIGINT (held jobs are handed back to the queue)."""
-    nice = current_app.config["JOB_WORKER_NICE"]
-    if not isinstance(nice, int) or not 0 <= nice <= 19:
-        raise click.ClickException(f"JOB_WORKER_NICE must be a whole number from 0 to 19, not {nice!r}")
     run_worker(current_app._get_current_object(), threads)  # type: ignore[attr-defined]
     # A consumer thread may still be inside onnxruntime (a chunk half tagged), whose C++ globals abort the process
     # (SIGABRT, "terminate called without an active exception") when the interpreter's exit destroys them under a
