@@ -271,6 +271,10 @@ def test_joint_taxonomies_train_on_their_own_train_split_without_this_runs_held_
     assert set(sampled.texts["train"]) == expected and 0.35 < len(expected) / len(train_ids) < 0.65
     assert len(sampled.texts["validation"]) == len(task.texts["validation"])  # validation is never sampled
 
+    tiny = TrainConfig.load(smoke_config_with(tmp_path, joint_configs=[str(joint_config)], joint_sample_fraction=1e-6))
+    with pytest.raises(ConfigError, match="joint-config.json: no train papers"):
+        joint_tasks(tiny, set())
+
     same_slug = tmp_path / "same.json"
     same_slug.write_text(json.dumps({**json.loads(SMOKE_CONFIG.read_text())}))
     with pytest.raises(ConfigError, match="repeats the taxonomy 'research-tasks'"):

@@ -332,6 +332,9 @@ def joint_tasks(config: TrainConfig, held_out: set[str]) -> list[Task]:
             "validation": splits["validation"],
         }
         chosen = {split: [p for p in items if p.text not in held_out] for split, items in chosen.items()}
+        for split, items in chosen.items():
+            if not items:
+                raise ConfigError(f"joint config {name}: no {split} papers (more data, or a larger sample fraction)")
         log.info(
             "joint fine-tune with %s: %d labels, %d training and %d validation papers",
             other.taxonomy_slug,
