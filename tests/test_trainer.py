@@ -206,8 +206,11 @@ def test_a_brought_set_with_mapped_fields_negatives_and_its_own_test_file(
 
 def test_a_joint_fine_tune_trains_one_encoder_on_two_taxonomies(tmp_path: Path, work_dir: Path) -> None:
     """The encoder learns the smoke taxonomy and a second one together; the bundle serves the first one's labels
-    and records what the encoder learned from."""
-    joint = write_jsonl(tmp_path / "joint.jsonl", byo_rows(300))
+    and records what the encoder learned from. The second set holds half of the smoke papers under ids of its own,
+    so each side holds out papers the other would train on: neither fine-tunes on the other's held-out papers."""
+    fields = {**BYO_FIELDS, "title": "title"}
+    rows = [{**row, "title": paper.title} for row, paper in zip(byo_rows(300), read_papers(PAPERS), strict=False)]
+    joint = write_jsonl(tmp_path / "joint.jsonl", rows)
     joint_config = tmp_path / "joint-config.json"
     joint_config.write_text(
         json.dumps(
@@ -215,7 +218,7 @@ def test_a_joint_fine_tune_trains_one_encoder_on_two_taxonomies(tmp_path: Path, 
                 "taxonomy_slug": "hallmarks",
                 "taxonomy_name": "Hallmarks",
                 "data": [str(joint)],
-                "fields": BYO_FIELDS,
+                "fields": fields,
                 "min_label_count": 5,
             }
         )
@@ -227,20 +230,31 @@ def test_a_joint_fine_tune_trains_one_encoder_on_two_taxonomies(tmp_path: Path, 
     training = manifest.metrics["training"]
     assert training["encoder"] == "fine-tuned"
     primary, other = training["taxonomies"]
-    assert primary["slug"] == "research-tasks" and primary["labels"] == len(manifest.labels)
-    # The hallmarks set's own labels and train split, none of its validation or test papers.
-    papers = read_papers(joint, BYO_FIELDS)
-    train = [p for p in papers if split_of(p.id, 0.1, 0.1) == "train"]
+
+    mine, _ = load_dataset(TrainConfig.load(config))
+    my_held_out = {p.text for split in ("validation", "test", "newest") for p in mine[split]}
+    papers = read_papers(joint, fields)
+    their_train = [p for p in papers if split_of(p.id, 0.1, 0.1) == "train"]
+    their_held_out = {p.text for p in papers if split_of(p.id, 0.1, 0.1) != "train"}
+    my_train = [p for p in mine["train"] if p.text not in their_held_out]
+    assert 0 < len(my_train) < len(mine["train"])  # the overlap is real, both ways
+    assert primary == {
+        "slug": "research-tasks",
+        "labels": len(manifest.labels),
+        "train_papers": len(my_train),
+        "validation_micro_f1_first_window": training["validation_micro_f1_first_window"],
+    }
     assert other == {
         "slug": "hallmarks",
-        "labels": len(choose_labels(train, 5)[0]),
-        "train_papers": len(train),
+        "labels": len(choose_labels(their_train, 5)[0]),
+        "train_papers": sum(p.text not in my_held_out for p in their_train),
         "validation_micro_f1_first_window": other["validation_micro_f1_first_window"],
     }
-    assert len(train) < len(papers)
-    assert training["validation_micro_f1_first_window"] == primary["validation_micro_f1_first_window"]
+    assert other["train_papers"] < len(their_train)
     model = load_and_validate(out)
     assert model.manifest.labels == manifest.labels  # the served head is the first taxonomy's alone
+    # The head stage still uses every training paper of the smoke taxonomy.
+    assert manifest.training_data["splits"]["train"] == len(mine["train"])
 
 
 def test_joint_taxonomies_train_on_their_own_train_split_without_this_runs_held_out_papers(tmp_path: Path) -> None:
@@ -259,14 +273,15 @@ def test_joint_taxonomies_train_on_their_own_train_split_without_this_runs_held_
     labels, _ = choose_labels([p for p in papers if p.id in train_ids], 5)
     held_out = next(p for p in papers if p.id in train_ids)
 
-    (task,) = joint_tasks(config, {held_out.text})
+    (task,), theirs = joint_tasks(config, {held_out.text})
+    assert theirs == {p.text for p in papers if p.id not in train_ids}
     assert task.slug == "hallmarks" and task.width == len(labels)
     assert len(task.texts["train"]) == len(train_ids) - 1 and held_out.text not in task.texts["train"]
     assert task.targets["train"].shape == (len(train_ids) - 1, len(labels))
     assert len(task.texts["validation"]) == sum(split_of(p.id, 0.1, 0.1) == "validation" for p in papers)
 
     halved = TrainConfig.load(smoke_config_with(tmp_path, joint_configs=[str(joint_config)], joint_sample_fraction=0.5))
-    (sampled,) = joint_tasks(halved, set())
+    (sampled,), _ = joint_tasks(halved, set())
     expected = {p.text for p in papers if p.id in train_ids and in_sample(p.id, 0.5)}
     assert set(sampled.texts["train"]) == expected and 0.35 < len(expected) / len(train_ids) < 0.65
     assert len(sampled.texts["validation"]) == len(task.texts["validation"])  # validation is never sampled

@@ -82,7 +82,8 @@ class TrainConfig:
             "encoder too: one output layer spans every taxonomy's labels, each paper is scored on its own taxonomy's "
             "only, and early stopping follows the taxonomies' mean validation micro-F1. Only their train splits "
             "train (so the heads later trained on this encoder with those configs are measured on papers it never "
-            "saw); papers held out here are left out of them. Needs a fine-tuned encoder (no `encoder`)."
+            "saw); papers held out here are left out of them, and theirs out of this run's fine-tune (by text). "
+            "Needs a fine-tuned encoder (no `encoder`)."
         },
     )
     joint_sample_fraction: float = field(
@@ -195,7 +196,8 @@ class TrainConfig:
             raise ConfigError("joint_configs must be a list of config file paths")
         if self.joint_configs and self.frozen_encoder:
             raise ConfigError("joint_configs fine-tune the encoder: drop either them or `encoder` (a reused one)")
-        if not isinstance(self.joint_sample_fraction, int | float) or not 0 < self.joint_sample_fraction <= 1:
+        fraction = self.joint_sample_fraction
+        if not isinstance(fraction, int | float) or isinstance(fraction, bool) or not 0 < fraction <= 1:
             raise ConfigError("joint_sample_fraction must lie in (0, 1]")
         if not isinstance(self.fields, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in self.fields.items()

@@ -31,6 +31,7 @@ from . import metrics
 from .baseline import tfidf_baseline
 from .config import ConfigError, TrainConfig
 from .data import (
+    DataError,
     Paper,
     apply_aliases,
     arxiv_order,
@@ -270,7 +271,11 @@ def _encoder_source(
     # The packaged default is named by its folder; a folder someone chose, by its path.
     base_name = Path(base_path).name if base_model is None and not config.base_model else base_path
     held_out = {text for name in ("validation", "test", "newest") for text in texts[name]}
-    tasks = [Task(config.taxonomy_slug, texts, targets), *joint_tasks(config, held_out)]
+    joint, theirs = joint_tasks(config, held_out)
+    # This run's training papers that a joint taxonomy holds out do not fine-tune the encoder either.
+    kept = [i for i, text in enumerate(texts["train"]) if text not in theirs]
+    own = {"train": [texts["train"][i] for i in kept], "validation": texts["validation"]}
+    tasks = [Task(config.taxonomy_slug, own, {**targets, "train": targets["train"][kept]}), *joint]
 
     def data_key(task: Task) -> str:
         return _fingerprint(task.texts["train"], task.targets["train"].tolist(), task.texts["validation"])
@@ -313,28 +318,35 @@ def _encoder_source(
     )
 
 
-def joint_tasks(config: TrainConfig, held_out: set[str]) -> list[Task]:
-    """The taxonomies of ``joint_configs``, as fine-tuning tasks: each config's own labels, train split (sampled
-    by ``joint_sample_fraction``) and validation split, by its own split rule, so that a head trained later with
-    that config on this encoder is measured on papers the encoder never trained on. Papers this run holds out
-    (``held_out`` texts) are dropped from them for the same reason."""
+def joint_tasks(config: TrainConfig, held_out: set[str]) -> tuple[list[Task], set[str]]:
+    """The taxonomies of ``joint_configs`` as fine-tuning tasks, and the texts they hold out. Each task has its
+    config's own labels, train split (sampled by ``joint_sample_fraction``) and validation split, by its own split
+    rule, so that a head trained later with that config on this encoder is measured on papers the encoder never
+    trained on; the texts this run holds out (``held_out``) are dropped from them for the same reason, and the
+    caller drops the returned ones (their validation, test and newest papers) from its own training papers."""
     from .finetune import Task
 
-    tasks = []
+    tasks: list[Task] = []
+    theirs: set[str] = set()
     for name in config.joint_configs:
         other = TrainConfig.load(_resolve(name))
         if other.taxonomy_slug == config.taxonomy_slug or other.taxonomy_slug in {t.slug for t in tasks}:
             raise ConfigError(f"joint config {name} repeats the taxonomy {other.taxonomy_slug!r}")
         splits, _ = load_dataset(other)
-        labels, _ = choose_labels(splits["train"], other.min_label_count, other.max_labels)
+        try:
+            labels, _ = choose_labels(splits["train"], other.min_label_count, other.max_labels)
+        except DataError as exc:
+            raise DataError(f"joint config {name}: {exc}") from None
+        theirs |= {p.text for split in ("validation", "test", "newest") for p in splits[split]}
         chosen = {
             "train": [p for p in splits["train"] if in_sample(p.id, config.joint_sample_fraction)],
             "validation": splits["validation"],
         }
         chosen = {split: [p for p in items if p.text not in held_out] for split, items in chosen.items()}
-        for split, items in chosen.items():
-            if not items:
-                raise ConfigError(f"joint config {name}: no {split} papers (more data, or a larger sample fraction)")
+        if not chosen["train"]:
+            raise ConfigError(f"joint config {name}: no train papers (more data, or a larger joint_sample_fraction)")
+        if not chosen["validation"]:
+            raise ConfigError(f"joint config {name}: no validation papers (more data, or its validation_fraction)")
         log.info(
             "joint fine-tune with %s: %d labels, %d training and %d validation papers",
             other.taxonomy_slug,
@@ -349,7 +361,7 @@ def joint_tasks(config: TrainConfig, held_out: set[str]) -> list[Task]:
                 {split: multi_hot(items, labels) for split, items in chosen.items()},
             )
         )
-    return tasks
+    return tasks, theirs
 
 
 def train(

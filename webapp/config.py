@@ -41,7 +41,7 @@ class Defaults:
     # After a version failed to load, wait this long before trying it again (seconds).
     MODEL_RETRY_SECONDS = 60.0
     # Seconds SQLite waits for a lock before failing: several workers write predictions at once.
-    SQLITE_BUSY_TIMEOUT = 15
+    SQLITE_BUSY_TIMEOUT = 15.0
     # Largest request body (bytes): 64 abstracts of 20,000 characters fit; bundle uploads have their own.
     MAX_CONTENT_LENGTH = 2 * 1024 * 1024
     # Deepest nesting of lists and objects a JSON body may have (a 400 beyond): every API body nests a few levels,
@@ -216,6 +216,7 @@ COUNTS = (
     "LABEL_ISSUES_MAX_ROWS",
     "LABEL_ISSUES_MAX_UPLOAD_BYTES",
     "EXPLAIN_BATCH_SIZE",
+    "EXPLAIN_MAX_UNITS",
     "SIMILAR_K",
     "SIMILAR_MAX_K",
     "QUALITY_MIN_EVIDENCE",
@@ -233,7 +234,6 @@ BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "JOB_WORKER_NICE": (0, 19, True),
     "BATCH_STALE_SECONDS": (0.01, None, False),
     "NEAR_MISSES": (0, None, True),
-    "EXPLAIN_MAX_UNITS": (4, None, True),
     "QUALITY_DROP_MARGIN": (0, 1, False),
     "TRUSTED_PROXY_HOPS": (0, None, True),
     "PASSWORD_MIN_LENGTH": (8, None, True),
