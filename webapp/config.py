@@ -238,6 +238,8 @@ BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "TRUSTED_PROXY_HOPS": (0, None, True),
     "PASSWORD_MIN_LENGTH": (8, None, True),
 }
+# Settings that take one of a few words.
+CHOICES = {"READ_ACCESS": ("public", "signed-in")}
 RATE_LIMITS = ("PREDICT_RATE_LIMIT", "TOKEN_PREDICT_RATE_LIMIT", "LOGIN_RATE_LIMIT", "LOGIN_ADDRESS_RATE_LIMIT")
 
 
@@ -250,6 +252,9 @@ def check(settings: Mapping[str, Any]) -> None:
         if not fits or value < least or (most is not None and value > most):
             bounds = f"from {least} to {most}" if most is not None else f"of at least {least}"
             raise ConfigurationError(f"{name} must be {kind} {bounds}, not {value!r}")
+    for name, choices in CHOICES.items():
+        if settings[name] not in choices:
+            raise ConfigurationError(f"{name} must be one of {', '.join(choices)}, not {settings[name]!r}")
     for low, high in (("ABSTRACT_MIN_CHARS", "ABSTRACT_MAX_CHARS"), ("SIMILAR_K", "SIMILAR_MAX_K")):
         if settings[low] > settings[high]:
             raise ConfigurationError(f"{low} ({settings[low]}) must not exceed {high} ({settings[high]})")
