@@ -223,7 +223,9 @@ def test_a_joint_fine_tune_trains_one_encoder_on_two_taxonomies(tmp_path: Path, 
             }
         )
     )
-    config = smoke_config_with(tmp_path, joint_configs=[str(joint_config)], epochs=1, baseline=False)
+    config = smoke_config_with(
+        tmp_path, joint_configs=[str(joint_config)], joint_loss_weight=0.5, epochs=1, baseline=False
+    )
     out = tmp_path / "bundle"
     assert main(["train", "--config", str(config), "--out", str(out), "--work-dir", str(work_dir)]) == 0
     manifest = read_manifest(out)
@@ -242,12 +244,14 @@ def test_a_joint_fine_tune_trains_one_encoder_on_two_taxonomies(tmp_path: Path, 
         "slug": "research-tasks",
         "labels": len(manifest.labels),
         "train_papers": len(my_train),
+        "loss_weight": 1.0,
         "validation_micro_f1_first_window": training["validation_micro_f1_first_window"],
     }
     assert other == {
         "slug": "hallmarks",
         "labels": len(choose_labels(their_train, 5)[0]),
         "train_papers": sum(p.text not in my_held_out for p in their_train),
+        "loss_weight": 0.5,
         "validation_micro_f1_first_window": other["validation_micro_f1_first_window"],
     }
     assert other["train_papers"] < len(their_train)
@@ -280,8 +284,11 @@ def test_joint_taxonomies_train_on_their_own_train_split_without_this_runs_held_
     assert task.targets["train"].shape == (len(train_ids) - 1, len(labels))
     assert len(task.texts["validation"]) == sum(split_of(p.id, 0.1, 0.1) == "validation" for p in papers)
 
-    halved = TrainConfig.load(smoke_config_with(tmp_path, joint_configs=[str(joint_config)], joint_sample_fraction=0.5))
+    halved = TrainConfig.load(
+        smoke_config_with(tmp_path, joint_configs=[str(joint_config)], joint_sample_fraction=0.5, joint_loss_weight=0.5)
+    )
     (sampled,), _ = joint_tasks(halved, set())
+    assert task.weight == 1.0 and sampled.weight == 0.5
     expected = {p.text for p in papers if p.id in train_ids and in_sample(p.id, 0.5)}
     assert set(sampled.texts["train"]) == expected and 0.35 < len(expected) / len(train_ids) < 0.65
     assert len(sampled.texts["validation"]) == len(task.texts["validation"])  # validation is never sampled
@@ -307,6 +314,9 @@ def test_joint_taxonomies_train_on_their_own_train_split_without_this_runs_held_
         ),
         ({"joint_sample_fraction": 0}, "joint_sample_fraction must lie in (0, 1]"),
         ({"joint_sample_fraction": "half"}, "joint_sample_fraction must lie in (0, 1]"),
+        ({"joint_loss_weight": 0.5}, "it needs joint_configs"),
+        ({"joint_configs": ["trainer/configs/arxiv-categories.json"], "joint_loss_weight": 0}, "must lie in (0, 100]"),
+        ({"joint_configs": ["trainer/configs/arxiv-categories.json"], "joint_loss_weight": "half"}, "(0, 100]"),
         ({"joint_configs": ["no/such/config.json"]}, "no/such/config.json does not exist"),
     ],
 )
@@ -347,6 +357,18 @@ def test_the_joint_loss_scores_each_paper_on_its_own_taxonomys_labels_only() -> 
     # "a0" 1 / 2 -> 1; "a1" 3 / max(0, 1) = 3 (4 if b's paper counted); "b0" 0 / 1 -> 1.
     assert positive_weights(data, 10.0).tolist() == [1.0, 3.0, 1.0]
     assert positive_weights(data, 2.0).tolist() == [1.0, 2.0, 1.0]
+
+    # A joint task's weight scales its papers' cells: the loss is the weighted mean, the positive weights unchanged.
+    lighter = Task("b", second.texts, second.targets, weight=0.25)
+    weighted = stacked([first, lighter], "train", [[[1], [2], [3]], [[4]]])
+    assert weighted.scored.tolist() == [[1, 1, 0]] * 3 + [[0, 0, 0.25]]
+    assert positive_weights(weighted, 10.0).tolist() == [1.0, 3.0, 1.0]
+    scored = weighted.scored
+    cells = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits[:, :3], weighted.targets, pos_weight=weight[:3], reduction="none"
+    )
+    expected = (cells[:3, :2].sum() + 0.25 * cells[3, 2]) / (6 + 0.25)
+    assert torch.allclose(masked_bce(logits[:, :3], weighted.targets, scored, weight[:3]), expected)
 
 
 def test_training_output_names_dropped_labels_estimates_time_and_hides_quantizer_chatter(tmp_path: Path) -> None:

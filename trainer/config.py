@@ -93,6 +93,14 @@ class TrainConfig:
             "fine-tune within a CPU budget."
         },
     )
+    joint_loss_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight of each joint config's papers in the fine-tuning loss and in the early-stopping mean, "
+            "against 1 for this config's own: below 1, many joint papers steer the encoder less away from this "
+            "taxonomy. Needs joint_configs."
+        },
+    )
     encoder_layers: int = field(default=0, metadata={"help": "Keep only the first N encoder layers (0 = all)."})
     max_length: int = field(default=128, metadata={"help": "Tokens per window, special tokens included."})
     max_windows: int = field(
@@ -199,6 +207,11 @@ class TrainConfig:
         fraction = self.joint_sample_fraction
         if not isinstance(fraction, int | float) or isinstance(fraction, bool) or not 0 < fraction <= 1:
             raise ConfigError("joint_sample_fraction must lie in (0, 1]")
+        weight = self.joint_loss_weight
+        if not isinstance(weight, int | float) or isinstance(weight, bool) or not 0 < weight <= 100:
+            raise ConfigError("joint_loss_weight must lie in (0, 100]")
+        if weight != 1 and not self.joint_configs:
+            raise ConfigError("joint_loss_weight weighs joint_configs' papers: it needs joint_configs")
         if not isinstance(self.fields, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in self.fields.items()
         ):

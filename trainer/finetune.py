@@ -2,8 +2,8 @@
 window of each abstract, then exported as ``encoder.onnx`` (int8) and the head's weights.
 
 The encoder may learn several taxonomies at once (:class:`Task`): one output layer spans every taxonomy's labels and
-each paper's loss counts only its own taxonomy's columns, so papers of one taxonomy are neither positives nor
-negatives for another's labels. The shared encoder then serves them all in one pass.
+each paper's loss counts only its own taxonomy's columns (at its taxonomy's weight), so papers of one taxonomy are
+neither positives nor negatives for another's labels. The shared encoder then serves them all in one pass.
 
 This is the step that needs a GPU to be quick; everything after it (heads, lexical part, fusion, thresholds) runs on
 the frozen encoder in minutes on a CPU (:mod:`trainer.heads`).
@@ -55,11 +55,13 @@ class FineTuned:
 @dataclass
 class Task:
     """One taxonomy's share of a fine-tune: texts and multi-hot targets for its ``train`` and ``validation``
-    splits. The first task of a run is the one whose head comes back in :class:`FineTuned`."""
+    splits, and the weight of its papers in the loss and in early stopping. The first task of a run is the one
+    whose head comes back in :class:`FineTuned`."""
 
     slug: str
     texts: dict[str, list[str]]
     targets: dict[str, np.ndarray]
+    weight: float = 1.0
 
     @property
     def width(self) -> int:
@@ -70,8 +72,9 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class Encoded(torch.utils.data.Dataset):
-    """Token ids per paper (unpadded), multi-hot targets over every task's labels and the mask of the columns the
-    paper is scored on (its own task's); batches are padded by :func:`make_collate`."""
+    """Token ids per paper (unpadded), multi-hot targets over every task's labels and the weights of the columns
+    the paper is scored on (its own task's, at its task's weight; 0 elsewhere); batches are padded by
+    :func:`make_collate`."""
 
     def __init__(self, ids: list[list[int]], targets: np.ndarray, scored: np.ndarray) -> None:
         self.ids, self.targets, self.scored = ids, torch.from_numpy(targets), torch.from_numpy(scored)
@@ -98,7 +101,7 @@ def make_collate(pad_id: int) -> Callable:
 
 def stacked(tasks: list[Task], split: str, ids: list[list[list[int]]]) -> Encoded:
     """Every task's papers of ``split`` in one data set, targets placed in the task's columns of the joint output
-    layer and only those columns scored."""
+    layer and only those columns scored (at the task's weight)."""
     total = sum(task.width for task in tasks)
     rows = sum(len(task.texts[split]) for task in tasks)
     targets = np.zeros((rows, total), dtype=np.float32)
@@ -107,14 +110,14 @@ def stacked(tasks: list[Task], split: str, ids: list[list[list[int]]]) -> Encode
     for task in tasks:
         count = len(task.texts[split])
         targets[row : row + count, column : column + task.width] = task.targets[split]
-        scored[row : row + count, column : column + task.width] = 1.0
+        scored[row : row + count, column : column + task.width] = task.weight
         row, column = row + count, column + task.width
     return Encoded([paper for group in ids for paper in group], targets, scored)
 
 
 def positive_weights(dataset: Encoded, cap: float) -> np.ndarray:
     """BCE positive weight per label: negatives over positives among the papers scored on it, from 1 to ``cap``."""
-    scored = dataset.scored.numpy()
+    scored = dataset.scored.numpy() > 0
     positives = dataset.targets.numpy().sum(axis=0)
     negatives = scored.sum(axis=0) - positives
     return np.clip(negatives / np.maximum(positives, 1), 1.0, cap)
@@ -123,7 +126,8 @@ def positive_weights(dataset: Encoded, cap: float) -> np.ndarray:
 def masked_bce(
     logits: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor, pos_weight: torch.Tensor
 ) -> torch.Tensor:
-    """Mean BCE over the scored cells only (with every cell scored: ``BCEWithLogitsLoss(pos_weight)``)."""
+    """Mean BCE over the scored cells only, weighted by ``scored`` (with every cell scored at 1:
+    ``BCEWithLogitsLoss(pos_weight)``)."""
     cells = nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight, reduction="none")
     return (cells * scored).sum() / scored.sum().clamp(min=1.0)
 
@@ -172,9 +176,9 @@ def finetune(
     work_dir: Path,
     progress: Progress | None = None,
 ) -> FineTuned | None:
-    """Fine-tune on every task's train split, early-stop on the tasks' mean validation micro-F1, export the best
-    epoch's encoder to ``work_dir`` with the first task's head. Returns None in the non-main processes of a
-    distributed (torchrun) run."""
+    """Fine-tune on every task's train split, early-stop on the tasks' validation micro-F1 (their mean, weighted
+    by the tasks' weights), export the best epoch's encoder to ``work_dir`` with the first task's head. Returns
+    None in the non-main processes of a distributed (torchrun) run."""
     report = progress or (lambda update: None)
     started = time.monotonic()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -273,8 +277,10 @@ def finetune(
             threshold, task_f1 = best_global_threshold(validation, task.targets["validation"])
             log.info("epoch %d: %s validation micro-F1 %.4f at threshold %.3f", epoch, task.slug, task_f1, threshold)
             per_task.append(task_f1)
-        micro_f1 = float(np.mean(per_task))
-        log.info("epoch %d: loss %.4f, validation micro-F1 %.4f (mean over taxonomies)", epoch, running, micro_f1)
+        micro_f1 = float(np.average(per_task, weights=[task.weight for task in tasks]))
+        log.info(
+            "epoch %d: loss %.4f, validation micro-F1 %.4f (weighted mean over taxonomies)", epoch, running, micro_f1
+        )
         report(progress_of(epoch, step, running, validation_micro_f1=round(micro_f1, 4)))
         if micro_f1 > best["micro_f1"]:
             best = {
@@ -324,6 +330,7 @@ def finetune(
                 "slug": task.slug,
                 "labels": task.width,
                 "train_papers": len(task.texts["train"]),
+                "loss_weight": task.weight,
                 "validation_micro_f1_first_window": round(float(f1), 4),
             }
             for task, f1 in zip(tasks, best["per_task"], strict=True)

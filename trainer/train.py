@@ -284,7 +284,7 @@ def _encoder_source(
     key_parts: list[Any] = [{name: getattr(config, name) for name in FINETUNE_FIELDS}, base_path, labels]
     key_parts.append(data_key(tasks[0]))
     if len(tasks) > 1:
-        key_parts.append([(task.slug, task.width, data_key(task)) for task in tasks[1:]])
+        key_parts.append([(task.slug, task.width, task.weight, data_key(task)) for task in tasks[1:]])
     key = _fingerprint(*key_parts)
     cached = work_dir / f"finetune-{key}"
     if (cached / "info.json").is_file():
@@ -359,6 +359,7 @@ def joint_tasks(config: TrainConfig, held_out: set[str]) -> tuple[list[Task], se
                 other.taxonomy_slug,
                 {split: [p.text for p in items] for split, items in chosen.items()},
                 {split: multi_hot(items, labels) for split, items in chosen.items()},
+                config.joint_loss_weight,
             )
         )
     return tasks, theirs
