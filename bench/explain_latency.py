@@ -40,9 +40,9 @@ import flask_migrate  # noqa: E402
 
 from bench.http_latency import cores  # noqa: E402
 from webapp import create_app  # noqa: E402
-from webapp.batch import EXTENSION_KEY as BATCH_WORKER  # noqa: E402
 from webapp.explain import occlusion, occlusion_texts, units_of  # noqa: E402
 from webapp.extensions import db  # noqa: E402
+from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER  # noqa: E402
 from webapp.models import Prediction  # noqa: E402
 from webapp.serving.bundle import compose_text  # noqa: E402
 from webapp.serving.registry import import_bundle, live_models  # noqa: E402

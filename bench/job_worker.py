@@ -46,8 +46,8 @@ from sqlalchemy import select  # noqa: E402
 from bench.http_latency import fixture_abstracts, rss_mb  # noqa: E402
 from tests.gunicorn_harness import BIN, app_env  # noqa: E402
 from webapp import create_app  # noqa: E402
-from webapp.batch import ParsedCsv, create_job, queue_job  # noqa: E402
 from webapp.extensions import db  # noqa: E402
+from webapp.jobs.batch import ParsedCsv, create_job, queue_job  # noqa: E402
 from webapp.models import BatchChunk, BatchJob  # noqa: E402
 from webapp.serving.registry import import_defaults  # noqa: E402
 from webapp.serving.scoring import Submission, predict_and_store  # noqa: E402

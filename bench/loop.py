@@ -49,7 +49,7 @@ from trainer.evaluate import evaluate_papers  # noqa: E402
 from trainer.publish import SiteTarget  # noqa: E402
 from trainer.train import load_dataset, train  # noqa: E402
 from webapp import create_app  # noqa: E402
-from webapp.batch import EXTENSION_KEY as BATCH_WORKER  # noqa: E402
+from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER  # noqa: E402
 from webapp.serving.bundle import read_manifest  # noqa: E402
 from webapp.serving.registry import EXTENSION_KEY as LIVE_MODELS  # noqa: E402
 

@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO))
 import flask_migrate  # noqa: E402
 
 from webapp import create_app  # noqa: E402
-from webapp.batch import EXTENSION_KEY as BATCH_WORKER  # noqa: E402
 from webapp.extensions import db  # noqa: E402
+from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER  # noqa: E402
 from webapp.models import AnnotationEvent, Prediction, PredictionResult, User, utcnow  # noqa: E402
 from webapp.serving.registry import EXTENSION_KEY as LIVE_MODELS  # noqa: E402
 from webapp.serving.registry import import_bundle  # noqa: E402

@@ -37,11 +37,12 @@ from flask import Flask  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 from bench.swap_time import twin  # noqa: E402
-from webapp import create_app, jobs  # noqa: E402
-from webapp.batch import EXTENSION_KEY as BATCH_WORKER  # noqa: E402
+from webapp import create_app  # noqa: E402
 from webapp.extensions import db  # noqa: E402
+from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER  # noqa: E402
+from webapp.jobs.engine import claim  # noqa: E402
+from webapp.jobs.replay import REPLAY_JOBS, process_replay, queue_replay  # noqa: E402
 from webapp.models import AnnotationEvent, ReplayReport, User  # noqa: E402
-from webapp.replay import REPLAY_JOBS, process_replay, queue_replay  # noqa: E402
 from webapp.serving import inference  # noqa: E402
 from webapp.serving.registry import EXTENSION_KEY as LIVE_MODELS  # noqa: E402
 from webapp.serving.registry import import_bundle, live_models  # noqa: E402
@@ -106,7 +107,7 @@ def replay_once(config: dict, candidate: str) -> dict[str, float]:
         started = time.perf_counter()
         job_id = queue_replay(candidate, actor="bench").id  # what the request does
         queued = time.perf_counter() - started
-        if jobs.claim(REPLAY_JOBS, "bench") != job_id:
+        if claim(REPLAY_JOBS, "bench") != job_id:
             raise SystemExit(f"replay {job_id} could not be claimed")
         process_replay(job_id, "bench")  # what a job worker does
         seconds = time.perf_counter() - started

@@ -86,7 +86,7 @@ from webapp import similar_index  # noqa: E402
 from webapp.config import database_uri  # noqa: E402
 from webapp.curation.corrections import ReviewCommand, ReviewPart  # noqa: E402
 from webapp.extensions import db  # noqa: E402
-from webapp.jobs import EXTENSION_KEY as JOB_ENGINE  # noqa: E402
+from webapp.jobs.engine import EXTENSION_KEY as JOB_ENGINE  # noqa: E402
 from webapp.models import (  # noqa: E402
     BatchJob,
     Embedding,

@@ -34,8 +34,8 @@ from sqlalchemy import Select, func, insert, select  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from webapp import create_app, search  # noqa: E402
-from webapp.batch import EXTENSION_KEY as BATCH_WORKER  # noqa: E402
 from webapp.extensions import db  # noqa: E402
+from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER  # noqa: E402
 from webapp.models import Prediction  # noqa: E402
 from webapp.serving.registry import live_models  # noqa: E402
 

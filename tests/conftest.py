@@ -28,9 +28,9 @@ from sqlalchemy.engine import make_url
 
 from tests.tiny_bundle import build_bundle, build_tokenizer, fixture_abstracts
 from webapp import create_app
-from webapp.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.extensions import db
-from webapp.jobs import JobEngine
+from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER
+from webapp.jobs.engine import JobEngine
 from webapp.serving.registry import import_bundle, live_models
 
 BundleFactory = Callable[..., Path]

@@ -18,9 +18,10 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select, update
 
 from tests.conftest import PASSWORD, BundleFactory, add_user, job_engine_of, live_models_of, make_app, signed_in
-from webapp import batch, jobs
-from webapp.batch import BATCH_CHUNKS, create_job, decode_upload, parse_csv, process_chunk, queue_job
 from webapp.extensions import db
+from webapp.jobs import batch
+from webapp.jobs import engine as jobs
+from webapp.jobs.batch import BATCH_CHUNKS, create_job, decode_upload, parse_csv, process_chunk, queue_job
 from webapp.models import BatchChunk, BatchJob, BatchRow, Prediction, utcnow
 from webapp.serving.registry import import_bundle
 from webapp.serving.scoring import Submission, predict_and_store

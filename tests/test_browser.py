@@ -22,9 +22,9 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 
 from tests.conftest import PASSWORD, BundleFactory, add_user, live_models_of, make_app, running_jobs
 from tests.tiny_bundle import LABELS
-from webapp.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.config import REPO_ROOT
 from webapp.extensions import db
+from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.models import AnnotationEvent, PredictionResult, Taxonomy
 from webapp.serving.registry import import_bundle
 

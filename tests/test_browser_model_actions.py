@@ -15,8 +15,8 @@ from playwright.sync_api import Page, expect
 
 from tests import test_browser
 from tests.test_browser import SCREENSHOTS, SLUG, WAIT_MS, Site, check_layout, predict, sign_in
-from webapp import replay as replay_module
 from webapp.extensions import db
+from webapp.jobs import replay as replay_module
 from webapp.models import Taxonomy, TrainingRun
 from webapp.training_runs import create_run, update_run
 

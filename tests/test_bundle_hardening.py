@@ -21,9 +21,9 @@ from sqlalchemy import func, select
 from tests.conftest import BundleFactory, job_engine_of, live_models_of, make_app
 from tests.test_auth import _token as api_token
 from tests.test_batch import make_csv
-from webapp.batch import EXTENSION_KEY as BATCH_WORKER
-from webapp.batch import create_job, parse_csv, queue_job
 from webapp.extensions import db
+from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER
+from webapp.jobs.batch import create_job, parse_csv, queue_job
 from webapp.models import BatchJob, BatchRow, ModelVersion, Prediction, PredictionResult
 from webapp.serving.bundle import BUNDLE_FILES, MANIFEST_FILE, BundleError, unpack
 from webapp.serving.inference import LoadedModel

@@ -17,8 +17,8 @@ from sqlalchemy import event, inspect, select
 
 from tests.conftest import live_models_of
 from tests.tiny_bundle import LABELS
-from webapp.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.extensions import db
+from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.models import PredictionResult
 
 SLUG = "test-tasks"

@@ -20,9 +20,9 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
 from tests.conftest import BundleFactory, live_models_of, make_app
-from webapp.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.explain import occlusion_texts, units_of
 from webapp.extensions import db
+from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.models import Explanation, Prediction
 from webapp.serving.inference import LoadedModel, load_and_validate
 from webapp.serving.registry import import_bundle

@@ -18,9 +18,9 @@ from sqlalchemy import select
 
 from tests.conftest import TEST_DATABASE_URL, BundleFactory, live_models_of, make_app
 from tests.test_auth import _token as api_token
-from webapp.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.errors import DATABASE_UNAVAILABLE
 from webapp.extensions import db
+from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.models import ModelVersion, Prediction
 from webapp.serving.bundle import pack
 from webapp.serving.registry import import_bundle

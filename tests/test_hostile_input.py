@@ -18,9 +18,9 @@ from sqlalchemy.engine import make_url
 
 from tests.conftest import PASSWORD, TEST_DATABASE_URL, add_user, live_models_of, make_app, signed_in
 from tests.test_batch import job_id_of, make_csv, upload, wait_for
-from webapp.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.csv_cells import safe_cell
 from webapp.extensions import db
+from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.models import ApiToken
 from webapp.serving.registry import import_bundle
 from webapp.training_runs import create_run

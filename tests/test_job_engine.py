@@ -29,9 +29,9 @@ from tests.conftest import BundleFactory, database_url_for, job_engine_of, live_
 from tests.gunicorn_harness import BIN, REPO, app_env, database, flask_cli, gunicorn, request, worker_pids
 from tests.test_batch import make_csv
 from tests.tiny_bundle import fixture_abstracts
-from webapp import jobs
-from webapp.batch import BATCH_CHUNKS, create_job, parse_csv
 from webapp.extensions import db
+from webapp.jobs import engine as jobs
+from webapp.jobs.batch import BATCH_CHUNKS, create_job, parse_csv
 from webapp.models import BatchChunk, BatchJob, BatchRow, Prediction, ReplayReport
 from webapp.serving.registry import import_bundle
 

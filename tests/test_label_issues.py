@@ -27,9 +27,9 @@ from webapp.curation.annotations import corrected_predictions
 from webapp.curation.curate import queue_query
 from webapp.curation.label_issues import DATASET_SOURCE, import_issues, read_issue_file
 from webapp.extensions import db
+from webapp.jobs.replay import sample as replay_sample
 from webapp.models import ApiToken, LabelIssue, Prediction, PredictionResult, Taxonomy, User
 from webapp.quality import reviews
-from webapp.replay import sample as replay_sample
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 browser, site, page = test_browser.browser, test_browser.site, test_browser.page

@@ -12,8 +12,8 @@ from flask import Flask
 from sqlalchemy import inspect
 
 from tests.conftest import BundleFactory, live_models_of, make_app
-from webapp.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.extensions import db
+from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.serving.registry import import_bundle
 
 

@@ -16,8 +16,8 @@ from flask.testing import FlaskClient
 
 from tests.conftest import BundleFactory, live_models_of, make_app, signed_in
 from webapp import ConfigurationError, create_app
-from webapp.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.extensions import db
+from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.read_access import ENDPOINT_READS
 from webapp.serving.registry import import_bundle
 from webapp.training_runs import create_run

@@ -15,9 +15,9 @@ from sqlalchemy import func, select
 from tests.conftest import BundleFactory, signed_in
 from tests.tiny_bundle import LABELS
 from webapp.extensions import db
-from webapp.jobs import EXTENSION_KEY as JOB_RUNNER
+from webapp.jobs.engine import EXTENSION_KEY as JOB_RUNNER
+from webapp.jobs.replay import sample
 from webapp.models import ModelArtifact, ModelVersion, ReplayReport, Taxonomy, TrainingRun
-from webapp.replay import sample
 from webapp.serving.bundle import compose_text
 from webapp.serving.inference import LoadedModel
 from webapp.serving.registry import activate, import_bundle

@@ -15,11 +15,11 @@ from sqlalchemy import select
 from tests import test_replay
 from tests.conftest import BundleFactory, signed_in
 from tests.test_replay import SLUG, import_version, predicted_sets, token, wait_for_replay
-from webapp import jobs
 from webapp.extensions import db
-from webapp.jobs import EXTENSION_KEY as JOB_RUNNER
+from webapp.jobs import engine as jobs
+from webapp.jobs.engine import EXTENSION_KEY as JOB_RUNNER
+from webapp.jobs.replay import REPLAY_JOBS, process_replay, queue_replay
 from webapp.models import ReplayReport, Taxonomy, utcnow
-from webapp.replay import REPLAY_JOBS, process_replay, queue_replay
 from webapp.serving.registry import activate
 
 stored = test_replay.stored  # the fixture: twelve stored predictions, three of them reviewed

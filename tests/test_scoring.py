@@ -14,8 +14,8 @@ from flask.testing import FlaskClient
 
 from tests.conftest import BundleFactory, live_models_of, make_app
 from tests.test_inference import SHORT
-from webapp.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.extensions import db
+from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.models import PredictionResult
 from webapp.serving.bundle import compose_text
 from webapp.serving.inference import Encoder

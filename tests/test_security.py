@@ -21,9 +21,9 @@ from sqlalchemy import func, inspect, select
 
 from tests.conftest import PASSWORD, BundleFactory, add_user, live_models_of, make_app, signed_in
 from tests.test_batch import wait_for
-from webapp.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.config import REPO_ROOT
 from webapp.extensions import db
+from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.models import (
     ActivationEvent,
     AnnotationEvent,

@@ -22,8 +22,8 @@ from tests.conftest import BundleFactory, live_models_of, make_app
 from tests.test_similar import SLUG, predict, similar
 from webapp import similar as similar_module
 from webapp import similar_index
-from webapp.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.extensions import db
+from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.models import Embedding, PredictionResult
 from webapp.serving.registry import activate, import_bundle
 from webapp.serving.scoring import Submission, predict_and_store

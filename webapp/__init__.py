@@ -152,7 +152,6 @@ def register_blueprints(app: Flask) -> None:
         accounts,
         admin,
         api,
-        batch,
         explain,
         exports,
         history,
@@ -160,10 +159,10 @@ def register_blueprints(app: Flask) -> None:
         learned_thresholds,
         predict,
         quality,
-        replay,
         similar,
     )
     from .curation import agreement, bulk, curate, label_issues
+    from .jobs import batch, replay
 
     app.register_blueprint(predict.bp)
     app.register_blueprint(history.bp)
@@ -208,7 +207,7 @@ def register_errorhandlers(app: Flask) -> None:
 
 def register_commands(app: Flask) -> None:
     from .commands import models_cli, tokens_cli, users_cli
-    from .worker import jobs_cli
+    from .jobs.worker import jobs_cli
 
     app.cli.add_command(jobs_cli)
     app.cli.add_command(models_cli)

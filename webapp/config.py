@@ -78,7 +78,7 @@ class Defaults:
     # A running job (batch or replay) whose heartbeat is older than this is taken over: its process died (seconds).
     BATCH_STALE_SECONDS = 120.0
     # Stored abstracts a replay re-scores with a candidate and the active model, reviewed ones first: 200 take
-    # 11-26 s with the default model (bench/replay_time.py), so a replay is a background job (webapp/jobs.py).
+    # 11-26 s with the default model (bench/replay_time.py), so a replay is a background job (webapp/jobs/engine.py).
     REPLAY_SAMPLE_SIZE = 200
     # Rows per history page.
     HISTORY_PER_PAGE = 25

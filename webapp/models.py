@@ -513,7 +513,7 @@ class BatchRow(db.Model):
 
 class BatchChunk(db.Model):
     """A run of a batch's taggable rows (``first_row``..``last_row``, spreadsheet numbers) that one worker tags and
-    commits at once: the unit the job engine claims (``webapp/batch.py``), so several workers share one batch.
+    commits at once: the unit the job engine claims (``webapp/jobs/batch.py``), so several workers share one batch.
     queued -> running -> finished | failed, held like any job through ``worker`` and ``heartbeat_at``."""
 
     __tablename__ = "batch_chunks"
@@ -532,7 +532,7 @@ class BatchChunk(db.Model):
 
 class ReplayReport(db.Model):
     """What a candidate version would change if activated, computed by re-scoring stored abstracts with it and
-    with the active version (``webapp/replay.py``); kept so the replay page shows it without recomputing."""
+    with the active version (``webapp/jobs/replay.py``); kept so the replay page shows it without recomputing."""
 
     __tablename__ = "replay_reports"
 

@@ -2,7 +2,7 @@
 
 The upload is read and checked in the request (so every problem with the file is a form error), then stored
 row by row in the database with its chunks (``BATCH_CHUNK_SIZE`` taggable rows each), one task per chunk queued on
-the job engine (``webapp/jobs.py``): every worker process, on this machine or another, takes chunks of it. A chunk
+the job engine (``engine``): every worker process, on this machine or another, takes chunks of it. A chunk
 is claimed like any job (a conditional UPDATE, then held by its worker), and its predictions, its rows' links and
 the batch's counters commit in one transaction only while its worker still holds it, so a chunk whose worker died
 is redone by another and no row is ever tagged twice. The batch goes running when its first chunk is claimed,
@@ -31,17 +31,17 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.utils import secure_filename
 from werkzeug.wrappers import Response
 
-from . import jobs
-from .auth import has_role, role_required
-from .csv_cells import csv_lines
-from .curation.annotations import label_map, mapped_result
-from .extensions import db
-from .models import BatchChunk, BatchJob, BatchRow, ModelVersion, Prediction, PredictionResult, utcnow
-from .serving.scoring import InputError, NoModelError, Submission, check_submission, predict_and_store
+from ..auth import has_role, role_required
+from ..csv_cells import csv_lines
+from ..curation.annotations import label_map, mapped_result
+from ..extensions import db
+from ..models import BatchChunk, BatchJob, BatchRow, ModelVersion, Prediction, PredictionResult, utcnow
+from ..serving.scoring import InputError, NoModelError, Submission, check_submission, predict_and_store
+from . import engine
 
 log = logging.getLogger(__name__)
 bp = Blueprint("batch", __name__, url_prefix="/batches")
-EXTENSION_KEY = jobs.EXTENSION_KEY  # the app's job engine
+EXTENSION_KEY = engine.EXTENSION_KEY  # the app's job engine
 
 # What a misnamed upload really is, by its first bytes, so the error can say what to do instead.
 SIGNATURES = {
@@ -185,10 +185,10 @@ def queue_job(job_id: int) -> int:
     chunks = db.session.scalars(
         select(BatchChunk.id).where(BatchChunk.job_id == job_id, BatchChunk.status == "queued").order_by(BatchChunk.id)
     ).all()
-    return jobs.enqueue(BATCH_CHUNKS, *chunks)
+    return engine.enqueue(BATCH_CHUNKS, *chunks)
 
 
-# --- the background work (run by worker processes of the job engine, webapp/jobs.py) ---------------------------
+# --- the background work (run by worker processes of the job engine, webapp/jobs/engine.py) ---------------------
 
 OPEN = ("queued", "running")
 
@@ -270,7 +270,7 @@ def _tag_chunk(
                 "chunk %d of batch job %d: %d of its rows were already tagged", chunk_id, job_id, len(links) - linked
             )
             return False
-    if not jobs.finish(BatchChunk, chunk_id, worker, status="finished", commit=False):
+    if not engine.finish(BatchChunk, chunk_id, worker, status="finished", commit=False):
         db.session.rollback()
         return False
     db.session.execute(
@@ -290,7 +290,7 @@ def _tag_chunk(
 def _fail(chunk_id: int, job_id: int, worker: str, error: str) -> None:
     """Fail the chunk this worker holds and, unless it has ended, its batch with the same reason; the batch's
     chunks not yet taken are failed too (not run). Nothing when another worker took the chunk over."""
-    if not jobs.finish(BatchChunk, chunk_id, worker, status="failed", error=error, commit=False):
+    if not engine.finish(BatchChunk, chunk_id, worker, status="failed", error=error, commit=False):
         db.session.rollback()
         return
     now = utcnow()
@@ -326,12 +326,12 @@ def settle_batches(job_id: int | None = None) -> int:
     return ended
 
 
-BATCH_CHUNKS = jobs.JobKind("batch-chunk", BatchChunk, process_chunk, settle=settle_batches)
+BATCH_CHUNKS = engine.JobKind("batch-chunk", BatchChunk, process_chunk, settle=settle_batches)
 
 
 @bp.record_once
 def _attach_worker(state: Any) -> None:
-    jobs.register(state.app, BATCH_CHUNKS)
+    engine.register(state.app, BATCH_CHUNKS)
 
 
 # --- the result CSV ------------------------------------------------------------------------------------------
@@ -515,7 +515,7 @@ def detail(job_id: int) -> str:
         .limit(200)
     ).all()
     return render_template(
-        "batch/detail.html", job=job, status=job_json(job), skipped_rows=skipped_rows, waiting=jobs.is_waiting(job)
+        "batch/detail.html", job=job, status=job_json(job), skipped_rows=skipped_rows, waiting=engine.is_waiting(job)
     )
 
 

@@ -1,7 +1,7 @@
 """The job engine shared by CSV batches and replays: Huey queues the work, dedicated worker processes do it.
 
 A web process only writes a job row and enqueues a Huey task carrying the job's id (``JobEngine.enqueue``); a
-worker process (``flask --app wsgi jobs worker``, ``webapp/worker.py``) runs Huey's consumer, whose task claims the
+worker process (``flask --app wsgi jobs worker``, ``webapp/jobs/worker.py``) runs Huey's consumer, whose task claims the
 row and processes it. Huey's queue lives in a SQLite file in ``DATA_DIR`` (one machine, nothing to install) or in
 Redis (``REDIS_URL``: workers on any machine).
 
@@ -15,7 +15,7 @@ sweeps the tables now and then (``JobEngine.sweep``) and enqueues again the runn
 queue, or made before the engine existed).
 
 A "job" here is whatever a kind claims: a replay is one, a CSV batch is many, one per chunk of its rows
-(``webapp/batch.py``), so several workers tag one batch together.
+(``webapp/jobs/batch.py``), so several workers tag one batch together.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import and_, or_, select, update
 
-from .extensions import db
-from .models import utcnow
+from ..extensions import db
+from ..models import utcnow
 
 log = logging.getLogger(__name__)
 EXTENSION_KEY = "papertag.batch_worker"  # the name the batch worker had before replays shared it

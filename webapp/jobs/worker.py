@@ -1,5 +1,5 @@
 """A job worker process: ``flask --app wsgi jobs worker`` runs Huey's consumer on the app's queue
-(``webapp/jobs.py``), so CSV batches and replays run beside the web processes, never in them.
+(``webapp/jobs/engine.py``), so CSV batches and replays run beside the web processes, never in them.
 
 Besides the consumer's threads, a sweeper thread queues again, at start and every ``BATCH_POLL_SECONDS``, the jobs
 no task is pending for (a killed worker's, a lost queue's). SIGTERM (Render's deploys, ``make run`` stopping) and
@@ -27,8 +27,8 @@ from flask import Flask, current_app
 from flask.cli import with_appcontext
 from huey.consumer import Consumer
 
-from . import jobs
-from .serving.registry import live_models
+from ..serving.registry import live_models
+from .engine import EXTENSION_KEY, QUEUE_FILE, JobEngine, process_prefix
 
 log = logging.getLogger(__name__)
 # How long an idle consumer thread waits at most between looks at a SQLite queue (Redis blocks until a task
@@ -45,7 +45,7 @@ class _Consumer(Consumer):
         signal.signal(signal.SIGINT, self._handle_stop_signal)
 
 
-def _sweep_every(engine: jobs.JobEngine, interval: float, stop: threading.Event) -> None:
+def _sweep_every(engine: JobEngine, interval: float, stop: threading.Event) -> None:
     while True:
         try:
             queued = engine.sweep()
@@ -59,7 +59,7 @@ def _sweep_every(engine: jobs.JobEngine, interval: float, stop: threading.Event)
 
 def run_worker(app: Flask, threads: int = 1) -> None:
     """Run jobs until SIGTERM or SIGINT (blocks; installs the consumer's signal handlers, so the main thread)."""
-    engine: jobs.JobEngine = app.extensions[jobs.EXTENSION_KEY]
+    engine: JobEngine = app.extensions[EXTENSION_KEY]
     niceness = os.nice(int(app.config["JOB_WORKER_NICE"]))  # every thread started from here inherits it
     with app.app_context():
         live = live_models()
@@ -73,7 +73,7 @@ def run_worker(app: Flask, threads: int = 1) -> None:
     sweeper.start()
     log.info(
         "job worker %s: %d thread(s), %d onnxruntime thread(s) each, niceness %d, on %s",
-        jobs.process_prefix().rstrip(":"),
+        process_prefix().rstrip(":"),
         threads,
         live.threads,
         niceness,
@@ -83,7 +83,7 @@ def run_worker(app: Flask, threads: int = 1) -> None:
         consumer.run()
     finally:
         stop.set()
-        released = engine.release(jobs.process_prefix())
+        released = engine.release(process_prefix())
         if released:
             log.info("handed %d running job(s) back to the queue", released)
 
@@ -91,7 +91,7 @@ def run_worker(app: Flask, threads: int = 1) -> None:
 def _queue_name(app: Flask) -> str:
     """Where the queue is, for the log (a Redis URL's password stays out)."""
     url = app.config["REDIS_URL"]
-    return f"Redis at {url.rsplit('@', 1)[-1]}" if url else f"SQLite {app.config['DATA_DIR']}/{jobs.QUEUE_FILE}"
+    return f"Redis at {url.rsplit('@', 1)[-1]}" if url else f"SQLite {app.config['DATA_DIR']}/{QUEUE_FILE}"
 
 
 @click.group("jobs", help="Run the background job workers (CSV batches, replays).")

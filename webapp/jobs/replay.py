@@ -5,7 +5,7 @@ counts, and the reviewed predictions it would now get right or wrong).
 Both sides are scored fresh, by the same inference code, on the same texts. Stored results may come from older
 versions or thresholds, so comparing the candidate with them would blame it for what earlier models did.
 
-A replay is a background job (``webapp/jobs.py``, the engine CSV batches use): the request queues it, a worker
+A replay is a background job (``webapp/jobs/engine.py``, the engine CSV batches use): the request queues it, a worker
 process claims it, re-scores up to ``REPLAY_SAMPLE_SIZE`` abstracts chunk by chunk with a heartbeat and a progress
 count that its page polls, and stores the report, so the page shows it without recomputing.
 """
@@ -23,16 +23,16 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 from werkzeug.exceptions import Conflict, NotFound
 
-from . import jobs
-from .admin import gate_failed
-from .auth import role_required, token_user_role
-from .curation.annotations import current_labels, has_active_event, label_map
-from .extensions import db
-from .models import DATASET_SOURCE, AnnotationEvent, ModelVersion, Prediction, PredictionResult, ReplayReport, Taxonomy
-from .serving.bundle import BundleError, compose_text
-from .serving.inference import LoadedModel
-from .serving.registry import RegistryError, get_version, live_models, load_version
-from .surgery import LabelMap
+from ..admin import gate_failed
+from ..auth import role_required, token_user_role
+from ..curation.annotations import current_labels, has_active_event, label_map
+from ..extensions import db
+from ..models import DATASET_SOURCE, AnnotationEvent, ModelVersion, Prediction, PredictionResult, ReplayReport, Taxonomy
+from ..serving.bundle import BundleError, compose_text
+from ..serving.inference import LoadedModel
+from ..serving.registry import RegistryError, get_version, live_models, load_version
+from ..surgery import LabelMap
+from . import engine
 
 log = logging.getLogger(__name__)
 bp = Blueprint("replay", __name__)
@@ -192,7 +192,7 @@ def queue_replay(version_id: str, *, actor: str | None) -> ReplayReport:
     """Queue a replay of a candidate against its taxonomy's active version, or return the one already queued or
     running for it. Raises :class:`~webapp.serving.registry.RegistryError` for an unknown version and
     :class:`ReplayError` when there is nothing to compare it with (checked again when the job runs). The caller
-    enqueues it (:func:`webapp.jobs.enqueue`) once it has read what it answers (the job may start at once)."""
+    enqueues it (:func:`webapp.jobs.engine.enqueue`) once it has read what it answers (the job may start at once)."""
     candidate = get_version(version_id)
     active_id = _comparable(candidate)
     pending = db.session.scalar(
@@ -254,20 +254,20 @@ def process_replay(report_id: int, worker: str) -> None:
             if not _progress(report_id, worker, processed=len(active)):
                 return
         figures = compare(sampled, active, candidates)
-        jobs.finish(ReplayReport, report_id, worker, status="finished", report={"taxonomy": taxonomy.slug} | figures)
+        engine.finish(ReplayReport, report_id, worker, status="finished", report={"taxonomy": taxonomy.slug} | figures)
     except (ReplayError, RegistryError) as exc:
         db.session.rollback()
         message = exc.description if isinstance(exc, ReplayError) else str(exc)
-        jobs.finish(ReplayReport, report_id, worker, status="failed", error=message)
+        engine.finish(ReplayReport, report_id, worker, status="failed", error=message)
     except Exception as exc:
         db.session.rollback()
         log.exception("replay %d failed", report_id)
-        jobs.finish(ReplayReport, report_id, worker, status="failed", error=f"{exc.__class__.__name__}: {exc}")
+        engine.finish(ReplayReport, report_id, worker, status="failed", error=f"{exc.__class__.__name__}: {exc}")
 
 
 def _progress(report_id: int, worker: str, **values: Any) -> bool:
     """Commit progress while this worker holds the replay; False (and nothing written) once another took it."""
-    if not jobs.heartbeat(ReplayReport, report_id, worker, **values):
+    if not engine.heartbeat(ReplayReport, report_id, worker, **values):
         db.session.rollback()
         log.warning("replay %d was taken over by another worker; %s stops", report_id, worker)
         return False
@@ -275,12 +275,12 @@ def _progress(report_id: int, worker: str, **values: Any) -> bool:
     return True
 
 
-REPLAY_JOBS = jobs.JobKind("replay", ReplayReport, process_replay)
+REPLAY_JOBS = engine.JobKind("replay", ReplayReport, process_replay)
 
 
 @bp.record_once
 def _attach_runner(state: Any) -> None:
-    jobs.register(state.app, REPLAY_JOBS)
+    engine.register(state.app, REPLAY_JOBS)
 
 
 def latest_report(version_id: str, *, finished: bool = False) -> ReplayReport | None:
@@ -337,7 +337,7 @@ def show(version_id: str) -> str:
         replay=report,
         job=job,
         job_status=job_json(job) if job else None,
-        waiting=job is not None and jobs.is_waiting(job),
+        waiting=job is not None and engine.is_waiting(job),
         gate_failed=gate_failed(version.id),
     )
 
@@ -359,7 +359,7 @@ def replay(version_id: str) -> Response:
         flash(f"Nothing replayed: {exc.description}.", "error")
     else:
         flash(f"Replay #{job.id} of {version_id} against {job.active_version_id} is {job.status}.", "ok")
-        jobs.enqueue(REPLAY_JOBS, job.id)
+        engine.enqueue(REPLAY_JOBS, job.id)
     return redirect(url_for("replay.show", version_id=version_id))
 
 
@@ -368,7 +368,7 @@ def replay(version_id: str) -> Response:
 def api_replay(version_id: str) -> tuple[Response, int]:
     """Queue a replay (or find the one queued or running): 202 with the job and its ``status_url``."""
     body = job_json(queue_replay(version_id, actor=f"api:{g.api_user.name}"))
-    jobs.enqueue(REPLAY_JOBS, body["id"])
+    engine.enqueue(REPLAY_JOBS, body["id"])
     response = jsonify(body)
     response.headers["Location"] = body["status_url"]
     return response, 202
