@@ -29,7 +29,7 @@ from webapp.curation.label_issues import DATASET_SOURCE, import_issues, read_iss
 from webapp.extensions import db
 from webapp.jobs.replay import sample as replay_sample
 from webapp.models import ApiToken, LabelIssue, Prediction, PredictionResult, Taxonomy, User
-from webapp.quality import reviews
+from webapp.quality.live import reviews
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 browser, site, page = test_browser.browser, test_browser.site, test_browser.page

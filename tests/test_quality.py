@@ -16,7 +16,7 @@ from tests.conftest import BundleFactory, signed_in
 from tests.tiny_bundle import LABELS
 from webapp.extensions import db
 from webapp.models import AnnotationEvent, utcnow
-from webapp.quality import COLORS
+from webapp.quality.live import COLORS
 from webapp.serving.registry import activate, import_bundle
 
 SLUG = "test-tasks"

@@ -15,13 +15,13 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
 import trainer.thresholds
-import webapp.tuning
+import webapp.quality.tuning
 from tests.conftest import BundleFactory, live_models_of, signed_in
 from tests.test_quality import SLUG, api_token, correct, predict, quality
 from tests.tiny_bundle import LABELS
 from webapp.extensions import db
-from webapp.learned_thresholds import fold_of
 from webapp.models import ModelVersion, Taxonomy
+from webapp.quality.learned_thresholds import fold_of
 from webapp.serving.registry import import_bundle
 
 URL = f"/api/v1/taxonomies/{SLUG}/thresholds"
@@ -220,4 +220,4 @@ def test_unknown_taxonomies_and_versions_are_404(app: Flask, client: FlaskClient
 
 
 def test_the_trainer_tunes_with_the_same_function() -> None:
-    assert trainer.thresholds.tune_thresholds is webapp.tuning.tune_thresholds
+    assert trainer.thresholds.tune_thresholds is webapp.quality.tuning.tune_thresholds

@@ -9,7 +9,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 
-from webapp.tuning import best_global_threshold
+from webapp.quality.tuning import best_global_threshold
 
 from .metrics import product_report
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-from webapp.tuning import best_global_threshold
+from webapp.quality.tuning import best_global_threshold
 
 from .config import TrainConfig
 from .export import PooledEncoder, export_encoder, max_abs_difference, quantize_int8

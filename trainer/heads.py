@@ -24,8 +24,8 @@ from skl2onnx.common.data_types import StringTensorType
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
+from webapp.quality.tuning import best_global_threshold
 from webapp.serving.bundle import ENCODER_OUTPUT, HEAD_OUTPUTS, HEAD_TEXT_INPUT
-from webapp.tuning import best_global_threshold
 
 from .export import OPSET, quantize_int8
 

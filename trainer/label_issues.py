@@ -20,9 +20,9 @@ from cleanlab.multilabel_classification import get_label_quality_scores
 from cleanlab.multilabel_classification.filter import find_label_issues
 from sklearn.model_selection import KFold
 
+from webapp.quality.tuning import best_global_threshold
 from webapp.serving.bundle import read_manifest
 from webapp.surgery import LabelMap
-from webapp.tuning import best_global_threshold
 
 from .config import ConfigError, TrainConfig
 from .data import Paper, choose_labels, multi_hot

@@ -1,13 +1,13 @@
 """Per-label decision thresholds tuned on the validation split: how much evidence a label needs for its own.
 
-The tuning itself lives in :mod:`webapp.tuning`, shared with the site's thresholds learned from reviews.
+The tuning itself lives in :mod:`webapp.quality.tuning`, shared with the site's thresholds learned from reviews.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from webapp.tuning import GRID, f1_score, label_thresholds, micro_f1, tune_thresholds
+from webapp.quality.tuning import GRID, f1_score, label_thresholds, micro_f1, tune_thresholds
 
 # Evidence levels tried when the config leaves ``threshold_min_support`` at 0 (auto); 0 = one global threshold.
 SUPPORT_CHOICES = (4, 8, 16, 32, 0)
@@ -39,7 +39,7 @@ FLOOR_GRID = np.round(np.arange(0.0, 0.301, 0.01), 2)
 def guessing_thresholds(
     probabilities: np.ndarray, targets: np.ndarray, min_support: int, max_empty_share: float
 ) -> tuple[list[float], float, float]:
-    """Like :func:`webapp.tuning.tune_thresholds`, for a model that answers its best guess when no label passes.
+    """Like :func:`webapp.quality.tuning.tune_thresholds`, for a model that answers its best guess when no label passes.
 
     The global threshold and the guess floor (a guess needs at least that probability: below it the paper is most
     likely about none of the labels, and a guess would only add a false positive) are chosen together for the

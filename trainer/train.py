@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from webapp.quality.tuning import tune_thresholds
 from webapp.serving.bundle import ENCODER_FILE, TOKENIZER_FILE, Manifest, read_manifest, sha256_file, write_bundle
 from webapp.serving.inference import Encoder, LoadedModel, Reading
 from webapp.surgery import LabelMap
-from webapp.tuning import tune_thresholds
 
 from . import metrics
 from .baseline import tfidf_baseline

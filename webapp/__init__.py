@@ -156,13 +156,12 @@ def register_blueprints(app: Flask) -> None:
         exports,
         history,
         labels,
-        learned_thresholds,
         predict,
-        quality,
         similar,
     )
     from .curation import agreement, bulk, curate, label_issues
     from .jobs import batch, replay
+    from .quality import learned_thresholds, live
 
     app.register_blueprint(predict.bp)
     app.register_blueprint(history.bp)
@@ -179,16 +178,16 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(similar.bp)
     app.register_blueprint(labels.bp)
     app.register_blueprint(label_issues.bp)
-    app.register_blueprint(quality.bp)
+    app.register_blueprint(live.bp)
     app.register_blueprint(learned_thresholds.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(api.health_bp)
     app.register_blueprint(replay.api_bp)
-    app.register_blueprint(quality.api_bp)
+    app.register_blueprint(live.api_bp)
     app.register_blueprint(learned_thresholds.api_bp)
     csrf.exempt(api.bp)
     csrf.exempt(bulk.api_bp)
-    csrf.exempt(quality.api_bp)
+    csrf.exempt(live.api_bp)
     csrf.exempt(learned_thresholds.api_bp)
     csrf.exempt(replay.api_bp)
 

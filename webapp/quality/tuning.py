@@ -1,7 +1,7 @@
 """Decision thresholds tuned on labelled scores (numpy only).
 
 The trainer tunes them on its validation split; the site re-tunes them from reviewed predictions
-(:mod:`webapp.quality`). Both use these functions, so a threshold means the same thing in either place.
+(:mod:`webapp.quality.live`). Both use these functions, so a threshold means the same thing in either place.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ predictions and offer the result as a new version that differs only in ``bundle.
 ``head.onnx`` and ``tokenizer.json``), through the registry's import, the promotion gate and the usual hot swap.
 
 Only reviews of the active version count: their stored scores are that model's. A label is re-tuned (max F1 on
-:data:`webapp.tuning.GRID`) when it has at least ``THRESHOLD_MIN_EVIDENCE`` reviewed positives; the others keep
+:data:`webapp.quality.tuning.GRID`) when it has at least ``THRESHOLD_MIN_EVIDENCE`` reviewed positives; the others keep
 the trained threshold. The gate is the trainer's rule (never worse than the active model, int8 drift within its
 limit; the graph is the same, so the drift is 0): both thresholds are scored on reviews held out from their
 tuning, by a 2-fold cross-fit on a hash of the prediction id, so no review scores thresholds fitted on it.
@@ -33,14 +33,14 @@ from flask import (
 )
 from flask_login import current_user
 
-from .api import json_body
-from .auth import has_role, role_required, token_user_role
-from .curation.annotations import label_map
-from .extensions import db
-from .models import ModelVersion
-from .quality import Review, reviews
-from .serving.bundle import MANIFEST_FILE, BundleError, unpack
-from .serving.registry import RegistryError, get_taxonomy, get_version, import_bundle, version_archive
+from ..api import json_body
+from ..auth import has_role, role_required, token_user_role
+from ..curation.annotations import label_map
+from ..extensions import db
+from ..models import ModelVersion
+from ..serving.bundle import MANIFEST_FILE, BundleError, unpack
+from ..serving.registry import RegistryError, get_taxonomy, get_version, import_bundle, version_archive
+from .live import Review, reviews
 from .tuning import f1_score, label_thresholds, micro_counts, micro_f1
 
 bp = Blueprint("learned", __name__)

@@ -22,8 +22,8 @@ from flask_login import current_user
 from sqlalchemy import select
 from sqlalchemy.orm import load_only, selectinload
 
-from .auth import has_role
-from .curation.annotations import (
+from ..auth import has_role
+from ..curation.annotations import (
     REVIEW_KINDS,
     active_events,
     current_labels,
@@ -31,9 +31,9 @@ from .curation.annotations import (
     label_map,
     prediction_text,
 )
-from .extensions import db
-from .models import DATASET_SOURCE, AnnotationEvent, ModelVersion, Prediction, PredictionResult, Taxonomy
-from .serving.registry import RegistryError, get_taxonomy, get_version
+from ..extensions import db
+from ..models import DATASET_SOURCE, AnnotationEvent, ModelVersion, Prediction, PredictionResult, Taxonomy
+from ..serving.registry import RegistryError, get_taxonomy, get_version
 
 bp = Blueprint("quality", __name__)
 api_bp = Blueprint("quality_api", __name__, url_prefix="/api/v1")
