@@ -10,7 +10,7 @@ from playwright.sync_api import Page, expect
 from tests import test_browser
 from tests.test_browser import SCREENSHOTS, SLUG, Site, check_layout, predict
 from tests.test_browser_replay import correct
-from webapp.explain import heat_class
+from webapp.evidence.explain import heat_class
 
 # The browser, the served site and the checked page, as tests/test_browser.py sets them up.
 browser, site, page = test_browser.browser, test_browser.site, test_browser.page

@@ -20,7 +20,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
 from tests.conftest import BundleFactory, live_models_of, make_app
-from webapp.explain import occlusion_texts, units_of
+from webapp.evidence.explain import occlusion_texts, units_of
 from webapp.extensions import db
 from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.models import Explanation, Prediction

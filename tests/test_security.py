@@ -268,8 +268,9 @@ SQL_ABSTRACT = f"' OR '1'='1' -- ; DELETE FROM users WHERE 'a'='a'; {ABSTRACT}"
 
 
 def test_sql_looking_input_is_stored_verbatim_and_harmless(app: Flask, client: FlaskClient) -> None:
-    # The innocent prediction first: storing the first one makes the vector index's tables (webapp/similar_index.py),
-    # so the tables counted after it are those the injected text could add to or drop.
+    # The innocent prediction first: storing the first one makes the vector index's tables
+    # (webapp/evidence/similar_index.py), so the tables counted after it are those the injected text could add to or
+    # drop.
     client.post("/api/v1/predict", json={"title": "an innocent title", "abstract": ABSTRACT})
     with app.app_context():
         tables = set(inspect(db.engine).get_table_names())

@@ -1,4 +1,5 @@
-"""Similar papers' vector index (``webapp/similar_index.py``): the engine follows the database (sqlite-vec, pgvector
+"""Similar papers' vector index (``webapp/evidence/similar_index.py``):
+the engine follows the database (sqlite-vec, pgvector
 where the server has it, else the exact scan), the index holds exactly the stored embeddings a result points at, once
 whatever the number of taxonomies sharing the encoder (new ones at once, none of a rolled-back or deleted one), the
 exact scan finds what the index finds, copies of the query's text beyond the first candidates do not hide other
@@ -20,8 +21,8 @@ from sqlalchemy import func, select, text
 
 from tests.conftest import BundleFactory, live_models_of, make_app
 from tests.test_similar import SLUG, predict, similar
-from webapp import similar as similar_module
-from webapp import similar_index
+from webapp.evidence import similar as similar_module
+from webapp.evidence import similar_index
 from webapp.extensions import db
 from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.models import Embedding, PredictionResult

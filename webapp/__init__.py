@@ -18,8 +18,8 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import config as config_module
 from .config import ConfigurationError
+from .evidence.similar_index import load_sqlite_vec
 from .extensions import csrf, db, limiter, login_manager, migrate
-from .similar_index import load_sqlite_vec
 
 REPO_ROOT = config_module.REPO_ROOT
 
@@ -125,7 +125,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
-        load_sqlite_vec(dbapi_connection)  # similar papers' index (webapp/similar_index.py) is written on every one
+        load_sqlite_vec(
+            dbapi_connection
+        )  # similar papers' index (webapp/evidence/similar_index.py) is written on every one
 
 
 def register_extensions(app: Flask) -> None:
@@ -152,14 +154,13 @@ def register_blueprints(app: Flask) -> None:
         accounts,
         admin,
         api,
-        explain,
         exports,
         history,
         labels,
         predict,
-        similar,
     )
     from .curation import agreement, bulk, curate, label_issues
+    from .evidence import explain, similar
     from .jobs import batch, replay
     from .quality import learned_thresholds, live
 

@@ -13,12 +13,12 @@ from sqlalchemy.orm import selectinload
 from . import paging, search
 from .curation.annotations import has_active_event, label_views, reviewed_predictions
 from .curation.corrections import describe
-from .explain import page_panel
+from .evidence.explain import page_panel
+from .evidence.similar import similar_papers
 from .extensions import db
 from .models import BatchJob, ModelVersion, Prediction, PredictionResult
 from .read_access import PREDICTIONS, can_read, deny_read, reader
 from .serving.scoring import result_view
-from .similar import similar_papers
 
 bp = Blueprint("history", __name__)
 

@@ -1,9 +1,9 @@
 """Similar past abstracts: the nearest stored predictions by cosine similarity of the model's pooled embedding.
 
 Only results of the same model version are compared (the index searches the embeddings of the version's encoder,
-``webapp/similar_index.py``, and keeps the version's results). What is compared: the stored int8 directions
+``webapp/evidence/similar_index.py``, and keeps the version's results). What is compared: the stored int8 directions
 (``embeddings.vector``, ``webapp/serving/stored.py``), by exact cosine. Which results are looked at comes from the
-vector index (``webapp/similar_index.py``: sqlite-vec on SQLite, pgvector's HNSW on PostgreSQL, else an exact
+vector index (``webapp/evidence/similar_index.py``: sqlite-vec on SQLite, pgvector's HNSW on PostgreSQL, else an exact
 scan): it proposes ``CANDIDATES_PER_K`` times ``k`` candidates (at least ``MIN_CANDIDATES``), this module ranks them
 exactly and leaves out the prediction itself and copies of texts already listed; when that leaves fewer than ``k``
 and the index had more, it asks for four times as many, and past ``MAX_CANDIDATES`` (a version whose results are
@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from flask import Blueprint, Response, abort, current_app, jsonify, request
 from sqlalchemy import select
 
+from ..curation.annotations import current_labels, mapped_result, review_status
+from ..extensions import db
+from ..models import AnnotationEvent, Embedding, Prediction, PredictionResult
 from . import similar_index
-from .curation.annotations import current_labels, mapped_result, review_status
 from .explain import prediction_or_404, results_in
-from .extensions import db
-from .models import AnnotationEvent, Embedding, Prediction, PredictionResult
 
 bp = Blueprint("similar", __name__)
 # Candidates asked of the index per neighbour wanted: binary codes and HNSW are approximate, the ranking is exact.

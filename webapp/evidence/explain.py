@@ -33,15 +33,15 @@ from flask_limiter.errors import RateLimitExceeded
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from .api import predict_rate_limit
-from .curation.annotations import label_map
-from .extensions import db, limiter
-from .models import Explanation, Prediction, PredictionResult, Taxonomy
-from .serving.bundle import compose_text
-from .serving.inference import LoadedModel, sigmoid
-from .serving.registry import LiveModel, live_models
-from .serving.scoring import result_view
-from .surgery import LabelMap
+from ..api import predict_rate_limit
+from ..curation.annotations import label_map
+from ..extensions import db, limiter
+from ..models import Explanation, Prediction, PredictionResult, Taxonomy
+from ..serving.bundle import compose_text
+from ..serving.inference import LoadedModel, sigmoid
+from ..serving.registry import LiveModel, live_models
+from ..serving.scoring import result_view
+from ..surgery import LabelMap
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ its own. A search takes the space's nearest embeddings and answers the version's
 - **SQLite: sqlite-vec** (the ``sqlite-vec`` wheel, loaded on every connection by :func:`load_sqlite_vec`). Each
   embedding is indexed as its binary code, the sign bit of each int8 component (48 bytes for MiniLM's 384), in a
   ``vec0`` table per code width (``similar_space_codes_<bits>``) partitioned by space; a query takes the nearest
-  codes by Hamming distance and :mod:`webapp.similar` ranks them by the exact cosine of their stored int8 vectors.
+  codes by Hamming distance and :mod:`webapp.evidence.similar` ranks them by the exact cosine of their stored int8
+  vectors.
   Why codes and not ``int8[384]`` rows: sqlite-vec 0.1.9 has flat (brute-force) tables only, and at a million rows
   its int8 cosine scan took 1.2 s a query on the 2-core box (shared, load ~2), a ``vec_distance_cosine`` scan of the
   ``embeddings`` table as long, the Hamming scan of codes 50-60 ms (``bench/similar_scale.py`` measures whole
@@ -23,9 +24,9 @@ its own. A search takes the space's nearest embeddings and answers the version's
   (exact, memory bounded by the chunk; its time grows with the version's size). The other engines fall back to it
   for a version whose results are too sparse in its space for the index's nearest to hold enough of them.
 
-Every engine answers *candidates*: result ids of the version, roughly nearest first, that :mod:`webapp.similar` ranks
-exactly. The index is written where embeddings are (an ORM flush listener below; Core writers call :func:`add`), so
-a new prediction is found at once; a deleted embedding leaves its index row too (a deleted result's embedding stays
+Every engine answers *candidates*: result ids of the version, roughly nearest first, that :mod:`webapp.evidence.similar`
+ranks exactly. The index is written where embeddings are (an ORM flush listener below; Core writers call :func:`add`),
+so a new prediction is found at once; a deleted embedding leaves its index row too (a deleted result's embedding stays
 while another result points at it, and a row no result of a version points at is passed over).
 """
 
@@ -48,8 +49,8 @@ from sqlalchemy import event, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, UOWTransaction
 
-from .models import PredictionResult
-from .serving.stored import EMBEDDING_DTYPE
+from ..models import PredictionResult
+from ..serving.stored import EMBEDDING_DTYPE
 
 log = logging.getLogger(__name__)
 
@@ -499,7 +500,7 @@ def add_stored(connection: Connection, after: int = 0, chunk: int = 2000) -> int
 def _index_flushed(session: Session, _flush: UOWTransaction) -> None:
     """Index the embeddings this flush inserted (in its transaction, so the index commits or rolls back with them),
     each in the space of a version whose new result points at it, and forget the ones it deleted."""
-    from .models import Embedding
+    from ..models import Embedding
 
     versions = {
         id(obj.embedding): obj.model_version_id
