@@ -40,7 +40,7 @@ import flask_migrate  # noqa: E402
 
 from bench.http_latency import cores  # noqa: E402
 from webapp import create_app  # noqa: E402
-from webapp.explain import occlusion, occlusion_texts, units_of  # noqa: E402
+from webapp.evidence.explain import occlusion, occlusion_texts, units_of  # noqa: E402
 from webapp.extensions import db  # noqa: E402
 from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER  # noqa: E402
 from webapp.models import Prediction  # noqa: E402

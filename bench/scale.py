@@ -82,9 +82,9 @@ from sqlalchemy import Connection, Select, Table, create_engine, func, insert, l
 from bench import storage  # noqa: E402
 from bench.search import queries  # noqa: E402
 from tests.gunicorn_harness import BIN, app_env, gunicorn, rss_bytes, worker_pids  # noqa: E402
-from webapp import similar_index  # noqa: E402
 from webapp.config import database_uri  # noqa: E402
 from webapp.curation.corrections import ReviewCommand, ReviewPart  # noqa: E402
+from webapp.evidence import similar_index  # noqa: E402
 from webapp.extensions import db  # noqa: E402
 from webapp.jobs.engine import EXTENSION_KEY as JOB_ENGINE  # noqa: E402
 from webapp.models import (  # noqa: E402

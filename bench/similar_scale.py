@@ -1,6 +1,6 @@
 """Similar papers at scale (issue 13 point 3: p95 <= 150 ms and <= 300 MB RSS per web worker at 1M predictions):
 p50/p95 of ``GET /api/v1/predictions/<id>/similar`` (k = 5, every taxonomy: what a prediction page asks) and the
-serving process's RSS with a history of N predictions, through the vector index (``webapp/similar_index.py``),
+serving process's RSS with a history of N predictions, through the vector index (``webapp/evidence/similar_index.py``),
 against the exact in-memory search it replaced (every stored vector of a version in one normalised float32 matrix
 per worker, a matrix-vector product and a sort per query) on the same database, same queries, same run.
 
@@ -56,7 +56,7 @@ from bench.storage import (  # noqa: E402
     read_papers,
     shipped_bundles,
 )
-from webapp import similar, similar_index  # noqa: E402
+from webapp.evidence import similar, similar_index  # noqa: E402
 from webapp.extensions import db  # noqa: E402
 from webapp.models import Embedding, Prediction, PredictionResult, version_layout  # noqa: E402
 from webapp.serving.stored import EMBEDDING_DTYPE, pack_embedding, rounded  # noqa: E402
@@ -199,7 +199,7 @@ def measure_similar(app_or_url: Flask | str, n_queries: int, ids: Sequence[int] 
 
 
 class OldExactIndex:
-    """The search this replaced (webapp/similar.py before issue 13 point 3), per version: every stored vector's
+    """The search this replaced (webapp/evidence/similar.py before issue 13 point 3), per version: every stored vector's
     direction in one float32 matrix, a matrix-vector product and a stable sort per query, built in one pass."""
 
     def __init__(self) -> None:

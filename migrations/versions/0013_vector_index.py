@@ -20,7 +20,7 @@ branch_labels = None
 depends_on = None
 
 
-# The index's layout (webapp/similar_index.py reads and extends it as new widths appear), written out here so this
+# The index's layout (webapp/evidence/similar_index.py reads and extends it as new widths appear), written out here so this
 # migration keeps building what it built whatever the app does later:
 # - SQLite (sqlite-vec, loaded on every connection by the app): per code width in bits, a vec0 table
 #   similar_codes_<bits> (model_version_id text partition key, code bit[<bits>]), rowid = the result's id; the code

@@ -24,7 +24,7 @@ branch_labels = None
 depends_on = None
 
 
-# The index's layout (webapp/similar_index.py reads and extends it as new widths and spaces appear), written out here
+# The index's layout (webapp/evidence/similar_index.py reads and extends it as new widths and spaces appear), written out here
 # so this migration keeps building what it built whatever the app does later:
 # - A space is 'encoder:<the manifest's encoder_sha256>', or 'version:<version id>' for a manifest without one; an
 #   embedding's space is that of the first result (lowest id) pointing at it.
