@@ -1,5 +1,5 @@
 """What the read checks of issue 11 (points 8 and 12) cost a request: the revocable-session lookup plus the
-read guard (webapp/read_access.py) against the same requests with the guard switched off, in one run.
+read guard (webapp/access/read_access.py) against the same requests with the guard switched off, in one run.
 
 Builds a tiny real bundle (tests/tiny_bundle.py), an app on SQLite in a temporary DATA_DIR with
 READ_ACCESS=signed-in, signs a curator in, stores a prediction, then times GET /predictions/<id> and GET /history,
@@ -25,9 +25,9 @@ import flask_migrate  # noqa: E402
 
 from tests.tiny_bundle import build_bundle, build_tokenizer, fixture_abstracts  # noqa: E402
 from webapp import create_app  # noqa: E402
+from webapp.access.read_access import guard_reads  # noqa: E402
 from webapp.extensions import db  # noqa: E402
 from webapp.models import User  # noqa: E402
-from webapp.read_access import guard_reads  # noqa: E402
 from webapp.serving.registry import import_bundle, live_models  # noqa: E402
 
 

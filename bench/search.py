@@ -1,5 +1,5 @@
-"""History search speed: full-text search (issue 12 point 8, webapp/search.py) against the substring LIKE scan it
-replaced, in one run on one database.
+"""History search speed: full-text search (issue 12 point 8, webapp/history/search.py) against the substring LIKE
+scan it replaced, in one run on one database.
 
 In a temporary DATA_DIR (SQLite; or a fresh database on the PostgreSQL server of --postgres, dropped after) it
 migrates to head and stores --rows predictions cycling through the shipped Papers-with-Code abstracts (titles and
@@ -33,8 +33,9 @@ import flask_migrate  # noqa: E402
 from sqlalchemy import Select, func, insert, select  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from webapp import create_app, search  # noqa: E402
+from webapp import create_app  # noqa: E402
 from webapp.extensions import db  # noqa: E402
+from webapp.history import search  # noqa: E402
 from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER  # noqa: E402
 from webapp.models import Prediction  # noqa: E402
 from webapp.serving.registry import live_models  # noqa: E402

@@ -64,8 +64,8 @@ def run_migrations_offline():
         context.run_migrations()
 
 
-# The full-text search index of migration 0010 lives outside the models (webapp/search.py reads it with SQL): the
-# FTS5 table and its shadow tables on SQLite, a generated tsvector column and its GIN index on PostgreSQL.
+# The full-text search index of migration 0010 lives outside the models (webapp/history/search.py reads it with
+# SQL): the FTS5 table and its shadow tables on SQLite, a generated tsvector column and its GIN index on PostgreSQL.
 # Autogenerate must not propose dropping them.
 # Likewise similar papers' index (migration 0013, webapp/evidence/similar_index.py): sqlite-vec tables and their shadow
 # tables, pgvector tables and their HNSW indexes, one per vector width, made as widths appear; and PostgreSQL's covering

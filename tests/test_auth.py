@@ -12,7 +12,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from tests.conftest import PASSWORD, add_user, make_app, signed_in
-from webapp.accounts import BAD_CREDENTIALS, safe_next
+from webapp.access.accounts import BAD_CREDENTIALS, safe_next
 from webapp.extensions import db
 from webapp.models import ApiToken, User, utcnow
 

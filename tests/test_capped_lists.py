@@ -15,10 +15,10 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
 from tests.conftest import signed_in
-from webapp import search
 from webapp.extensions import db
+from webapp.history import search
+from webapp.history.paging import STREAMING_PLAN, count_up_to, planned
 from webapp.models import PredictionResult
-from webapp.paging import STREAMING_PLAN, count_up_to, planned
 
 SLUG = "test-tasks"
 PER_PAGE = 3

@@ -10,9 +10,9 @@ import pytest
 from flask import Flask, request
 
 from tests.conftest import PASSWORD, add_user, live_models_of, make_app
+from webapp.access.read_access import ANYONE, ENDPOINT_READS
 from webapp.extensions import db
 from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER
-from webapp.read_access import ANYONE, ENDPOINT_READS
 
 AppFactory = Callable[..., Flask]
 

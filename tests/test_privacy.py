@@ -1,6 +1,6 @@
 """Issue 11 point 12: who may read what, with the real app, under both READ_ACCESS values. Readers: anonymous,
 another curator (bob), the owner (cora, who reviewed a prediction and uploaded a batch) and an admin (ada); the
-rule table is webapp/read_access.py's docstring."""
+rule table is webapp/access/read_access.py's docstring."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from flask.testing import FlaskClient
 
 from tests.conftest import BundleFactory, live_models_of, make_app, signed_in
 from webapp import ConfigurationError, create_app
+from webapp.access.read_access import ENDPOINT_READS
 from webapp.extensions import db
 from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER
-from webapp.read_access import ENDPOINT_READS
 from webapp.serving.registry import import_bundle
 from webapp.training_runs import create_run
 
@@ -202,7 +202,7 @@ def test_an_anonymous_visitor_reads_its_own_result_but_nothing_else(site: Site) 
 
 def test_every_get_route_has_a_read_rule(app: Flask) -> None:
     routes = {rule.endpoint for rule in app.url_map.iter_rules() if "GET" in (rule.methods or ())}
-    assert routes - set(ENDPOINT_READS) == set(), "add these endpoints to webapp.read_access.ENDPOINT_READS"
+    assert routes - set(ENDPOINT_READS) == set(), "add these endpoints to webapp.access.read_access.ENDPOINT_READS"
 
 
 def test_an_unknown_read_access_value_refuses_to_start(tmp_path: Path) -> None:

@@ -18,9 +18,9 @@ from sqlalchemy import select
 from tests.conftest import BundleFactory, live_models_of, make_app
 from tests.tiny_bundle import LABELS
 from webapp.extensions import db
+from webapp.history.search import Query, parse
 from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.models import Prediction, Taxonomy
-from webapp.search import Query, parse
 from webapp.serving.registry import activate, import_bundle
 
 PAPERS = {

@@ -12,10 +12,10 @@ from sqlalchemy import select
 
 from tests.conftest import BundleFactory, live_models_of, make_app
 from webapp import ConfigurationError, create_app
+from webapp.access.read_access import ANYONE, ENDPOINT_READS
 from webapp.config import database_uri
 from webapp.extensions import db
 from webapp.models import AnnotationEvent, Prediction, PredictionResult, User
-from webapp.read_access import ANYONE, ENDPOINT_READS
 from webapp.serving.inference import LoadedModel
 from webapp.serving.registry import activate, import_bundle
 

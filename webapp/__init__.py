@@ -142,7 +142,7 @@ def register_extensions(app: Flask) -> None:
 
     @login_manager.user_loader
     def load_user(session_key: str) -> User | None:
-        from .accounts import session_user
+        from .access.accounts import session_user
 
         return session_user(session_key)
 
@@ -150,22 +150,16 @@ def register_extensions(app: Flask) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
-    from . import (
-        accounts,
-        admin,
-        api,
-        exports,
-        history,
-        labels,
-        predict,
-    )
+    from . import admin, api, labels, predict
+    from .access import accounts
     from .curation import agreement, bulk, curate, label_issues
     from .evidence import explain, similar
+    from .history import exports, views
     from .jobs import batch, replay
     from .quality import learned_thresholds, live
 
     app.register_blueprint(predict.bp)
-    app.register_blueprint(history.bp)
+    app.register_blueprint(views.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(accounts.bp)
     app.register_blueprint(curate.bp)
@@ -194,7 +188,7 @@ def register_blueprints(app: Flask) -> None:
 
 
 def register_read_access(app: Flask) -> None:
-    from . import read_access
+    from .access import read_access
 
     read_access.init_app(app)
 

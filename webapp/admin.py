@@ -19,8 +19,8 @@ from werkzeug.exceptions import Conflict
 from werkzeug.wrappers import Response
 from wtforms import HiddenField, SelectField
 
-from .accounts import safe_next
-from .auth import role_required
+from .access.accounts import safe_next
+from .access.auth import role_required
 from .config import REPO_ROOT
 from .extensions import db
 from .models import ActivationEvent, ModelVersion, Taxonomy, TrainingRun

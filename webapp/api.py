@@ -10,8 +10,9 @@ from flask import Blueprint, Response, abort, current_app, g, jsonify, request
 from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from .access.auth import bearer_token, token_user_role
+from .access.read_access import PEOPLE, may_read
 from .admin import activate_confirmed
-from .auth import bearer_token, token_user_role
 from .curation.annotations import corrected_predictions, event_json, label_map
 from .curation.corrections import (
     ACTIONS,
@@ -22,8 +23,8 @@ from .curation.corrections import (
     ReviewPart,
     accepted_labels,
 )
-from .exports import download
 from .extensions import db, limiter
+from .history.exports import download
 from .labels import (
     SurgeryError,
     change_json,
@@ -35,7 +36,6 @@ from .labels import (
     undo_change,
 )
 from .models import ModelVersion, Prediction, Taxonomy
-from .read_access import PEOPLE, may_read
 from .serving.bundle import BundleError
 from .serving.registry import get_taxonomy, import_bundle, list_versions, live_models, version_archive
 from .serving.scoring import (

@@ -9,7 +9,7 @@ from flask import current_app
 from flask.cli import with_appcontext
 from sqlalchemy import select
 
-from .accounts import change_password, password_problem, revoke_sessions
+from .access.accounts import change_password, password_problem, revoke_sessions
 from .extensions import db
 from .models import ROLES, ApiToken, User, utcnow
 from .serving.bundle import BundleError

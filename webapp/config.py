@@ -83,10 +83,10 @@ class Defaults:
     # Rows per history page.
     HISTORY_PER_PAGE = 25
     # Matches a filtered history, a search or the review queue counts exactly; past it the page says "10,000+"
-    # (counting every match of a frequent label costs seconds at a million predictions: webapp/paging.py).
+    # (counting every match of a frequent label costs seconds at a million predictions: webapp/history/paging.py).
     LIST_COUNT_CAP = 10_000
     # A full-text search of the history alone ranks its newest this many matches by relevance: ranking reads every
-    # match it ranks, and a query matching more than this wants more words (webapp/search.py).
+    # match it ranks, and a query matching more than this wants more words (webapp/history/search.py).
     SEARCH_RANK_POOL = 1_000
     # Most predictions one bulk action (accept, add or remove a label) changes: all of them are one transaction,
     # and the confirmation page lists what changes.
@@ -136,7 +136,7 @@ class Defaults:
     PASSWORD_MIN_LENGTH = 12
     # Who may read stored predictions: "public" (anyone reads abstracts, labels and scores) or "signed-in"
     # (anonymous visitors get the predict form and their own results only). People's names, notes, training
-    # runs and batches are never public; the rule table is in webapp/read_access.py.
+    # runs and batches are never public; the rule table is in webapp/access/read_access.py.
     READ_ACCESS = "public"
     # Per-process counters are enough for one machine; set a redis:// URI for several instances.
     RATELIMIT_STORAGE_URI = "memory://"

@@ -34,7 +34,7 @@ login_manager.login_message_category = "info"
 
 
 def _client_key() -> str:
-    from .auth import client_key  # auth imports the models, which import this module
+    from .access.auth import client_key  # auth imports the models, which import this module
 
     return client_key()
 

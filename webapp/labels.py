@@ -16,7 +16,7 @@ from sqlalchemy import select
 from werkzeug.wrappers import Response
 from wtforms import SelectField, SelectMultipleField, StringField, TextAreaField
 
-from .auth import role_required
+from .access.auth import role_required
 from .curation.annotations import (
     corrected_predictions,
     forget_label_maps,

@@ -303,10 +303,11 @@ class User(UserMixin, db.Model):
 
     def get_id(self) -> str:
         """What Flask-Login keeps in the session cookie: this browser's session key (``signed_in_key``, set by
-        ``webapp.accounts`` at sign-in and by the user loader), never the user id, so a session can be revoked."""
+        ``webapp.access.accounts`` at sign-in and by the user loader), never the user id, so a session can be
+        revoked."""
         key = getattr(self, "signed_in_key", None)
         if not key:
-            raise AttributeError("no signed-in session key: sign in through webapp.accounts.sign_in")
+            raise AttributeError("no signed-in session key: sign in through webapp.access.accounts.sign_in")
         return key
 
     def set_password(self, password: str) -> None:

@@ -8,9 +8,9 @@ from werkzeug.wrappers import Response
 from wtforms import StringField, TextAreaField
 from wtforms.validators import ValidationError
 
+from .access.read_access import remember_own_prediction
 from .api import predict_rate_limit
 from .extensions import limiter
-from .read_access import remember_own_prediction
 from .serving.registry import live_models
 from .serving.scoring import InputError, NoModelError, check_submission, predict_and_store
 

@@ -17,7 +17,7 @@ branch_labels = None
 depends_on = None
 
 
-# Names read by webapp/search.py: keep them in step.
+# Names read by webapp/history/search.py: keep them in step.
 # A later SQLite batch migration that rebuilds `predictions` drops these triggers: recreate them there.
 SQLITE_UPGRADE = [
     # External content: the index holds tokens only, the text stays in `predictions` (no second copy).

@@ -19,7 +19,7 @@ depends_on = None
 
 # A row holds its title, abstract (about 1.1 KB compressed) and the abstract's tsvector (about 1.6 KB): over
 # PostgreSQL's 2 KB threshold, the largest value went out of line, the tsvector. A search's walk down the newest rows
-# (webapp/search.py) then read four buffers a row, the TOAST index and chunks: 0.1-3.3 s for a two-word search at a
+# (webapp/history/search.py) then read four buffers a row, the TOAST index and chunks: 0.1-3.3 s for a two-word search at a
 # million when those pages had left the cache, against 25-115 ms with the vectors in the rows (bench/scale.py).
 # The migration does not rewrite the table: that would lock it for minutes at a million rows during a deploy, and
 # the walk reads the newest rows first, which every new prediction now stores this way.

@@ -22,7 +22,7 @@ from sqlalchemy.orm import selectinload
 from werkzeug.wrappers import Response
 from wtforms import SelectMultipleField, TextAreaField
 
-from ..auth import has_role, role_required
+from ..access.auth import has_role, role_required
 from ..extensions import db
 from ..models import AnnotationEvent, Prediction, PredictionResult, Taxonomy
 from .annotations import CURATOR_REVIEW_KINDS, active_events, current_labels, has_active_event, reviewer_count

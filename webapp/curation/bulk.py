@@ -18,13 +18,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 from werkzeug.wrappers import Response
 
-from .. import search
+from ..access.auth import role_required, token_user_role
+from ..access.read_access import can_read
 from ..api import json_body, json_flag
-from ..auth import role_required, token_user_role
 from ..extensions import db
-from ..history import REVIEWED_CHOICES, filtered_predictions, lone_search
+from ..history import search
+from ..history.views import REVIEWED_CHOICES, filtered_predictions, lone_search
 from ..models import BatchJob, Prediction, PredictionResult, Taxonomy, User
-from ..read_access import can_read
 from .annotations import CURATOR_REVIEW_KINDS, active_events
 from .corrections import (
     CorrectionError,

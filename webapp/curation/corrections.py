@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
-from ..auth import ROLE_RANK
+from ..access.auth import ROLE_RANK
 from ..extensions import db
 from ..models import AnnotationEvent, LabelProposal, ModelVersion, Prediction, PredictionResult, Taxonomy, User, utcnow
 from .annotations import (

@@ -13,10 +13,10 @@ from sqlalchemy.orm import selectinload
 from werkzeug.wrappers import Response
 from wtforms import HiddenField, SelectMultipleField, StringField, TextAreaField
 
-from ..auth import role_required
+from ..access.auth import role_required
 from ..extensions import db
+from ..history.paging import CappedPagination, count_cap, count_up_to
 from ..models import DATASET_SOURCE, AnnotationEvent, LabelProposal, Prediction, PredictionResult, Taxonomy
-from ..paging import CappedPagination, count_cap, count_up_to
 from .agreement import awaiting_review
 from .annotations import has_active_event, known_labels, labelled_selects, mapped_result, results_labelled
 from .corrections import (

@@ -23,7 +23,7 @@ from flask.cli import with_appcontext
 from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import selectinload
 
-from ..auth import role_required, token_user_role
+from ..access.auth import role_required, token_user_role
 from ..extensions import csrf, db
 from ..models import DATASET_SOURCE, AnnotationEvent, LabelIssue, PredictedLabel, Prediction, PredictionResult, Taxonomy
 from ..serving.scoring import InputError, check_submission

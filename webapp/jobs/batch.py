@@ -31,7 +31,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.utils import secure_filename
 from werkzeug.wrappers import Response
 
-from ..auth import has_role, role_required
+from ..access.auth import has_role, role_required
 from ..csv_cells import csv_lines
 from ..curation.annotations import label_map, mapped_result
 from ..extensions import db

@@ -23,8 +23,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 from werkzeug.exceptions import Conflict, NotFound
 
+from ..access.auth import role_required, token_user_role
 from ..admin import gate_failed
-from ..auth import role_required, token_user_role
 from ..curation.annotations import current_labels, has_active_event, label_map
 from ..extensions import db
 from ..models import DATASET_SOURCE, AnnotationEvent, ModelVersion, Prediction, PredictionResult, ReplayReport, Taxonomy

@@ -33,8 +33,8 @@ from flask import (
 )
 from flask_login import current_user
 
+from ..access.auth import has_role, role_required, token_user_role
 from ..api import json_body
-from ..auth import has_role, role_required, token_user_role
 from ..curation.annotations import label_map
 from ..extensions import db
 from ..models import ModelVersion

@@ -22,7 +22,7 @@ from flask_login import current_user
 from sqlalchemy import select
 from sqlalchemy.orm import load_only, selectinload
 
-from ..auth import has_role
+from ..access.auth import has_role
 from ..curation.annotations import (
     REVIEW_KINDS,
     active_events,

@@ -10,15 +10,15 @@ from flask import Blueprint, Response, abort, current_app, jsonify, render_templ
 from sqlalchemy import ColumnElement, CompoundSelect, Select, select
 from sqlalchemy.orm import selectinload
 
+from ..access.read_access import PREDICTIONS, can_read, deny_read, reader
+from ..curation.annotations import has_active_event, label_views, reviewed_predictions
+from ..curation.corrections import describe
+from ..evidence.explain import page_panel
+from ..evidence.similar import similar_papers
+from ..extensions import db
+from ..models import BatchJob, ModelVersion, Prediction, PredictionResult
+from ..serving.scoring import result_view
 from . import paging, search
-from .curation.annotations import has_active_event, label_views, reviewed_predictions
-from .curation.corrections import describe
-from .evidence.explain import page_panel
-from .evidence.similar import similar_papers
-from .extensions import db
-from .models import BatchJob, ModelVersion, Prediction, PredictionResult
-from .read_access import PREDICTIONS, can_read, deny_read, reader
-from .serving.scoring import result_view
 
 bp = Blueprint("history", __name__)
 
@@ -46,7 +46,7 @@ def filtered_predictions(
     stmt = select(Prediction).order_by(Prediction.created_at.desc(), Prediction.id.desc())
     if batch is not None:
         stmt = stmt.where(Prediction.batch_id == batch)
-    if q:  # full text, any word order, ranked (webapp/search.py)
+    if q:  # full text, any word order, ranked (webapp/history/search.py)
         stmt = search.matching(stmt, q, pool=rank_pool)
     for ids in _id_sets(label, version, reviewed, taxonomy):
         stmt = stmt.where(_among(ids))
@@ -66,7 +66,7 @@ def _id_sets(label: str, version: str, reviewed: str, taxonomy: str) -> list[IdS
     if taxonomy:
         sets.append(partial(search.taxonomy_predictions, [t.id for t in chosen]))
     if label:
-        # Case and separators do not count (webapp/search.py). The current labels: a label a curator added finds
+        # Case and separators do not count (webapp/history/search.py). The current labels: a label a curator added finds
         # the item, one they removed does not; today's name finds items stored under the names it replaced.
         sets.append(partial(search.labelled_predictions, label, chosen))
     if version:

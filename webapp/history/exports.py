@@ -11,11 +11,11 @@ from flask import Blueprint, Response, abort, render_template, request, stream_w
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from .auth import role_required
-from .csv_cells import csv_lines
-from .curation.annotations import corrected_predictions, current_labels, mapped_result, review_status
-from .extensions import db
-from .models import Prediction, PredictionResult, Taxonomy
+from ..access.auth import role_required
+from ..csv_cells import csv_lines
+from ..curation.annotations import corrected_predictions, current_labels, mapped_result, review_status
+from ..extensions import db
+from ..models import Prediction, PredictionResult, Taxonomy
 
 bp = Blueprint("exports", __name__)
 

@@ -33,10 +33,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.selectable import Subquery
 
+from ..curation.annotations import label_map, labelled_selects, stored_label_pairs
+from ..extensions import db
+from ..models import ModelVersion, Prediction, PredictionResult, Taxonomy
 from . import paging
-from .curation.annotations import label_map, labelled_selects, stored_label_pairs
-from .extensions import db
-from .models import ModelVersion, Prediction, PredictionResult, Taxonomy
 
 # The PostgreSQL text search configuration; migration 0010 builds ``predictions.search_vector`` with the same one.
 PG_CONFIG = "english"

@@ -35,9 +35,9 @@ from typing import Any
 from flask import Flask, abort, current_app, request, session
 from flask_login import current_user
 
+from ..extensions import db, login_manager
+from ..models import BatchJob, Prediction, TrainingRun
 from .auth import bearer_token, has_role
-from .extensions import db, login_manager
-from .models import BatchJob, Prediction, TrainingRun
 
 # Kinds of things read, besides the objects (rows) themselves.
 ANYONE = "anyone"

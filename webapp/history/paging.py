@@ -18,7 +18,7 @@ from sqlalchemy import ColumnElement, CompoundSelect, Select, bindparam, event, 
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.selectable import Subquery
 
-from .extensions import db
+from ..extensions import db
 
 
 def count_cap() -> int:

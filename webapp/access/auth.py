@@ -14,8 +14,8 @@ from flask_login import current_user
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from .extensions import db, login_manager
-from .models import ApiToken, User, utcnow
+from ..extensions import db, login_manager
+from ..models import ApiToken, User, utcnow
 
 # An adjudicator may do what a curator may, plus resolve disagreements between curators (/agreement).
 ROLE_RANK = {"curator": 1, "adjudicator": 2, "admin": 3}

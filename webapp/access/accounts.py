@@ -20,9 +20,9 @@ from wtforms import HiddenField, PasswordField, SelectField, StringField
 from wtforms.fields.choices import SelectChoice
 from wtforms.validators import DataRequired, EqualTo, InputRequired, Length
 
+from ..extensions import db, limiter
+from ..models import ApiToken, User, UserSession, utcnow
 from .auth import has_role, role_required
-from .extensions import db, limiter
-from .models import ApiToken, User, UserSession, utcnow
 
 bp = Blueprint("accounts", __name__)
 
