@@ -3,7 +3,7 @@
 // the label re-colours at once). Without JavaScript the form reloads the page with the explanation rendered there.
 "use strict";
 
-// The same buckets as webapp/explain.py heat_class().
+// The same buckets as webapp/evidence/explain.py heat_class().
 const LEVELS = 4;
 const NEGLIGIBLE_DROP = 0.005;
 const MIN_SCALE = 0.05;

@@ -43,7 +43,7 @@ install() {
   apt-get install -y -q --no-install-recommends postgresql >&2
 }
 
-# pgvector (similar papers' index, webapp/similar_index.py) where Debian packages it for this server's major version
+# pgvector (similar papers' index, webapp/evidence/similar_index.py) where Debian packages it for this server's major version
 # (trixie does, bookworm does not): the PostgreSQL pass then tests it for real; without it the app's exact scan runs.
 install_pgvector() {
   major=$(basename "$(dirname "$1")")
