@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.data import multi_hot  # noqa: E402
+from trainer.data import Paper, multi_hot  # noqa: E402
 from trainer.evaluate import served_outputs  # noqa: E402
 from trainer.metrics import decisions  # noqa: E402
 from trainer.train import figures_table, load_dataset, train  # noqa: E402
@@ -61,7 +61,7 @@ def build_set(papers: int, labels: int, out: Path) -> tuple[Path, list[str], flo
     return path, kept, label_free / len(chosen_rows)
 
 
-def shown_and_truth(model: LoadedModel, papers: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def shown_and_truth(model: LoadedModel, papers: list[Paper]) -> tuple[np.ndarray, ...]:
     """What the bundle shows for ``papers``, their gold labels, their top probabilities and which are label-free."""
     probabilities, domain = served_outputs(model, [p.text for p in papers])
     manifest = model.manifest
@@ -77,7 +77,9 @@ def shown_and_truth(model: LoadedModel, papers: list) -> tuple[np.ndarray, np.nd
     return shown.astype(bool), multi_hot(papers, manifest.labels) > 0, probabilities.max(axis=1), label_free
 
 
-def cut_figures(shown: np.ndarray, truth: np.ndarray, top: np.ndarray, label_free: np.ndarray, cut: float) -> tuple:
+def cut_figures(
+    shown: np.ndarray, truth: np.ndarray, top: np.ndarray, label_free: np.ndarray, cut: float
+) -> tuple[float, float]:
     """Micro-F1 and the label-free abstracts given a label when only papers whose top probability reaches ``cut``
     are answered."""
     kept = shown & (top >= cut)[:, None]
@@ -86,7 +88,9 @@ def cut_figures(shown: np.ndarray, truth: np.ndarray, top: np.ndarray, label_fre
     return micro, float(kept[label_free].any(axis=1).mean()) if label_free.any() else 0.0
 
 
-def none_of_these_cut(bundle: Path, config: TrainConfig, max_fp: float) -> tuple[float, tuple, tuple] | None:
+def none_of_these_cut(
+    bundle: Path, config: TrainConfig, max_fp: float
+) -> tuple[float, tuple[float, float], tuple[float, float]] | None:
     """The cut chosen on validation (the most micro-F1 with at most ``max_fp`` of its label-free abstracts given a
     label), with its validation and test figures; None when no cut meets it."""
     splits, _ = load_dataset(config)
