@@ -141,7 +141,8 @@ class TrainConfig:
         default=0.05,
         metadata={
             "help": "With best guesses on: the guess floor (the least probability a best guess needs) is the one with "
-            "the best validation micro-F1 among those leaving at most this share of in-scope papers with no label."
+            "the best validation micro-F1 among those leaving at most this share of in-scope papers with no label, "
+            "with 95% confidence (the share's upper bound on the validation split)."
         },
     )
     domain_quantile: float = field(

@@ -56,7 +56,11 @@ def export_encoder(model: Tagger, sample_ids: torch.Tensor, sample_mask: torch.T
 def quantize_int8(fp32_path: Path, int8_path: Path, nodes: list[str] | None = None) -> Path:
     """Dynamic int8 quantisation of the weights (activations stay float), onnxruntime's own tool. Its INFO lines
     and its advice to pre-process (which does not apply to dynamic quantisation) are kept out of the output.
-    ``nodes``: quantise only these nodes (default: every supported one)."""
+    ``nodes``: quantise only these nodes (default: every supported one).
+
+    Each weight column gets its own scale (per channel): with one scale per matrix the shipped MiniLM's pooled
+    vectors were cosine 0.979 (median) from fp32 on real abstracts, per channel 0.997, at the same speed and 0.4%
+    more bytes (README "The default model")."""
     quantization_log = logging.getLogger()
     level = quantization_log.level
     quantization_log.setLevel(logging.ERROR)
@@ -65,6 +69,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, nodes: list[str] | None = No
             str(fp32_path),
             str(int8_path),
             weight_type=QuantType.QInt8,
+            per_channel=True,
             nodes_to_quantize=nodes,
             # Shape inference cannot type the outputs of the TF-IDF graph's custom-domain ops.
             extra_options={"DefaultTensorType": TensorProto.FLOAT},

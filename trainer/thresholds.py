@@ -6,6 +6,7 @@ The tuning itself lives in :mod:`webapp.quality.tuning`, shared with the site's 
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import beta
 
 from webapp.quality.tuning import GRID, f1_score, label_thresholds, micro_f1, tune_thresholds
 
@@ -34,6 +35,18 @@ def choose_min_support(probabilities: np.ndarray, targets: np.ndarray, *, repeat
 
 # Least probabilities a best guess may need, tried on validation (0 = always guess).
 FLOOR_GRID = np.round(np.arange(0.0, 0.301, 0.01), 2)
+# How sure the choice must be that in-scope papers like the validation ones are left empty at most
+# ``max_empty_share`` of the time: a share measured on a few hundred papers is itself uncertain by a point or two.
+EMPTY_SHARE_CONFIDENCE = 0.95
+
+
+def empty_share_bounds(papers: int, confidence: float = EMPTY_SHARE_CONFIDENCE) -> np.ndarray:
+    """One-sided Clopper-Pearson upper bounds of the share of empty answers, for 0..``papers`` empty ones among
+    ``papers``: the true share lies below it with ``confidence``."""
+    empty = np.arange(papers + 1)
+    with np.errstate(invalid="ignore"):
+        bounds = beta.ppf(confidence, empty + 1, papers - empty)
+    return np.where(empty == papers, 1.0, bounds)
 
 
 def guessing_thresholds(
@@ -43,14 +56,16 @@ def guessing_thresholds(
 
     The global threshold and the guess floor (a guess needs at least that probability: below it the paper is most
     likely about none of the labels, and a guess would only add a false positive) are chosen together for the
-    micro-F1 of what is then shown, among the pairs that leave at most ``max_empty_share`` of the in-scope papers
-    (those with a label) with no answer under the global threshold; per-label thresholds (where a label has
-    ``min_support`` positives) and off-domain flags, applied afterwards, can leave a few more empty (the bundle's
-    validation figures say how many). Returns the thresholds, the global threshold and the floor; when no pair
-    meets the share, the lowest threshold with a guess always given.
+    micro-F1 of what is then shown, among the pairs whose share of in-scope papers (those with a label) left with no
+    answer under the global threshold stays at most ``max_empty_share`` with ``EMPTY_SHARE_CONFIDENCE`` (its upper
+    bound, :func:`empty_share_bounds`), or that leave none empty (too few papers to bound the share: a guess is then
+    always given). Per-label thresholds (where a label has ``min_support`` positives) and off-domain flags, applied
+    afterwards, can leave a few more empty (the bundle's validation figures say how many). Returns the thresholds,
+    the global threshold and the floor.
     """
     positives = targets > 0
     in_scope = positives.any(axis=1)
+    bounds = empty_share_bounds(int(in_scope.sum()))
     top = probabilities.argmax(axis=1)
     top_probability = probabilities.max(axis=1)
     best = (-1.0, float(GRID[0]), 0.0)
@@ -61,8 +76,8 @@ def guessing_thresholds(
             guessed = np.flatnonzero(nothing & (top_probability >= floor))
             shown = passing.copy()
             shown[guessed, top[guessed]] = True
-            empty = ~shown.any(axis=1)
-            if in_scope.any() and empty[in_scope].mean() > max_empty_share:
+            empty = int((~shown.any(axis=1))[in_scope].sum())
+            if empty and bounds[empty] > max_empty_share:
                 continue
             tp, fp, fn = (shown & positives).sum(), (shown & ~positives).sum(), (~shown & positives).sum()
             score = float(f1_score(np.array(tp), np.array(fp), np.array(fn)))
