@@ -10,7 +10,7 @@ import os
 
 # Loopback by default (a laptop); Render sets HOST=0.0.0.0 and PORT.
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
-# Processes: WEB_CONCURRENCY (the app reads it too, to give each worker max(1, cores // workers) ORT threads).
+# Processes: WEB_CONCURRENCY (each worker's onnxruntime may use every core: ORT_THREADS, README "Configuration").
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "gthread"
 # Two threads: the model runs one request at a time per session anyway, and each thread may hold a request's

@@ -217,3 +217,12 @@ def test_decide_gives_a_best_guess_only_when_asked_and_in_domain(make_bundle: Bu
     assert floored.decide(np.where(np.arange(len(LABELS)) == 3, 0.75, 0.1).astype(np.float32), 0.5).labels == [
         LABELS[3]
     ]
+
+
+def test_sessions_use_the_threads_given_and_never_spin(make_bundle: BundleFactory) -> None:
+    """Idle onnxruntime threads must sleep: spinning ones take the cores other workers and the database need."""
+    model = LoadedModel(make_bundle(seed=5, slug="test-spin", name="Test spin"), threads=2)
+    for session in (model.encoder.session, model.head):
+        options = session.get_session_options()
+        assert options.intra_op_num_threads == 2
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"

@@ -579,7 +579,6 @@ def test_the_guess_floor_spares_papers_about_none_of_the_labels_within_the_empty
     assert strict_floor <= 0.2
 
 
-
 def test_the_empty_share_is_bounded_with_confidence_not_as_measured() -> None:
     """A floor that leaves 4.5% of 200 validation papers empty measures under 5% but could well leave more on the
     next papers: the upper 95% bound decides, so fewer are left empty than the point share would allow."""
@@ -598,6 +597,7 @@ def test_the_empty_share_is_bounded_with_confidence_not_as_measured() -> None:
     assert empty / 200 < 0.045 and empty_share_bounds(200)[empty] <= 0.05
     _, _, loose = guessing_thresholds(probabilities, targets, 10_000, max_empty_share=0.08)
     assert (probabilities.max(axis=1) < loose).sum() == 9, "with room for it, all nine are left empty"
+
 
 def test_int8_quantisation_scales_each_weight_column_apart(tmp_path: Path) -> None:
     """A column of small weights beside one of large weights keeps its values: one scale per matrix would round

@@ -29,9 +29,9 @@ class Defaults:
     DATABASE_URL = ""
     # Bundle directories imported on first start when their taxonomy has no version yet.
     DEFAULT_BUNDLES_DIR = str(REPO_ROOT / "models")
-    # gunicorn worker count; used to size onnxruntime threads so workers x threads <= cores.
+    # gunicorn worker count.
     WEB_CONCURRENCY = 2
-    # onnxruntime intra-op threads per worker; 0 means max(1, cores // WEB_CONCURRENCY).
+    # onnxruntime intra-op threads per worker; 0 means one per core (idle ones sleep, so busy workers share them).
     ORT_THREADS = 0
     # Abstracts per onnxruntime run: attention memory grows with batch x length^2, and 4 keeps a worker
     # serving a 64-abstract call under 300 MB RSS at no cost in throughput on CPU.

@@ -58,6 +58,11 @@ def _session(path: Path, threads: int) -> ort.InferenceSession:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle intra-op threads sleep rather than spin: a spinning pool holds the cores that the other gunicorn worker,
+    # the page threads and the database need. With 2 workers x 2 threads on 2 cores, spinning took one abstract over
+    # HTTP from 26.7 to 58.0 ms p50 and two clients' batches from 87 to 63 abstracts/s; without it, 25.5 ms and
+    # 104/s (bench/http_latency.py, README "Speed"). With one thread there is no pool, so nothing changes.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for broken graphs
