@@ -15,7 +15,8 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "gthread"
 # Two threads: the model runs one request at a time per session anyway, and each thread may hold a request's
 # transient memory (about 35 MiB for a 64-abstract batch or an explanation), so two bound what is in flight.
-# bench/memory.py under 8 clients: worker peaks 262-310 MiB with 2 threads, 274-310 with 4 (noisy, one core each).
+# bench/memory.py under 8 clients: worker peaks 262-310 MiB with 2 threads, 274-310 with 4 (noisy; measured with
+# one onnxruntime thread per worker, the default before 2026-11-30).
 threads = int(os.environ.get("GUNICORN_THREADS", "2"))
 preload_app = False
 # A 64-abstract batch on a busy 2-core machine takes a few seconds; 60 s leaves room without hiding hangs.

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select
 
-from tests.conftest import BundleFactory, live_models_of
+from tests.conftest import BundleFactory, live_models_of, make_app
 from tests.tiny_bundle import LABELS
 from webapp.extensions import db
 from webapp.models import Prediction, PredictionResult
-from webapp.serving.registry import default_ort_threads, import_bundle
+from webapp.serving.registry import import_bundle
 
 
 def test_predict_single_returns_contract_shape(client: FlaskClient, app: Flask, abstracts: list[dict]) -> None:
@@ -122,7 +123,15 @@ def test_no_model_is_loaded_before_the_first_request(app: Flask, client: FlaskCl
     assert live.loaded() == {} and live._thread is None
     health = client.get("/healthz").get_json()
     assert health["worker"]["loaded"] and health["worker"]["ort_threads"] == 1
-    assert default_ort_threads() == len(os.sched_getaffinity(0))
+
+
+def test_each_web_worker_gets_one_onnxruntime_thread_per_core_unless_told(tmp_path: Path) -> None:
+    """Idle intra-op threads sleep, so every worker may use every core, however many workers there are."""
+    cores = len(os.sched_getaffinity(0))
+    for workers in (1, 4):
+        app = make_app(tmp_path / f"workers-{workers}", ORT_THREADS=0, WEB_CONCURRENCY=workers)
+        assert live_models_of(app).threads == cores
+    assert live_models_of(make_app(tmp_path / "told", ORT_THREADS=3, WEB_CONCURRENCY=4)).threads == 3
 
 
 @pytest.fixture

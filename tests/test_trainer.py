@@ -599,6 +599,19 @@ def test_the_empty_share_is_bounded_with_confidence_not_as_measured() -> None:
     assert (probabilities.max(axis=1) < loose).sum() == 9, "with room for it, all nine are left empty"
 
 
+def test_a_validation_split_too_small_to_bound_the_share_still_gets_its_best_pair() -> None:
+    """With 20 in-scope papers even one empty answer cannot be bounded under 5%: the pairs that leave none empty
+    remain, and the best of them is chosen (not a fallback that tags everything)."""
+    assert empty_share_bounds(20)[1] > 0.05
+    rng = np.random.default_rng(3)
+    targets = np.zeros((20, 4), dtype=np.float32)
+    targets[np.arange(20), rng.integers(0, 4, 20)] = 1
+    probabilities = np.where(targets > 0, 0.6, rng.uniform(0.05, 0.3, targets.shape))
+    thresholds, _, floor = guessing_thresholds(probabilities, targets, 10_000, max_empty_share=0.05)
+    report = product_report(probabilities, targets, thresholds, best_guess=True, guess_floor=floor)
+    assert report["micro_f1"] == 1.0 and report["empty_share"] == 0.0
+
+
 def test_int8_quantisation_scales_each_weight_column_apart(tmp_path: Path) -> None:
     """A column of small weights beside one of large weights keeps its values: one scale per matrix would round
     the small column to zero (the encoder's pooled vectors then drift from fp32 far more)."""

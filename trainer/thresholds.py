@@ -58,10 +58,11 @@ def guessing_thresholds(
     likely about none of the labels, and a guess would only add a false positive) are chosen together for the
     micro-F1 of what is then shown, among the pairs whose share of in-scope papers (those with a label) left with no
     answer under the global threshold stays at most ``max_empty_share`` with ``EMPTY_SHARE_CONFIDENCE`` (its upper
-    bound, :func:`empty_share_bounds`), or that leave none empty (too few papers to bound the share: a guess is then
-    always given). Per-label thresholds (where a label has ``min_support`` positives) and off-domain flags, applied
-    afterwards, can leave a few more empty (the bundle's validation figures say how many). Returns the thresholds,
-    the global threshold and the floor.
+    bound, :func:`empty_share_bounds`, for each pair on its own), or that leave no in-scope paper empty. The latter
+    are always allowed (floor 0, a guess for every paper, is one of them): with fewer than about 60 in-scope papers
+    at 5%, or with ``max_empty_share`` 0, they are the only ones. Per-label thresholds (where a label has
+    ``min_support`` positives) and off-domain flags, applied afterwards, can leave a few more empty (the bundle's
+    validation figures say how many). Returns the thresholds, the global threshold and the floor.
     """
     positives = targets > 0
     in_scope = positives.any(axis=1)

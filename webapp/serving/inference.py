@@ -118,7 +118,7 @@ class Encoder:
         self._cache: OrderedDict[str, Reading] = OrderedDict()
         self._cache_size = cache_size
         self._cache_lock = threading.Lock()
-        # One run at a time per session: its intra-op threads are already this process's share of the cores.
+        # One run at a time per session: its intra-op threads already span every core this process may use.
         self._run_lock = threading.Lock()
 
     def windows(self, text: str) -> tuple[list[list[int]], int, int]:
