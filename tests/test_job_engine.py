@@ -64,7 +64,7 @@ def site(request: pytest.FixtureRequest, tmp_path: Path, make_bundle: BundleFact
     app = make_app(data, REDIS_URL=redis_url)
     with app.app_context():
         import_bundle(make_bundle(seed=1), actor="tests")
-    # WEB_CONCURRENCY=1 and no ORT_THREADS would give a web worker every core: a job worker takes one.
+    # No ORT_THREADS gives a web worker every core: a job worker takes one.
     env = app_env(data, database_url_for(data), REDIS_URL=redis_url, WEB_CONCURRENCY="1", ORT_THREADS="")
     try:
         yield Site(app, env, signed_in(app, "cora", "curator"), tmp_path)

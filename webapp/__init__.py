@@ -125,9 +125,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
-        load_sqlite_vec(
-            dbapi_connection
-        )  # similar papers' index (webapp/evidence/similar_index.py) is written on every one
+        # Similar papers' index (webapp/evidence/similar_index.py) is written on every connection.
+        load_sqlite_vec(dbapi_connection)
 
 
 def register_extensions(app: Flask) -> None:

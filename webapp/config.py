@@ -29,7 +29,7 @@ class Defaults:
     DATABASE_URL = ""
     # Bundle directories imported on first start when their taxonomy has no version yet.
     DEFAULT_BUNDLES_DIR = str(REPO_ROOT / "models")
-    # gunicorn worker count.
+    # gunicorn worker count (gunicorn.conf.py reads it; checked here so a bad value fails with a clear message).
     WEB_CONCURRENCY = 2
     # onnxruntime intra-op threads per worker; 0 means one per core (idle ones sleep, so busy workers share them).
     ORT_THREADS = 0
