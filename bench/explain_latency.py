@@ -7,7 +7,8 @@ bundle imported and the papers predicted, then times per paper:
 - **plain**: one prediction of the composed text (the encoder on its windows, then the head; the encoder's cache
   of readings bypassed);
 - **occlusion**: the model's part of an explanation (split into sentences, compose the variants, tokenise,
-  one batched run of the full text and every variant the model reads: all of them when the head has a TF-IDF part);
+  an encoder run per variant the model reads, one head run over the full text and every variant: all of them when
+  the head has a TF-IDF part);
 - **endpoint**: ``GET /api/v1/predictions/<id>/explanation`` through Flask (database, every taxonomy, JSON).
 
 Prints p50/p95 of each (wall clock), the ratio of the p50s (occlusion / plain), the sentences per abstract, and
@@ -98,7 +99,7 @@ def run(bundle: Path, papers: list[dict], threads: int, repeats: int, data_dir: 
     with app.app_context():
         flask_migrate.upgrade()
         import_bundle(bundle, actor="bench")
-        batch, max_units = app.config["EXPLAIN_BATCH_SIZE"], app.config["EXPLAIN_MAX_UNITS"]
+        max_units = app.config["EXPLAIN_MAX_UNITS"]
     body = {"abstracts": [{"title": p["title"], "abstract": p["abstract"]} for p in papers]}
     ids = [p["id"] for p in client.post("/api/v1/predict", json=body).get_json()["predictions"]]
     plain: list[float] = []
@@ -114,7 +115,7 @@ def run(bundle: Path, papers: list[dict], threads: int, repeats: int, data_dir: 
 
             def explain_model_part(prediction: Prediction = prediction) -> None:
                 units = units_of(prediction, max_units)
-                occlusion(model, occlusion_texts(model, prediction, units), batch)
+                occlusion(model, occlusion_texts(model, prediction, units))
 
             model.logits([full])  # warm up this length
             plain += timed(lambda full=full: model.logits([full]), repeats, cpu["plain"])

@@ -51,6 +51,21 @@ def test_the_shipped_taxonomies_share_one_encoder_and_one_pass() -> None:
     np.testing.assert_array_equal(both["tasks"][0].embedding, both["categories"][0].embedding)
 
 
+def test_an_abstracts_answer_does_not_depend_on_what_it_is_scored_with(abstracts: list[dict]) -> None:
+    """The int8 encoder and the head's int8 lexical product scale their inputs per onnxruntime run: read in one
+    run with other abstracts, a text's reading and scores (and its labels: 15 of 512 research-task abstracts)
+    changed with them. Alone, in a CSV batch, in a replay or in the trainer, it gets the same answer."""
+    model = load_and_validate(RESEARCH_TASKS)
+    texts = [f"{p['title']}. {p['abstract']}" for p in abstracts[:8]]
+    together = model.encoder.run(texts)
+    logits, domain = model.head_outputs(texts, together)
+    for i, (text, reading) in enumerate(zip(texts, together, strict=True)):
+        np.testing.assert_array_equal(model.encoder.run([text])[0].pooled, reading.pooled)
+        alone_logits, alone_domain = model.head_outputs([text], [reading])
+        np.testing.assert_array_equal(alone_logits[0], logits[i])
+        assert alone_domain[0] == domain[i]
+
+
 # Issue 10's targets on the newest papers, as the trainer measured them (bundle.json). arXiv categories are near
 # lexical: there the bar is micro-F1 above TF-IDF's and a clearly better macro-F1.
 @pytest.mark.parametrize(

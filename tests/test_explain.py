@@ -128,7 +128,7 @@ class CountingSession:
         return getattr(self.session, name)
 
 
-def test_full_text_and_variants_are_scored_in_one_run_that_bypasses_the_cache(
+def test_full_text_and_each_read_variant_are_scored_in_runs_of_their_own_that_bypass_the_cache(
     app: Flask, client: FlaskClient, abstracts: list[dict]
 ) -> None:
     prediction_id = predict(client, abstracts[0]["title"], abstracts[0]["abstract"])
@@ -144,8 +144,8 @@ def test_full_text_and_variants_are_scored_in_one_run_that_bypasses_the_cache(
     finally:
         encoder.session = real
     read = sum(unit["read"] for unit in answer["labels"][0]["sentences"])
-    # The test bundle reads one window per text, so one row per text.
-    assert batches == [1 + read], "the full text and every read variant go in one run"
+    # The test bundle reads one window per text: one run of one row per text, as every text is read.
+    assert batches == [1] * (1 + read), "the full text and every read variant, each in a run of its own"
     assert len(encoder._cache) == cached, "variants must not evict real abstracts from the encoder's cache"
 
 

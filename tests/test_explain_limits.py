@@ -49,9 +49,9 @@ class RunCounter:
     def __enter__(self) -> RunCounter:
         encoder, run, head = self.model.encoder, self.model.encoder.run, self.model.head_outputs
 
-        def counted_run(texts: list[str], batch_size: int = 32) -> list:
+        def counted_run(texts: list[str]) -> list:
             self.encoder_texts += len(texts)
-            return run(texts, batch_size)
+            return run(texts)
 
         def counted_head(texts: list[str], readings: list) -> tuple:
             self.head_texts += len(texts)

@@ -51,10 +51,10 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> list[Encoder]:
     calls: list[Encoder] = []
     real = Encoder.run
 
-    def run(self: Encoder, texts: list[str], batch_size: int = 32) -> list:
+    def run(self: Encoder, texts: list[str]) -> list:
         if texts:
             calls.append(self)
-        return real(self, texts, batch_size)
+        return real(self, texts)
 
     monkeypatch.setattr(Encoder, "run", run)
     return calls
@@ -131,12 +131,12 @@ def test_bundles_with_the_same_encoder_share_one_encoder_and_one_pass(
     tasks.encoder.session = CountingSession(session)
     tasks.encoder._cache_size = 0  # one pass by design, not because the second taxonomy hits the cache
     try:
-        scored = score_all({"test-tasks": tasks, "test-topics": topics}, texts, batch_size=16)
+        scored = score_all({"test-tasks": tasks, "test-topics": topics}, texts)
         rows = tasks.encoder.session.rows
     finally:
         tasks.encoder.session, tasks.encoder._cache_size = session, cache_size
     assert counted == [tasks.encoder], "one encoder pass for both taxonomies"
-    assert rows == [3], "one onnxruntime run for the batch of three one-window texts"
+    assert rows == [1, 1, 1], "one onnxruntime run per one-window text"
     # Each taxonomy's own head answered, on the same reading.
     for slug, model in (("test-tasks", tasks), ("test-topics", topics)):
         alone = model.head_outputs(texts, model.encoder.run(texts))[0]
@@ -149,7 +149,7 @@ def test_bundles_with_the_same_encoder_share_one_encoder_and_one_pass(
     )
 
 
-def test_a_batch_larger_than_batch_size_runs_once_per_batch(
+def test_each_text_is_read_in_a_run_of_its_own_with_all_its_windows(
     make_bundle: BundleFactory, abstracts: list[dict], counted: list[Encoder]
 ) -> None:
     tasks = LoadedModel(make_bundle(seed=1, max_windows=2))
@@ -160,12 +160,12 @@ def test_a_batch_larger_than_batch_size_runs_once_per_batch(
     tasks.encoder.session = CountingSession(session)
     tasks.encoder._cache_size = 0
     try:
-        score_all({"a": tasks, "b": topics}, texts, batch_size=4)
+        score_all({"a": tasks, "b": topics}, texts)
         rows = tasks.encoder.session.rows
     finally:
         tasks.encoder.session, tasks.encoder._cache_size = session, cache_size
     assert counted == [tasks.encoder]
-    assert rows == [4, 4, 2]
+    assert rows == [2] * 5
 
 
 def test_bundles_with_different_encoders_do_not_share(

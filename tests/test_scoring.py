@@ -155,10 +155,10 @@ def test_one_encoder_pass_serves_every_active_taxonomy(
     runs: list[tuple[Encoder, int]] = []
     real = Encoder.run
 
-    def counting(self: Encoder, texts: list[str], batch_size: int = 32) -> list:
+    def counting(self: Encoder, texts: list[str]) -> list:
         if texts:
             runs.append((self, len(texts)))
-        return real(self, texts, batch_size)
+        return real(self, texts)
 
     monkeypatch.setattr(Encoder, "run", counting)
     # One pass by design, not because the second taxonomy finds the texts in the encoder's cache.

@@ -18,11 +18,9 @@ def evaluate_bundle(bundle_dir: Path, data_file: Path, fields: dict[str, str] | 
     return {"data": str(data_file), **evaluate_papers(bundle_dir, read_papers(data_file, fields))}
 
 
-def served_outputs(model: LoadedModel, texts: list[str], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities and domain similarities as the server computes them (windows, head, fusion). ``batch_size``
-    windows per encoder run, the trainer's default, so a split is batched as the trainer batched it (int8 dynamic
-    quantisation scales each batch by its own range)."""
-    logits, domain = model.head_outputs(texts, model.encoder.run(texts, batch_size))
+def served_outputs(model: LoadedModel, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and domain similarities as the server computes them (windows, head, fusion)."""
+    logits, domain = model.head_outputs(texts, model.encoder.run(texts))
     return 1 / (1 + np.exp(-logits.astype(np.float64))), domain
 
 

@@ -77,6 +77,9 @@ FINETUNE_FIELDS = (
     "device",
 )
 CPU_ENCODE_RATE = 90.0
+# Part of the reading cache's key: readings made before the encoder read each text in a run of its own depended on
+# the texts batched with them, and must not be reused.
+READING_RULE = "one run per text"
 
 
 def _resolve(name: str) -> Path:
@@ -176,13 +179,13 @@ class ReadingCache:
                 ):
                     self.entries[str(key)] = Reading(pooled, int(read), int(total))
 
-    def read(self, encoder: Encoder, texts: list[str], batch_size: int) -> list[Reading]:
+    def read(self, encoder: Encoder, texts: list[str]) -> list[Reading]:
         keys = [hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts]
         todo = list(dict.fromkeys(k for k in keys if k not in self.entries))
         text_of = dict(zip(keys, texts, strict=True))
         for start in range(0, len(todo), 1024):
             chunk = todo[start : start + 1024]
-            self.entries.update(zip(chunk, encoder.run([text_of[k] for k in chunk], batch_size), strict=True))
+            self.entries.update(zip(chunk, encoder.run([text_of[k] for k in chunk]), strict=True))
             log.info("encoded %d of %d new texts", min(start + 1024, len(todo)), len(todo))
         if todo:
             self.save()
@@ -214,8 +217,9 @@ def read_abstracts(
     run only encodes texts it has not seen with this encoder and these windows)."""
     encoder = Encoder(encoder_path, tokenizer_path, manifest, threads=os.cpu_count() or 1)
     windows = (config.max_length, config.max_windows, config.window_overlap)
-    cache = ReadingCache(work_dir / "readings" / f"{_fingerprint(sha256_file(encoder_path), windows)}.npz")
-    return {name: cache.read(encoder, group, config.eval_batch_size) for name, group in texts.items()}
+    key = _fingerprint(sha256_file(encoder_path), windows, READING_RULE)
+    cache = ReadingCache(work_dir / "readings" / f"{key}.npz")
+    return {name: cache.read(encoder, group) for name, group in texts.items()}
 
 
 def _minutes(seconds: float) -> str:

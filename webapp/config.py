@@ -33,9 +33,6 @@ class Defaults:
     WEB_CONCURRENCY = 2
     # onnxruntime intra-op threads per worker; 0 means one per core (idle ones sleep, so busy workers share them).
     ORT_THREADS = 0
-    # Abstracts per onnxruntime run: attention memory grows with batch x length^2, and 4 keeps a worker
-    # serving a 64-abstract call under 300 MB RSS at no cost in throughput on CPU.
-    INFERENCE_BATCH_SIZE = 4
     # How often each worker's watcher polls the database for a change of active model version (seconds).
     MODEL_POLL_SECONDS = 1.0
     # After a version failed to load, wait this long before trying it again (seconds).
@@ -101,9 +98,6 @@ class Defaults:
     LABEL_ISSUES_MAX_UPLOAD_BYTES = 32 * 1024 * 1024
     # Greyed "just missed" labels shown under each taxonomy's predictions (explanations cover them too).
     NEAR_MISSES = 4
-    # Texts per onnxruntime run when explaining (the full text + one per sentence): 16 covers the sentences a
-    # 128-token model reads in one run; more sentences take another run rather than more memory.
-    EXPLAIN_BATCH_SIZE = 16
     # Most units (title, sentences) an explanation occludes: past it the trailing sentences are grouped into
     # EXPLAIN_MAX_UNITS // 4 spans. One explanation is then at most 1 + 32 texts through the model whatever the
     # abstract's length (a 20,000-character one was 150 runs, 11.5 CPU-seconds); 32 keeps every sentence of a
@@ -158,7 +152,6 @@ ENV_KEYS = (
     "DEFAULT_BUNDLES_DIR",
     "WEB_CONCURRENCY",
     "ORT_THREADS",
-    "INFERENCE_BATCH_SIZE",
     "MODEL_POLL_SECONDS",
     "MODEL_RETRY_SECONDS",
     "SQLITE_BUSY_TIMEOUT",
@@ -176,7 +169,6 @@ ENV_KEYS = (
     "RATELIMIT_STORAGE_URI",
     "RATELIMIT_ENABLED",
     "REPLAY_SAMPLE_SIZE",
-    "EXPLAIN_BATCH_SIZE",
     "EXPLAIN_MAX_UNITS",
     "SIMILAR_K",
     "SIMILAR_MAX_K",
@@ -194,7 +186,6 @@ ENV_KEYS = (
 # Counts, sizes and limits: whole numbers of at least 1.
 COUNTS = (
     "WEB_CONCURRENCY",
-    "INFERENCE_BATCH_SIZE",
     "MAX_CONTENT_LENGTH",
     "JSON_MAX_DEPTH",
     "MAX_BUNDLE_UPLOAD_BYTES",
@@ -215,7 +206,6 @@ COUNTS = (
     "REVIEWS_NEEDED",
     "LABEL_ISSUES_MAX_ROWS",
     "LABEL_ISSUES_MAX_UPLOAD_BYTES",
-    "EXPLAIN_BATCH_SIZE",
     "EXPLAIN_MAX_UNITS",
     "SIMILAR_K",
     "SIMILAR_MAX_K",

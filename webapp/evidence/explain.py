@@ -192,15 +192,15 @@ def occlusion_texts(model: LoadedModel, prediction: Prediction, units: list[Unit
     return Occlusion(full, variants, compose_text(prediction.title, prediction.abstract[: cut(0)]), encoder_variants)
 
 
-def occlusion(model: LoadedModel, texts: Occlusion, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def occlusion(model: LoadedModel, texts: Occlusion) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Full-text probabilities, each variant's drop (full - variant) per label, and which variants the model reads
-    differently from the full text, from one uncached encoder pass and one head run of at most ``1 + units`` texts.
+    differently from the full text, from uncached encoder runs and one head run of at most ``1 + units`` texts.
 
     A variant the encoder reads as the full text is not run through the encoder: with a lexical part the head reads
     it whole beside the full text's reading; without one its drop is exactly zero and it is marked unread.
     """
     encoded = list(texts.encoder_variants)
-    readings = model.encoder.run([texts.encoder_full, *texts.encoder_variants.values()], batch_size)
+    readings = model.encoder.run([texts.encoder_full, *texts.encoder_variants.values()])
     if model.reads_text:
         of_variant = [readings[0]] * len(texts.variants)
         for k, i in enumerate(encoded):
@@ -256,9 +256,7 @@ def occlusion_payload(
     if row is not None and row.payload.get("units") == spans:
         return row.payload
     with computing:
-        probabilities, drops, read = occlusion(
-            live.model, occlusion_texts(live.model, prediction, units), current_app.config["EXPLAIN_BATCH_SIZE"]
-        )
+        probabilities, drops, read = occlusion(live.model, occlusion_texts(live.model, prediction, units))
     payload = {
         "units": spans,
         "read": read.tolist(),

@@ -103,10 +103,9 @@ def sample(taxonomy: Taxonomy, size: int) -> list[Sampled]:
 def predicted_sets(model: LoadedModel, texts: list[str], labels_map: LabelMap) -> list[set[str]]:
     """Each text's labels as serving would predict them (``LoadedModel.score``, then its decision), in today's
     label names (label surgery), as the gold labels are."""
-    batch_size = current_app.config["INFERENCE_BATCH_SIZE"]
     return [
         set(labels_map.map_labels(model.predicted(scored), text))
-        for scored, text in zip(model.score(texts, batch_size=batch_size), texts, strict=True)
+        for scored, text in zip(model.score(texts), texts, strict=True)
     ]
 
 

@@ -129,39 +129,28 @@ class Encoder:
         read = min(len(ids), starts[-1] + self.content)
         return windows, read, len(ids)
 
-    def run(self, texts: list[str], batch_size: int = 32) -> list[Reading]:
-        """Read every text (uncached): all windows of the batch, sorted by length so padding wastes little."""
-        owners, flat, read, total = [], [], [], []
-        for index, text in enumerate(texts):
-            windows, covered, length = self.windows(text)
-            owners.extend([index] * len(windows))
-            flat.extend(windows)
-            read.append(covered)
-            total.append(length)
-        order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
-        pooled = np.zeros((len(flat), 0), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            width = max(len(flat[i]) for i in chunk)
-            ids = np.full((len(chunk), width), self.pad_id, dtype=np.int64)
-            mask = np.zeros((len(chunk), width), dtype=np.int64)
-            for row, i in enumerate(chunk):
-                ids[row, : len(flat[i])] = flat[i]
-                mask[row, : len(flat[i])] = 1
-            with self._run_lock:
-                (out,) = self.session.run([ENCODER_OUTPUT], {"input_ids": ids, "attention_mask": mask}, RUN_OPTIONS)
-            if pooled.shape[1] != out.shape[1]:
-                pooled = np.zeros((len(flat), out.shape[1]), dtype=np.float32)
-            pooled[chunk] = out
-        weights = np.asarray([len(w) for w in flat], dtype=np.float64)
+    def run(self, texts: list[str]) -> list[Reading]:
+        """Read every text (uncached), in one encoder run per text (its windows together). The int8 encoder scales
+        its activations per run, so a text read in one run with others got a reading that depended on them: 15 of
+        512 research-task abstracts showed other labels alone than in a batch of 32. Read alone, a text gets the
+        same reading wherever it is submitted (API, CSV batch, replay, trainer), at about the same speed on a CPU
+        (1 thread: 30 texts/s either way; 2 threads: 40 against 45 in batches of 64)."""
         results = []
-        for index in range(len(texts)):
-            rows = [i for i, owner in enumerate(owners) if owner == index]
-            vector = np.average(pooled[rows], axis=0, weights=weights[rows]).astype(np.float32)
-            results.append(Reading(vector, read[index], total[index]))
+        for text in texts:
+            windows, covered, length = self.windows(text)
+            width = max(len(window) for window in windows)
+            ids = np.full((len(windows), width), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(windows), width), dtype=np.int64)
+            for row, window in enumerate(windows):
+                ids[row, : len(window)] = window
+                mask[row, : len(window)] = 1
+            with self._run_lock:
+                (pooled,) = self.session.run([ENCODER_OUTPUT], {"input_ids": ids, "attention_mask": mask}, RUN_OPTIONS)
+            weights = [len(window) for window in windows]
+            results.append(Reading(np.average(pooled, axis=0, weights=weights).astype(np.float32), covered, length))
         return results
 
-    def read(self, texts: list[str], batch_size: int = 32) -> list[Reading]:
+    def read(self, texts: list[str]) -> list[Reading]:
         """:meth:`run` with a small LRU cache of repeated texts."""
         keys = [hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts]
         results: dict[str, Reading] = {}
@@ -172,7 +161,7 @@ class Encoder:
                     results[key] = self._cache[key]
         text_of = dict(zip(keys, texts, strict=True))
         todo = list(dict.fromkeys(k for k in keys if k not in results))
-        results.update(zip(todo, self.run([text_of[k] for k in todo], batch_size), strict=True))
+        results.update(zip(todo, self.run([text_of[k] for k in todo]), strict=True))
         with self._cache_lock:
             for key in todo:
                 self._cache[key] = results[key]
@@ -250,15 +239,21 @@ class LoadedModel:
         self._head_lock = threading.Lock()
 
     def head_outputs(self, texts: list[str], readings: list[Reading]) -> tuple[np.ndarray, np.ndarray]:
-        """Fused logits [texts, labels] and domain similarities [texts] from the encoder's readings."""
+        """Fused logits [texts, labels] and domain similarities [texts] from the encoder's readings, one head run
+        per text: the lexical part's int8 product scales its input per run, as the encoder does (a batch moved a
+        research-task probability by up to 0.12), and a run costs about 0.6 ms."""
         if not texts:
             return np.zeros((0, len(self.labels)), dtype=np.float32), np.zeros((0,), dtype=np.float32)
-        feed: dict[str, np.ndarray] = {ENCODER_OUTPUT: np.stack([r.pooled for r in readings]).astype(np.float32)}
-        if self.reads_text:
-            feed[HEAD_TEXT_INPUT] = np.asarray(texts, dtype=object).reshape(-1, 1)
-        with self._head_lock:
-            logits, domain = self.head.run(list(HEAD_OUTPUTS), feed, RUN_OPTIONS)
-        return logits, domain.reshape(-1)
+        runs = []
+        for text, reading in zip(texts, readings, strict=True):
+            feed: dict[str, np.ndarray] = {ENCODER_OUTPUT: reading.pooled.reshape(1, -1).astype(np.float32)}
+            if self.reads_text:
+                feed[HEAD_TEXT_INPUT] = np.asarray([[text]], dtype=object)
+            with self._head_lock:
+                runs.append(self.head.run(list(HEAD_OUTPUTS), feed, RUN_OPTIONS))
+        return np.concatenate([logits for logits, _ in runs]), np.concatenate(
+            [domain.reshape(-1) for _, domain in runs]
+        )
 
     def score_readings(self, texts: list[str], readings: list[Reading]) -> list[Scored]:
         logits, domain = self.head_outputs(texts, readings)
@@ -272,14 +267,14 @@ class LoadedModel:
             scored.append(Scored(probabilities[i], embedding, float(domain[i]), read, reading.total_tokens))
         return scored
 
-    def score(self, texts: list[str], batch_size: int = 16) -> list[Scored]:
+    def score(self, texts: list[str]) -> list[Scored]:
         """Probabilities, embeddings and reading figures for each text; repeated texts come from the encoder's
         cache."""
-        return self.score_readings(texts, self.encoder.read(texts, batch_size))
+        return self.score_readings(texts, self.encoder.read(texts))
 
-    def logits(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+    def logits(self, texts: list[str]) -> np.ndarray:
         """Raw fused logits for many texts, uncached (evaluation, explanations, parity checks)."""
-        return self.head_outputs(texts, self.encoder.run(texts, batch_size))[0]
+        return self.head_outputs(texts, self.encoder.run(texts))[0]
 
     def decide(self, probabilities: np.ndarray, domain: float) -> Decision:
         """The labels at or above their threshold, most probable first; else the best guess, if the bundle asks for
@@ -338,7 +333,7 @@ def finite(scored: Scored) -> bool:
 
 
 def score_all(
-    models: Mapping[str, LoadedModel], texts: list[str], batch_size: int = 16, *, errors: dict[str, str] | None = None
+    models: Mapping[str, LoadedModel], texts: list[str], *, errors: dict[str, str] | None = None
 ) -> dict[str, list[Scored]]:
     """Every model's answers for ``texts`` with one encoder pass per distinct encoder (usually one for all).
 
@@ -352,7 +347,7 @@ def score_all(
         try:
             if encoder_id not in readings:
                 try:
-                    readings[encoder_id] = model.encoder.read(texts, batch_size)
+                    readings[encoder_id] = model.encoder.read(texts)
                 except Exception as exc:  # every model on this encoder fails alike, without running it again
                     readings[encoder_id] = exc
             reading = readings[encoder_id]

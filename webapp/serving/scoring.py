@@ -125,9 +125,8 @@ def predict_and_store(
     live = models if models is not None else chosen_models()
     texts = [s.text for s in submissions]
     # Every taxonomy's model is the one grabbed above, even if the watcher swaps meanwhile.
-    batch_size = current_app.config["INFERENCE_BATCH_SIZE"]
     errors: dict[str, str] = {}
-    scored = score_all({slug: entry.model for slug, entry in sorted(live.items())}, texts, batch_size, errors=errors)
+    scored = score_all({slug: entry.model for slug, entry in sorted(live.items())}, texts, errors=errors)
     for slug, reason in errors.items():
         log.error("model %s of taxonomy %s failed on %d texts: %s", live[slug].version_id, slug, len(texts), reason)
     if not scored:
