@@ -73,10 +73,12 @@ def test_smoke_bundle_is_valid_int8_and_serves(smoke_bundle: Path) -> None:
     assert manifest.taxonomy_slug == "research-tasks"
     assert len(manifest.labels) >= 2 and len(manifest.thresholds) == len(manifest.labels)
     assert manifest.format_version == 2 and manifest.max_windows == 2 and manifest.best_guess
-    for name in ("encoder.onnx", "head.onnx"):
-        graph = onnx.load(str(smoke_bundle / name))
-        assert any(node.op_type in {"MatMulInteger", "DynamicQuantizeMatMul"} for node in graph.graph.node), name
+    encoder = onnx.load(str(smoke_bundle / "encoder.onnx"))
+    assert any(node.op_type in {"MatMulInteger", "DynamicQuantizeMatMul"} for node in encoder.graph.node)
     head = onnx.load(str(smoke_bundle / "head.onnx"))
+    # The head's lexical matrix is stored in int8, its product in fp32: nothing in it is quantised per run.
+    assert {i.name: i.data_type for i in head.graph.initializer}["lexical_weight_int8"] == onnx.TensorProto.INT8
+    assert not any(node.op_type in {"MatMulInteger", "DynamicQuantizeLinear"} for node in head.graph.node)
     assert {"Tokenizer", "TfIdfVectorizer"} <= {node.op_type for node in head.graph.node}  # lexical evidence
     model = load_and_validate(smoke_bundle)
     assert model.reads_text
@@ -119,7 +121,7 @@ def test_evaluate_reproduces_the_bundles_test_metrics(smoke_bundle: Path, tmp_pa
     assert main(["evaluate", str(smoke_bundle), "--data", str(data)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["examples"] == len(test_split)
-    assert printed["micro_f1"] == pytest.approx(read_manifest(smoke_bundle).metrics["test"]["micro_f1"], abs=1e-4)
+    assert printed["micro_f1"] == read_manifest(smoke_bundle).metrics["test"]["micro_f1"]
 
 
 def _splits(config: TrainConfig) -> dict[str, list[Paper]]:
@@ -198,10 +200,10 @@ def test_a_brought_set_with_mapped_fields_negatives_and_its_own_test_file(
     capsys.readouterr()
     assert main(["evaluate", str(out), "--data", str(test_file), "--config", str(config)]) == 0
     printed = json.loads(capsys.readouterr().out)
-    # Same rows, same decision; not the same figure to the digit: int8 dynamic quantisation scales each batch by
-    # its own range, and evaluate batches the texts differently, which flips a few of these 13 in-scope papers.
+    # Same rows, same answers to the digit: each text is read in a run of its own, however evaluate groups them.
     assert printed["examples"] == test["examples"] and printed["negatives"] == test["negatives"]
-    assert 0.0 <= printed["negative_fp_rate"] <= 1.0 and 0.0 <= printed["micro_f1"] <= 1.0
+    for figure in ("micro_f1", "macro_f1", "negative_fp_rate", "empty_share"):
+        assert printed[figure] == test[figure], figure
 
 
 def test_a_joint_fine_tune_trains_one_encoder_on_two_taxonomies(tmp_path: Path, work_dir: Path) -> None:
@@ -614,11 +616,13 @@ def test_a_validation_split_too_small_to_bound_the_share_still_gets_its_best_pai
 
 def test_int8_quantisation_scales_each_weight_column_apart(tmp_path: Path) -> None:
     """A column of small weights beside one of large weights keeps its values: one scale per matrix would round
-    the small column to zero (the encoder's pooled vectors then drift from fp32 far more)."""
-    import onnxruntime as ort
+    the small column to zero (the encoder's pooled vectors then drift from fp32 far more). Run as the server runs
+    it: with 8-bit weights, onnxruntime's integer kernel on an AVX2 CPU without VNNI saturated and put the middle
+    column 6% off; 7-bit weights (reduce_range) cannot overflow it."""
     from onnx import TensorProto, helper, numpy_helper
 
     from trainer.export import quantize_int8
+    from webapp.serving.inference import _session
 
     rng = np.random.default_rng(0)
     weight = rng.normal(size=(16, 3)).astype(np.float32) * np.array([100.0, 1.0, 0.01], dtype=np.float32)
@@ -634,8 +638,37 @@ def test_int8_quantisation_scales_each_weight_column_apart(tmp_path: Path) -> No
     int8 = quantize_int8(fp32, tmp_path / "int8.onnx")
     assert any(n.op_type == "MatMulInteger" for n in onnx.load(str(int8)).graph.node), "the MatMul was quantised"
     x = rng.normal(size=(32, 16)).astype(np.float32)
-    got = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = _session(int8, threads=1).run(None, {"x": x})[0]
     expected = x @ weight
     for column in range(3):
         error = np.abs(got[:, column] - expected[:, column]).mean() / np.abs(expected[:, column]).mean()
-        assert error < 0.05, f"column {column}: mean relative error {error:.3f}"
+        assert error < 0.02, f"column {column}: mean relative error {error:.3f}"
+
+
+def test_a_matrix_stored_in_int8_keeps_each_column_and_multiplies_in_fp32() -> None:
+    """One scale per column: a column of small weights beside one of large weights keeps its values."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from trainer.heads import stored_in_int8
+
+    rng = np.random.default_rng(1)
+    weight = rng.normal(size=(16, 3)).astype(np.float32) * np.array([100.0, 1.0, 0.01], dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    stored = stored_in_int8(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), "w")
+    assert {i.name: i.data_type for i in stored.graph.initializer} == {
+        "w_int8": TensorProto.INT8,
+        "w_scale": TensorProto.FLOAT,
+    }
+    x = rng.normal(size=(32, 16)).astype(np.float32)
+    got = ort.InferenceSession(stored.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    expected = x @ weight
+    for column in range(3):
+        error = np.abs(got[:, column] - expected[:, column]).mean() / np.abs(expected[:, column]).mean()
+        assert error < 0.02, f"column {column}: mean relative error {error:.3f}"
