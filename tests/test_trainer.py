@@ -614,18 +614,11 @@ def test_a_validation_split_too_small_to_bound_the_share_still_gets_its_best_pai
     assert report["micro_f1"] == 1.0 and report["empty_share"] == 0.0
 
 
-def test_int8_quantisation_scales_each_weight_column_apart(tmp_path: Path) -> None:
-    """A column of small weights beside one of large weights keeps its values: one scale per matrix would round
-    the small column to zero (the encoder's pooled vectors then drift from fp32 far more). Run as the server runs
-    it: with 8-bit weights, onnxruntime's integer kernel on an AVX2 CPU without VNNI saturated and put the middle
-    column 6% off; 7-bit weights (reduce_range) cannot overflow it."""
+def three_column_product(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """An fp32 ONNX graph ``y = x @ w`` whose three weight columns differ in size by 100x each, and ``w``."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from trainer.export import quantize_int8
-    from webapp.serving.inference import _session
-
-    rng = np.random.default_rng(0)
-    weight = rng.normal(size=(16, 3)).astype(np.float32) * np.array([100.0, 1.0, 0.01], dtype=np.float32)
+    weight = np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32) * np.float32([100.0, 1.0, 0.01])
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])],
         "matmul",
@@ -633,42 +626,47 @@ def test_int8_quantisation_scales_each_weight_column_apart(tmp_path: Path) -> No
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
         [numpy_helper.from_array(weight, "w")],
     )
-    fp32 = tmp_path / "fp32.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(fp32))
-    int8 = quantize_int8(fp32, tmp_path / "int8.onnx")
-    assert any(n.op_type == "MatMulInteger" for n in onnx.load(str(int8)).graph.node), "the MatMul was quantised"
-    x = rng.normal(size=(32, 16)).astype(np.float32)
-    got = _session(int8, threads=1).run(None, {"x": x})[0]
-    expected = x @ weight
+    path = tmp_path / "fp32.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
+    return path, weight
+
+
+def assert_each_column_within(path: Path, weight: np.ndarray, bound: float) -> None:
+    """The graph at ``path``, run as the server runs it, against ``x @ weight`` column by column."""
+    from webapp.serving.inference import _session
+
+    x = np.random.default_rng(1).normal(size=(32, 16)).astype(np.float32)
+    got, expected = _session(path, threads=1).run(None, {"x": x})[0], x @ weight
     for column in range(3):
         error = np.abs(got[:, column] - expected[:, column]).mean() / np.abs(expected[:, column]).mean()
-        assert error < 0.02, f"column {column}: mean relative error {error:.3f}"
+        assert error < bound, f"column {column}: mean relative error {error:.3f}"
 
 
-def test_a_matrix_stored_in_int8_keeps_each_column_and_multiplies_in_fp32() -> None:
-    """One scale per column: a column of small weights beside one of large weights keeps its values."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+def test_int8_quantisation_scales_each_weight_column_apart(tmp_path: Path) -> None:
+    """A column of small weights beside one of large weights keeps its values: one scale per matrix would round
+    the small column to zero (the encoder's pooled vectors then drift from fp32 far more). With 8-bit weights,
+    onnxruntime's integer kernel on an AVX2 CPU without VNNI saturated and put the middle column 6% off; 7-bit
+    weights (reduce_range) cannot overflow it."""
+    from trainer.export import quantize_int8
+
+    fp32, weight = three_column_product(tmp_path)
+    int8 = quantize_int8(fp32, tmp_path / "int8.onnx")
+    assert any(n.op_type == "MatMulInteger" for n in onnx.load(str(int8)).graph.node), "the MatMul was quantised"
+    assert_each_column_within(int8, weight, 0.03)
+
+
+def test_a_matrix_stored_in_int8_keeps_each_column_and_multiplies_in_fp32(tmp_path: Path) -> None:
+    """The head's lexical matrix: one scale per column, no quantisation at run time."""
+    from onnx import TensorProto
 
     from trainer.heads import stored_in_int8
 
-    rng = np.random.default_rng(1)
-    weight = rng.normal(size=(16, 3)).astype(np.float32) * np.array([100.0, 1.0, 0.01], dtype=np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "matmul",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
-        [numpy_helper.from_array(weight, "w")],
-    )
-    stored = stored_in_int8(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), "w")
+    fp32, weight = three_column_product(tmp_path)
+    stored = stored_in_int8(onnx.load(str(fp32)), "w")
     assert {i.name: i.data_type for i in stored.graph.initializer} == {
         "w_int8": TensorProto.INT8,
         "w_scale": TensorProto.FLOAT,
     }
-    x = rng.normal(size=(32, 16)).astype(np.float32)
-    got = ort.InferenceSession(stored.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    expected = x @ weight
-    for column in range(3):
-        error = np.abs(got[:, column] - expected[:, column]).mean() / np.abs(expected[:, column]).mean()
-        assert error < 0.02, f"column {column}: mean relative error {error:.3f}"
+    assert not any(n.op_type in {"MatMulInteger", "DynamicQuantizeLinear"} for n in stored.graph.node)
+    onnx.save(stored, str(tmp_path / "stored.onnx"))
+    assert_each_column_within(tmp_path / "stored.onnx", weight, 0.02)
