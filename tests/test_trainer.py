@@ -614,11 +614,12 @@ def test_a_validation_split_too_small_to_bound_the_share_still_gets_its_best_pai
     assert report["micro_f1"] == 1.0 and report["empty_share"] == 0.0
 
 
-def three_column_product(tmp_path: Path) -> tuple[Path, np.ndarray]:
-    """An fp32 ONNX graph ``y = x @ w`` whose three weight columns differ in size by 100x each, and ``w``."""
+def three_column_product(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """An fp32 ONNX graph ``y = x @ w`` whose three weight columns differ in size by 100x each, ``w`` and an ``x``."""
     from onnx import TensorProto, helper, numpy_helper
 
-    weight = np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32) * np.float32([100.0, 1.0, 0.01])
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(16, 3)).astype(np.float32) * np.float32([100.0, 1.0, 0.01])
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])],
         "matmul",
@@ -628,14 +629,13 @@ def three_column_product(tmp_path: Path) -> tuple[Path, np.ndarray]:
     )
     path = tmp_path / "fp32.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
-    return path, weight
+    return path, weight, rng.normal(size=(32, 16)).astype(np.float32)
 
 
-def assert_each_column_within(path: Path, weight: np.ndarray, bound: float) -> None:
+def assert_each_column_within(path: Path, weight: np.ndarray, x: np.ndarray, bound: float) -> None:
     """The graph at ``path``, run as the server runs it, against ``x @ weight`` column by column."""
     from webapp.serving.inference import _session
 
-    x = np.random.default_rng(1).normal(size=(32, 16)).astype(np.float32)
     got, expected = _session(path, threads=1).run(None, {"x": x})[0], x @ weight
     for column in range(3):
         error = np.abs(got[:, column] - expected[:, column]).mean() / np.abs(expected[:, column]).mean()
@@ -649,10 +649,10 @@ def test_int8_quantisation_scales_each_weight_column_apart(tmp_path: Path) -> No
     weights (reduce_range) cannot overflow it."""
     from trainer.export import quantize_int8
 
-    fp32, weight = three_column_product(tmp_path)
+    fp32, weight, x = three_column_product(tmp_path)
     int8 = quantize_int8(fp32, tmp_path / "int8.onnx")
     assert any(n.op_type == "MatMulInteger" for n in onnx.load(str(int8)).graph.node), "the MatMul was quantised"
-    assert_each_column_within(int8, weight, 0.03)
+    assert_each_column_within(int8, weight, x, 0.03)
 
 
 def test_a_matrix_stored_in_int8_keeps_each_column_and_multiplies_in_fp32(tmp_path: Path) -> None:
@@ -661,7 +661,7 @@ def test_a_matrix_stored_in_int8_keeps_each_column_and_multiplies_in_fp32(tmp_pa
 
     from trainer.heads import stored_in_int8
 
-    fp32, weight = three_column_product(tmp_path)
+    fp32, weight, x = three_column_product(tmp_path)
     stored = stored_in_int8(onnx.load(str(fp32)), "w")
     assert {i.name: i.data_type for i in stored.graph.initializer} == {
         "w_int8": TensorProto.INT8,
@@ -669,4 +669,4 @@ def test_a_matrix_stored_in_int8_keeps_each_column_and_multiplies_in_fp32(tmp_pa
     }
     assert not any(n.op_type in {"MatMulInteger", "DynamicQuantizeLinear"} for n in stored.graph.node)
     onnx.save(stored, str(tmp_path / "stored.onnx"))
-    assert_each_column_within(tmp_path / "stored.onnx", weight, 0.02)
+    assert_each_column_within(tmp_path / "stored.onnx", weight, x, 0.02)
