@@ -194,7 +194,8 @@ def occlusion_texts(model: LoadedModel, prediction: Prediction, units: list[Unit
 
 def occlusion(model: LoadedModel, texts: Occlusion) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Full-text probabilities, each variant's drop (full - variant) per label, and which variants the model reads
-    differently from the full text, from uncached encoder runs and one head run of at most ``1 + units`` texts.
+    differently from the full text, from uncached model runs (one per text, as every text is read) of at most
+    ``1 + units`` texts.
 
     A variant the encoder reads as the full text is not run through the encoder: with a lexical part the head reads
     it whole beside the full text's reading; without one its drop is exactly zero and it is marked unread.

@@ -240,8 +240,10 @@ class LoadedModel:
 
     def head_outputs(self, texts: list[str], readings: list[Reading]) -> tuple[np.ndarray, np.ndarray]:
         """Fused logits [texts, labels] and domain similarities [texts] from the encoder's readings, one head run
-        per text: the lexical part's int8 product scales its input per run, as the encoder does (a batch moved a
-        research-task probability by up to 0.12), and a run costs about 0.6 ms."""
+        per text (about 0.6 ms). Heads trained before 2026-11-30 (the shipped arXiv head among them) quantise the
+        lexical product's input with one scale per run, as the encoder does: run with others, a research-task
+        probability moved by up to 0.12. Newer heads multiply in fp32, and a run of its own keeps even their
+        rounding independent of the other texts."""
         if not texts:
             return np.zeros((0, len(self.labels)), dtype=np.float32), np.zeros((0,), dtype=np.float32)
         runs = []
