@@ -228,7 +228,8 @@ class LoadedModel:
         self.labels = self.manifest.labels
         self.thresholds = np.asarray(self.manifest.thresholds, dtype=np.float32)
         self.encoder = shared_encoder(self.bundle_dir, self.manifest, threads, digests)
-        self.head = _session(self.bundle_dir / HEAD_FILE, threads)
+        # One thread: a head run is a fraction of a millisecond, less than waking a pool of threads costs.
+        self.head = _session(self.bundle_dir / HEAD_FILE, 1)
         inputs = {i.name for i in self.head.get_inputs()}
         outputs = [o.name for o in self.head.get_outputs()]
         if ENCODER_OUTPUT not in inputs or not inputs <= {ENCODER_OUTPUT, HEAD_TEXT_INPUT}:
