@@ -132,7 +132,7 @@ class Encoder:
     def run(self, texts: list[str]) -> list[Reading]:
         """Read every text (uncached), in one encoder run per text (its windows together). The int8 encoder scales
         its activations per run, so a text read in one run with others got a reading that depended on them: 15 of
-        512 research-task abstracts showed other labels alone than in a batch of 32. Read alone, a text gets the
+        512 research-task abstracts showed other labels alone than in a batch of 16. Read alone, a text gets the
         same reading wherever it is submitted (API, CSV batch, replay, trainer), at about the same speed on a CPU
         (1 thread: 30 texts/s either way; 2 threads: 40 against 45 in batches of 64)."""
         results = []
