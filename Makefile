@@ -46,10 +46,11 @@ run: $(SERVE_STAMP)
 	trap 'kill -TERM $$worker 2>/dev/null; wait $$worker; trap - EXIT; exit' EXIT INT TERM; \
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
-# Two passes: the whole suite on SQLite, then again on a throwaway PostgreSQL server (postgres.sh installs
-# Debian's postgresql if missing and serves on a Unix socket) without the slow `trainer` tests; stopped either way.
-# Both passes have a throwaway Redis server (redis.sh, likewise) for the job engine's tests on Redis. Each server
-# lives in a directory of this run's own, removed after: a developer's default servers (which another run, a
+# Three passes: the whole suite on SQLite; again on a throwaway PostgreSQL server (postgres.sh installs Debian's
+# postgresql if missing and serves on a Unix socket) without the slow `trainer` tests; then the tests of similar papers'
+# index, storage and migrations on PostgreSQL 16 with pgvector (postgres.sh's pgvector server, from a PyPI wheel), as
+# on Render. Every pass has a throwaway Redis server (redis.sh, likewise) for the job engine's tests on Redis. Each
+# server lives in a directory of this run's own, removed after: a developer's default servers (which another run, a
 # benchmark or a kept database may use) are neither stopped nor filled.
 test: $(DEV_STAMP) $(TRAIN_STAMP)
 	sh tests/services/chromium.sh
@@ -58,14 +59,16 @@ test: $(DEV_STAMP) $(TRAIN_STAMP)
 	status=0; TEST_REDIS_URL="$$url" $(MAKE) --no-print-directory test-passes || status=$$?; \
 	sh tests/services/redis.sh stop; rm -rf "$$PAPERTAG_REDIS_ROOT" "$$PAPERTAG_PG_ROOT"; exit $$status
 
-# Both passes always run (a failed SQLite pass must not hide the PostgreSQL one); the summary names each pass's
-# outcome and the exit status is non-zero if either failed. The first pass is SQLite even where TEST_DATABASE_URL is
-# set in the environment (as it is when the PostgreSQL pass runs tests/test_make_test.py). PYTEST and POSTGRES are variables so that
+# Every pass always runs (a failed pass must not hide the next); the summary names each pass's outcome and the exit
+# status is non-zero if any failed. The first pass is SQLite even where TEST_DATABASE_URL is set in the environment
+# (as it is when a PostgreSQL pass runs tests/test_make_test.py). PYTEST and POSTGRES are variables so that
 # tests/test_make_test.py can check this with stand-ins.
 PYTEST ?= $(BIN)/python -m pytest
 POSTGRES ?= sh tests/services/postgres.sh
+# What the pgvector pass runs: where the similar-papers engine (webapp/evidence/similar_index.py) is at work.
+PGVECTOR_TESTS ?= tests/test_similar_index.py tests/test_similar.py tests/test_storage.py tests/test_migrations.py
 test-passes:
-	@sqlite=0; postgres=0; \
+	@sqlite=0; postgres=0; pgvector=0; \
 	TEST_DATABASE_URL= $(PYTEST) || sqlite=$$?; \
 	if url=$$($(POSTGRES) start); then \
 		TEST_DATABASE_URL="$$url" $(PYTEST) -m "not trainer" || postgres=$$?; \
@@ -73,9 +76,16 @@ test-passes:
 	else \
 		echo "make test: the PostgreSQL server did not start"; postgres=1; \
 	fi; \
+	if url=$$(PAPERTAG_PG_SERVER=pgvector $(POSTGRES) start); then \
+		TEST_DATABASE_URL="$$url" TEST_PGVECTOR=required $(PYTEST) $(PGVECTOR_TESTS) || pgvector=$$?; \
+		PAPERTAG_PG_SERVER=pgvector $(POSTGRES) stop; \
+	else \
+		echo "make test: the pgvector server did not start"; pgvector=1; \
+	fi; \
 	outcome() { if [ "$$1" = 0 ]; then echo passed; else echo "FAILED (exit $$1)"; fi; }; \
-	echo "make test: SQLite pass $$(outcome $$sqlite), PostgreSQL pass $$(outcome $$postgres)"; \
-	[ "$$sqlite" = 0 ] && [ "$$postgres" = 0 ]
+	echo "make test: SQLite pass $$(outcome $$sqlite), PostgreSQL pass $$(outcome $$postgres)," \
+		"pgvector pass $$(outcome $$pgvector)"; \
+	[ "$$sqlite" = 0 ] && [ "$$postgres" = 0 ] && [ "$$pgvector" = 0 ]
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .

@@ -8,6 +8,7 @@ index a database's existing results (and their downgrades go back)."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,10 @@ from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.models import Embedding, PredictionResult
 from webapp.serving.registry import activate, import_bundle
 from webapp.serving.scoring import Submission, predict_and_store
+
+# Set by make test's pgvector pass: its server must have pgvector (a server without it would test the exact scan
+# again and pass).
+PGVECTOR_REQUIRED = os.environ.get("TEST_PGVECTOR") == "required"
 
 
 def index_tables(app: Flask) -> list[str]:
@@ -55,6 +60,18 @@ def indexed(app: Flask) -> set[int]:
         }
 
 
+def column_type(app: Flask, table: str) -> str:
+    """The type of a pgvector table's embedding column, from the catalogue (``halfvec(384)``)."""
+    with app.app_context():
+        return db.session.execute(
+            text(
+                "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                "WHERE attrelid = to_regclass(:t) AND attname = 'embedding'"
+            ),
+            {"t": table},
+        ).scalar_one()
+
+
 def with_embeddings(app: Flask) -> set[int]:
     """Ids of the embeddings stored results point at."""
     with app.app_context():
@@ -68,6 +85,8 @@ def expected_engine(app: Flask) -> type[similar_index.IndexEngine]:
         connection = db.session.connection()
         if connection.dialect.name == "sqlite":
             return similar_index.SqliteVec
+        if PGVECTOR_REQUIRED:
+            return similar_index.PgVector
         offered = connection.execute(text("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")).first()
         return similar_index.PgVector if offered else similar_index.ExactScan
 
@@ -89,6 +108,11 @@ def test_the_engine_follows_the_database_and_holds_every_stored_result(
     if isinstance(engine, similar_index.ExactScan):
         assert index_tables(app) == []  # nothing to keep in step: the scan reads the embeddings
     else:
+        if isinstance(engine, similar_index.PgVector):
+            # halfvec from pgvector 0.7 on (Render's), else vector: the tables are made with the engine's type.
+            assert {column_type(app, t).split("(")[0] for t in index_tables(app)} == {engine.type}
+            if PGVECTOR_REQUIRED:
+                assert engine.type == "halfvec"
         assert indexed(app) == stored
         # A prediction stored after the first query is in the index at once.
         (newer,) = predict(client, abstracts[6:7])
@@ -153,6 +177,52 @@ def test_an_old_version_sparse_in_its_space_is_answered_in_full(
     monkeypatch.setattr(similar_index, "MAX_CANDIDATES", 4)
     # The space's 4 nearest embeddings may all be the newer version's; the old version's own vectors are scanned.
     assert {row["id"] for row in similar(client, old[0], k=2)} == set(old[1:])
+
+
+def hnsw_indexes(app: Flask) -> list[str]:
+    """The pgvector HNSW indexes the database holds."""
+    with app.app_context():
+        return sorted(
+            db.session.execute(
+                text("SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND indexdef LIKE '%hnsw%'")
+            ).scalars()
+        )
+
+
+def test_a_bulk_fill_indexes_every_stored_embedding_and_builds_a_new_index_after_its_rows(
+    app: Flask, client: FlaskClient, abstracts: list[dict]
+) -> None:
+    ids = predict(client, abstracts[:10])
+    engine = engine_of(app)
+    if isinstance(engine, similar_index.ExactScan):  # nothing to fill: the scan reads the embeddings
+        with app.app_context():
+            assert similar_index.add_stored(db.session.connection()) == max(with_embeddings(app))
+        assert index_tables(app) == []
+        return
+    answers = [similar(client, i, k=5) for i in ids[:3]]
+    if isinstance(engine, similar_index.PgVector):
+        indexes = hnsw_indexes(app)
+        assert len(indexes) == 1
+    with app.app_context():  # as if the rows had been written outside the ORM: nothing indexed, no index
+        for table in index_tables(app):
+            db.session.execute(text(f"DROP TABLE {table}"))
+        db.session.commit()
+    similar_index.forget_engines()
+    with app.app_context():
+        connection = db.session.connection()
+        highest = similar_index.add_stored(connection, chunk=3)  # several chunks before the index is built
+        db.session.commit()
+    assert highest == max(with_embeddings(app))
+    assert indexed(app) == with_embeddings(app)
+    if isinstance(engine, similar_index.PgVector):
+        assert hnsw_indexes(app) == indexes  # the same index, built after the rows
+    assert [similar(client, i, k=5) for i in ids[:3]] == answers
+    # Later writes go into the rebuilt index at once, and a second fill adds only what is new.
+    (newer,) = predict(client, abstracts[10:11])
+    assert indexed(app) == with_embeddings(app) and newer in [row["id"] for row in similar(client, ids[0], k=50)]
+    with app.app_context():
+        assert similar_index.add_stored(db.session.connection(), after=highest + 1) == highest + 1
+        db.session.commit()
 
 
 @contextmanager
