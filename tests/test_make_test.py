@@ -41,9 +41,9 @@ def run_passes(
     fake_postgres.write_text(
         f'server=${{PAPERTAG_PG_SERVER:-debian}}\necho "postgres $server $1" >> {log}\n'
         f'if [ "$1" = start ] && [ "$server" = debian ]; then '
-        f'{"echo postgresql://stand-in" if postgres_starts else "exit 1"}; fi\n'
+        f"{'echo postgresql://stand-in' if postgres_starts else 'exit 1'}; fi\n"
         f'if [ "$1" = start ] && [ "$server" = pgvector ]; then '
-        f'{"echo postgresql://pgvector-stand-in" if pgvector_starts else "exit 1"}; fi\n'
+        f"{'echo postgresql://pgvector-stand-in' if pgvector_starts else 'exit 1'}; fi\n"
     )
     done = subprocess.run(
         ["make", "-s", "test-passes", f"PYTEST=sh {fake_pytest}", f"POSTGRES=sh {fake_postgres}"],
