@@ -70,18 +70,14 @@ PGVECTOR_TESTS ?= tests/test_similar_index.py tests/test_similar.py tests/test_s
 test-passes:
 	@sqlite=0; postgres=0; pgvector=0; \
 	TEST_DATABASE_URL= $(PYTEST) || sqlite=$$?; \
-	if url=$$($(POSTGRES) start); then \
-		TEST_DATABASE_URL="$$url" $(PYTEST) -m "not trainer" || postgres=$$?; \
-		$(POSTGRES) stop; \
-	else \
-		echo "make test: the PostgreSQL server did not start"; postgres=1; \
-	fi; \
-	if url=$$(PAPERTAG_PG_SERVER=pgvector $(POSTGRES) start); then \
-		TEST_DATABASE_URL="$$url" TEST_PGVECTOR=required $(PYTEST) $(PGVECTOR_TESTS) || pgvector=$$?; \
-		PAPERTAG_PG_SERVER=pgvector $(POSTGRES) stop; \
-	else \
-		echo "make test: the pgvector server did not start"; pgvector=1; \
-	fi; \
+	on_server() { label=$$1; server=$$2; shift 2; \
+		if url=$$(PAPERTAG_PG_SERVER=$$server $(POSTGRES) start); then \
+			TEST_DATABASE_URL="$$url" "$$@"; rc=$$?; PAPERTAG_PG_SERVER=$$server $(POSTGRES) stop; return $$rc; \
+		fi; \
+		echo "make test: the $$label server did not start"; return 1; \
+	}; \
+	on_server PostgreSQL debian $(PYTEST) -m "not trainer" || postgres=$$?; \
+	on_server pgvector pgvector env TEST_PGVECTOR=required $(PYTEST) $(PGVECTOR_TESTS) || pgvector=$$?; \
 	outcome() { if [ "$$1" = 0 ]; then echo passed; else echo "FAILED (exit $$1)"; fi; }; \
 	echo "make test: SQLite pass $$(outcome $$sqlite), PostgreSQL pass $$(outcome $$postgres)," \
 		"pgvector pass $$(outcome $$pgvector)"; \

@@ -324,15 +324,16 @@ class PgVector(IndexEngine):
         pgvector advises for a bulk load (each row inserted into the graph made a fill of 100,000 take 529 s
         against 128 s without pgvector, README "Similar papers"). All in ``connection``'s transaction: a bulk writer
         (a fill, a restore) is alone on the database, so no second writer can wait on the index's lock."""
-        deferred: set[tuple[int, str]] = set()
+        deferred: dict[tuple[int, str], bool] = {}  # (width, space) -> its index waits for the end
         for rows in chunks:
-            for width, space in {(len(row.vector), row.space) for row in rows} - deferred:
-                if not self._exists(connection, self.index_name(self.table(width), space)):
+            for width, space in {(len(row.vector), row.space) for row in rows} - deferred.keys():
+                deferred[width, space] = not self._exists(connection, self.index_name(self.table(width), space))
+                if deferred[width, space]:
                     self._create_table(connection, width)
-                    deferred.add((width, space))
-            self._insert(connection, [row for row in rows if (len(row.vector), row.space) in deferred])
-            self.add(connection, [row for row in rows if (len(row.vector), row.space) not in deferred])
-        for width, space in sorted(deferred):
+            waiting = [deferred[len(row.vector), row.space] for row in rows]
+            self._insert(connection, [row for row, wait in zip(rows, waiting, strict=True) if wait])
+            self.add(connection, [row for row, wait in zip(rows, waiting, strict=True) if not wait])
+        for width, space in sorted(key for key, wait in deferred.items() if wait):
             self._create_index(connection, width, space)
 
     def column_type(self, connection: Connection, table: str) -> str:
