@@ -25,6 +25,7 @@ from trainer.data import (
     read_papers,
     split_of,
 )
+from trainer.heads import LEXICAL_C_CHOICES
 from trainer.metrics import product_report
 from trainer.thresholds import empty_share_bounds, guessing_thresholds, tune_thresholds
 from trainer.train import joint_tasks, load_dataset
@@ -112,6 +113,10 @@ def test_smoke_bundle_metrics_are_complete(smoke_bundle: Path) -> None:
     design = metrics["training"]["design"]
     assert set(design["fusion_validation_micro_f1"]) == {str(w / 10) for w in range(11)}
     assert 0.0 <= design["encoder_weight"] <= 1.0
+    # The smoke config leaves lexical_c at 0: every strength was tried and the best fusion kept.
+    tried = design["lexical_c_validation_micro_f1"]
+    assert set(tried) == {str(c) for c in LEXICAL_C_CHOICES}
+    assert tried[str(design["lexical_c_chosen"])] == max(tried.values())
 
 
 def test_evaluate_reproduces_the_bundles_test_metrics(smoke_bundle: Path, tmp_path: Path, capsys) -> None:
@@ -320,9 +325,11 @@ def test_joint_taxonomies_train_on_their_own_train_split_without_this_runs_held_
         ({"joint_configs": ["trainer/configs/arxiv-categories.json"], "joint_loss_weight": 0}, "must lie in (0, 100]"),
         ({"joint_configs": ["trainer/configs/arxiv-categories.json"], "joint_loss_weight": "half"}, "(0, 100]"),
         ({"joint_configs": ["no/such/config.json"]}, "no/such/config.json does not exist"),
+        ({"lexical_c": -1}, "lexical_c must be positive, or 0"),
+        ({"head_c": -0.1}, "head_c and lexical_c must be positive"),
     ],
 )
-def test_bad_joint_settings_are_refused(tmp_path: Path, capsys, changes: dict, message: str) -> None:
+def test_bad_settings_are_refused_naming_the_setting(tmp_path: Path, capsys, changes: dict, message: str) -> None:
     config = smoke_config_with(tmp_path, **changes)
     assert main(["train", "--config", str(config), "--out", str(tmp_path / "out")]) != 0
     assert message in capsys.readouterr().err
@@ -670,3 +677,44 @@ def test_a_matrix_stored_in_int8_keeps_each_column_and_multiplies_in_fp32(tmp_pa
     assert not any(n.op_type in {"MatMulInteger", "DynamicQuantizeLinear"} for n in stored.graph.node)
     onnx.save(stored, str(tmp_path / "stored.onnx"))
     assert_each_column_within(tmp_path / "stored.onnx", weight, x, 0.02)
+
+
+def test_the_lexical_strength_is_chosen_with_the_fusion_weight_on_validation() -> None:
+    """lexical_c 0 fits the lexical classifier at every strength of LEXICAL_C_CHOICES and keeps the one whose fusion
+    scored best on validation; a set lexical_c is the only one fitted."""
+    from trainer.heads import choose_head, fit_logistic, validation_f1
+
+    rng = np.random.default_rng(5)
+    words = [f"w{i}" for i in range(60)]
+    targets, texts, pooled = {}, {}, {}
+    for split, n in (("train", 160), ("validation", 80)):
+        labels = (rng.random((n, 2)) < 0.35).astype(np.float32)
+        # Label j's word appears in most of its papers (and in a few others), among random filler.
+        rows = []
+        for row in labels:
+            chosen = list(rng.choice(words[4:], 12))
+            chosen += [f"w{j}" for j in range(2) if (row[j] and rng.random() < 0.8) or rng.random() < 0.1]
+            rows.append(" ".join(chosen))
+        targets[split], texts[split] = labels, rows
+        pooled[split] = (labels @ rng.normal(size=(2, 8)) + rng.normal(scale=2.0, size=(n, 8))).astype(np.float32)
+
+    design = choose_head(
+        pooled, texts, targets, joint_head=None, head_c=0.1, lexical=True, lexical_max_features=500, lexical_c=0
+    )
+    tried = design.choices["lexical_c_validation_micro_f1"]
+    assert set(tried) == {str(c) for c in LEXICAL_C_CHOICES}
+    chosen = design.choices["lexical_c_chosen"]
+    assert tried[str(chosen)] == max(tried.values())
+    # The kept classifier is the fit at the chosen strength, and its fusion scores what was recorded.
+    features = {split: design.lexical.features(texts[split]) for split in texts}
+    refit = fit_logistic(features["train"], targets["train"], chosen)
+    np.testing.assert_allclose(design.lexical_head.weight, refit.weight, rtol=1e-5, atol=1e-6)
+    w = design.encoder_weight
+    fused = w * design.embedding_head.logits(pooled["validation"]) + (1 - w) * refit.logits(features["validation"])
+    assert round(validation_f1(fused, targets["validation"]), 4) == tried[str(chosen)]
+
+    fixed = choose_head(
+        pooled, texts, targets, joint_head=None, head_c=0.1, lexical=True, lexical_max_features=500, lexical_c=5.0
+    )
+    assert list(fixed.choices["lexical_c_validation_micro_f1"]) == ["5.0"]
+    assert fixed.choices["lexical_c_chosen"] == 5.0

@@ -129,7 +129,10 @@ class TrainConfig:
     lexical_max_features: int = field(
         default=20000, metadata={"help": "TF-IDF vocabulary size (1-2 grams); bounds the head's size."}
     )
-    lexical_c: float = field(default=10.0, metadata={"help": "Inverse L2 strength of the lexical classifier."})
+    lexical_c: float = field(
+        default=0.0,
+        metadata={"help": "Inverse L2 strength of the lexical classifier; 0 = chosen on validation with the fusion."},
+    )
     best_guess: str = field(
         default="auto",
         metadata={
@@ -229,6 +232,8 @@ class TrainConfig:
             raise ConfigError("max_windows must be positive and window_overlap below half of max_length")
         if self.best_guess not in {"auto", "on", "off"}:
             raise ConfigError(f"best_guess must be auto, on or off, not {self.best_guess!r}")
+        if self.head_c < 0 or self.lexical_c < 0:
+            raise ConfigError("head_c and lexical_c must be positive, or 0 to choose them on validation")
         if not 0 <= self.max_empty_share <= 1:
             raise ConfigError("max_empty_share must lie in [0, 1]")
         if not 0 < self.domain_quantile < 0.5:

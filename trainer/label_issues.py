@@ -34,6 +34,8 @@ FOLDS = 5
 # The embedding head's strength when the config leaves it to validation: what the shipped research-tasks head chose
 # (bundle.json, training.design). One strength for every fold keeps the folds comparable.
 DEFAULT_HEAD_C = 0.1
+# What bundles trained before the lexical strength was chosen on validation used.
+DEFAULT_LEXICAL_C = 10.0
 CORRECTION_SOURCE = "correction"
 # How cleanlab folds a paper's per-label qualities into one: softmin lets the worst label decide, so one wrong label
 # among several right ones sinks the paper (cleanlab's default moving average dilutes it). On bench/label_errors.py's
@@ -91,12 +93,16 @@ def out_of_fold(
     return probabilities
 
 
-def served_encoder_weight(config: TrainConfig) -> float:
-    """The fusion weight the frozen encoder's bundle chose on validation (its bundle.json), 0.5 when not recorded."""
+def served_fusion(config: TrainConfig) -> tuple[float, float]:
+    """The fusion weight and lexical strength the frozen encoder's bundle chose on validation (its bundle.json):
+    0.5 and ``DEFAULT_LEXICAL_C`` where it does not record them; a lexical_c set in the config wins."""
     source = Path(config.encoder) if Path(config.encoder).is_absolute() else REPO_ROOT / config.encoder
     design = read_manifest(source).metrics.get("training", {}).get("design", {})
-    weight = design.get("encoder_weight") if isinstance(design, dict) else None
-    return float(weight) if isinstance(weight, (int, float)) and 0 <= weight <= 1 else 0.5
+    design = design if isinstance(design, dict) else {}
+    weight, c = design.get("encoder_weight"), design.get("lexical_c_chosen")
+    weight = float(weight) if isinstance(weight, (int, float)) and 0 <= weight <= 1 else 0.5
+    c = float(c) if isinstance(c, (int, float)) and c > 0 else DEFAULT_LEXICAL_C
+    return weight, config.lexical_c or c
 
 
 def score_dataset(
@@ -130,11 +136,11 @@ def score_dataset(
     texts = {"all": [p.text for p in papers]}
     readings = read_abstracts(config, encoder_path, tokenizer_path, manifest, work_dir, texts)["all"]
     pooled = np.stack([r.pooled for r in readings])
-    lexicon = (
-        Lexicon(texts["all"], config.lexical_max_features, config.lexical_c, served_encoder_weight(config))
-        if config.lexical
-        else None
-    )
+    if config.lexical:
+        weight, lexical_c = served_fusion(config)
+        lexicon = Lexicon(texts["all"], config.lexical_max_features, lexical_c, weight)
+    else:
+        lexicon = None
     probabilities = out_of_fold(
         pooled, targets, folds=folds, c=config.head_c or DEFAULT_HEAD_C, seed=config.seed, lexicon=lexicon
     )
