@@ -198,3 +198,38 @@ def test_bad_taxonomies_are_400_and_store_nothing(
     with two_taxonomies.app_context():
         assert db.session.query(Prediction).count() == 0
         assert db.session.query(PredictionResult).count() == 0
+
+
+def test_a_label_change_renames_only_its_taxonomys_answers_read_in_one_query(
+    two_taxonomies: Flask, client: FlaskClient, abstracts: list[dict]
+) -> None:
+    """Both taxonomies share label names; a rename in one shows in that one's answer only. A predict call reads the
+    label changes of every taxonomy in one query and looks up no taxonomy row (its models know their slugs)."""
+    from sqlalchemy import event
+
+    from tests.test_label_surgery import token
+
+    paper = {"title": abstracts[0]["title"], "abstract": abstracts[0]["abstract"]}
+    before = client.post("/api/v1/predict", json=paper).get_json()["predictions"][0]["results"]
+    old = before["test-tasks"]["labels"][0]
+    assert old in before["test-topics"]["scores"]
+    rename = {"kind": "rename", "from": old, "to": "Renamed Task"}
+    made = client.post("/api/v1/taxonomies/test-tasks/label-changes", json=rename, headers=token(two_taxonomies))
+    assert made.status_code == 201, made.get_json()
+
+    statements: list[str] = []
+    with two_taxonomies.app_context():
+        engine = db.engine
+
+    def seen(_conn, _cursor, statement: str, *_args) -> None:  # noqa: ANN001 - SQLAlchemy's event signature
+        statements.append(" ".join(statement.split()).lower())
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        after = client.post("/api/v1/predict", json=paper).get_json()["predictions"][0]["results"]
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert "Renamed Task" in after["test-tasks"]["labels"] and old not in after["test-tasks"]["scores"]
+    assert after["test-topics"] == before["test-topics"]
+    assert sum("from label_changes" in s for s in statements) == 1
+    assert not [s for s in statements if "from taxonomies" in s]

@@ -120,7 +120,8 @@ def predict() -> Response:
         abort(503, description=str(exc))
     # The answer is read from the rows just flushed, before the commit expires them (read back after it, they would
     # be loaded again from the database: a few milliseconds of every predict call).
-    answers = [prediction_json(p) for p in predictions]
+    slugs = {model.taxonomy_id: slug for slug, model in models.items()}
+    answers = [prediction_json(p, slugs) for p in predictions]
     db.session.commit()
     # A taxonomy whose model failed on this request is named with the reason; the others' answers are stored.
     failed = {"errors": predictions.errors} if predictions.errors else {}

@@ -48,16 +48,19 @@ from ..surgery import LabelMap, Rule
 
 
 def label_map(taxonomy_id: int) -> LabelMap:
-    """The taxonomy's label changes not undone, oldest first; read once per request (app context)."""
-    maps: dict[int, LabelMap] = g.setdefault("label_maps", {})
-    if taxonomy_id not in maps:
-        changes = db.session.scalars(
-            select(LabelChange)
-            .where(LabelChange.taxonomy_id == taxonomy_id, LabelChange.undone_at.is_(None))
-            .order_by(LabelChange.id)
-        )
-        maps[taxonomy_id] = LabelMap(Rule.from_payload(c.id, c.kind, c.payload, c.created_at) for c in changes)
-    return maps[taxonomy_id]
+    """The taxonomy's label changes not undone, oldest first. Every taxonomy's are read at the first call of a
+    request (app context), in one query: a predict call maps the answers of all its taxonomies."""
+    if "label_maps" not in g:
+        rules: dict[int, list[Rule]] = {}
+        for change in db.session.scalars(
+            select(LabelChange).where(LabelChange.undone_at.is_(None)).order_by(LabelChange.id)
+        ):
+            rules.setdefault(change.taxonomy_id, []).append(
+                Rule.from_payload(change.id, change.kind, change.payload, change.created_at)
+            )
+        g.label_maps = {tid: LabelMap(taxonomy_rules) for tid, taxonomy_rules in rules.items()}
+    maps: dict[int, LabelMap] = g.label_maps
+    return maps.get(taxonomy_id) or LabelMap()
 
 
 def forget_label_maps() -> None:

@@ -220,12 +220,13 @@ def result_view(result: PredictionResult, near_misses: int) -> ResultView:
     )
 
 
-def prediction_json(prediction: Prediction) -> dict[str, Any]:
-    """The API shape of one prediction (PRODUCT contract), in today's label names."""
+def prediction_json(prediction: Prediction, slugs: dict[int, str]) -> dict[str, Any]:
+    """The API shape of one prediction (PRODUCT contract), in today's label names. ``slugs``: taxonomy id -> slug of
+    the models that answered (known to the caller, so no result loads its taxonomy row)."""
     results = {}
     for result in prediction.results:
         mapped = mapped_result(result)
-        results[result.taxonomy.slug] = {
+        results[slugs[result.taxonomy_id]] = {
             "model_version": result.model_version_id,
             "labels": mapped.labels,
             "scores": mapped.scores,
