@@ -53,7 +53,7 @@ def test_lone_surrogate_is_400(client: FlaskClient, app: Flask) -> None:
     raw = '{"abstract": "' + GOOD + ' \\ud800"}'
     response = client.post("/api/v1/predict", data=raw, content_type="application/json")
     assert response.status_code == 400
-    assert "not valid Unicode" in response.get_json()["error"]
+    assert "abstract holds an unpaired surrogate" in response.get_json()["error"]
     assert stored(app) == 0
 
 

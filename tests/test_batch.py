@@ -163,6 +163,11 @@ BAD_FILES = {
     ),
     "empty": (b"", "the file is empty"),
     "blank": (b"\n\n  \n", "the file is empty"),
+    "byte-order-mark-only": (b"\xef\xbb\xbf", "the file is empty"),
+    "too-many-columns": (
+        ("abstract" + ",'" * 20_000 + "\nAn abstract long enough to tag, about object detection.\n").encode(),
+        "the header has 20,001 columns; at most 200",
+    ),
     "header-only": (b"title,abstract\n", "the file has a header but no rows below it"),
     "png-renamed": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)), "not a CSV file but a PNG image"),
     "xlsx-renamed": (b"PK\x03\x04\x14\x00\x06\x00" + bytes(200), "a ZIP archive (an Excel .xlsx workbook?)"),
@@ -210,6 +215,33 @@ def test_decode_reports_the_first_bad_line_and_keeps_a_bom_out() -> None:
     assert decode_upload(b"\xef\xbb\xbftitle,abstract\n") == "title,abstract\n"
     with pytest.raises(ValueError, match=r"line 2 is not UTF-8 text \(byte 0xff at character 4\)"):
         decode_upload(b"ok\nabc\xffdef\n\xff\n")
+
+
+def test_the_separator_is_guessed_from_the_header_start(app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
+    """csv.Sniffer's time grows with the square of its sample (14 s for a 40 KB header): it reads the first
+    ``SNIFF_CHARS`` characters, which still tell ";" from ","."""
+    samples: list[str] = []
+    sniff = csv.Sniffer.sniff
+    monkeypatch.setattr(
+        csv.Sniffer, "sniff", lambda self, sample, **kw: samples.append(sample) or sniff(self, sample, **kw)
+    )
+    header = ["title", "abstract", *(f"a long column name: number {n} of the export" for n in range(150))]
+    text = make_csv([header, ["A title", "An abstract long enough to tag, about object detection."]], ";").decode()
+    with app.app_context():
+        parsed = parse_csv(text, 10)
+    assert [len(sample) for sample in samples] == [batch.SNIFF_CHARS] < [len(text.split("\n")[0])]
+    assert parsed.columns == header and parsed.rows[0][2] is None
+
+
+def test_a_row_wider_than_the_header_is_skipped_and_kept_to_its_columns(app: Flask) -> None:
+    rows = [
+        ["title", "abstract"],
+        ["A title", "An abstract long enough to tag, about object detection."],
+        ["Wide", "Another abstract long enough to tag, about parsing.", *"xyz" * 100],
+    ]
+    with app.app_context():
+        _, (number, cells, reason) = parse_csv(make_csv(rows).decode(), 10).rows
+    assert (number, reason) == (3, "it has 302 cells but the header has 2 columns") and cells == rows[2][:2]
 
 
 def _stored_job(app: Flask, abstracts: list[dict], n: int = 40, chunk: int = 16) -> int:

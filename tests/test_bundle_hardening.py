@@ -228,8 +228,9 @@ def test_every_manifest_violation_is_a_422_naming_the_field(
     [
         (lambda text: text.replace('"thresholds": [', '"thresholds": [NaN, ', 1), "NaN is not a JSON number"),
         (lambda text: text.replace('"metrics": {', '"metrics": {"x": ' + "[" * 100_000, 1), "nests too deeply"),
+        (lambda text: text.replace('"metrics": {', '"metrics": {"x": ' + "9" * 5000 + ", ", 1), "4300 digits"),
     ],
-    ids=["nan", "deep"],
+    ids=["nan", "deep", "5000-digit-integer"],
 )
 def test_json_that_python_reads_but_json_forbids_is_refused(
     fresh_app: Callable[..., Flask], make_bundle: BundleFactory, edit: Callable[[str], str], message: str

@@ -17,7 +17,7 @@ from playwright.sync_api import Page, expect
 from sqlalchemy import func, select
 
 from tests import test_browser
-from tests.conftest import signed_in
+from tests.conftest import add_user, signed_in
 from tests.test_browser import SLUG, Site, check_layout, sign_in
 from tests.tiny_bundle import LABELS
 from trainer.config import TrainConfig
@@ -362,6 +362,36 @@ def test_the_api_imports_the_file_for_admin_tokens_only(app: Flask, abstracts: l
     assert created.status_code == 201, created.get_data(as_text=True)
     assert created.get_json() == {"issues": 1, "papers_added": 1, "taxonomies": [TAXONOMY]}
     assert issue_count(app) == 1
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("[" * 100_000, "nests deeper than 32 levels"),
+        ('{"quality": ' + "9" * 5000 + "}", "4300 digits"),
+        ('{"taxonomy": "' + TAXONOMY + '", "quality": 1' + "0" * 400 + "}", "out of range"),
+        ('{"taxonomy": "\\u0000"}', "NUL character"),
+    ],
+    ids=["deep", "5000-digits", "400-digit-quality", "nul"],
+)
+def test_an_issue_line_that_cannot_be_stored_is_a_422_naming_it(
+    app: Flask, abstracts: list[dict], line: str, problem: str
+) -> None:
+    """Issue lines are read by the request bodies' JSON parser (before: RecursionError, ValueError, OverflowError)."""
+    with app.app_context():
+        token, plain = ApiToken.issue(db.session.get(User, add_user(app, "ada", "admin")), name="t")
+        db.session.add(token)
+        db.session.commit()
+    good = json.dumps(issue(abstracts[7]["abstract"], ["Code Generation"], ["Machine Translation"], 0.05))
+    response = app.test_client().post(
+        "/api/v1/label-issues",
+        data=f"{good}\n{line}\n".encode(),
+        headers={"Authorization": f"Bearer {plain}"},
+        content_type="application/x-ndjson",
+    )
+    assert response.status_code == 422, response.get_data(as_text=True)[:300]
+    assert response.get_json()["error"].startswith("line 2: not JSON") and problem in response.get_json()["error"]
+    assert issue_count(app) == 0
 
 
 def test_a_taxonomy_without_an_active_version_refuses_new_papers(app: Flask, abstracts: list[dict]) -> None:

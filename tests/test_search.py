@@ -247,11 +247,20 @@ def test_bad_taxonomy_is_a_clear_400(client: FlaskClient, two_taxonomies: list[i
     assert api.status_code == 400 and "nope" in api.get_json()["error"]
 
 
-@pytest.mark.parametrize("query", ["label=%00", "label=Object%00Detection", "label=%1B", "version=v%00"])
-def test_control_characters_in_a_filter_are_a_clear_400(client: FlaskClient, query: str) -> None:
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("label=%00", "the query string holds a NUL character"),
+        ("label=Object%00Detection", "the query string holds a NUL character"),
+        ("label=%1B", "label must not contain control characters"),
+        ("version=v%1Bx", "version must not contain control characters"),
+        ("version=v%00", "the query string holds a NUL character"),
+    ],
+)
+def test_control_characters_in_a_filter_are_a_clear_400(client: FlaskClient, query: str, message: str) -> None:
     response = client.get(f"/history?{query}")
     assert response.status_code == 400
-    assert "must not contain control characters" in response.get_data(as_text=True)
+    assert message in response.get_data(as_text=True)
 
 
 def test_suggestions_per_taxonomy(client: FlaskClient, two_taxonomies: list[int]) -> None:

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import config as config_module
+from . import request_input
 from .config import ConfigurationError
 from .evidence.similar_index import load_sqlite_vec
 from .extensions import csrf, db, limiter, login_manager, migrate
@@ -60,6 +61,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     if app.config["PAPERTAG_ENV"] == "production":
         app.config["SESSION_COOKIE_SECURE"] = True
     _configure_logging(app)
+    request_input.register(app)  # before the routes: their ids are bounded by its converter
     register_extensions(app)
     register_blueprints(app)
     register_read_access(app)

@@ -62,7 +62,7 @@ def predict_rate_limit() -> str:
 def json_body() -> Any:
     if not request.is_json:
         abort(415, description="send the body as JSON with Content-Type: application/json")
-    body = request.get_json()  # invalid or too deeply nested JSON: a 400 saying why (errors.JSONErrorRequest)
+    body = request.get_json()  # invalid or too deeply nested JSON: a 400 saying why (request_input.CheckedRequest)
     if body is None:
         abort(400, description="the body is JSON null; send an object")
     return body

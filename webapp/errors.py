@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from flask import Flask, Request, Response, jsonify, make_response, render_template, request
-from flask.json.provider import DefaultJSONProvider
+from flask import Flask, Response, jsonify, make_response, render_template, request
 from sqlalchemy.exc import OperationalError
-from werkzeug.exceptions import BadRequest, HTTPException, InternalServerError
+from werkzeug.exceptions import HTTPException, InternalServerError
 
 from .extensions import db
-from .json_depth import json_depth
 from .serving.registry import RegistryError
 
 log = logging.getLogger(__name__)
@@ -33,34 +30,7 @@ def error_response(status: int, message: str) -> Response:
     return response
 
 
-class BoundedJSONProvider(DefaultJSONProvider):
-    """Every request body parsed as JSON: too deep a nesting is a ValueError (so a 400), not Python's
-    RecursionError (a 500 for 100,000 ``[``), and what is accepted can always be stored and answered again."""
-
-    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
-        limit = self._app.config["JSON_MAX_DEPTH"]
-        try:
-            value = super().loads(s, **kwargs)
-        except RecursionError as exc:
-            raise ValueError(f"it nests deeper than {limit} levels") from exc
-        if json_depth(value, limit) > limit:
-            raise ValueError(f"it nests deeper than {limit} levels")
-        return value
-
-
-class JSONErrorRequest(Request):
-    """A body that is not JSON (or nests too deeply) is a 400 saying why, whoever calls ``get_json``."""
-
-    def on_json_loading_failed(self, e: ValueError | None) -> Any:
-        if e is None:
-            return super().on_json_loading_failed(e)
-        raise BadRequest(f"the body is not valid JSON: {e}")
-
-
 def register(app: Flask) -> None:
-    app.json = BoundedJSONProvider(app)
-    app.request_class = JSONErrorRequest
-
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         message = exc.description or exc.name

@@ -109,7 +109,7 @@ def _gate(name: str, value: Any) -> dict[str, Any]:
 
 
 def _phase(name: str, value: Any) -> str:
-    if value not in PHASES:
+    if not isinstance(value, str) or value not in PHASES:
         raise RunFieldError(f"{name} must be one of {', '.join(PHASES)}, not {value!r}")
     return value
 

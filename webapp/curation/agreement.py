@@ -178,8 +178,8 @@ def taxonomy_agreement(taxonomy: Taxonomy) -> TaxonomyAgreement:
 class ResolveForm(FlaskForm):
     """An adjudicator's final label set: the ticked labels plus any typed in ``add``."""
 
-    labels = SelectMultipleField(validate_choice=False)
-    add = SelectMultipleField(validate_choice=False)
+    labels = SelectMultipleField(validate_choice=False, default=list)  # a form posted without it: no labels
+    add = SelectMultipleField(validate_choice=False, default=list)
     note = TextAreaField("Note")
 
 

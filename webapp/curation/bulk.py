@@ -25,6 +25,7 @@ from ..extensions import db
 from ..history import search
 from ..history.views import REVIEWED_CHOICES, filtered_predictions, lone_search
 from ..models import BatchJob, Prediction, PredictionResult, Taxonomy, User
+from ..request_input import ID_MAX, whole_number
 from .annotations import CURATOR_REVIEW_KINDS, active_events
 from .corrections import (
     CorrectionError,
@@ -85,15 +86,16 @@ def parse_ids(raw: list[str] | str) -> list[int]:
     for part in (p.strip() for p in parts):
         if not part:
             continue
-        if not part.isdigit() or len(part) > 12:
-            raise BulkError(f"prediction ids are whole numbers, not {part[:20]!r}")
-        ids.append(int(part))
+        number = whole_number(part)
+        if number is None:
+            raise BulkError(f"prediction ids are whole numbers up to {ID_MAX}, not {part[:20]!r}")
+        ids.append(number)
     return list(dict.fromkeys(ids))
 
 
 def plan(user: User, ids: list[int], taxonomy: Taxonomy, action: str, label: object = "") -> BulkPlan:
     """Check the request and every prediction's review command; nothing is recorded."""
-    if action not in BULK_ACTIONS:
+    if not isinstance(action, str) or action not in BULK_ACTIONS:
         raise BulkError(f"action must be one of {', '.join(BULK_ACTIONS)}, not {str(action)[:40]!r}")
     if not ids:
         raise BulkError("no prediction selected: tick some rows, or choose all on this page or all matching the filter")
@@ -180,9 +182,10 @@ def filter_ids(form: dict[str, str], user: User) -> list[int]:
     reviewed, batch = form.get("f_reviewed", ""), form.get("f_batch", "").strip()
     if reviewed not in REVIEWED_CHOICES:
         raise BulkError("the review filter must be 'yes', 'no' or empty")
-    if batch and (not batch.isdigit() or len(batch) > 9):
+    batch_id = whole_number(batch) if batch else None
+    if batch and batch_id is None:
         raise BulkError(f"the batch filter must be a batch number, not {batch[:20]!r}")
-    job = db.session.get(BatchJob, int(batch)) if batch else None
+    job = db.session.get(BatchJob, batch_id) if batch_id is not None else None
     if job is not None and not can_read(user, job):
         raise BulkError(f"there is no batch job {batch} you may read")
     version, q = form.get("f_version", "").strip()[:80], form.get("f_q", "").strip()[:200]
@@ -232,7 +235,7 @@ def confirm() -> Response | tuple[str, int]:
         db.session.rollback()
         return render_template("bulk/confirm.html", error=str(exc), back=_back_url(), bulk=None), 400
     confirmed = form.get("confirmed", "")
-    if confirmed.isdigit() and int(confirmed) == bulk.changed and bulk.changed:
+    if bulk.changed and whole_number(confirmed) == bulk.changed:
         apply(bulk)
         flash(f"Done: {bulk.summary()}; {bulk.unchanged} unchanged.", "info")
         return redirect(_back_url())
@@ -254,8 +257,8 @@ def api_bulk() -> tuple[Response, int]:
         abort(400, description=f"unknown fields: {', '.join(unknown)[:200]}")
     dry_run = json_flag(body, "dry_run")
     ids = body.get("ids")
-    if not isinstance(ids, list) or any(not isinstance(i, int) or isinstance(i, bool) or i < 1 for i in ids):
-        abort(400, description='"ids" must be a list of prediction ids (whole numbers)')
+    if not isinstance(ids, list) or any(type(i) is not int or not 1 <= i <= ID_MAX for i in ids):
+        abort(400, description=f'"ids" must be a list of prediction ids (whole numbers from 1 to {ID_MAX})')
     try:
         taxonomy = _taxonomy(body.get("taxonomy"))
         bulk = plan(g.api_user, list(dict.fromkeys(ids)), taxonomy, body.get("action", ""), body.get("label", ""))

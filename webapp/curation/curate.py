@@ -17,6 +17,7 @@ from ..access.auth import role_required
 from ..extensions import db
 from ..history.paging import CappedPagination, count_cap, count_up_to
 from ..models import DATASET_SOURCE, AnnotationEvent, LabelProposal, Prediction, PredictionResult, Taxonomy
+from ..request_input import page_number, whole_number
 from .agreement import awaiting_review
 from .annotations import has_active_event, known_labels, labelled_selects, mapped_result, results_labelled
 from .corrections import (
@@ -44,17 +45,17 @@ class CorrectionForm(FlaskForm):
     class Meta:
         csrf = False
 
-    labels = SelectMultipleField(validate_choice=False)
-    add = SelectMultipleField(validate_choice=False)
+    labels = SelectMultipleField(validate_choice=False, default=list)  # a form posted without it: no labels
+    add = SelectMultipleField(validate_choice=False, default=list)
     propose = StringField("Propose a new label")
     note = TextAreaField("Note")
     based_on = HiddenField()
 
     def based_on_event(self) -> int | None:
-        raw = (self.based_on.data or "").strip()
-        if not raw.isdigit():
+        event = whole_number((self.based_on.data or "").strip())
+        if event is None:
             raise CorrectionError("the form is missing the event it was based on; reload the page")
-        return int(raw)
+        return event
 
     def part(self, taxonomy: Taxonomy, action: str) -> ReviewPart:
         """This taxonomy's share of the review the pressed button asks for."""
@@ -204,11 +205,9 @@ def queue() -> str:
         abort(400, description=f"label filters have at most {MAX_LABEL_CHARS} characters")
     if args["taxonomy"]:
         _taxonomy_or_404(args["taxonomy"])
-    page = request.args.get("page", "1")
-    if not page.isdigit() or not 0 < int(page) < 10**9:
-        abort(400, description="page must be a whole number from 1 up")
+    page = page_number()
     pagination = QueuePagination(
-        page=int(page),
+        page=page,
         per_page=current_app.config["HISTORY_PER_PAGE"],
         max_per_page=None,
         error_out=False,

@@ -11,7 +11,6 @@ with ordinary annotation events, which the trainer merges over the base paper by
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from sqlalchemy.orm import selectinload
 from ..access.auth import role_required, token_user_role
 from ..extensions import csrf, db
 from ..models import DATASET_SOURCE, AnnotationEvent, LabelIssue, PredictedLabel, Prediction, PredictionResult, Taxonomy
+from ..request_input import page_number
 from ..serving.scoring import InputError, check_submission
 from .annotations import current_labels
 from .corrections import CorrectionError, check_label
@@ -120,9 +120,11 @@ def read_issue_file(lines: Iterable[str], max_rows: int) -> list[IssueRow]:
         if len(rows) >= max_rows:
             raise IssueFileError(f"more than LABEL_ISSUES_MAX_ROWS={max_rows} rows; write fewer with --limit")
         try:
-            rows.append(parse_row(json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise IssueFileError(f"line {number}: not JSON ({exc.msg})") from exc
+            record = current_app.json.loads(line)  # the request bodies' parser: bounded depth, storable values
+        except ValueError as exc:
+            raise IssueFileError(f"line {number}: not JSON ({exc})") from exc
+        try:
+            rows.append(parse_row(record))
         except IssueFileError as exc:
             raise IssueFileError(f"line {number}: {exc}") from exc
     if not rows:
@@ -258,9 +260,7 @@ def index() -> str:
     state = request.args.get("state", "open")
     if state not in STATES:
         abort(400, description=f"state must be one of {', '.join(STATES)}")
-    page = request.args.get("page", "1")
-    if not page.isdigit() or not 0 < int(page) < 10**9:
-        abort(400, description="page must be a whole number from 1 up")
+    page = page_number()
     query = select(LabelIssue).join(Taxonomy, Taxonomy.id == LabelIssue.taxonomy_id)
     if slug:
         if db.session.scalar(select(Taxonomy.id).where(Taxonomy.slug == slug)) is None:
@@ -274,7 +274,7 @@ def index() -> str:
             selectinload(LabelIssue.prediction).selectinload(Prediction.results),
             selectinload(LabelIssue.taxonomy),
         ).order_by(LabelIssue.quality, LabelIssue.id),
-        page=int(page),
+        page=page,
         per_page=current_app.config["HISTORY_PER_PAGE"],
         error_out=False,
     )

@@ -22,6 +22,7 @@ from sqlalchemy import select
 from ..curation.annotations import current_labels, mapped_result, review_status
 from ..extensions import db
 from ..models import AnnotationEvent, Embedding, Prediction, PredictionResult
+from ..request_input import whole_number
 from . import similar_index
 from .explain import prediction_or_404, results_in
 
@@ -125,9 +126,10 @@ def similar_papers(result: PredictionResult, k: int) -> list[SimilarPaper]:
 def _k() -> int:
     raw = request.args.get("k", str(current_app.config["SIMILAR_K"])).strip()
     high = current_app.config["SIMILAR_MAX_K"]
-    if not raw.isdigit() or len(raw) > 6 or not 1 <= int(raw) <= high:
+    k = whole_number(raw, high)
+    if not k:
         abort(400, description=f"k must be a whole number from 1 to {high}, not {raw[:20]!r}")
-    return int(raw)
+    return k
 
 
 def paper_json(paper: SimilarPaper) -> dict[str, object]:

@@ -17,19 +17,13 @@ from ..evidence.explain import page_panel
 from ..evidence.similar import similar_papers
 from ..extensions import db
 from ..models import BatchJob, ModelVersion, Prediction, PredictionResult
+from ..request_input import page_number, whole_number
 from ..serving.scoring import result_view
 from . import paging, search
 
 bp = Blueprint("history", __name__)
 
 REVIEWED_CHOICES = {"": "All", "yes": "Reviewed", "no": "Not reviewed"}
-
-
-def _page_number() -> int:
-    raw = request.args.get("page", "1").strip()
-    if not raw.isdigit() or int(raw) < 1 or len(raw) > 9:
-        abort(400, description=f"page must be a whole number from 1 up, not {raw[:20]!r}")
-    return int(raw)
 
 
 def filtered_predictions(
@@ -113,7 +107,7 @@ def _made_by(version: str, of: Any = None) -> Select:
 
 @bp.get("/history")
 def index() -> str:
-    page = _page_number()
+    page = page_number()
     q = request.args.get("q", "").strip()[:200]
     label = request.args.get("label", "").strip()[:300]
     version = request.args.get("version", "").strip()[:80]
@@ -121,9 +115,10 @@ def index() -> str:
         if search.has_control_characters(value):  # no stored name has one (PostgreSQL refuses NUL in a query)
             abort(400, description=f"{name} must not contain control characters: {value[:40]!r}")
     batch = request.args.get("batch", "").strip()
-    if batch and (not batch.isdigit() or len(batch) > 9):
+    batch_id = whole_number(batch) if batch else None
+    if batch and batch_id is None:
         abort(400, description=f"batch must be a batch number, not {batch[:20]!r}")
-    job = db.session.get(BatchJob, int(batch)) if batch else None
+    job = db.session.get(BatchJob, batch_id) if batch_id is not None else None
     if job is not None and not can_read(reader(), job):  # a batch's listing is its readers' (read_access)
         deny_read(reader(), f"batch job {batch}")
     reviewed = request.args.get("reviewed", "")

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
-from ..json_depth import json_depth
+from ..json_values import json_depth, no_constant
 
 FORMAT_VERSION = 2
 ENCODER_FILE = "encoder.onnx"
@@ -232,10 +232,6 @@ class Manifest:
         return manifest
 
 
-def _no_constant(name: str) -> NoReturn:
-    raise BundleError(f"bundle.json is not valid JSON: {name} is not a JSON number")
-
-
 def read_manifest(bundle_dir: str | os.PathLike[str], *, max_bytes: int = MAX_MANIFEST_BYTES) -> Manifest:
     """Read and check ``bundle.json`` (at most ``max_bytes``) and the presence of the other files."""
     bundle_dir = Path(bundle_dir)
@@ -247,8 +243,8 @@ def read_manifest(bundle_dir: str | os.PathLike[str], *, max_bytes: int = MAX_MA
     if path.stat().st_size > max_bytes:
         raise BundleError(f"{MANIFEST_FILE} is {path.stat().st_size} bytes, over the {max_bytes} byte limit")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=no_constant)
+    except ValueError as exc:  # undecodable bytes, bad JSON, an integer past Python's 4,300 digits
         raise BundleError(f"bundle.json is not valid JSON: {exc}") from exc
     except RecursionError as exc:
         raise BundleError("bundle.json nests too deeply") from exc
