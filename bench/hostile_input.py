@@ -2,8 +2,9 @@
 
 - CSV cells: ``csv_cells.csv_lines`` (every cell through ``safe_cell``) against a plain ``csv.writer`` on the same
   export-shaped rows (a third of the titles hostile);
-- JSON bodies: the app's JSON provider (parse + depth check) against ``json.loads`` on the largest predict body
-  (64 abstracts of 20,000 characters), and how long refusing a 2 MB body of ``[`` takes beside parsing that one.
+- JSON bodies: the app's JSON provider (parse + ``check_json``) against ``json.loads`` on the largest predict body
+  (64 abstracts of 20,000 characters) and on 2 MB bodies of many small values, and how long refusing a 2 MB body of
+  ``[`` takes beside parsing the predict body.
 
 No server, no model: pure functions, best of ``--rounds`` so a busy machine skews both sides alike.
 
@@ -72,11 +73,29 @@ def main() -> None:
                 raise AssertionError("a 2 MB body of [ was accepted")
 
             refused = best(args.rounds, refuse)
+            shapes = {  # bodies up to MAX_CONTENT_LENGTH (2 MB) that are valid and storable, and one hostile shape
+                "100,000 small objects": json.dumps({"x": [{"a": "bcdefg"} for _ in range(100_000)]}),
+                "180,000 integers": json.dumps({"ids": list(range(10**6, 10**6 + 180_000))}),
+                "one 2 MB string": json.dumps({"abstract": "a" * 2_000_000}),
+                "a 1 MB key over 450,000 zeros": '{"' + "k" * 1_000_000 + '": [' + ",".join(["0"] * 450_000) + "]}",
+            }
+            walks = {
+                name: (
+                    best(args.rounds, lambda b=shape: json.loads(b)),
+                    best(args.rounds, lambda b=shape: app.json.loads(b)),
+                )
+                for name, shape in shapes.items()
+            }
     print(
         f"JSON, 64 x 20,000-character predict body ({len(body) / 1e6:.1f} MB): json.loads {raw * 1e3:.2f} ms, "
         f"app provider {bounded * 1e3:.2f} ms, ratio {bounded / raw:.2f}x"
     )
     print(f"JSON, 2 MB of '[' refused in {refused * 1e3:.2f} ms, {refused / raw:.2f}x the largest valid body's parse")
+    for name, (plain_parse, checked) in walks.items():
+        print(
+            f"JSON, {name}: json.loads {plain_parse * 1e3:.1f} ms, app provider (parse + check_json) "
+            f"{checked * 1e3:.1f} ms, ratio {checked / plain_parse:.1f}x"
+        )
 
 
 if __name__ == "__main__":

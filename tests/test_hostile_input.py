@@ -5,6 +5,7 @@ move only forward through their states."""
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import sqlite3
@@ -12,10 +13,11 @@ from datetime import datetime
 from urllib.parse import urlsplit
 
 import pytest
-from flask import Flask
+from flask import Flask, request
 from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
+from werkzeug.exceptions import BadRequest
 from werkzeug.routing import IntegerConverter
 
 from tests.conftest import PASSWORD, TEST_DATABASE_URL, add_user, live_models_of, make_app, signed_in
@@ -24,7 +26,7 @@ from webapp.csv_cells import safe_cell
 from webapp.extensions import db
 from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER
 from webapp.models import ApiToken
-from webapp.request_input import ID_MAX
+from webapp.request_input import ID_MAX, whole_number
 from webapp.serving.registry import import_bundle
 from webapp.training_runs import create_run
 
@@ -464,29 +466,42 @@ def test_a_list_where_a_word_is_expected_is_a_400(app: Flask, client: FlaskClien
 
 
 @pytest.mark.parametrize(
-    ("value", "problem"),
+    ("value", "error"),
     [
-        ('"\\u0000"', "abstract holds a NUL character"),
-        ('"a\\ud800"', "abstract holds an unpaired surrogate"),
-        ('{"\\udfff": 1}', "abstract has a key that holds an unpaired surrogate"),
-        (str(2**64), "abstract is a number out of range (past 64 bits)"),
-        ("9" * 5000, "Exceeds the limit (4300 digits)"),
-        ("1e999", "abstract is a number that is not finite"),
-        ("NaN", "abstract is a number that is not finite"),
+        ('"\\u0000"', "the body cannot be stored: abstract holds a NUL character"),
+        ('"a\\ud800"', "the body cannot be stored: abstract holds an unpaired surrogate"),
+        ('{"\\udfff": 1}', "the body cannot be stored: abstract has a key that holds an unpaired surrogate"),
+        (str(2**64), "the body cannot be stored: abstract is a number out of range (past 64 bits)"),
+        ("1e999", "the body cannot be stored: abstract is a number that is not finite"),
+        ("NaN", "the body cannot be stored: abstract is a number that is not finite"),
+        ("9" * 5000, "the body is not valid JSON: Exceeds the limit (4300 digits)"),
     ],
-    ids=["nul", "surrogate", "surrogate-key", "2**64", "5000-digits", "1e999", "nan"],
+    ids=["nul", "surrogate", "surrogate-key", "2**64", "1e999", "nan", "5000-digits"],
 )
 @pytest.mark.parametrize(("method", "path"), JSON_ENDPOINTS)
 def test_json_that_cannot_be_stored_is_a_400_on_every_json_endpoint(
-    app: Flask, client: FlaskClient, method: str, path: str, value: str, problem: str
+    app: Flask, client: FlaskClient, method: str, path: str, value: str, error: str
 ) -> None:
     """Before, a NUL or an unpaired surrogate reached the database (PostgreSQL refused it, SQLite stored what could
-    not be answered as UTF-8), NaN in a training run's config answered invalid JSON, and huge integers overflowed."""
+    not be answered as UTF-8), NaN in a training run's config answered invalid JSON, and huge integers overflowed.
+    The first value in the body is named (``abstract``)."""
     admin = token(app, "ada", "admin")
-    body = f'{{"taxonomy": {value}, "config": {{"x": {value}}}, "abstract": {value}}}'
+    body = f'{{"abstract": {value}, "taxonomy": {value}, "config": {{"x": {value}}}}}'
     response = client.open(path, method=method, data=body, content_type="application/json", headers=admin)
     assert response.status_code == 400, response.get_data(as_text=True)[:300]
-    assert "not valid JSON" in response.get_json()["error"] and problem in response.get_json()["error"]
+    assert response.get_json()["error"].startswith(error)
+
+
+def test_an_unstorable_value_is_named_by_a_short_path() -> None:
+    from webapp.json_values import UnstorableJSON, check_json
+
+    body = {"targets": [{"name": "ok"}, {"keywords": ["fine", "bad \x00"]}], "k" * 1000: [0] * 10}
+    with pytest.raises(UnstorableJSON, match=r"^targets\[1\]\.keywords\[1\] holds a NUL character$"):
+        check_json(body, 32)
+    with pytest.raises(UnstorableJSON) as raised:
+        check_json({"k" * 1000: [0, 1, 2**70]}, 32)
+    assert str(raised.value) == "k" * 40 + "[2] is a number out of range (past 64 bits)"
+    check_json({"k" * 100_000: [0] * 100_000, "emoji": "😀 naïve", "big": -(2**63), "x": 1e308}, 32)
 
 
 def test_storable_unicode_is_still_accepted(app: Flask, client: FlaskClient) -> None:
@@ -534,15 +549,21 @@ def test_review_forms_posted_without_fields_never_500(app: Flask, client: FlaskC
 @pytest.mark.parametrize(
     ("method", "path", "data", "where"),
     [
-        ("POST", "/login", {"name": "a\x00b", "password": PASSWORD}, "the form"),
-        ("GET", "/login?next=/%00admin", None, "the query string"),
-        ("GET", "/history?q=a%00b", None, "the query string"),
-        ("GET", "/api/v1/models?taxonomy=%00", None, "the query string"),
+        ("POST", "/login", {"name": "a\x00b", "password": PASSWORD}, "the form's 'name'"),
+        ("GET", "/login?next=/%00admin", None, "the query string's 'next'"),
+        ("GET", "/history?q=a%00b", None, "the query string's 'q'"),
+        ("GET", "/history?q=fine&q=a%00b", None, "the query string's 'q'"),
+        ("GET", "/api/v1/models?taxonomy=%00", None, "the query string's 'taxonomy'"),
         ("GET", "/taxonomies/a%00b/labels", None, "the URL"),
-        ("POST", "/account/tokens", {"name": "a\x00b", "expires": "90"}, "the form"),
-        ("POST", "/batches", {"file": (io.BytesIO(b"title,abstract\nt,An abstract.\n"), "a\x00b.csv")}, "a file name"),
+        ("POST", "/account/tokens", {"name": "a\x00b", "expires": "90"}, "the form's 'name'"),
+        (
+            "POST",
+            "/batches",
+            {"file": (io.BytesIO(b"title,abstract\nt,An abstract.\n"), "a\x00b.csv")},
+            "the name of the file in 'file'",
+        ),
     ],
-    ids=["login", "login-next", "search", "api-query", "path", "token-name", "file-name"],
+    ids=["login", "login-next", "search", "search-second-value", "api-query", "path", "token-name", "file-name"],
 )
 def test_a_nul_character_anywhere_in_a_request_is_a_400_naming_where(
     app: Flask, method: str, path: str, data: dict | None, where: str
@@ -551,4 +572,18 @@ def test_a_nul_character_anywhere_in_a_request_is_a_400_naming_where(
     curator = signed_in(app, "cora", "curator")
     response = curator.open(path, method=method, data=data)
     assert response.status_code == 400, response.get_data(as_text=True)[:300]
-    assert f"{where} holds a NUL character" in response.get_data(as_text=True)
+    assert f"{where} holds a NUL character" in html.unescape(response.get_data(as_text=True))
+
+
+def test_whole_numbers_are_ascii_digits_within_range() -> None:
+    assert [whole_number(raw) for raw in ("7", "007", "0" * 30 + "7", str(ID_MAX))] == [7, 7, 7, ID_MAX]
+    assert [whole_number(raw) for raw in ("²", "٣", "-1", "+1", " 1", "1.0", "", str(ID_MAX + 1))] == [None] * 8
+    assert whole_number("5", high=4) is None
+
+
+def test_a_form_refused_for_a_nul_is_not_readable_afterwards(app: Flask) -> None:
+    """Should a caller catch the 400, the refused fields are gone rather than read as they came."""
+    with app.test_request_context("/login", method="POST", data={"name": "a\x00b", "other": "x"}):
+        with pytest.raises(BadRequest, match="the form's 'name' holds a NUL character"):
+            _ = request.form
+        assert dict(request.form) == {} and dict(request.files) == {}

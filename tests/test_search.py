@@ -250,11 +250,11 @@ def test_bad_taxonomy_is_a_clear_400(client: FlaskClient, two_taxonomies: list[i
 @pytest.mark.parametrize(
     ("query", "message"),
     [
-        ("label=%00", "the query string holds a NUL character"),
-        ("label=Object%00Detection", "the query string holds a NUL character"),
+        ("label=%00", "the query string&#39;s &#39;label&#39; holds a NUL character"),
+        ("label=Object%00Detection", "the query string&#39;s &#39;label&#39; holds a NUL character"),
         ("label=%1B", "label must not contain control characters"),
         ("version=v%1Bx", "version must not contain control characters"),
-        ("version=v%00", "the query string holds a NUL character"),
+        ("version=v%00", "the query string&#39;s &#39;version&#39; holds a NUL character"),
     ],
 )
 def test_control_characters_in_a_filter_are_a_clear_400(client: FlaskClient, query: str, message: str) -> None:

@@ -1,6 +1,6 @@
 """What every request may send, checked once for all routes, each refusal a 400 naming the problem (never a 500):
 
-- JSON bodies that cannot be stored and answered again (:func:`webapp.json_values.json_problem`);
+- JSON bodies that cannot be stored and answered again (:func:`webapp.json_values.check_json`);
 - a NUL character in the URL, the query string, a form field or a file name (PostgreSQL refuses NUL in any text);
 - ids in URLs past the database's integer (a larger one is no page, a 404, not an overflow);
 
@@ -12,10 +12,11 @@ from typing import Any
 
 from flask import Flask, Request, abort, request
 from flask.json.provider import DefaultJSONProvider
+from werkzeug.datastructures import ImmutableMultiDict, MultiDict
 from werkzeug.exceptions import BadRequest
 from werkzeug.routing import IntegerConverter
 
-from .json_values import json_problem
+from .json_values import UnstorableJSON, check_json
 
 ID_MAX = 2**31 - 1  # PostgreSQL's integer, the type of every id column
 PAGE_MAX = 10**9 - 1
@@ -32,9 +33,7 @@ class BoundedJSONProvider(DefaultJSONProvider):
             value = super().loads(s, **kwargs)
         except RecursionError as exc:
             raise ValueError(f"it nests deeper than {limit} levels") from exc
-        problem = json_problem(value, limit)
-        if problem:
-            raise ValueError(problem)
+        check_json(value, limit)
         return value
 
 
@@ -45,14 +44,16 @@ class CheckedRequest(Request):
     def on_json_loading_failed(self, e: ValueError | None) -> Any:
         if e is None:
             return super().on_json_loading_failed(e)
+        if isinstance(e, UnstorableJSON):
+            raise BadRequest(f"the body cannot be stored: {e}")
         raise BadRequest(f"the body is not valid JSON: {e}")
 
     def _load_form_data(self) -> None:
         super()._load_form_data()
-        if _holds_nul([*self.form.keys(), *self.form.values()]):
-            raise BadRequest("the form holds a NUL character")
-        if _holds_nul([f.filename or "" for f in self.files.values()]):
-            raise BadRequest("a file name holds a NUL character")
+        problem = _nul_in("the form's", self.form) or _nul_in("the name of the file in", self.files, names=True)
+        if problem:  # nothing of it stays readable, should a caller catch the 400
+            self.__dict__["form"], self.__dict__["files"] = ImmutableMultiDict(), ImmutableMultiDict()
+            raise BadRequest(problem)
 
 
 class IdConverter(IntegerConverter):
@@ -66,7 +67,7 @@ class IdConverter(IntegerConverter):
 def whole_number(raw: str, high: int = ID_MAX) -> int | None:
     """``raw`` as a number from 0 to ``high`` when it is written in ASCII digits, else None (``str.isdigit`` also
     passes "²", which ``int`` refuses)."""
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(high)):
+    if not (raw.isascii() and raw.isdigit()) or len(raw.lstrip("0")) > len(str(high)):
         return None
     value = int(raw)
     return value if value <= high else None
@@ -81,15 +82,22 @@ def page_number() -> int:
     return page
 
 
-def _holds_nul(texts: list[str]) -> bool:
-    return any("\x00" in text for text in texts)
+def _nul_in(place: str, fields: MultiDict, names: bool = False) -> str | None:
+    """``<place> <field> holds a NUL character`` for the first field (every value of it, or its file's name) that
+    does, or None."""
+    for key, value in fields.items(multi=True):
+        text = (value.filename or "") if names else value
+        if "\x00" in key or "\x00" in text:
+            return f"{place} {key[:40].replace(chr(0), '?')!r} holds a NUL character"
+    return None
 
 
 def _refuse_nul_in_url() -> None:
-    if _holds_nul([request.path]):
+    if "\x00" in request.path:
         abort(400, description="the URL holds a NUL character")
-    if _holds_nul([*request.args.keys(), *request.args.values()]):
-        abort(400, description="the query string holds a NUL character")
+    problem = _nul_in("the query string's", request.args)
+    if problem:
+        abort(400, description=problem)
 
 
 def register(app: Flask) -> None:

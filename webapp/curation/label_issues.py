@@ -24,6 +24,7 @@ from sqlalchemy.orm import selectinload
 
 from ..access.auth import role_required, token_user_role
 from ..extensions import csrf, db
+from ..json_values import UnstorableJSON
 from ..models import DATASET_SOURCE, AnnotationEvent, LabelIssue, PredictedLabel, Prediction, PredictionResult, Taxonomy
 from ..request_input import page_number
 from ..serving.scoring import InputError, check_submission
@@ -121,6 +122,8 @@ def read_issue_file(lines: Iterable[str], max_rows: int) -> list[IssueRow]:
             raise IssueFileError(f"more than LABEL_ISSUES_MAX_ROWS={max_rows} rows; write fewer with --limit")
         try:
             record = current_app.json.loads(line)  # the request bodies' parser: bounded depth, storable values
+        except UnstorableJSON as exc:
+            raise IssueFileError(f"line {number}: cannot be stored ({exc})") from exc
         except ValueError as exc:
             raise IssueFileError(f"line {number}: not JSON ({exc})") from exc
         try:
