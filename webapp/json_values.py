@@ -10,18 +10,6 @@ from typing import Any, NoReturn
 INT_LIMIT = 2**63  # what a database's BIGINT holds
 
 
-def json_depth(value: Any, limit: int | None = None) -> int:
-    """Nesting depth of lists and objects in ``value`` (a scalar is 0); stops once it is past ``limit``."""
-    deepest, stack = 0, [(value, 1)]
-    while stack and (limit is None or deepest <= limit):
-        node, level = stack.pop()
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
-        if children is not None:
-            deepest = max(deepest, level)
-            stack.extend((child, level + 1) for child in children)
-    return deepest
-
-
 def no_constant(name: str) -> NoReturn:
     """``parse_constant`` for ``json.loads``: NaN and Infinity are Python's extension, not JSON."""
     raise ValueError(f"{name} is not a JSON number")

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
-from ..json_values import json_depth, no_constant
+from ..json_values import check_json, no_constant
 
 FORMAT_VERSION = 2
 ENCODER_FILE = "encoder.onnx"
@@ -116,12 +116,11 @@ def _check_free_form(name: str, value: Any) -> None:
     """A JSON object of bounded depth and size: it is stored with the version and read by every models page."""
     if not isinstance(value, dict):
         _refuse(name, f"must be a JSON object, not {type(value).__name__}")
-    if json_depth(value, MAX_FREE_FORM_DEPTH) > MAX_FREE_FORM_DEPTH:
-        _refuse(name, f"nests deeper than {MAX_FREE_FORM_DEPTH} levels")
-    try:
-        size = len(json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8"))
-    except (TypeError, ValueError) as exc:
-        _refuse(name, f"is not plain finite JSON ({exc})")
+    try:  # the request bodies' check: too deep, NaN, a NUL or an unpaired surrogate
+        check_json(value, MAX_FREE_FORM_DEPTH)
+    except ValueError as exc:
+        _refuse(name, str(exc).removeprefix("it "))
+    size = len(json.dumps(value, ensure_ascii=False).encode("utf-8"))
     if size > MAX_FREE_FORM_BYTES:
         _refuse(name, f"takes {size} bytes; at most {MAX_FREE_FORM_BYTES} are allowed")
 
