@@ -36,8 +36,10 @@ predictions, Huey on a Redis server of its own (``tests/services/redis.sh`` unde
 ``--batch-rows`` abstracts uploaded through ``POST /batches`` as CSV files of at most ``--batch-file-rows`` rows
 (the app takes ``BATCH_MAX_ROWS`` = 5,000 a file; the workers share each file chunk by chunk), tagged by one
 ``flask jobs worker`` process, then again by two. It reports each run's steady rate (abstracts/s between 10% and
-90% done), the speed-up (two / one, same run) and the web pages' p95 while each batch runs against idle (a client
-requesting history, label filter, search and queue pages in turn, one every ``--probe-interval`` seconds).
+90% done), the speed-up (two / one, same run), the web pages' p95 while each batch runs against idle (a client
+requesting history, label filter, search and queue pages in turn, one every ``--probe-interval`` seconds), and the
+CPU time each role used per abstract over the whole run (job workers, database server, queue, web server, this
+bench, every other process): on one machine the second worker shares its cores with all of them.
 
 Every block prints the database, N and ``os.getloadavg()`` at its start and end; ``--json`` writes every figure.
 On a shared machine quote the figures with those loads.
@@ -74,6 +76,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import numpy as np
+import psutil
 from flask import current_app
 
 REPO = Path(__file__).resolve().parent.parent
@@ -774,12 +777,36 @@ def batch_files(corpus: Corpus, rows: int, per_file: int, tag: str) -> list[tupl
     return files
 
 
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """Every process on the machine now: pid -> (name, CPU seconds it has used, user and system)."""
+    seen = {}
+    for proc in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+        times, cmdline = proc.info["cpu_times"], proc.info["cmdline"] or []
+        if times is not None:
+            name = "gunicorn" if any("gunicorn" in part for part in cmdline[:2]) else proc.info["name"]
+            seen[proc.pid] = (name, times.user + times.system)
+    return seen
+
+
+def cpu_by_role(before: dict[int, tuple[str, float]], workers: set[int]) -> dict[str, float]:
+    """CPU seconds used since ``before``, by role: the job workers (``workers``), the database server, the queue,
+    the web server, this bench and every other process (another user's load on a shared machine)."""
+    roles = {"postgres": "database", "redis-server": "queue", "gunicorn": "web"}
+    used: dict[str, float] = {}
+    for pid, (name, seconds) in cpu_seconds().items():
+        role = "job workers" if pid in workers else "bench" if pid == os.getpid() else roles.get(name, "other")
+        used[role] = used.get(role, 0.0) + seconds - before.get(pid, (name, 0.0))[1]
+    return used
+
+
 def run_batch(site: Site, client: Client, corpus: Corpus, args: argparse.Namespace, workers: int) -> dict[str, Any]:
-    """Upload ``--batch-rows`` abstracts, let ``workers`` processes tag them; the steady rate and the web's p95."""
+    """Upload ``--batch-rows`` abstracts, let ``workers`` processes tag them; the steady rate, the web's p95 and the
+    CPU each role used per abstract."""
     started_load = load()
     engine = create_engine(database_uri(site.url, site.data_dir))
     requests = site.requests(corpus, seed=workers)
-    with job_workers(site, workers):
+    with job_workers(site, workers) as procs:
+        cpu_before = cpu_seconds()
         job_ids = [
             client.upload(name, body)
             for name, body in batch_files(corpus, args.batch_rows, args.batch_file_rows, f"w{workers}")
@@ -802,6 +829,7 @@ def run_batch(site: Site, client: Client, corpus: Corpus, args: argparse.Namespa
                 if all(r.status == "finished" for r in rows):
                     break
                 time.sleep(BATCH_POLL)
+            cpu = cpu_by_role(cpu_before, {p.pid for p in procs})
         finally:
             stop.set()
             thread.join()
@@ -827,6 +855,7 @@ def run_batch(site: Site, client: Client, corpus: Corpus, args: argparse.Namespa
         "web_p50_ms": ms(during, 50),
         "web_p95_ms": ms(during, 95),
         "web_calls": len(during),
+        "cpu_ms_per_abstract": {role: round(1000 * seconds / total, 2) for role, seconds in sorted(cpu.items())},
         "load_start": started_load,
         "load_end": load(),
     }
@@ -884,6 +913,8 @@ def run_batches(corpus: Corpus, args: argparse.Namespace, postgres: str, work: P
                         f"(load {run['load_start']} -> {run['load_end']})",
                         flush=True,
                     )
+                    shares = ", ".join(f"{role} {v}" for role, v in run["cpu_ms_per_abstract"].items())
+                    print(f"{tag} CPU ms per abstract, whole run: {shares}", flush=True)
                 out["runs"] = runs
                 out["speedup"] = round(runs[1]["steady_per_s"] / runs[0]["steady_per_s"], 2)
                 print(f"{tag} speed-up, two worker processes / one: {out['speedup']:.2f}x (same run)")
