@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from tests.conftest import PASSWORD, add_user, make_app, signed_in
 from webapp.access.accounts import BAD_CREDENTIALS, safe_next
 from webapp.extensions import db
-from webapp.models import ApiToken, User, utcnow
+from webapp.models import ApiToken, Prediction, User, utcnow
 
 
 def test_sign_in_redirects_to_a_local_next_only(app: Flask) -> None:
@@ -150,6 +150,49 @@ def test_expired_token_is_refused(app: Flask) -> None:
         db.session.commit()
     response = app.test_client().get("/api/v1/annotations", headers={"Authorization": f"Bearer {plain}"})
     assert response.status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("method", "url"),
+    [
+        ("POST", "/api/v1/predict"),  # anonymous callers may predict: a bad token must not pass as one
+        ("GET", "/api/v1/predictions/1"),
+        ("GET", "/api/v1/taxonomies"),
+        ("GET", "/history"),
+    ],
+)
+def test_an_unusable_bearer_token_is_refused_everywhere(app: Flask, method: str, url: str) -> None:
+    client = app.test_client()
+    abstract = {"abstract": "We translate sentences between languages."}
+    assert client.post("/api/v1/predict", json=abstract).status_code == 200
+    with app.app_context():
+        user = User(name="cora", role="curator")
+        revoked, revoked_plain = ApiToken.issue(user, "old laptop")
+        revoked.revoked_at = utcnow()
+        db.session.add_all([user, revoked])
+        db.session.commit()
+        stored = db.session.scalar(select(func.count(Prediction.id)))
+    for header, reason in (
+        ("Bearer pt_nope", "unknown, revoked or expired"),
+        (f"Bearer {revoked_plain}", "unknown, revoked or expired"),
+        ("bearer   ", "names no token"),
+    ):
+        response = client.open(
+            url, method=method, json=abstract if method == "POST" else None, headers={"Authorization": header}
+        )
+        assert response.status_code == 401, (header, response.get_data(as_text=True)[:300])
+        assert reason in response.get_data(as_text=True)  # a JSON body on the API, the error page on pages
+    with app.app_context():
+        assert db.session.scalar(select(func.count(Prediction.id))) == stored  # nothing stored as anonymous
+
+
+def test_another_scheme_is_left_to_the_proxy_that_sent_it(app: Flask) -> None:
+    """A site behind a proxy's Basic auth gets that header on every request: it is not a papertag token."""
+    client = app.test_client()
+    basic = {"Authorization": "Basic dXNlcjpwYXNz"}
+    body = {"abstract": "We translate sentences between languages."}
+    assert client.post("/api/v1/predict", json=body, headers=basic).status_code == 200
+    assert client.get("/", headers=basic).status_code == 200
 
 
 # Every write (and curator-only) page: anonymous -> sign-in redirect (302), curator, admin.

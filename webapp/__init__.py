@@ -64,7 +64,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     request_input.register(app)  # before the routes: their ids are bounded by its converter
     register_extensions(app)
     register_blueprints(app)
-    register_read_access(app)
+    register_access(app)
     register_errorhandlers(app)
     register_commands(app)
     app.after_request(_security_headers)
@@ -188,9 +188,10 @@ def register_blueprints(app: Flask) -> None:
     csrf.exempt(replay.api_bp)
 
 
-def register_read_access(app: Flask) -> None:
-    from .access import read_access
+def register_access(app: Flask) -> None:
+    from .access import auth, read_access
 
+    auth.init_app(app)
     read_access.init_app(app)
 
 

@@ -8,7 +8,7 @@ from datetime import timedelta
 from functools import wraps
 from typing import Any
 
-from flask import abort, g, request
+from flask import Flask, abort, g, request
 from flask_limiter.util import get_remote_address
 from flask_login import current_user
 from sqlalchemy import select
@@ -34,6 +34,22 @@ def bearer_token() -> ApiToken | None:
             token = db.session.scalar(select(ApiToken).where(ApiToken.token_sha256 == ApiToken.hash(plain.strip())))
         g.bearer_token = token if token is not None and token.usable() else None
     return g.bearer_token
+
+
+def refuse_unusable_token() -> None:
+    """Before every request: a Bearer token that is unknown, revoked or expired is a 401 wherever it is sent, never
+    a quiet fall back to anonymous (a script with a revoked token would predict on the anonymous rate limit, its
+    calls stored as nobody's, until it met a 429). Other schemes (a proxy's Basic auth) are not the app's to judge."""
+    scheme, _, plain = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or bearer_token() is not None:
+        return
+    if not plain.strip():
+        abort(401, description="the Authorization header names no token: Authorization: Bearer <token>")
+    abort(401, description="the API token is unknown, revoked or expired")
+
+
+def init_app(app: Flask) -> None:
+    app.before_request(refuse_unusable_token)
 
 
 def client_key() -> str:
