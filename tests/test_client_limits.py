@@ -99,4 +99,4 @@ def test_token_callers_do_not_share_the_anonymous_predict_limit(limited_app: App
     assert [_predict(app) for _ in range(3)] == [400, 400, 429]
     assert [_predict(app, token=token) for _ in range(5)] == [400, 400, 400, 400, 429]
     assert _predict(app, token=other) == 400  # each token its own bucket
-    assert _predict(app, token="pt_" + "x" * 43) == 429  # an unknown token is anonymous
+    assert _predict(app, token="pt_" + "x" * 43) == 401  # an unknown token is refused, not taken as anonymous
