@@ -54,6 +54,26 @@ def test_result_page_shows_labels_bars_thresholds_near_misses_and_version(
     assert "Tag another" in page
 
 
+def test_line_breaks_count_once_whichever_way_they_came(app: Flask, client: FlaskClient) -> None:
+    """A browser posts a textarea's line breaks as CRLF while its counter counts one character each: an abstract
+    of exactly the limit passes, and is stored as the same text the API stores."""
+    limit = app.config["ABSTRACT_MAX_CHARS"]
+    lines = ["We translate sentences between languages with a neural model."] * (limit // 40)
+    typed = "\n".join(lines)[:limit]
+    assert len(typed) == limit and typed.count("\n") > 50
+    stored_id = submit(client, {"title": "Line\r\nbreaks", "abstract": typed.replace("\n", "\r\n")})
+    api = client.post("/api/v1/predict", json={"title": "Line\nbreaks", "abstract": typed.replace("\n", "\r")})
+    assert api.status_code == 200, api.get_json()
+    with app.app_context():
+        web, by_api = (
+            db.session.get(Prediction, stored_id),
+            db.session.get(Prediction, api.get_json()["predictions"][0]["id"]),
+        )
+        assert web.abstract == by_api.abstract == typed
+        assert web.title == by_api.title == "Line\nbreaks"
+        assert web.text_sha256 == by_api.text_sha256
+
+
 def test_result_page_shows_every_active_taxonomy(
     app: Flask, client: FlaskClient, make_bundle: BundleFactory, abstracts: list[dict]
 ) -> None:

@@ -66,6 +66,12 @@ def _check_text(value: str, field: str) -> None:
         raise InputError(f"{field} is not valid Unicode text") from exc
 
 
+def _one_newline(text: str) -> str:
+    """Line breaks as ``\n``: a browser sends a textarea's as CRLF (HTML's form encoding) while its length counter
+    counts them as one character, and the same text must be the same text whichever way it came (limits, hash)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def check_submission(title: Any, abstract: Any) -> Submission:
     """Validate one title/abstract pair against the configured limits; raises :class:`InputError`."""
     config = current_app.config
@@ -76,8 +82,8 @@ def check_submission(title: Any, abstract: Any) -> Submission:
         raise InputError(f"abstract must be a string, not {type(abstract).__name__}")
     if title is not None and not isinstance(title, str):
         raise InputError(f"title must be a string, not {type(title).__name__}")
-    abstract = abstract.strip()
-    title = (title or "").strip() or None
+    abstract = _one_newline(abstract).strip()
+    title = _one_newline(title or "").strip() or None
     if not abstract:
         raise InputError("abstract is empty")
     _check_text(abstract, "abstract")
