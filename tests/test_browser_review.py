@@ -107,6 +107,25 @@ def test_one_save_for_every_taxonomy_undo_and_accept(
     assert current_box and model_box and current_box["y"] < model_box["y"]
 
 
+def test_a_label_typed_then_saved_with_one_click_is_saved(page: Page, site: Site, abstracts: list[dict]) -> None:
+    """Leaving the box turns the typed label into a chip; made while the mouse is pressed on Save, that moved Save
+    from under the pointer and the click was lost (nothing sent, nothing said)."""
+    (prediction_id,) = predict(site, abstracts[7:8])
+    sign_in(page, "cora", f"/curate/predictions/{prediction_id}")
+    page.wait_for_url(f"**/curate/predictions/{prediction_id}")
+    tasks = page.locator(f"#tax-{SLUG}")
+    assigned = set(chips(tasks))
+    label = next(
+        value
+        for value in page.locator(f"#vocab-{SLUG} option").evaluate_all("(options) => options.map((o) => o.value)")
+        if value not in assigned
+    )
+    page.locator(f"#add-{SLUG}").fill(label.lower())  # typed, in other capitals
+    tasks.get_by_role("button", name="Save", exact=True).click()
+    expect(page.locator(".flash").filter(has_text=f"added {label}")).to_have_count(1)
+    assert label in chips_after(site, prediction_id)
+
+
 def chips_after(site: Site, prediction_id: int) -> list[str]:
     """The current research-task labels as the server computes them (the page must agree)."""
     with site.app.app_context():

@@ -2,6 +2,13 @@
 // labels can be added in one save. Without this script the search box still adds one label per save.
 "use strict";
 
+// Whether a mouse button or a finger is down: a chip made then (the box loses focus on the press) moves the page under
+// the pointer, and the press's target (Save, say) is no longer there when it ends, so the click is lost.
+let pressing = false;
+document.addEventListener("pointerdown", () => { pressing = true; }, true);
+document.addEventListener("pointerup", () => { pressing = false; }, true);
+document.addEventListener("pointercancel", () => { pressing = false; }, true);
+
 document.addEventListener("DOMContentLoaded", () => {
   for (const picker of document.querySelectorAll("[data-picker]")) {
     const input = picker.querySelector("[data-add]");
@@ -46,7 +53,12 @@ document.addEventListener("DOMContentLoaded", () => {
     input.addEventListener("input", (event) => {
       if (!(event instanceof InputEvent) || event.inputType === "insertReplacementText") takeInput();
     });
-    input.addEventListener("change", takeInput);
+    input.addEventListener("change", () => {
+      if (!pressing) takeInput();
+      else document.addEventListener("click", takeInput, { once: true }); // after the press's own click
+    });
+    // A label still in the box when the form is sent goes as its chip would (the list's spelling).
+    if (input.form) input.form.addEventListener("submit", takeInput);
     input.addEventListener("keydown", (event) => {
       if (event.key !== "Enter" || !input.value.trim()) return;
       event.preventDefault();
