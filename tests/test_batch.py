@@ -93,7 +93,9 @@ def test_upload_tags_every_row_and_returns_the_extra_columns(
     assert response.status_code == 200 and response.mimetype == "text/csv"
     assert 'filename="papers-tagged.csv"' in response.headers["Content-Disposition"]
     result = list(csv.reader(io.StringIO(response.get_data(as_text=True))))
-    assert result[0] == ["Paper ID", "Title", "ABSTRACT", "Venue", "prediction_id", "test-tasks", "skipped"]
+    assert result[0] == [
+        "Paper ID", "Title", "ABSTRACT", "Venue", "prediction_id", "test-tasks", "test-tasks best guess", "skipped"
+    ]  # fmt: skip
     assert [r[:4] for r in result[1:]] == rows[1:]
     with app.app_context():
         for line in result[1:]:
@@ -101,7 +103,8 @@ def test_upload_tags_every_row_and_returns_the_extra_columns(
             assert prediction.batch_id == job_id and prediction.source == "batch"
             assert prediction.abstract == line[2].strip()
             assert line[5] == "; ".join(prediction.results[0].labels)
-            assert line[6] == ""
+            assert line[6] == ("yes" if prediction.results[0].best_guess else "")
+            assert line[7] == ""
 
     scored = curator_client.get(f"/batches/{job_id}/results.csv?scores=1")
     table = list(csv.reader(io.StringIO(scored.get_data(as_text=True))))

@@ -12,7 +12,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from tests.conftest import BundleFactory, live_models_of, make_app
+from tests.conftest import BundleFactory, live_models_of, make_app, signed_in
 from tests.test_inference import SHORT
 from webapp.extensions import db
 from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER
@@ -136,6 +136,41 @@ def test_best_guess_and_off_domain_in_the_api_the_database_and_the_page(
     assert 'data-flag="off-domain"' not in page["guess"]
     assert 'data-flag="best-guess"' not in page["plain"] and "No label passed its threshold." in page["plain"]
     assert 'data-flag="off-domain"' in page["far"] and 'data-flag="best-guess"' not in page["far"]
+
+
+def test_a_best_guess_is_marked_wherever_its_labels_are_shown_until_a_curator_accepts_it(
+    app_with: AppFactory, make_bundle: BundleFactory, abstracts: list[dict]
+) -> None:
+    """The labels card of the result page and the history say "best guess" as the model's card does; once a
+    curator accepted the labels they are the curator's, not a guess."""
+    app = app_with(
+        make_bundle(seed=1, threshold=0.99, best_guess=True, slug="guess", name="Guess"),
+        make_bundle(seed=1, slug="plain", name="Plain"),
+    )
+    client = app.test_client()
+    body = {"abstracts": [{"title": p["title"], "abstract": p["abstract"]} for p in abstracts[:10]]}
+    answers = client.post("/api/v1/predict", json=body).get_json()["predictions"]
+    guessed = [a["id"] for a in answers if a["results"]["guess"]["below_threshold"]]
+    assert guessed and not any(a["results"]["plain"]["below_threshold"] for a in answers)
+    curator = signed_in(app, "cora", "curator")
+
+    def marked(page: str, slug: str) -> bool:
+        piece = page.split(f'data-taxonomy="{slug}"', 1)[1].split("</ul>", 1)[0]
+        return 'data-flag="best-guess"' in piece and 'class="chip guess"' in piece
+
+    detail = curator.get(f"/predictions/{guessed[0]}").get_data(as_text=True).split("What the model said")[0]
+    assert marked(detail, "guess") and not marked(detail, "plain")
+    history = curator.get("/history").get_data(as_text=True)
+    assert marked(history.split(f'href="/predictions/{guessed[0]}"', 1)[1], "guess")
+
+    token = app.test_cli_runner().invoke(args=["tokens", "create", "cora", "--role", "curator"])
+    headers = {"Authorization": f"Bearer {token.output.strip().splitlines()[-1]}"}
+    accepted = client.post(
+        f"/api/v1/predictions/{guessed[0]}/annotations", json={"taxonomy": "guess", "action": "accept"}, headers=headers
+    )
+    assert accepted.status_code == 201, accepted.get_json()
+    detail = curator.get(f"/predictions/{guessed[0]}").get_data(as_text=True).split("What the model said")[0]
+    assert not marked(detail, "guess")
 
 
 def test_one_encoder_pass_serves_every_active_taxonomy(

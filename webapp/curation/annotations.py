@@ -137,6 +137,8 @@ class LabelView:
     model: list[str]
     status: str | None  # "accepted", "corrected" or None
     reviewers: list[str]
+    # The labels are the model's best guess (none passed its threshold) and nobody has reviewed them yet.
+    best_guess: bool = False
 
     @property
     def changed(self) -> bool:
@@ -160,13 +162,9 @@ def label_views(results: Iterable[PredictionResult]) -> dict[int, LabelView]:
     for result in results:
         own = events.get((result.prediction_id, result.taxonomy_id), [])
         reviewers = {e.user.name for e in active_events(own) if e.kind in REVIEW_KINDS and e.user}
-        views[result.id] = LabelView(
-            result.taxonomy_id,
-            current_labels(result, own),
-            mapped_result(result).labels,
-            review_status(own),
-            sorted(reviewers),
-        )
+        labels, model, status = current_labels(result, own), mapped_result(result).labels, review_status(own)
+        guessed = result.best_guess and status is None and sorted(labels) == sorted(model)
+        views[result.id] = LabelView(result.taxonomy_id, labels, model, status, sorted(reviewers), guessed)
     return views
 
 

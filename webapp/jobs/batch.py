@@ -380,7 +380,9 @@ def _unique(name: str, taken: set[str]) -> str:
 
 def result_csv(job: BatchJob, with_scores: bool, page_size: int = 500) -> Iterator[str]:
     """The job's CSV: the uploaded columns, then ``prediction_id``, one column per taxonomy with its predicted
-    labels joined by ``; ``, with ``with_scores`` one ``<taxonomy>:<label>`` column per label, and ``skipped``.
+    labels joined by ``; ``, one ``<taxonomy> best guess`` per taxonomy (``yes`` when no label passed its threshold
+    and the labels are the model's best guess), with ``with_scores`` one ``<taxonomy>:<label>`` column per label,
+    and ``skipped``.
     Formula-like cells (the uploaded ones above all) are neutralised by :func:`csv_lines`."""
     return csv_lines(_result_rows(job, with_scores, page_size))
 
@@ -391,6 +393,7 @@ def _result_rows(job: BatchJob, with_scores: bool, page_size: int) -> Iterator[l
     taken = set(job.columns)
     header = list(job.columns) + [_unique("prediction_id", taken)]
     header += [_unique(slug, taken) for slug in taxonomies]
+    header += [_unique(f"{slug} best guess", taken) for slug in taxonomies]
     if with_scores:
         header += [_unique(f"{slug}:{label}", taken) for slug, labels in taxonomies.items() for label in labels]
     header.append(_unique("skipped", taken))
@@ -411,9 +414,11 @@ def _result_rows(job: BatchJob, with_scores: bool, page_size: int) -> Iterator[l
         if not rows:
             return
         for row in rows:
-            results = {r.taxonomy.slug: mapped_result(r) for r in row.prediction.results} if row.prediction else {}
+            stored = {r.taxonomy.slug: r for r in row.prediction.results} if row.prediction else {}
+            results = {slug: mapped_result(r) for slug, r in stored.items()}
             out = list(row.cells) + [row.prediction_id or ""]
             out += ["; ".join(results[slug].labels) if slug in results else "" for slug in taxonomies]
+            out += ["yes" if slug in stored and stored[slug].best_guess else "" for slug in taxonomies]
             if with_scores:
                 for slug, labels in taxonomies.items():
                     scores = results[slug].scores if slug in results else {}
