@@ -5,6 +5,7 @@ trainer read."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from flask import Flask
@@ -199,6 +200,24 @@ def test_bad_resolutions_are_refused_and_record_nothing(
     assert response.status_code == status and message in response.get_data(as_text=True)
     with app.app_context():
         assert db.session.scalar(select(AnnotationEvent).where(AnnotationEvent.kind == "adjudicated")) is None
+
+
+def test_a_refused_resolution_comes_back_as_it_was_sent_beside_its_reason(
+    app: Flask, two_reviews: dict[str, FlaskClient], predicted: list[int]
+) -> None:
+    judge = signed_in(app, "jo", "adjudicator")
+    pid = predicted[1]  # ann: X, ben: nothing
+    form = {"labels": [X], "add": ["Bogus Label"], "note": "X & more"}
+    response = judge.post(f"/agreement/{SLUG}/{pid}", data=form)
+    assert response.status_code == 400
+    page = response.get_data(as_text=True)
+    card = page.split(f'id="item-{SLUG}-{pid}"', 1)[1].split("</article>", 1)[0]
+    assert "Not resolved: not labels of" in card and "Bogus Label" in card and 'role="alert"' in card
+    boxes = dict(re.findall(r'<input type="checkbox" name="labels" value="([^"]+)" ?(checked)?', card))
+    assert boxes and {label for label, on in boxes.items() if on} == {X}  # as ticked, not as the labels are now
+    assert 'name="add" maxlength="200" autocomplete="off" value="Bogus Label"' in card
+    assert 'name="note" maxlength="2000" value="X &amp; more"' in card and "autofocus" in card
+    assert page.count('role="alert"') == 1  # the reason once, beside its form
 
 
 def test_agreement_page_without_enough_reviews_and_unknown_taxonomy(

@@ -201,7 +201,20 @@ def page() -> tuple[str, int]:
     return _render(request.args.get("taxonomy", "").strip()[:63])
 
 
-def _render(slug: str, error: str = "", status: int = 200) -> tuple[str, int]:
+@dataclass(frozen=True)
+class Refused:
+    """A resolve form the review command refused, shown again as it was sent (boxes, other labels, note) with
+    the reason in its own card."""
+
+    slug: str
+    prediction_id: int
+    labels: list[str]
+    add: str
+    note: str
+    error: str
+
+
+def _render(slug: str, refused: Refused | None = None) -> tuple[str, int]:
     reports = [taxonomy_agreement(t) for t in _taxonomies(slug)]
     page = render_template(
         "agreement/index.html",
@@ -211,10 +224,17 @@ def _render(slug: str, error: str = "", status: int = 200) -> tuple[str, int]:
         reviews_needed=current_app.config["REVIEWS_NEEDED"],
         can_resolve=has_role(current_user, "adjudicator"),
         form=ResolveForm(formdata=None),
-        error=error,
+        refused=refused,
+        # The refused item may have left the disagreements meanwhile: its reason then goes at the top.
+        refused_unlisted=refused is not None
+        and not any(
+            r.taxonomy.slug == refused.slug and item.prediction.id == refused.prediction_id
+            for r in reports
+            for item in r.disagreements
+        ),
         describe=describe,
     )
-    return page, status
+    return page, 200 if refused is None else 400
 
 
 @bp.post("/agreement/<slug>/<int:prediction_id>")
@@ -236,6 +256,12 @@ def resolve(slug: str, prediction_id: int) -> Response | tuple[str, int]:
         abort(403, description=str(exc))
     except CorrectionError as exc:
         db.session.rollback()
-        return _render(slug, f"Not resolved (#{prediction_id}, {taxonomy.name}): {exc}", 400)
+        typed = ", ".join(label for label in form.add.data if label.strip())
+        return _render(
+            slug,
+            Refused(
+                taxonomy.slug, prediction_id, form.labels.data, typed, form.note.data or "", f"Not resolved: {exc}"
+            ),
+        )
     flash(f"Resolved #{prediction_id} in {taxonomy.name}: {', '.join(sorted(set(labels))) or 'no label'}.", "info")
     return redirect(url_for("agreement.page", taxonomy=slug, _anchor=f"item-{slug}-{prediction_id}"))
