@@ -102,6 +102,23 @@ def versions(app: Flask) -> int:
 # -- point 2: bounded unpacking ---------------------------------------------------------------------------------------
 
 
+def test_an_archive_of_the_folder_made_with_tar_dot_is_the_same_bundle(
+    fresh_app: Callable[..., Flask], make_bundle: BundleFactory, tmp_path: Path
+) -> None:
+    """`tar czf bundle.tar.gz -C DIR .` names the folder "./" and every file "./<name>"; anything else in the
+    folder is still refused."""
+    bundle_dir = make_bundle(seed=2)
+    folder = tarfile.TarInfo("./")
+    folder.type, folder.mode = tarfile.DIRTYPE, 0o755
+    files = [member(f"./{name}", data) for name, data in bundle_files(bundle_dir).items()]
+    app = fresh_app()
+    status, body = upload(app, tar_gz([(folder, b""), *files]))
+    assert status == 201, body
+    assert versions(app) == 1
+    status, body = upload(app, tar_gz([(folder, b""), *files, member("./notes.txt", b"mine")]))
+    assert status == 422 and "unexpected entry './notes.txt'" in body["error"]
+
+
 def test_a_gzip_bomb_stops_at_the_unpacked_cap(fresh_app: Callable[..., Flask], make_bundle: BundleFactory) -> None:
     app = fresh_app(MAX_BUNDLE_UNPACKED_BYTES=1024 * 1024)
     files = bundle_files(make_bundle(seed=1)) | {"encoder.onnx": bytes(8 * 1024 * 1024)}

@@ -360,20 +360,24 @@ def _extract(archive: bytes, staging: Path, max_bytes: int, max_manifest_bytes: 
     stream = _CappedReader(gzip.GzipFile(fileobj=io.BytesIO(archive)), max_bytes + 1024 * 1024)
     with tarfile.open(fileobj=stream, mode="r|", tarinfo=_BundleTarInfo) as tar:
         for member in tar:
-            if member.name == "model.onnx":
+            # `tar czf bundle.tar.gz -C DIR .` names the folder "./" and each file "./bundle.json": the same bundle.
+            name = member.name.removeprefix("./")
+            if member.isdir() and name in ("", "."):
+                continue
+            if name == "model.onnx":
                 raise BundleError(FORMAT_1_MESSAGE)
-            if member.name not in BUNDLE_FILES or not member.isfile() or member.issparse():
+            if name not in BUNDLE_FILES or not member.isfile() or member.issparse():
                 raise BundleError(f"unexpected entry {member.name!r} in bundle archive")
-            if member.name in digests:
-                raise BundleError(f"bundle archive holds {member.name} twice")
-            if member.name == MANIFEST_FILE and member.size > max_manifest_bytes:
+            if name in digests:
+                raise BundleError(f"bundle archive holds {name} twice")
+            if name == MANIFEST_FILE and member.size > max_manifest_bytes:
                 raise BundleError(f"{MANIFEST_FILE} is {member.size} bytes, over the {max_manifest_bytes} byte limit")
             total += member.size
             if total > max_bytes:
-                raise BundleError(f"bundle archive unpacks to more than {max_bytes} bytes (at {member.name})")
+                raise BundleError(f"bundle archive unpacks to more than {max_bytes} bytes (at {name})")
             extracted = tar.extractfile(member)
             assert extracted is not None
-            digests[member.name] = _copy_hashing(extracted, staging / member.name)
+            digests[name] = _copy_hashing(extracted, staging / name)
     return digests
 
 
