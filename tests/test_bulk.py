@@ -227,6 +227,25 @@ def test_api_dry_run_counts_then_applies(app: Flask, client: FlaskClient, predic
     assert label in _current(client, lacking[0])
 
 
+def test_a_label_is_read_whatever_its_case_and_separators(
+    app: Flask, client: FlaskClient, predicted: list[int]
+) -> None:
+    """As in the history's filter: the label is recorded in the taxonomy's spelling; a queue filter matches alike."""
+    headers = _token(app, "cora", "curator")
+    label = "Semantic Segmentation"
+    lacking = sorted(pid for pid in predicted if label not in _labels(app, pid))
+    body = {"taxonomy": SLUG, "action": "add", "label": "semantic_segmentation", "ids": predicted}
+    done = client.post("/api/v1/annotations/bulk", json=body, headers=headers)
+    assert done.status_code == 201 and done.get_json()["label"] == label
+    assert sorted(done.get_json()["changed_ids"]) == lacking
+    assert [added for _, _, _, added, _ in _events(app)] == [[label]] * len(lacking)
+    queue_filter = {"source": "queue", "f_taxonomy": SLUG, "f_label": "SEMANTIC-segmentation", "scope": "filter"}
+    cora = signed_in(app, "cora2", "curator")
+    form = queue_filter | {"taxonomy": SLUG, "action": "remove", "label": "semantic segmentation"}
+    page = cora.post("/curate/bulk", data=form).get_data(as_text=True)
+    assert f"remove “{label}” (Test tasks) from {len(predicted) - len(lacking)} prediction" in page
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [

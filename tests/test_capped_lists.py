@@ -14,11 +14,12 @@ from flask.testing import FlaskClient
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
-from tests.conftest import signed_in
+from tests.conftest import BundleFactory, signed_in
 from webapp.extensions import db
 from webapp.history import search
 from webapp.history.paging import STREAMING_PLAN, count_up_to, planned
-from webapp.models import PredictionResult
+from webapp.models import PredictionResult, Taxonomy
+from webapp.serving.registry import import_bundle
 
 SLUG = "test-tasks"
 PER_PAGE = 3
@@ -62,9 +63,9 @@ def _all_pages(client: FlaskClient, path: str, query: dict[str, str]) -> tuple[l
         assert page < 50, "the pages never end"
 
 
-def _review(app: Flask, client: FlaskClient, pid: int, action: str, **form: object) -> None:
+def _review(app: Flask, client: FlaskClient, pid: int, action: str, slug: str = SLUG, **form: object) -> None:
     data = {"based_on": "0", "labels": form.pop("labels", []), "add": [""], "note": "", "action": action, **form}
-    response = client.post(f"/curate/predictions/{pid}/{SLUG}", data=data)
+    response = client.post(f"/curate/predictions/{pid}/{slug}", data=data)
     assert response.status_code == 302, response.get_data(as_text=True)[:500]
 
 
@@ -110,6 +111,44 @@ def test_every_plan_lists_the_same_items_in_the_same_order(app: Flask, stored: l
     assert set(labelled) == {*having[1:], lacking[0]}
     queue, _ = _all_pages(curator, "/curate/queue", {})
     assert queue[-1] == having[2] and having[1] not in queue and len(queue) == len(stored) - 3
+
+
+def test_the_review_filter_reads_the_chosen_taxonomy(
+    app: Flask, make_bundle: BundleFactory, client: FlaskClient, abstracts: list[dict]
+) -> None:
+    """With a taxonomy chosen, "reviewed" is reviewed in that taxonomy: a paper accepted only in another one is
+    "not reviewed" there, as the taxonomy's review queue says; with none chosen, reviewed in some taxonomy."""
+    fields = "test-fields"
+    with app.app_context():
+        import_bundle(make_bundle(seed=3, slug=fields, name="Fields", labels=["Biology", "Physics"]), actor="tests")
+    app.config["HISTORY_PER_PAGE"] = PER_PAGE
+    body = {"abstracts": [{"title": a["title"], "abstract": a["abstract"]} for a in abstracts[:8]]}
+    ids = [p["id"] for p in client.post("/api/v1/predict", json=body).get_json()["predictions"]]
+    with app.app_context():
+        rows = db.session.execute(
+            select(PredictionResult.prediction_id, Taxonomy.slug, PredictionResult.labels).join(Taxonomy)
+        )
+        labels = {(pid, slug): assigned for pid, slug, assigned in rows}
+    curator = signed_in(app, "cora", "curator")
+    for pid, slug in [(ids[0], fields), (ids[1], fields), (ids[2], SLUG), (ids[3], SLUG), (ids[3], fields)]:
+        _review(app, curator, pid, "accept", slug, labels=labels[pid, slug])
+    _review(app, curator, ids[4], "skip")  # a skip is no review
+    in_tasks, in_fields, in_any = {ids[2], ids[3]}, {ids[0], ids[1], ids[3]}, set(ids[:4])
+    expected = [
+        ({"taxonomy": SLUG, "reviewed": "yes"}, in_tasks),
+        ({"taxonomy": SLUG, "reviewed": "no"}, set(ids) - in_tasks),
+        ({"taxonomy": fields, "reviewed": "yes"}, in_fields),
+        ({"taxonomy": fields, "reviewed": "no"}, set(ids) - in_fields),
+        ({"reviewed": "yes"}, in_any),
+        ({"reviewed": "no"}, set(ids) - in_any),
+    ]
+    for query, wanted in expected:
+        app.config["LIST_COUNT_CAP"] = 10_000  # the reviewed ids read whole
+        exact, _ = _all_pages(curator, "/history", query)
+        app.config["LIST_COUNT_CAP"] = 1  # tested prediction by prediction
+        assert set(exact) == wanted and _all_pages(curator, "/history", query)[0] == exact, query
+    queue, _ = _all_pages(curator, "/curate/queue", {"taxonomy": SLUG})
+    assert set(queue) == set(ids) - in_tasks, "the history's not reviewed is the taxonomy's queue"
 
 
 def test_a_capped_count_says_so_and_paging_goes_on_past_it(app: Flask, stored: list[int]) -> None:

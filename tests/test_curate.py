@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 
 import pytest
 from flask import Flask
@@ -167,6 +168,26 @@ def test_queue_filters_by_label(app: Flask, curator_client: FlaskClient, predict
     for pid in predicted:
         assert (f"#{pid} ·" in page) == (label in _result(app, pid).labels)
     assert curator_client.get("/curate/queue?taxonomy=nope").status_code == 404
+
+
+def _queued(client: FlaskClient, label: str) -> set[int]:
+    page = client.get("/curate/queue", query_string={"label": label, "taxonomy": SLUG}).get_data(as_text=True)
+    return {int(pid) for pid in re.findall(r"#(\d+) ·", page)}
+
+
+def test_queue_label_filter_reads_labels_as_the_history_does(
+    app: Flask, curator_client: FlaskClient, predicted: list[int]
+) -> None:
+    """Case and separators do not count, and today's name finds items stored under the old one."""
+    label = _result(app, predicted[0]).labels[0]
+    carrying = {pid for pid in predicted if label in _result(app, pid).labels}
+    assert _queued(curator_client, label) == carrying
+    for typed in (label.lower(), label.upper().replace(" ", "_"), f"  {label.replace(' ', '-')} "):
+        assert _queued(curator_client, typed) == carrying, typed
+    admin = _token(app, "ada", "admin")
+    body = {"kind": "rename", "from": label, "to": "Renamed Task"}
+    assert curator_client.post(f"/api/v1/taxonomies/{SLUG}/label-changes", json=body, headers=admin).status_code == 201
+    assert _queued(curator_client, "renamed_task") == carrying and _queued(curator_client, label) == set()
 
 
 def _token(app: Flask, name: str = "cora", role: str = "curator") -> dict[str, str]:

@@ -221,3 +221,18 @@ def test_the_filter_reads_a_curators_labels_through_later_renames(
     body = {"kind": "rename", "from": added, "to": "Renamed Task"}
     assert client.post(f"/api/v1/taxonomies/{SLUG}/label-changes", json=body, headers=admin).status_code == 201
     assert pid in _found(client, "Renamed Task") and pid not in _found(client, added)
+
+
+def test_a_label_a_curator_proposed_is_a_known_label_of_the_filter(
+    app: Flask, client: FlaskClient, headers: dict[str, str], predicted: list[int]
+) -> None:
+    """A pending proposal exists only in corrections: the filter knows it (no "No label reads"), in any case, and
+    suggests it."""
+    pid = predicted[0]
+    _review(client, headers, pid, labels=_model(app, pid), propose=["My Proposed Task"])
+    for typed in ("My Proposed Task", "my proposed task", "MY_PROPOSED-task"):
+        page = client.get("/history", query_string={"label": typed, "taxonomy": SLUG}).get_data(as_text=True)
+        assert "data-label-unknown" not in page and "1 prediction<" in page, typed
+        assert _found(client, typed) == {pid}, typed
+    suggested = client.get(f"/api/v1/label-suggestions?taxonomy={SLUG}&q=proposed").get_json()["taxonomies"]
+    assert suggested[0]["labels"] == ["My Proposed Task"]

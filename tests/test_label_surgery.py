@@ -317,6 +317,80 @@ def test_bad_changes_are_400_and_store_nothing(app: Flask, client: FlaskClient, 
     assert db_changes(app) == []
 
 
+@pytest.mark.parametrize(
+    ("body", "existing"),
+    [
+        ({"kind": "rename", "from": "Image Classification", "to": "object detection"}, OD),
+        ({"kind": "rename", "from": "Image Classification", "to": "OBJECT_DETECTION"}, OD),
+        ({"kind": "merge", "sources": ["Image Classification", "Code Generation"], "into": "object-detection"}, OD),
+        (split({"name": "Part", "keywords": ["p"]}, {"name": "code  generation"}), "Code Generation"),
+    ],
+)
+def test_a_new_name_that_reads_as_an_existing_label_is_refused(
+    app: Flask, client: FlaskClient, body: dict, existing: str
+) -> None:
+    """The history's label filter reads case and separators as one label, so a new name may not differ from an
+    existing label only by them: the preview and the change are refused naming it, and nothing is stored."""
+    admin = token(app)
+    for flags in ({"preview": True}, {}):
+        response = change(client, admin, **body, **flags)
+        error = response.get_json()["error"]
+        assert response.status_code == 400 and "already exists" in error and repr(existing) in error, error
+    assert db_changes(app) == []
+    assert sorted(taxonomy_labels(client)) == sorted(LABELS)
+
+
+def test_a_split_may_not_name_two_targets_alike(app: Flask, client: FlaskClient) -> None:
+    response = change(client, token(app), **split({"name": "Part A", "keywords": ["a"]}, {"name": "part_a"}))
+    assert response.status_code == 400 and "'part_a' (read as 'Part A'" in response.get_json()["error"]
+    assert db_changes(app) == []
+
+
+def test_a_label_may_be_respelt_but_not_take_a_retired_name_in_another_case(
+    app: Flask, client: FlaskClient, predicted: list[int]
+) -> None:
+    admin = token(app)
+    carrying = history_ids(client, OD)
+    assert change(client, admin, kind="rename", **{"from": OD, "to": "object detection"}).status_code == 201
+    assert "object detection" in taxonomy_labels(client) and OD not in taxonomy_labels(client)
+    assert history_ids(client, "object detection") == carrying
+    sources = ["object detection", "Code Generation"]
+    assert change(client, admin, kind="merge", sources=sources, into="Object-Detection").status_code == 201
+    assert change(client, admin, kind="rename", **{"from": "Anomaly Detection", "to": "Detection"}).status_code == 201
+    reuse = change(client, admin, kind="rename", **{"from": "Image Classification", "to": "anomaly detection"})
+    error = reuse.get_json()["error"]
+    assert reuse.status_code == 400 and "was a label before" in error and "'Anomaly Detection'" in error
+
+
+def test_the_labels_page_refuses_a_rename_onto_a_label_in_another_case(app: Flask, predicted: list[int]) -> None:
+    root = signed_in(app, "root", "admin")
+    form = {"label": "Image Classification", "to": "object detection"}
+    for action in ("preview", "apply"):
+        response = root.post(f"/taxonomies/{SLUG}/labels/rename", data={**form, "action": action})
+        page = response.get_data(as_text=True)
+        assert response.status_code == 400 and "merge the labels instead" in page and "Object Detection" in page
+    assert db_changes(app) == []
+
+
+def test_a_proposal_is_not_accepted_as_a_label_in_another_case(
+    app: Flask, client: FlaskClient, predicted: list[int]
+) -> None:
+    """Accepting a proposal adds its name to the taxonomy: a name reading as an existing label is refused with that
+    label named, and the taxonomy's label set is unchanged; accepting it as that label is fine."""
+    curator = token(app, "cora", "curator")
+    body = {"taxonomy": SLUG, "labels": [], "propose": ["Novel Task"]}
+    assert client.post(f"/api/v1/predictions/{predicted[0]}/annotations", json=body, headers=curator).status_code == 201
+    root = signed_in(app, "root", "admin")
+    for typed in ("object detection", "OBJECT-DETECTION"):
+        refused = root.post("/curate/labels/1", data={"action": "accept", "final_label": typed}, follow_redirects=True)
+        assert "accept it as &#39;Object Detection&#39;" in refused.get_data(as_text=True)
+    (taxonomy,) = client.get("/api/v1/taxonomies").get_json()["taxonomies"]
+    assert taxonomy["accepted_labels"] == [] and sorted(taxonomy["labels"]) == sorted(LABELS)
+    assert root.post("/curate/labels/1", data={"action": "accept", "final_label": OD}).status_code == 302
+    (taxonomy,) = client.get("/api/v1/taxonomies").get_json()["taxonomies"]
+    assert taxonomy["accepted_labels"] == [OD] and sorted(taxonomy["labels"]) == sorted(LABELS)
+
+
 def test_bad_requests_roles_and_unknown_records(app: Flask, client: FlaskClient) -> None:
     admin = token(app)
     url = f"/api/v1/taxonomies/{SLUG}/label-changes"

@@ -3,6 +3,8 @@ the annotations API and from the review page's one form over every taxonomy; the
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -282,3 +284,79 @@ def test_undo_and_skip_buttons_on_the_page(app: Flask, curator_client: FlaskClie
     response = curator_client.post(f"/curate/predictions/{pid}{query}", data={"action": "skip"})
     assert response.status_code == 302
     assert [kind for kind, *_ in _events(app, pid)].count("skipped") == 2, "one skip per taxonomy the model answered"
+
+
+def test_an_accept_based_on_labels_changed_since_is_refused_and_shows_the_labels_now(
+    app: Flask, client: FlaskClient, curator_client: FlaskClient, predicted: list[int]
+) -> None:
+    """Cora opened the page (based on no event); Bob then corrected the labels through the API. Her Accept asserts
+    the labels she saw: it must not become agreement with Bob's, which she never saw."""
+    pid = predicted[0]
+    model = _model_labels(app, pid)
+    bobs_labels = [label for label in LABELS if label not in model][:1]
+    status, bob = _review(client, _token(app, "bob"), pid, labels=bobs_labels)
+    assert status == 201
+    stale = _form(app, pid, {SLUG: model}, action="accept")
+    response = curator_client.post(f"/curate/predictions/{pid}", data=stale)
+    assert response.status_code == 409
+    page = response.get_data(as_text=True)
+    assert "Not accepted" in page and "bob changed the labels of Test tasks" in page
+    assert f'name="{SLUG}-based_on" type="hidden" value="{bob["event"]["id"]}"' in page, "the page is based on now"
+    ticked = re.findall(rf'name="{SLUG}-labels" value="([^"]+)" checked', page)
+    assert ticked == bobs_labels, "the boxes show the labels now, not the ones Cora had"
+    assert [(kind, user) for kind, user, *_ in _events(app, pid)] == [("correction", "bob")]
+    # Having seen Bob's labels, she may accept them.
+    seen = {**_form(app, pid, {SLUG: bobs_labels}, action="accept"), f"{SLUG}-based_on": str(bob["event"]["id"])}
+    assert curator_client.post(f"/curate/predictions/{pid}", data=seen).status_code == 302
+    assert [(kind, user) for kind, user, *_ in _events(app, pid)] == [("correction", "bob"), ("accepted", "cora")]
+
+
+def test_a_stale_accept_is_refused_from_the_queue_keys_too(
+    app: Flask, client: FlaskClient, curator_client: FlaskClient, predicted: list[int]
+) -> None:
+    """The `a` key in the queue presses "accept-next": refused, it stays on the item instead of moving on."""
+    pid = predicted[0]
+    model = _model_labels(app, pid)
+    assert _review(client, _token(app, "bob"), pid, labels=model[1:])[0] == 201
+    query = f"?queue=1&taxonomy={SLUG}&label="
+    response = curator_client.post(
+        f"/curate/predictions/{pid}{query}", data=_form(app, pid, {SLUG: model}, action="accept-next")
+    )
+    assert response.status_code == 409 and "Not accepted" in response.get_data(as_text=True)
+    assert [user for _, user, *_ in _events(app, pid)] == ["bob"]
+
+
+def test_a_stale_accept_stores_nothing_in_any_taxonomy(
+    app: Flask, client: FlaskClient, curator_client: FlaskClient, two_taxonomies: int
+) -> None:
+    """One submit is one review: the taxonomy that changed meanwhile is shown afresh, the other keeps its ticks."""
+    pid = two_taxonomies
+    model = _by_slug(app, pid)
+    extra = next(label for label in FIELD_LABELS if label not in model[FIELDS])
+    response = client.post(
+        f"/api/v1/predictions/{pid}/annotations",
+        json={"taxonomy": FIELDS, "labels": model[FIELDS] + [extra]},
+        headers=_token(app, "bob"),
+    )
+    assert response.status_code == 201
+    labels = {SLUG: model[SLUG][1:], FIELDS: model[FIELDS]}
+    response = curator_client.post(f"/curate/predictions/{pid}", data=_form(app, pid, labels, action="accept"))
+    assert response.status_code == 409
+    page = response.get_data(as_text=True)
+    assert f'name="{FIELDS}-labels" value="{extra}" checked' in page
+    assert f'name="{SLUG}-labels" value="{model[SLUG][0]}" checked' not in page, "Cora's untick is kept"
+    assert [user for _, user, *_ in _events(app, pid)] == ["bob"]
+
+
+def test_an_accept_stands_when_others_only_reviewed_meanwhile(
+    app: Flask, client: FlaskClient, curator_client: FlaskClient, predicted: list[int]
+) -> None:
+    """Another curator's accept or skip leaves the labels as Cora saw them: her accept is agreement, recorded."""
+    pid, bob = predicted[0], _token(app, "bob")
+    assert _review(client, bob, pid, action="accept")[0] == 201
+    assert _review(client, bob, pid, action="skip")[0] == 201
+    response = curator_client.post(
+        f"/curate/predictions/{pid}", data=_form(app, pid, {SLUG: _model_labels(app, pid)}, action="accept")
+    )
+    assert response.status_code == 302
+    assert [(kind, user) for kind, user, *_ in _events(app, pid)][-1] == ("accepted", "cora")

@@ -33,6 +33,7 @@ from .curation.corrections import (
     taxonomy_labels,
 )
 from .extensions import db
+from .history.search import same_label
 from .models import (
     AnnotationEvent,
     LabelChange,
@@ -70,13 +71,24 @@ def _existing(raw: object, current: set[str], what: str) -> str:
 
 
 def _fresh(name: str, allowed: set[str], current: set[str], retired: set[str]) -> None:
-    """A new name must be new: a current label means a merge, a retired one would read old items as new."""
-    if name in allowed:
+    """A new name must be new as the history's label filter reads names (case and separators aside), or the filter
+    would lump two labels together: a current label means a merge, a retired one would read old items as new.
+    ``allowed`` (the labels the change replaces) may be respelt."""
+    existing = same_label(name, sorted(current - allowed))
+    if existing is not None:
+        raise SurgeryError(f"{_as(name, existing)} already exists; merge the labels instead")
+    if same_label(name, allowed) is not None:
         return
-    if name in current:
-        raise SurgeryError(f"{name!r} already exists; merge the labels instead")
-    if name in retired:
-        raise SurgeryError(f"{name!r} was a label before (changes retired it); choose another name")
+    existing = same_label(name, sorted(retired))
+    if existing is not None:
+        raise SurgeryError(f"{_as(name, existing)} was a label before (changes retired it); choose another name")
+
+
+def _as(name: str, existing: str) -> str:
+    """``name`` quoted, and the label it reads as when spelt otherwise."""
+    if name == existing:
+        return repr(name)
+    return f"{name!r} (read as {existing!r}: case, spaces, hyphens and underscores do not count)"
 
 
 def check_change(taxonomy: Taxonomy, kind: object, payload: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +101,7 @@ def check_change(taxonomy: Taxonomy, kind: object, payload: dict[str, Any]) -> d
         new = _name(payload.get("to"), "new name")
         if new == old:
             raise SurgeryError("the new name is the old one")
-        _fresh(new, set(), current, retired)
+        _fresh(new, {old}, current, retired)
         return {"from": old, "to": new}
     if kind == "merge":
         raw = payload.get("sources")
@@ -118,8 +130,9 @@ def _split_targets(raw: object) -> list[dict[str, Any]]:
         if not isinstance(item, dict):
             raise SurgeryError('each target is {"name": "...", "keywords": [...]}')
         name = _name(item.get("name"), "target")
-        if name in seen:
-            raise SurgeryError(f"target {name!r} is named twice")
+        twin = same_label(name, seen)
+        if twin is not None:
+            raise SurgeryError(f"target {_as(name, twin)} is named twice")
         seen.add(name)
         keywords = item.get("keywords") or []
         if not isinstance(keywords, list) or not all(isinstance(k, str) for k in keywords):

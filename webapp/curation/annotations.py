@@ -200,10 +200,12 @@ def has_active_event(
     return clause
 
 
-def reviewed_predictions(of: Any = None) -> Select:
-    """Ids of the predictions reviewed in some taxonomy (an active accept or correction); of ``of`` only, when
-    given (a correlated test)."""
+def reviewed_predictions(taxonomy_id: int | None = None, of: Any = None) -> Select:
+    """Ids of the predictions reviewed (an active accept, correction or adjudication) in the taxonomy, or in some
+    taxonomy when None; of ``of`` only, when given (a correlated test, an index probe)."""
     found = select(AnnotationEvent.prediction_id).where(*_active(REVIEW_KINDS))
+    if taxonomy_id is not None:
+        found = found.where(AnnotationEvent.taxonomy_id == taxonomy_id)
     return found if of is None else found.where(AnnotationEvent.prediction_id == of)
 
 

@@ -104,9 +104,10 @@ def plan(user: User, ids: list[int], taxonomy: Taxonomy, action: str, label: obj
         raise BulkError(f"{len(ids)} predictions selected; a bulk action changes at most {limit} at once (BULK_MAX)")
     checked = ""
     if action != "accept":
-        checked = check_label(label)
-        if checked not in taxonomy_labels(taxonomy):
-            raise BulkError(f"{checked!r} is not a label of {taxonomy.name} ({taxonomy.slug}) as it is named today")
+        typed = check_label(label)
+        checked = search.same_label(typed, taxonomy_labels(taxonomy)) or ""  # case and separators aside, as in /history
+        if not checked:
+            raise BulkError(f"{typed!r} is not a label of {taxonomy.name} ({taxonomy.slug}) as it is named today")
     elif label:
         raise BulkError("accept takes no label: it confirms each prediction's labels as they stand")
     result = BulkPlan(taxonomy, action, checked, ids)

@@ -131,6 +131,13 @@ class TaxonomyState:
         """What the model said, in today's label names."""
         return mapped_result(self.result).labels if self.result else []
 
+    def labels_after(self, event_id: int) -> list[str]:
+        """The labels right after event ``event_id``: what a page based on it showed."""
+        return current_labels(self.result, [e for e in self.events if e.id <= event_id])
+
+    def events_after(self, event_id: int) -> list[AnnotationEvent]:
+        return [e for e in self.events if e.id > event_id]
+
     def undoable(self, user: User) -> AnnotationEvent | None:
         """The event ``user`` may undo here: their latest one (an undo too: undoing it re-applies)."""
         return next((e for e in reversed(self.events) if e.user_id == user.id), None)
@@ -146,7 +153,18 @@ class ReviewForbidden(CorrectionError):
     """The curator may not do this (undo someone else's event): a 403, not a 400."""
 
 
+class ReviewConflict(CorrectionError):
+    """An accept based on labels that have changed since (a 409): it asserts the whole set the curator saw, so it
+    must not count as agreeing with labels they never saw. ``stale``: the taxonomies whose labels changed."""
+
+    def __init__(self, message: str, stale: list[TaxonomyState]) -> None:
+        super().__init__(message)
+        self.stale = stale
+
+
 ACTIONS = ("correct", "accept", "skip", "undo", "adjudicate")
+# Events that may change the labels: a correction, an adjudication, an undo of either.
+CHANGE_KINDS = (*LABEL_KINDS, "undo")
 # The actions that send a label set.
 LABEL_ACTIONS = ("correct", "adjudicate")
 
@@ -160,7 +178,7 @@ class ReviewPart:
     seen, not decided; it goes to the back of this curator's queue. ``undo``: reverse ``undo_event`` (default: the
     curator's latest event here). ``adjudicate`` (adjudicators and admins): ``labels`` is the final set where
     curators disagreed, replacing the labels now. ``based_on`` is the latest event the curator saw (None: the
-    latest now)."""
+    latest now); an accept based on labels that changed since is refused (:class:`ReviewConflict`)."""
 
     taxonomy: Taxonomy
     action: str = "correct"
@@ -207,12 +225,12 @@ class ReviewCommand:
         slugs = [part.taxonomy.slug for part in self.parts]
         if len(set(slugs)) != len(slugs):
             raise CorrectionError("each taxonomy may appear once in a review")
-        outcomes = []
         for part in self.parts:
             if part.action not in ACTIONS:
                 raise CorrectionError(f"action must be one of {', '.join(ACTIONS)}, not {str(part.action)[:40]!r}")
-            plan = getattr(self, f"_plan_{part.action}")
-            outcomes.append(plan(part, taxonomy_state(self.prediction, part.taxonomy)))
+        reviewed = [(part, taxonomy_state(self.prediction, part.taxonomy)) for part in self.parts]
+        _refuse_stale_accepts(reviewed)
+        outcomes = [getattr(self, f"_plan_{part.action}")(part, state) for part, state in reviewed]
         if not any(o.event or o.proposals or o.concurrent for o in outcomes):
             names = ", ".join(part.taxonomy.name for part in self.parts)
             raise CorrectionError(
@@ -255,8 +273,7 @@ class ReviewCommand:
         if part.based_on is None:
             seen, concurrent = state.labels, []
         else:
-            seen = current_labels(state.result, [e for e in state.events if e.id <= part.based_on])
-            concurrent = [e for e in state.events if e.id > part.based_on]
+            seen, concurrent = state.labels_after(part.based_on), state.events_after(part.based_on)
         decisions = label_decisions(taxonomy.id)
         proposed = {decisions.get(label) or label for label in proposed}  # an accepted proposal under its final name
         known = set(taxonomy_labels(taxonomy))
@@ -332,6 +349,30 @@ class ReviewCommand:
     def _no_labels(part: ReviewPart) -> None:
         if part.labels is not None or any(True for _ in part.propose):
             raise CorrectionError(f'"labels" and "propose" go with the action "correct", not "{part.action}"')
+
+
+def _refuse_stale_accepts(reviewed: list[tuple[ReviewPart, TaxonomyState]]) -> None:
+    """Raise :class:`ReviewConflict` naming every taxonomy an accept was sent for whose labels changed since the
+    page it was based on (a correction is a difference and merges with others' changes; an accept cannot)."""
+    stale = [
+        (state, part.based_on)
+        for part, state in reviewed
+        if part.action == "accept"
+        and part.based_on is not None
+        and set(state.labels_after(part.based_on)) != set(state.labels)
+    ]
+    if not stale:
+        return
+    changes = []
+    for state, based_on in stale:
+        names = sorted({e.user.name for e in state.events_after(based_on) if e.kind in CHANGE_KINDS})
+        now = ", ".join(state.labels) or "none"
+        changes.append(f"{' and '.join(names)} changed the labels of {state.taxonomy.name} to {now}")
+    raise ReviewConflict(
+        f"Not accepted, nothing was saved: while you were reviewing, {'; '.join(changes)}. An accept confirms the "
+        "labels you saw; check the current labels below and accept again.",
+        [state for state, _ in stale],
+    )
 
 
 def describe(event: AnnotationEvent) -> str:

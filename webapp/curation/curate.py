@@ -15,19 +15,22 @@ from wtforms import HiddenField, SelectMultipleField, StringField, TextAreaField
 
 from ..access.auth import role_required
 from ..extensions import db
+from ..history import search
 from ..history.paging import CappedPagination, count_cap, count_up_to
 from ..models import DATASET_SOURCE, AnnotationEvent, LabelProposal, Prediction, PredictionResult, Taxonomy
 from ..request_input import page_number, whole_number
 from .agreement import awaiting_review
-from .annotations import has_active_event, known_labels, labelled_selects, mapped_result, results_labelled
+from .annotations import has_active_event, known_labels, mapped_result
 from .corrections import (
     MAX_LABEL_CHARS,
     MAX_NOTE_CHARS,
     CorrectionError,
     ReviewCommand,
+    ReviewConflict,
     ReviewForbidden,
     ReviewPart,
     TaxonomyState,
+    check_label,
     decide_proposal,
     describe,
     taxonomy_labels,
@@ -101,10 +104,11 @@ def queue_query(taxonomy_slug: str = "", label: str = "", user_id: int | None = 
         .join(Prediction, Prediction.id == PredictionResult.prediction_id)
         .where(*_waiting(taxonomy_slug, user_id))
     )
-    if label:
-        labelled = results_labelled(label)
+    if label:  # read as the history's filter reads it: case and separators aside, in today's names
+        taxonomies = search.taxonomy_labels(taxonomy_slug)
+        labelled = search.labelled_results(label, taxonomies)
         if count_up_to(labelled) > count_cap():  # a frequent label: tested per item as the margin order is walked
-            labelled = results_labelled(label, of=Prediction.id)
+            labelled = search.labelled_results(label, taxonomies, of=Prediction.id)
         stmt = stmt.where(PredictionResult.id.in_(labelled))
     return stmt
 
@@ -148,7 +152,7 @@ class Queue:
                 part.with_only_columns(PredictionResult.id)
                 .join(Prediction, Prediction.id == PredictionResult.prediction_id)
                 .where(*_waiting(taxonomy_slug, user_id), fresh)
-                for part in labelled_selects(label)
+                for part in search.labelled_parts(label, search.taxonomy_labels(taxonomy_slug))
             ]
             fresh_ids = union_all(*parts)
         return cls(
@@ -339,13 +343,18 @@ def _apply(
     action: str,
     move_on: bool,
 ) -> Response | tuple[str, int]:
-    """Run the review command; a refusal re-renders the page with the message and the boxes as ticked."""
+    """Run the review command; a refusal re-renders the page with the message and the boxes as ticked, except
+    where a stale accept was refused: those taxonomies show their labels now, to be checked and accepted again."""
     try:
         parts = [forms[slug].part(taxonomy, action) for slug, taxonomy in taxonomies.items()]
         outcomes = ReviewCommand(prediction, current_user, parts).run()
     except ReviewForbidden as exc:
         db.session.rollback()
         abort(403, description=str(exc))
+    except ReviewConflict as exc:
+        db.session.rollback()
+        stale = {state.taxonomy.slug for state in exc.stale}
+        return _render_page(prediction, {s: f for s, f in forms.items() if s not in stale}, str(exc), 409)
     except CorrectionError as exc:
         db.session.rollback()
         return _render_page(prediction, forms, str(exc), 400)
@@ -381,6 +390,19 @@ class DecisionForm(FlaskForm):
     final_label = StringField("Accept as")
 
 
+def _accepted_name(proposal: LabelProposal, typed: str | None) -> str:
+    """The name a proposal is accepted under (``typed``, else its own), never a second spelling of a label the
+    taxonomy has: the history's label filter reads case and separators as one label, and training would get both."""
+    name = check_label(typed or proposal.label)
+    existing = search.same_label(name, taxonomy_labels(proposal.taxonomy))
+    if existing is not None and existing != name:
+        raise CorrectionError(
+            f"{name!r} is {proposal.taxonomy.name}'s label {existing!r} spelt another way (case, spaces, hyphens and "
+            f"underscores do not count); accept it as {existing!r} or choose another name"
+        )
+    return name
+
+
 @bp.get("/labels")
 @role_required("admin")
 def proposals() -> str:
@@ -404,7 +426,8 @@ def decide(proposal_id: int) -> Response:
         abort(400, description="action must be accept or reject")
     form = DecisionForm()
     try:
-        decide_proposal(proposal, current_user, accept=action == "accept", final_label=form.final_label.data)
+        final_label = _accepted_name(proposal, form.final_label.data) if action == "accept" else None
+        decide_proposal(proposal, current_user, accept=action == "accept", final_label=final_label)
     except CorrectionError as exc:
         db.session.rollback()
         flash(str(exc), "error")

@@ -14,6 +14,7 @@ import difflib
 import math
 import re
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,7 @@ from sqlalchemy.sql.selectable import Subquery
 
 from ..curation.annotations import label_map, labelled_selects, stored_label_pairs
 from ..extensions import db
-from ..models import ModelVersion, Prediction, PredictionResult, Taxonomy
+from ..models import CurrentLabel, ModelVersion, Prediction, PredictionResult, Taxonomy
 from . import paging
 
 # The PostgreSQL text search configuration; migration 0010 builds ``predictions.search_vector`` with the same one.
@@ -225,15 +226,24 @@ def has_control_characters(typed: str) -> bool:
     return any(unicodedata.category(ch).startswith("C") for ch in typed)
 
 
-def _normal(label: str) -> str:
-    """A label as compared by the filter: case, underscores, hyphens and runs of spaces do not count."""
+def normal_label(label: str) -> str:
+    """A label as compared by the filter: case, underscores, hyphens and runs of spaces do not count. Label surgery,
+    proposals and bulk actions compare names by it too, so no two labels of a taxonomy read as one."""
     return " ".join(re.split(r"[\s_\-]+", label.casefold())).strip()
+
+
+def same_label(name: str, labels: Iterable[str]) -> str | None:
+    """The label of ``labels`` that reads as ``name`` (:func:`normal_label`), ``name`` itself when it is one of
+    them (a taxonomy from before this rule may have two such labels), or None."""
+    wanted = normal_label(name)
+    found = [label for label in labels if normal_label(label) == wanted]
+    return name if name in found else next(iter(found), None)
 
 
 @dataclass
 class TaxonomyLabels:
-    """One taxonomy's labels as the filter offers them: its active version's and those found in the history,
-    in today's names."""
+    """One taxonomy's labels as the filter offers them: its active version's and those found in the history (the
+    model's and those curators' corrections gave), in today's names."""
 
     id: int
     slug: str
@@ -259,18 +269,30 @@ def _read_taxonomy_labels() -> list[TaxonomyLabels]:
         found[taxonomy_id].update(labels or [])
     for taxonomy_id, label in stored_label_pairs():
         found.setdefault(taxonomy_id, set()).add(label)
+    for taxonomy_id, label in db.session.execute(_corrected_label_pairs()):
+        found.setdefault(taxonomy_id, set()).add(label)
     return [
         TaxonomyLabels(t.id, t.slug, t.name, sorted(label_map(t.id).vocabulary(sorted(found[t.id])), key=str.casefold))
         for t in taxonomies
     ]
 
 
+def _corrected_label_pairs() -> Select:
+    """(taxonomy id, label) of the current labels of corrected results: a label a curator added (a proposal still
+    pending, say) is one the filter finds, so it is known, not looked up as typed."""
+    return (
+        select(PredictionResult.taxonomy_id, CurrentLabel.label)
+        .join(PredictionResult, PredictionResult.id == CurrentLabel.result_id)
+        .distinct()
+    )
+
+
 def labels_containing(taxonomy: TaxonomyLabels, typed: str, limit: int = 50) -> list[str]:
     """The taxonomy's labels that contain ``typed`` (case and separators aside); all of them when it is empty."""
     if not typed:
         return taxonomy.labels
-    wanted = _normal(typed)
-    return [label for label in taxonomy.labels if wanted in _normal(label)][:limit]
+    wanted = normal_label(typed)
+    return [label for label in taxonomy.labels if wanted in normal_label(label)][:limit]
 
 
 @dataclass
@@ -284,29 +306,42 @@ class LabelLookup:
 def lookup_label(typed: str, taxonomies: list[TaxonomyLabels]) -> LabelLookup:
     """The labels of ``taxonomies`` that read as ``typed`` whatever its case and separators; when none does, the
     closest spellings (difflib) to offer instead."""
-    wanted = _normal(typed)
-    matches = [(t.id, label) for t in taxonomies for label in t.labels if _normal(label) == wanted]
+    wanted = normal_label(typed)
+    matches = [(t.id, label) for t in taxonomies for label in t.labels if normal_label(label) == wanted]
     if matches:
         return LabelLookup(matches, [])
-    by_normal = {_normal(label): label for t in taxonomies for label in t.labels}
+    by_normal = {normal_label(label): label for t in taxonomies for label in t.labels}
     close = difflib.get_close_matches(wanted, list(by_normal), n=5, cutoff=0.6)
     starts = [n for n in by_normal if wanted and wanted in n and n not in close][: 5 - len(close)]
     return LabelLookup([], [by_normal[n] for n in close + starts])
 
 
-def labelled_predictions(typed: str, taxonomies: list[TaxonomyLabels], of: Any = None) -> CompoundSelect:
-    """Ids of the predictions whose current labels (corrections and label surgery applied) include what ``typed``
-    names in one of ``taxonomies``, a label no taxonomy knows looked up as typed; of prediction ``of`` only, when
-    given (a correlated test). One flat union of index range reads, which a count or a page can stop early."""
+def labelled_parts(typed: str, taxonomies: list[TaxonomyLabels], of: Any = None) -> list[Select]:
+    """Selects of (result id, prediction id) whose current labels (corrections and label surgery applied) include
+    what ``typed`` names in one of ``taxonomies``, a label no taxonomy knows looked up as typed; of prediction ``of``
+    only, when given (a correlated test). The history's and the review queue's label filter."""
     names: dict[str, list[int]] = {}
     for taxonomy_id, label in lookup_label(typed, taxonomies).matches or [(t.id, typed) for t in taxonomies]:
         names.setdefault(label, []).append(taxonomy_id)
-    parts = [
-        part.with_only_columns(part.selected_columns[1])
-        for label, ids in names.items()
-        for part in labelled_selects(label, of=of, taxonomy_ids=ids)
-    ]
-    return union_all(*parts) if parts else union_all(select(PredictionResult.prediction_id).where(false()))
+    return [part for label, ids in names.items() for part in labelled_selects(label, of=of, taxonomy_ids=ids)]
+
+
+def labelled_predictions(typed: str, taxonomies: list[TaxonomyLabels], of: Any = None) -> CompoundSelect:
+    """Ids of the predictions :func:`labelled_parts` gives: one flat union of index range reads, which a count or a
+    page can stop early."""
+    return _union(labelled_parts(typed, taxonomies, of), 1)
+
+
+def labelled_results(typed: str, taxonomies: list[TaxonomyLabels], of: Any = None) -> CompoundSelect:
+    """Ids of the prediction results :func:`labelled_parts` gives (the review queue lists results)."""
+    return _union(labelled_parts(typed, taxonomies, of), 0)
+
+
+def _union(parts: list[Select], column: int) -> CompoundSelect:
+    """One column of ``parts`` as a union (a union that finds nothing when there are none)."""
+    if not parts:
+        return union_all(select(PredictionResult.prediction_id).where(false()))
+    return union_all(*(part.with_only_columns(part.selected_columns[column]) for part in parts))
 
 
 def taxonomy_predictions(taxonomy_ids: list[int], of: Any = None) -> Select:

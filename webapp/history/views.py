@@ -45,7 +45,7 @@ def filtered_predictions(
     for ids in _id_sets(label, version, reviewed, taxonomy):
         stmt = stmt.where(_among(ids))
     if reviewed == "no":
-        stmt = stmt.where(~has_active_event(Prediction.id))
+        stmt = stmt.where(~has_active_event(Prediction.id, _taxonomy_id(taxonomy)))
     return stmt
 
 
@@ -65,9 +65,14 @@ def _id_sets(label: str, version: str, reviewed: str, taxonomy: str) -> list[IdS
         sets.append(partial(search.labelled_predictions, label, chosen))
     if version:
         sets.append(partial(_made_by, version))
-    if reviewed == "yes":  # accepted or corrected, not undone; a skip is no review
-        sets.append(reviewed_predictions)
+    if reviewed == "yes":  # accepted or corrected, not undone, in the chosen taxonomy; a skip is no review
+        sets.append(partial(reviewed_predictions, _taxonomy_id(taxonomy)))
     return sets
+
+
+def _taxonomy_id(taxonomy: str) -> int | None:
+    """The chosen taxonomy's id, which "reviewed" is read in (None: no taxonomy chosen, reviewed in any)."""
+    return search.taxonomy_labels(taxonomy)[0].id if taxonomy else None
 
 
 def lone_search(q: str, label: str, version: str, reviewed: str, taxonomy: str, batch: object) -> bool:
