@@ -34,6 +34,7 @@ def test_predict_single_returns_contract_shape(client: FlaskClient, app: Flask, 
         "off_domain",
         "tokens_read",
         "tokens_total",
+        "lexical_whole_text",
     }
     assert result["model_version"].startswith("test-tasks-")
     assert set(result["scores"]) == set(LABELS)
@@ -42,9 +43,9 @@ def test_predict_single_returns_contract_shape(client: FlaskClient, app: Flask, 
     expected = sorted((label for label, p in result["scores"].items() if p >= 0.5), key=lambda x: -result["scores"][x])
     assert result["labels"] == expected
     # The test bundle asks for no best guess, has no off-domain cut and reads one window of 128 tokens ([CLS] and
-    # [SEP] among them), shorter than this abstract.
+    # [SEP] among them), shorter than this abstract; its head has no lexical part.
     assert result["below_threshold"] is False and result["off_domain"] is False
-    assert result["tokens_read"] == 126 < result["tokens_total"]
+    assert result["tokens_read"] == 126 < result["tokens_total"] and result["lexical_whole_text"] is False
     with app.app_context():
         stored = db.session.get(Prediction, prediction["id"])
         assert stored is not None and stored.source == "api" and stored.title == paper["title"]

@@ -4,6 +4,7 @@ and counters exact whoever ends its chunks; who may use batches."""
 
 from __future__ import annotations
 
+import codecs
 import csv
 import html
 import io
@@ -119,6 +120,49 @@ def test_upload_tags_every_row_and_returns_the_extra_columns(
     predict_and_store_elsewhere(app)
     assert "10 predictions" in curator_client.get(f"/history?batch={job_id}").get_data(as_text=True)
     assert curator_client.get("/history?batch=abc").status_code == 400
+
+
+def test_the_result_csv_for_excel_has_a_byte_order_mark_and_the_locales_separator(
+    app: Flask, curator_client: FlaskClient, abstracts: list[dict]
+) -> None:
+    rows = paper_rows(abstracts, 3)
+    rows[1][1] = "Über naïve Ärzte; «tags», 東京"
+    job_id = job_id_of(upload(curator_client, make_csv(rows)))
+    assert wait_for(curator_client, job_id)["status"] == "finished"
+    page = curator_client.get(f"/batches/{job_id}").get_data(as_text=True)
+    assert '<option value="excel">' in page and '<option value="excel-semicolon">' in page
+
+    def download(query: str) -> bytes:
+        response = curator_client.get(f"/batches/{job_id}/results.csv?scores=1{query}")
+        assert response.status_code == 200 and response.mimetype == "text/csv"
+        return response.data
+
+    # The default is plain UTF-8 with commas, as before: what csv.writer writes of its own table (CRLF), no BOM.
+    plain = download("")
+    table = list(csv.reader(io.StringIO(plain.decode("utf-8"))))
+    assert plain == make_csv(table) == download("&format=csv")
+    assert table[1][1] == rows[1][1] and not plain.startswith(codecs.BOM_UTF8)
+    # Excel, commas: the same file after a byte-order mark (Excel then reads it as UTF-8).
+    excel = curator_client.get(f"/batches/{job_id}/results.csv?scores=1&format=excel")
+    assert excel.data == codecs.BOM_UTF8 + plain
+    assert 'filename="papers-tagged-scores-excel.csv"' in excel.headers["Content-Disposition"]
+    # Excel, semicolons: cells between ";" (quoted where they hold one) and scores with a decimal comma.
+    semicolons = download("&format=excel-semicolon")
+    assert semicolons.startswith(codecs.BOM_UTF8) and '"Über naïve Ärzte; «tags», 東京"'.encode() in semicolons
+    split = list(csv.reader(io.StringIO(semicolons.decode("utf-8-sig")), delimiter=";"))
+    scores = [j for j, name in enumerate(table[0]) if name.startswith("test-tasks:")]
+    assert scores and all("," in split[1][j] and "." not in split[1][j] for j in scores)
+    assert [[cell.replace(",", ".") if j in scores else cell for j, cell in enumerate(row)] for row in split] == table
+    # What the site writes for Excel it reads back.
+    with app.app_context():
+        assert parse_csv(decode_upload(semicolons), 10).columns == table[0]
+
+    for query, value in (("format=xlsx", "'xlsx'"), ("format=", "''"), ("format=EXCEL", "'EXCEL'")):
+        refused = curator_client.get(f"/batches/{job_id}/results.csv?{query}")
+        assert refused.status_code == 400
+        assert f"format must be one of csv, excel, excel-semicolon, not {value}" in html.unescape(
+            refused.get_data(as_text=True)
+        )
 
 
 def predict_and_store_elsewhere(app: Flask) -> None:

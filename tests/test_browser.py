@@ -343,6 +343,13 @@ def test_upload_a_csv_and_download_the_results(page: Page, site: Site, abstracts
         page.get_by_role("link", name="CSV with scores").click()
     header = Path(scored.value.path()).read_text(encoding="utf-8").splitlines()[0].split(",")
     assert [f"{SLUG}:{label}" for label in LABELS] == [column for column in header if column.startswith(f"{SLUG}:")]
+    page.get_by_label("CSV for Excel").select_option("excel-semicolon")
+    page.get_by_label("Columns").select_option("1")
+    with page.expect_download() as excel:
+        page.get_by_role("button", name="Download for Excel").click()
+    assert excel.value.suggested_filename == "papers-tagged-scores-excel-semicolon.csv"
+    raw = Path(excel.value.path()).read_bytes()
+    assert raw.startswith(b"\xef\xbb\xbf") and raw[3:].decode("utf-8").splitlines()[0].split(";") == header
     page.get_by_role("link", name="See them in the history").click()
     expect(page.locator(".history-item")).to_have_count(5)
 

@@ -95,8 +95,9 @@ def test_drops_equal_a_direct_computation_with_the_model(
         )
     assert answer["same_version"] is True and answer["model_version"] == answer["prediction_model_version"]
     explained = [entry["label"] for entry in answer["labels"]]
-    # The predicted labels first, then the near misses the page shows (NEAR_MISSES = 4, as many as are left).
-    near_misses = min(4, len(labels) - len(stored_labels))
+    # The predicted labels first, then the near misses the page shows (NEAR_MISSES = 4 of those at half their
+    # threshold or more, NEAR_MISS_SHARE; the test bundle's thresholds are 0.5).
+    near_misses = min(4, sum(1 for j, label in enumerate(labels) if label not in stored_labels and full[j] >= 0.25))
     assert explained[: len(stored_labels)] == stored_labels and len(explained) == len(stored_labels) + near_misses
     for entry in answer["labels"]:
         j = labels.index(entry["label"])

@@ -96,6 +96,51 @@ def test_0007_adds_how_a_result_was_read_and_keeps_older_results(
     app.extensions[BATCH_WORKER].stop()
 
 
+def test_0018_counts_only_the_encoders_reading_and_keeps_what_a_lexical_head_read(
+    tmp_path: Path, make_bundle: BundleFactory, abstracts: list[dict]
+) -> None:
+    """Results stored before 0018 counted every word piece as read when the head had a lexical part: a truncated
+    one gets what the version's windows cover (244 here) and is marked as read whole by the lexical part, one that
+    only the encoder read keeps its figures, marked as not; a text the windows held stays unmarked."""
+    app = make_app(tmp_path / "data")
+    with app.app_context():
+        import_bundle(make_bundle(seed=1, max_windows=2), actor="tests")
+    texts = [abstracts[0]["abstract"], abstracts[1]["abstract"], "A short abstract about image segmentation."]
+    response = app.test_client().post("/api/v1/predict", json={"abstracts": [{"abstract": t} for t in texts]})
+    lexical, encoder_only, short = (p["id"] for p in response.get_json()["predictions"])
+    live_models_of(app).stop()
+    app.extensions[BATCH_WORKER].stop()
+    reading = db.text(
+        "SELECT read_tokens, total_tokens, lexical_whole_text FROM prediction_results WHERE prediction_id = :id"
+    )
+    with app.app_context():
+        db.engine.dispose()
+
+        def read(prediction_id: int, query: db.TextClause = reading) -> tuple:
+            """On a connection of its own, closed after: an open read would block PostgreSQL's ALTER TABLE."""
+            with db.engine.connect() as connection:
+                return tuple(connection.execute(query, {"id": prediction_id}).one())
+
+        totals = [read(i)[1] for i in (lexical, encoder_only, short)]
+        assert totals[0] > 244 and totals[1] > 244 > totals[2]
+        flask_migrate.downgrade(revision="0017_search_vector_inline")
+        # A lexical head's result as the release before stored it: the whole text counted as read.
+        whole = db.text("UPDATE prediction_results SET read_tokens = total_tokens WHERE prediction_id = :id")
+        with db.engine.begin() as connection:
+            connection.execute(whole, {"id": lexical})
+        flask_migrate.upgrade()
+        assert [read(i) for i in (lexical, encoder_only, short)] == [
+            (244, totals[0], True),
+            (244, totals[1], False),
+            (totals[2], totals[2], None),
+        ]
+        flask_migrate.downgrade(revision="0017_search_vector_inline")  # back to the old counting
+        old = db.text("SELECT read_tokens FROM prediction_results WHERE prediction_id = :id")
+        assert [read(i, old) for i in (lexical, encoder_only)] == [(totals[0],), (244,)]
+        flask_migrate.upgrade()
+        db.engine.dispose()
+
+
 def test_0016_and_0017_lay_out_the_label_filter_and_search_for_postgresql_only(tmp_path: Path) -> None:
     """PostgreSQL: the label filter's indexes hold all it reads (0016) and search vectors stay in their rows (0017),
     undone on downgrade. SQLite's rowid tables and FTS5 index need neither: its schema is left as 0015 made it."""

@@ -13,6 +13,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from tests.conftest import BundleFactory, live_models_of, make_app, signed_in
+from tests.test_default_model import RESEARCH_TASKS
 from tests.test_inference import SHORT
 from webapp.extensions import db
 from webapp.jobs.batch import EXTENSION_KEY as BATCH_WORKER
@@ -86,7 +87,33 @@ def test_a_long_abstract_says_how_much_of_it_was_read(
     assert result["tokens_read"] == result["tokens_total"] > 0
     assert 'data-flag="truncated"' not in cards(client, answer["id"])["test-tasks"]
     api = predict(client, paper["abstract"], paper["title"])["results"]["test-tasks"]
-    assert (api["tokens_read"], api["tokens_total"]) == (244, length)
+    assert (api["tokens_read"], api["tokens_total"], api["lexical_whole_text"]) == (244, length, False)
+
+
+def test_a_lexical_head_reports_what_the_encoder_read_and_that_its_lexical_part_read_the_rest(
+    app_with: AppFactory, abstracts: list[dict]
+) -> None:
+    """``tokens_read`` is the encoder's reading whatever the head: the shipped head's TF-IDF part reads the whole
+    text, and says so on its own (``lexical_whole_text``) rather than by counting every word piece as read."""
+    app = app_with(RESEARCH_TASKS)
+    client = app.test_client()
+    model = live_models_of(app).current()["research-tasks"].model
+    assert model.reads_text
+    text = " ".join(paper["abstract"] for paper in abstracts[:3])
+    total = len(model.encoder.tokenizer.encode(text, add_special_tokens=False).ids)
+    read = model.manifest.read_tokens  # one window of 126 content word pieces
+    assert read < total
+    answer = predict(client, text)
+    result = answer["results"]["research-tasks"]
+    assert (result["tokens_read"], result["tokens_total"], result["lexical_whole_text"]) == (read, total, True)
+    card = cards(client, answer["id"])["research-tasks"]
+    assert re.search(
+        rf"encoder read the first {read} of the text's\s+{total} word pieces; the model's word-frequency \(TF-IDF\) "
+        "part read all of it",
+        card,
+    )
+    short = predict(client, SHORT)["results"]["research-tasks"]
+    assert short["tokens_read"] == short["tokens_total"] < read and short["lexical_whole_text"] is True
 
 
 def test_best_guess_and_off_domain_in_the_api_the_database_and_the_page(

@@ -18,6 +18,7 @@ from webapp.extensions import db
 from webapp.models import AnnotationEvent, Prediction, PredictionResult, User
 from webapp.serving.inference import LoadedModel
 from webapp.serving.registry import activate, import_bundle
+from webapp.serving.scoring import LabelScore, just_missed
 
 
 def submit(client: FlaskClient, paper: dict, title: bool = True) -> int:
@@ -43,15 +44,47 @@ def test_result_page_shows_labels_bars_thresholds_near_misses_and_version(
         predicted, scores, version = result.labels, result.scores, result.model_version_id
     assert abstracts[0]["title"] in page
     assert version in page
-    assert page.count('class="bar"') == len(predicted) + min(4, 8 - len(predicted))
+    # Near misses: the 4 most probable other labels at half their threshold (0.5) or more; the far ones are left out.
+    others = sorted((k for k in scores if k not in predicted), key=lambda k: -scores[k])
+    missed = [k for k in others if scores[k] >= 0.25][:4]
+    far = [k for k in others if scores[k] < 0.25]
+    assert far, "the test needs a label far below its threshold"
+    assert page.count('class="bar"') == len(predicted) + len(missed)
     assert page.count("≥ 50.0%") == page.count('class="bar"')  # each label's own threshold is shown
     for label in predicted:
         assert f"{scores[label] * 100:.1f}%" in page
-    missed = sorted((k for k in scores if k not in predicted), key=lambda k: -scores[k])[:4]
-    if missed:
-        assert "Just missed" in page and 'class="label-row missed"' in page
-        assert page.index(missed[0]) > page.index("Just missed")
+    shown = re.findall(r'<li class="label-row missed">\s*<span class="label-name">([^<]*)<', page)
+    assert shown == missed
+    assert ("Just missed" in page) == bool(missed)
     assert "Tag another" in page
+
+
+def test_just_missed_means_within_a_share_of_the_labels_own_threshold() -> None:
+    rows = [
+        LabelScore("chosen", 0.9, 0.5),
+        LabelScore("close", 0.2, 0.3),
+        LabelScore("at half", 0.15, 0.3),
+        LabelScore("low threshold", 0.06, 0.1),
+        LabelScore("under half", 0.04, 0.1),
+        LabelScore("far", 0.001, 0.3),
+    ]
+    names = lambda *args: [row.label for row in just_missed(rows, {"chosen"}, *args)]  # noqa: E731
+    assert names(4, 0.5) == ["close", "at half", "low threshold"]
+    assert names(2, 0.5) == ["close", "at half"]
+    assert names(4, 0.0) == ["close", "at half", "low threshold", "under half"]  # no floor: the most probable
+
+
+def test_the_near_miss_floor_is_a_setting(make_bundle: BundleFactory, tmp_path: Path, abstracts: list[dict]) -> None:
+    """0: no floor, the most probable labels however far below their thresholds (before the floor, every page)."""
+    app = make_app(tmp_path / "data", NEAR_MISS_SHARE=0.0)
+    with app.app_context():
+        import_bundle(make_bundle(seed=1), actor="tests")
+    client = app.test_client()
+    prediction_id = submit(client, abstracts[0])
+    with app.app_context():
+        predicted = db.session.scalar(select(PredictionResult.labels))
+    page = client.get(f"/predictions/{prediction_id}").get_data(as_text=True)
+    assert page.count('class="label-row missed"') == min(4, 8 - len(predicted))
 
 
 def test_line_breaks_count_once_whichever_way_they_came(app: Flask, client: FlaskClient) -> None:
@@ -210,6 +243,7 @@ def test_production_refuses_to_start_without_secret_key(tmp_path: Path, monkeypa
         ({"MAX_BATCH": True}, "MAX_BATCH must be a whole number of at least 1, not True"),
         ({"JOB_WORKER_NICE": 20}, "JOB_WORKER_NICE must be a whole number from 0 to 19, not 20"),
         ({"QUALITY_DROP_MARGIN": 1.5}, "QUALITY_DROP_MARGIN must be a number from 0 to 1, not 1.5"),
+        ({"NEAR_MISS_SHARE": 2}, "NEAR_MISS_SHARE must be a number from 0 to 1, not 2"),
         ({"MODEL_POLL_SECONDS": 0}, "MODEL_POLL_SECONDS must be a number of at least 0.01, not 0"),
         ({"PASSWORD_MIN_LENGTH": 4}, "PASSWORD_MIN_LENGTH must be a whole number of at least 8, not 4"),
         ({"SIMILAR_K": 60}, "SIMILAR_K (60) must not exceed SIMILAR_MAX_K (50)"),

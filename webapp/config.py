@@ -96,8 +96,12 @@ class Defaults:
     LABEL_ISSUES_MAX_ROWS = 5000
     # Largest issue file POSTed to /api/v1/label-issues: 500 rows with every label's score are about 3.5 MB.
     LABEL_ISSUES_MAX_UPLOAD_BYTES = 32 * 1024 * 1024
-    # Greyed "just missed" labels shown under each taxonomy's predictions (explanations cover them too).
+    # Greyed "just missed" labels shown under each taxonomy's predictions (explanations cover them too): at most
+    # NEAR_MISSES of them, each with a probability of at least NEAR_MISS_SHARE of its own threshold. A share, not a
+    # fixed margin, because thresholds differ by model and label (0.225 and 0.35 shipped, others learned from
+    # reviews): with 0.5 and a 22.5% threshold, a label at 0.1% is no near miss, one at 15% is. 0: no floor.
     NEAR_MISSES = 4
+    NEAR_MISS_SHARE = 0.5
     # Most units (title, sentences) an explanation occludes: past it the trailing sentences are grouped into
     # EXPLAIN_MAX_UNITS // 4 spans. One explanation is then at most 1 + 32 texts through the model whatever the
     # abstract's length (a 20,000-character one was 150 runs, 11.5 CPU-seconds); 32 keeps every sentence of a
@@ -224,6 +228,7 @@ BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "JOB_WORKER_NICE": (0, 19, True),
     "BATCH_STALE_SECONDS": (0.01, None, False),
     "NEAR_MISSES": (0, None, True),
+    "NEAR_MISS_SHARE": (0, 1, False),
     "QUALITY_DROP_MARGIN": (0, 1, False),
     "TRUSTED_PROXY_HOPS": (0, None, True),
     "PASSWORD_MIN_LENGTH": (8, None, True),

@@ -30,10 +30,11 @@ def safe_cell(value: Any) -> Any:
     return value
 
 
-def csv_lines(rows: Iterable[Iterable[Any]]) -> Iterator[str]:
-    """Each row as one CSV line (Excel dialect), every cell through :func:`safe_cell`, for streaming responses."""
+def csv_lines(rows: Iterable[Iterable[Any]], delimiter: str = ",") -> Iterator[str]:
+    """Each row as one CSV line (Excel dialect, ``delimiter`` between cells), every cell through :func:`safe_cell`,
+    for streaming responses."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer)
+    writer = csv.writer(buffer, delimiter=delimiter)
     for row in rows:
         writer.writerow([safe_cell(cell) for cell in row])
         yield buffer.getvalue()

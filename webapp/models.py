@@ -185,6 +185,8 @@ class PredictionResult(db.Model):
     # Word pieces the encoder read of the text, of how many: the page says when text was not read.
     read_tokens: Mapped[int | None] = mapped_column(default=None)
     total_tokens: Mapped[int | None] = mapped_column(default=None)
+    # The head's lexical (TF-IDF) part read the whole text, past the encoder's windows; None: not recorded.
+    lexical_whole_text: Mapped[bool | None] = mapped_column(default=None)
 
     prediction: Mapped[Prediction] = relationship(back_populates="results")
     taxonomy: Mapped[Taxonomy] = relationship()

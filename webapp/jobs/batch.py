@@ -378,16 +378,43 @@ def _unique(name: str, taken: set[str]) -> str:
     return name
 
 
-def result_csv(job: BatchJob, with_scores: bool, page_size: int = 500) -> Iterator[str]:
+@dataclass(frozen=True)
+class CsvFormat:
+    """How a result CSV is written: a UTF-8 byte-order mark first or not, the cell separator, the decimal mark of
+    the scores, and what the file name gets."""
+
+    bom: bool
+    delimiter: str
+    decimal: str
+    suffix: str
+
+
+# The result CSV's ``?format=``. "csv", the default, is plain UTF-8 with commas: what scripts have always read.
+# Excel reads a CSV as UTF-8 only after a byte-order mark (else accents come out garbled), and splits it on its
+# locale's list separator: "," where the decimal mark is ".", ";" where it is "," (German, French...), and there a
+# score of "0.5" is text, not a number. A "sep=;" first line would name the separator whatever the locale, but Excel
+# then ignores the byte-order mark, so the locale is chosen on the page instead.
+RESULT_FORMATS = {
+    "csv": CsvFormat(bom=False, delimiter=",", decimal=".", suffix=""),
+    "excel": CsvFormat(bom=True, delimiter=",", decimal=".", suffix="-excel"),
+    "excel-semicolon": CsvFormat(bom=True, delimiter=";", decimal=",", suffix="-excel-semicolon"),
+}
+
+
+def result_csv(
+    job: BatchJob, with_scores: bool, page_size: int = 500, csv_format: CsvFormat = RESULT_FORMATS["csv"]
+) -> Iterator[str]:
     """The job's CSV: the uploaded columns, then ``prediction_id``, one column per taxonomy with its predicted
     labels joined by ``; ``, one ``<taxonomy> best guess`` per taxonomy (``yes`` when no label passed its threshold
     and the labels are the model's best guess), with ``with_scores`` one ``<taxonomy>:<label>`` column per label,
-    and ``skipped``.
+    and ``skipped``; written as ``csv_format`` says.
     Formula-like cells (the uploaded ones above all) are neutralised by :func:`csv_lines`."""
-    return csv_lines(_result_rows(job, with_scores, page_size))
+    if csv_format.bom:
+        yield "\ufeff"
+    yield from csv_lines(_result_rows(job, with_scores, page_size, csv_format.decimal), delimiter=csv_format.delimiter)
 
 
-def _result_rows(job: BatchJob, with_scores: bool, page_size: int) -> Iterator[list[Any]]:
+def _result_rows(job: BatchJob, with_scores: bool, page_size: int, decimal: str = ".") -> Iterator[list[Any]]:
     """The rows of :func:`result_csv`, read a page of rows at a time."""
     taxonomies = _result_taxonomies(job.id)
     taken = set(job.columns)
@@ -422,7 +449,7 @@ def _result_rows(job: BatchJob, with_scores: bool, page_size: int) -> Iterator[l
             if with_scores:
                 for slug, labels in taxonomies.items():
                     scores = results[slug].scores if slug in results else {}
-                    out += [f"{scores[label]:.4f}" if label in scores else "" for label in labels]
+                    out += [f"{scores[label]:.4f}".replace(".", decimal) if label in scores else "" for label in labels]
             out.append(row.skip_reason or "")
             yield out
         after = rows[-1].row_number
@@ -545,13 +572,18 @@ def status(job_id: int) -> FlaskResponse:
 @bp.get("/<int:job_id>/results.csv")
 @role_required("curator")
 def results(job_id: int) -> FlaskResponse:
+    """The result CSV (``?scores=1``: with every label's score; ``?format=``: one of :data:`RESULT_FORMATS`)."""
+    chosen = request.args.get("format", "csv")
+    csv_format = RESULT_FORMATS.get(chosen)
+    if csv_format is None:
+        abort(400, description=f"format must be one of {', '.join(RESULT_FORMATS)}, not {chosen[:40]!r}")
     job = _get_job(job_id)
     if job.status != "finished":
         abort(409, description=f"batch job {job.id} is {job.status}; its results can be downloaded once it finishes")
     with_scores = request.args.get("scores") == "1"
     stem = secure_filename(PurePath(job.filename).stem) or "batch"
-    name = f"{stem}-tagged{'-scores' if with_scores else ''}.csv"
-    body = list(result_csv(job, with_scores))
+    name = f"{stem}-tagged{'-scores' if with_scores else ''}{csv_format.suffix}.csv"
+    body = list(result_csv(job, with_scores, csv_format=csv_format))
     response = FlaskResponse(body, mimetype="text/csv")
     response.headers["Content-Disposition"] = f'attachment; filename="{name}"'
     return response

@@ -197,8 +197,8 @@ def shared_encoder(
 @dataclass(frozen=True)
 class Scored:
     """One text's answer from one taxonomy: a probability per label (bundle order), the normalised embedding (for
-    similar papers), the similarity to the training papers and how much of the text the model read (all of it when
-    the head has a lexical part, else what the encoder's windows covered)."""
+    similar papers), the similarity to the training papers and how much of the text the encoder's windows covered
+    (a head's lexical part, :attr:`LoadedModel.reads_text`, reads the whole text whatever this says)."""
 
     probabilities: np.ndarray
     embedding: np.ndarray
@@ -263,11 +263,11 @@ class LoadedModel:
         probabilities = sigmoid(logits).astype(np.float32)
         scored = []
         for i, reading in enumerate(readings):
-            # A head with a lexical part reads the whole text; the encoder alone reads its windows.
-            read = reading.total_tokens if self.reads_text else reading.read_tokens
             norm = float(np.linalg.norm(reading.pooled)) or 1.0
             embedding = (reading.pooled / norm).astype(np.float32)
-            scored.append(Scored(probabilities[i], embedding, float(domain[i]), read, reading.total_tokens))
+            scored.append(
+                Scored(probabilities[i], embedding, float(domain[i]), reading.read_tokens, reading.total_tokens)
+            )
         return scored
 
     def score(self, texts: list[str]) -> list[Scored]:

@@ -168,6 +168,7 @@ def predict_and_store(
                 off_domain=decision.off_domain,
                 read_tokens=answer.read_tokens,
                 total_tokens=answer.total_tokens,
+                lexical_whole_text=entry.model.reads_text,
             )
             result.predicted = [PredictedLabel(prediction=prediction, label=label) for label in decision.labels]
             prediction.results.append(result)
@@ -189,7 +190,9 @@ class LabelScore:
 
 @dataclass(frozen=True)
 class ResultView:
-    """One taxonomy's answer as pages show it: predicted labels, the near misses, the version."""
+    """One taxonomy's answer as pages show it: predicted labels, the near misses, the version. ``read_tokens`` are
+    the word pieces the encoder read; ``lexical_whole_text``: the head's lexical part read the whole text (None:
+    not recorded)."""
 
     slug: str
     name: str
@@ -200,15 +203,23 @@ class ResultView:
     off_domain: bool
     read_tokens: int | None
     total_tokens: int | None
+    lexical_whole_text: bool | None
 
     @property
     def truncated(self) -> bool:
-        """Whether part of the text was not read by the model."""
+        """Whether part of the text was not read by the encoder."""
         return self.read_tokens is not None and self.total_tokens is not None and self.read_tokens < self.total_tokens
 
 
+def just_missed(rows: list[LabelScore], chosen: set[str], most: int, share: float) -> list[LabelScore]:
+    """The ``most`` most probable labels not chosen whose score reaches ``share`` of their own threshold (``rows``
+    sorted by score): a label far below its threshold was never close, and listing it as a near miss misleads."""
+    return [row for row in rows if row.label not in chosen and row.score >= share * row.threshold][:most]
+
+
 def result_view(result: PredictionResult, near_misses: int) -> ResultView:
-    """In today's label names (label surgery); a merged label shows its best source's score."""
+    """In today's label names (label surgery); a merged label shows its best source's score. At most
+    ``near_misses`` near misses, above the app's ``NEAR_MISS_SHARE`` of their thresholds."""
     mapped = mapped_result(result)
     ranked = sorted(mapped.scores.items(), key=lambda item: -item[1])
     chosen = set(mapped.labels)
@@ -218,11 +229,12 @@ def result_view(result: PredictionResult, near_misses: int) -> ResultView:
         name=result.taxonomy.name,
         version_id=result.model_version_id,
         predicted=[row for row in rows if row.label in chosen],
-        near_misses=[row for row in rows if row.label not in chosen][:near_misses],
+        near_misses=just_missed(rows, chosen, near_misses, current_app.config["NEAR_MISS_SHARE"]),
         best_guess=result.best_guess,
         off_domain=result.off_domain,
         read_tokens=result.read_tokens,
         total_tokens=result.total_tokens,
+        lexical_whole_text=result.lexical_whole_text,
     )
 
 
@@ -240,5 +252,6 @@ def prediction_json(prediction: Prediction, slugs: dict[int, str]) -> dict[str, 
             "off_domain": result.off_domain,
             "tokens_read": result.read_tokens,
             "tokens_total": result.total_tokens,
+            "lexical_whole_text": result.lexical_whole_text,
         }
     return {"id": prediction.id, "results": results}
