@@ -220,6 +220,30 @@ def test_a_refused_resolution_comes_back_as_it_was_sent_beside_its_reason(
     assert page.count('role="alert"') == 1  # the reason once, beside its form
 
 
+def test_a_pending_proposed_label_a_reviewer_gave_is_offered_and_accepted(
+    app: Flask, client: FlaskClient, predicted: list[int]
+) -> None:
+    """Ann proposed a new label (no admin decided yet), Ben did not: the resolve form offers it, so it must take it,
+    as a correction would."""
+    app.config["REVIEWS_NEEDED"] = 2
+    pid, novel = predicted[0], "Novel Task"
+    body = {"taxonomy": SLUG, "labels": [], "propose": [novel]}
+    url = f"/api/v1/predictions/{pid}/annotations"
+    assert client.post(url, json=body, headers=_token(app, "ann", "curator")).status_code == 201
+    _review(client, _token(app, "ben", "curator"), pid, {X})
+    judge = signed_in(app, "jo", "adjudicator")
+    card = judge.get("/agreement").get_data(as_text=True).split(f'id="item-{SLUG}-{pid}"', 1)[1].split("</article>")[0]
+    assert f'name="labels" value="{novel}"' in card
+    assert judge.post(f"/agreement/{SLUG}/{pid}", data={"labels": [novel, X]}).status_code == 302
+    typed = {"taxonomy": SLUG, "action": "adjudicate", "labels": [novel]}  # typed in, or through the API: the same
+    assert client.post(url, json=typed, headers=_token(app, "jo", "adjudicator")).status_code == 201
+    with app.app_context():
+        events = db.session.scalars(select(AnnotationEvent).where(AnnotationEvent.kind == "adjudicated")).all()
+        assert [event.added for event in events] == [sorted([novel, X]), [novel]]
+    refused = judge.post(f"/agreement/{SLUG}/{pid}", data={"add": ["object detection"]})
+    assert refused.status_code == 400 and "object detection is spelt Object Detection" in refused.get_data(as_text=True)
+
+
 def test_agreement_page_without_enough_reviews_and_unknown_taxonomy(
     curator_client: FlaskClient, predicted: list[int]
 ) -> None:

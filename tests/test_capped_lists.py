@@ -168,6 +168,19 @@ def test_a_capped_count_says_so_and_paging_goes_on_past_it(app: Flask, stored: l
     assert f"{len(stored)} to review" in curator.get("/curate/queue").get_data(as_text=True)
 
 
+@pytest.mark.parametrize("path", ["/curate/queue", "/history"])
+def test_a_page_past_the_end_of_a_capped_list_is_404(app: Flask, stored: list[int], path: str) -> None:
+    """Its count stopped at the cap, so the last page is not known, but a page with nothing on it is past it."""
+    curator = signed_in(app, "cora", "curator")
+    app.config["LIST_COUNT_CAP"] = 4
+    query = {"taxonomy": SLUG}
+    last_page = (len(stored) + PER_PAGE - 1) // PER_PAGE
+    assert curator.get(path, query_string={**query, "page": str(last_page)}).status_code == 200
+    response = curator.get(path, query_string={**query, "page": str(last_page + 1)})
+    text = response.get_data(as_text=True)
+    assert response.status_code == 404 and f"there is no page {last_page + 1}; the list ends before it" in text
+
+
 @pytest.mark.parametrize("q", ["method", '"we propose"'])
 @pytest.mark.parametrize("walks", [(search.FIRST_WALK, search.WALK_AT_MOST), (1, 60), (1, 1)])
 def test_a_search_matching_more_than_its_pool_ranks_its_newest_matches(

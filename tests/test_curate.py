@@ -134,6 +134,75 @@ def test_rejected_proposals_cannot_come_back(
     assert "Crystal Ball" not in _export_labels(admin_client, predicted[0])
 
 
+@pytest.mark.parametrize("typed", ["object detection", "OBJECT_DETECTION", " Object-Detection "])
+def test_a_proposal_that_respells_a_label_is_refused_naming_it(
+    app: Flask, client: FlaskClient, curator_client: FlaskClient, predicted: list[int], typed: str
+) -> None:
+    """The history's filter reads case and separators as one label: a proposal may not add a second spelling of
+    one, from the API or the page, and nothing is stored."""
+    pid = predicted[0]
+    body = {"taxonomy": SLUG, "labels": [], "propose": [typed]}
+    response = client.post(f"/api/v1/predictions/{pid}/annotations", json=body, headers=_token(app))
+    error = response.get_json()["error"]
+    assert response.status_code == 400 and "'Object Detection' spelt another way" in error, error
+    assert "add 'Object Detection' instead" in error
+    page = _save(curator_client, pid, propose=typed)
+    assert page.status_code == 400 and "spelt another way" in page.get_data(as_text=True)
+    assert _events(app, pid) == []
+    with app.app_context():
+        assert db.session.scalar(select(LabelProposal)) is None
+
+
+def test_a_proposal_that_respells_a_pending_or_rejected_one_is_refused(
+    app: Flask, client: FlaskClient, admin_client: FlaskClient, predicted: list[int]
+) -> None:
+    url = f"/api/v1/predictions/{predicted[0]}/annotations"
+    for label in ("Graph Learning", "Crystal Ball"):
+        body = {"taxonomy": SLUG, "labels": [], "propose": [label]}
+        assert client.post(url, json=body, headers=_token(app)).status_code == 201
+    with app.app_context():
+        crystal = db.session.scalar(select(LabelProposal.id).where(LabelProposal.label == "Crystal Ball"))
+    admin_client.post(f"/curate/labels/{crystal}", data={"action": "reject"})
+    other = f"/api/v1/predictions/{predicted[1]}/annotations"
+
+    def propose(label: str) -> object:
+        return client.post(other, json={"taxonomy": SLUG, "labels": [], "propose": [label]}, headers=_token(app))
+
+    pending = propose("graph-learning")
+    error = pending.get_json()["error"]
+    assert pending.status_code == 400 and "'Graph Learning' spelt another way" in error and "proposed" in error
+    rejected = propose("crystal_ball")
+    assert rejected.status_code == 400
+    assert "'crystal_ball' was proposed before as 'Crystal Ball' and rejected" in rejected.get_json()["error"]
+    # Named as proposed, the pending label is added, the same proposal.
+    same = client.post(other, json={"taxonomy": SLUG, "labels": ["Graph Learning"]}, headers=_token(app, "bob"))
+    assert same.status_code == 201 and "Graph Learning" in same.get_json()["labels"]
+    with app.app_context():
+        assert sorted(db.session.scalars(select(LabelProposal.label))) == ["Crystal Ball", "Graph Learning"]
+
+
+def test_every_accept_of_a_proposal_refuses_a_second_spelling(app: Flask, predicted: list[int]) -> None:
+    """The rule lives in ``decide_proposal``, so a caller other than the labels page gets it too."""
+    from webapp.curation.corrections import CorrectionError, decide_proposal
+    from webapp.models import Taxonomy, User
+
+    with app.app_context():
+        taxonomy = db.session.scalar(select(Taxonomy).where(Taxonomy.slug == SLUG))
+        admin = User(name="root", role="admin", password_hash="-")
+        proposal = LabelProposal(taxonomy=taxonomy, label="object_detection", proposed_by=admin)
+        db.session.add_all([admin, proposal])
+        db.session.commit()
+        with pytest.raises(CorrectionError, match="accept it as 'Object Detection'"):
+            decide_proposal(proposal, admin, accept=True)
+        db.session.rollback()
+        with pytest.raises(CorrectionError, match="'anomaly detection' is 'Anomaly Detection'"):
+            decide_proposal(proposal, admin, accept=True, final_label="anomaly detection")
+        db.session.rollback()
+        assert proposal.status == "proposed"
+        decide_proposal(proposal, admin, accept=True, final_label="Object Detection")
+        assert (proposal.status, proposal.final_label) == ("accepted", "Object Detection")
+
+
 def _export_labels(client: FlaskClient, prediction_id: int) -> list[str]:
     lines = client.get("/export/annotations.jsonl").get_data(as_text=True).splitlines()
     return next(json.loads(line)["labels"] for line in lines if json.loads(line)["id"] == prediction_id)
@@ -188,6 +257,20 @@ def test_queue_label_filter_reads_labels_as_the_history_does(
     body = {"kind": "rename", "from": label, "to": "Renamed Task"}
     assert curator_client.post(f"/api/v1/taxonomies/{SLUG}/label-changes", json=body, headers=admin).status_code == 201
     assert _queued(curator_client, "renamed_task") == carrying and _queued(curator_client, label) == set()
+
+
+def test_queue_pages_past_the_end_are_404_and_bad_pages_400(curator_client: FlaskClient, predicted: list[int]) -> None:
+    """As the history's pages: an empty 200 past the end would read as "nothing left to review"."""
+    assert curator_client.get("/curate/queue?page=1").status_code == 200
+    response = curator_client.get("/curate/queue?page=999")
+    assert response.status_code == 404 and "there is no page 999; the last page is 1" in response.get_data(as_text=True)
+    for page in ("abc", "0", "-1", "1.5", "²", "9999999999"):
+        response = curator_client.get("/curate/queue", query_string={"page": page})
+        assert response.status_code == 400 and "page must be a whole number" in response.get_data(as_text=True), page
+    for path in ("/history", "/label-issues"):  # every list of the curation and history pages alike
+        response = curator_client.get(f"{path}?page=999")
+        assert response.status_code == 404 and "there is no page 999" in response.get_data(as_text=True), path
+        assert curator_client.get(f"{path}?page=abc").status_code == 400, path
 
 
 def _token(app: Flask, name: str = "cora", role: str = "curator") -> dict[str, str]:

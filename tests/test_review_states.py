@@ -360,3 +360,69 @@ def test_an_accept_stands_when_others_only_reviewed_meanwhile(
     )
     assert response.status_code == 302
     assert [(kind, user) for kind, user, *_ in _events(app, pid)][-1] == ("accepted", "cora")
+
+
+def test_an_api_accept_based_on_labels_changed_since_is_refused_like_the_pages(
+    app: Flask, client: FlaskClient, predicted: list[int]
+) -> None:
+    """Cora read the item (no event yet) and accepts through the API after Bob changed the labels: a 409 with the
+    labels now and the event to base on, nothing stored; based on that event, her accept stands."""
+    pid, cora = predicted[0], _token(app)
+    model = _model_labels(app, pid)
+    status, bob = _review(client, _token(app, "bob"), pid, labels=model[1:])
+    assert status == 201
+    response = client.post(
+        f"/api/v1/predictions/{pid}/annotations",
+        json={"taxonomy": SLUG, "action": "accept", "based_on": 0},
+        headers=cora,
+    )
+    body = response.get_json()
+    assert response.status_code == 409 and "Not accepted" in body["error"] and "bob changed the labels" in body["error"]
+    assert body["labels"] == bob["labels"] == model[1:] and body["based_on"] == bob["event"]["id"]
+    assert [user for _, user, *_ in _events(app, pid)] == ["bob"]
+    status, accepted = _review(client, cora, pid, action="accept", based_on=body["based_on"])
+    assert status == 201 and accepted["event"]["kind"] == "accepted" and accepted["labels"] == model[1:]
+    # Without based_on an accept confirms the labels as they stand, as before.
+    assert _review(client, _token(app, "dan"), pid, action="accept")[0] == 201
+
+
+@pytest.mark.parametrize("based_on", ["3", 1.5, -1, True, [1], 2**31])
+def test_an_api_based_on_that_is_not_an_event_id_is_a_400_naming_it(
+    app: Flask, client: FlaskClient, predicted: list[int], based_on: object
+) -> None:
+    status, body = _review(client, _token(app), predicted[0], action="accept", based_on=based_on)
+    assert status == 400 and '"based_on" is an event id (a whole number)' in body["error"]
+    assert _events(app, predicted[0]) == []
+
+
+def test_an_api_based_on_goes_with_accept_only(app: Flask, client: FlaskClient, predicted: list[int]) -> None:
+    for body in ({"action": "skip", "based_on": 0}, {"labels": [], "based_on": 0}):
+        status, answer = _review(client, _token(app), predicted[0], **body)
+        assert status == 400 and 'only with "action": "accept"' in answer["error"], body
+    assert _events(app, predicted[0]) == []
+
+
+def _badge(page: str, pid: int) -> str:
+    row = page.split(f"<span>#{pid}</span>", 1)[1].split("</div>", 1)[0]
+    return re.search(r'<span class="badge[^"]*">([^<]*)</span>', row).group(1)
+
+
+def test_the_history_badge_reads_the_chosen_taxonomy(
+    app: Flask, client: FlaskClient, curator_client: FlaskClient, two_taxonomies: int
+) -> None:
+    """Reviewed in Fields only: "reviewed by bob" there and with all taxonomies, "not reviewed" under Test tasks,
+    as the Review filter lists it."""
+    pid = two_taxonomies
+    status, _ = _review(client, _token(app, "bob"), pid, taxonomy=FIELDS, action="accept")
+    assert status == 201
+    assert _badge(curator_client.get("/history").get_data(as_text=True), pid) == "reviewed by bob"
+    fields = curator_client.get("/history", query_string={"taxonomy": FIELDS}).get_data(as_text=True)
+    assert _badge(fields, pid) == "reviewed by bob"
+    tasks = curator_client.get("/history", query_string={"taxonomy": SLUG}).get_data(as_text=True)
+    assert _badge(tasks, pid) == "not reviewed"
+    unreviewed = curator_client.get("/history", query_string={"taxonomy": SLUG, "reviewed": "no"})
+    assert _badge(unreviewed.get_data(as_text=True), pid) == "not reviewed"
+    _review(client, _token(app, "cora"), pid, action="accept")
+    assert _badge(curator_client.get("/history").get_data(as_text=True), pid) == "reviewed by bob, cora"
+    tasks = curator_client.get("/history", query_string={"taxonomy": SLUG}).get_data(as_text=True)
+    assert _badge(tasks, pid) == "reviewed by cora"

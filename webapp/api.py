@@ -19,6 +19,7 @@ from .curation.corrections import (
     LABEL_ACTIONS,
     CorrectionError,
     ReviewCommand,
+    ReviewConflict,
     ReviewForbidden,
     ReviewPart,
     accepted_labels,
@@ -36,6 +37,7 @@ from .labels import (
     undo_change,
 )
 from .models import ModelVersion, Prediction, Taxonomy
+from .request_input import ID_MAX
 from .serving.bundle import BundleError
 from .serving.registry import get_taxonomy, import_bundle, list_versions, live_models, version_archive
 from .serving.scoring import (
@@ -281,13 +283,24 @@ def _string_list(body: dict[str, Any], key: str) -> list[Any]:
     return value
 
 
+def _event_id(body: dict[str, Any], key: str, action: str, goes_with: str) -> int | None:
+    """An optional event id field that goes with one action; anything else is a 400 naming the field."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if action != goes_with or not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= ID_MAX:
+        abort(400, description=f'"{key}" is an event id (a whole number), and only with "action": "{goes_with}"')
+    return value
+
+
 @bp.post("/predictions/<int:prediction_id>/annotations")
 @token_user_role("curator")
 def annotate(prediction_id: int) -> tuple[Response, int]:
     """Review one taxonomy of a prediction: ``{"taxonomy": slug, "action": "correct" | "accept" | "skip" | "undo",
     ...}``. ``correct`` (the default) takes ``"labels"`` (the full new set), ``"propose"`` and ``"note"``; the
-    event holds the difference to the current labels. ``accept`` and ``skip`` take a ``"note"``; ``undo`` an
-    ``"event"`` id (default: the caller's latest event there). 201 when an event was recorded."""
+    event holds the difference to the current labels. ``accept`` and ``skip`` take a ``"note"``, ``accept`` also
+    ``"based_on"`` (the latest event the caller saw: a 409 when the labels changed since, as on the review page);
+    ``undo`` an ``"event"`` id (default: the caller's latest event there). 201 when an event was recorded."""
     body = json_body()
     if not isinstance(body, dict) or not isinstance(body.get("taxonomy"), str):
         abort(400, description='send {"taxonomy": "<slug>", "action": "correct", "labels": [...], "note": "..."}')
@@ -298,9 +311,8 @@ def annotate(prediction_id: int) -> tuple[Response, int]:
         abort(400, description=f'"labels" is missing: the action "{action}" sends the full new label set')
     if action not in LABEL_ACTIONS and ("labels" in body or "propose" in body):
         abort(400, description=f'"labels" and "propose" go with the actions correct and adjudicate, not "{action}"')
-    event = body.get("event")
-    if event is not None and (action != "undo" or not isinstance(event, int) or isinstance(event, bool)):
-        abort(400, description='"event" is an event id (a whole number), and only with "action": "undo"')
+    event = _event_id(body, "event", action, "undo")
+    based_on = _event_id(body, "based_on", action, "accept")
     prediction = db.session.get(Prediction, prediction_id)
     if prediction is None:
         abort(404, description=f"there is no prediction {prediction_id}")
@@ -314,12 +326,18 @@ def annotate(prediction_id: int) -> tuple[Response, int]:
         note=body.get("note", ""),
         propose=_string_list(body, "propose"),
         undo_event=event,
+        based_on=based_on,
     )
     try:
         (outcome,) = ReviewCommand(prediction, g.api_user, [part]).run()
     except ReviewForbidden as exc:
         db.session.rollback()
         abort(403, description=str(exc))
+    except ReviewConflict as exc:  # the labels now and the event to base the next accept on, to check and resend
+        (state,) = exc.stale
+        answer = jsonify(error=str(exc), labels=state.labels, based_on=state.latest_event_id)
+        db.session.rollback()
+        return answer, 409
     except CorrectionError as exc:
         db.session.rollback()
         abort(400, description=str(exc))

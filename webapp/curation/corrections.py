@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from ..access.auth import ROLE_RANK
 from ..extensions import db
+from ..history.search import same_label
 from ..models import AnnotationEvent, LabelProposal, ModelVersion, Prediction, PredictionResult, Taxonomy, User, utcnow
 from .annotations import (
     LABEL_KINDS,
@@ -277,16 +278,8 @@ class ReviewCommand:
         decisions = label_decisions(taxonomy.id)
         proposed = {decisions.get(label) or label for label in proposed}  # an accepted proposal under its final name
         known = set(taxonomy_labels(taxonomy))
-        allowed = known | pending_labels(taxonomy) | set(seen) | set(state.labels)
-        unknown = sorted(wanted - allowed)
-        if unknown:
-            renamed = {label: label_map(taxonomy.id).vocabulary([label]) for label in unknown}
-            hints = "".join(f"; {old} is now {' or '.join(new)}" for old, new in renamed.items() if new != [old])
-            raise CorrectionError(
-                f"not labels of {taxonomy.name} ({taxonomy.slug}): {', '.join(unknown)}{hints}; "
-                "check the spelling or propose them as new labels"
-            )
-        proposals = _proposals(taxonomy, self.prediction, self.user, proposed - known)
+        _refuse_unknown(taxonomy, wanted, known | pending_labels(taxonomy) | set(seen) | set(state.labels))
+        proposals = _proposals(taxonomy, self.prediction, self.user, proposed - known, known)
         wanted |= proposed
         added = sorted(label for label in wanted - set(seen) if label not in state.labels)
         removed = sorted(label for label in set(seen) - wanted if label in state.labels)
@@ -338,10 +331,12 @@ class ReviewCommand:
         if any(True for _ in part.propose):
             raise CorrectionError("an adjudication chooses among known labels; propose new labels with a correction")
         final = {check_label(label) for label in part.labels}
-        allowed = set(taxonomy_labels(part.taxonomy)) | set(state.labels)
-        unknown = sorted(final - allowed)
-        if unknown:
-            raise CorrectionError(f"not labels of {part.taxonomy.name} ({part.taxonomy.slug}): {', '.join(unknown)}")
+        # What a correction may use: the resolve form offers every label a reviewer gave, proposals pending included.
+        _refuse_unknown(
+            part.taxonomy,
+            final,
+            set(taxonomy_labels(part.taxonomy)) | pending_labels(part.taxonomy) | set(state.labels),
+        )
         event = self._event(part, "adjudicated", added=sorted(final), removed=[], note=check_note(part.note))
         return Outcome(state, "adjudicate", event)
 
@@ -349,6 +344,37 @@ class ReviewCommand:
     def _no_labels(part: ReviewPart) -> None:
         if part.labels is not None or any(True for _ in part.propose):
             raise CorrectionError(f'"labels" and "propose" go with the action "correct", not "{part.action}"')
+
+
+def _refuse_unknown(taxonomy: Taxonomy, labels: set[str], allowed: set[str]) -> None:
+    """Refuse ``labels`` not in ``allowed``, with what a label change renamed one to or how the taxonomy spells it,
+    so a curator can fix the name rather than guess."""
+    unknown = sorted(labels - allowed)
+    if not unknown:
+        return
+    hints = []
+    for label in unknown:
+        renamed = label_map(taxonomy.id).vocabulary([label])
+        spelt = same_label(label, sorted(allowed))
+        if renamed != [label]:
+            hints.append(f"; {label} is now {' or '.join(renamed)}")
+        elif spelt is not None:
+            hints.append(f"; {label} is spelt {spelt}")
+    raise CorrectionError(
+        f"not labels of {taxonomy.name} ({taxonomy.slug}): {', '.join(unknown)}{''.join(hints)}; "
+        "check the spelling or propose them as new labels"
+    )
+
+
+def _refuse_respelling(name: str, labels: Iterable[str], what: str, advice: str) -> None:
+    """Refuse ``name`` when it is one of ``labels`` spelt another way: the history's label filter reads case and
+    separators as one label, and training would get both. ``advice`` names the label as ``{label}``."""
+    existing = same_label(name, sorted(labels))
+    if existing is not None and existing != name:
+        raise CorrectionError(
+            f"{name!r} is {existing!r} spelt another way (case, spaces, hyphens and underscores do not count), "
+            f"{what}; {advice.format(label=repr(existing))}"
+        )
 
 
 def _refuse_stale_accepts(reviewed: list[tuple[ReviewPart, TaxonomyState]]) -> None:
@@ -370,7 +396,7 @@ def _refuse_stale_accepts(reviewed: list[tuple[ReviewPart, TaxonomyState]]) -> N
         changes.append(f"{' and '.join(names)} changed the labels of {state.taxonomy.name} to {now}")
     raise ReviewConflict(
         f"Not accepted, nothing was saved: while you were reviewing, {'; '.join(changes)}. An accept confirms the "
-        "labels you saw; check the current labels below and accept again.",
+        "labels you saw; check the labels as they are now and accept again.",
         [state for state, _ in stale],
     )
 
@@ -395,15 +421,29 @@ def describe(event: AnnotationEvent) -> str:
     return "; ".join(parts) or "no change"
 
 
-def _proposals(taxonomy: Taxonomy, prediction: Prediction, user: User, labels: set[str]) -> list[LabelProposal]:
-    """One proposal per new label and taxonomy (a second curator proposing it reuses the first's)."""
+def _proposals(
+    taxonomy: Taxonomy, prediction: Prediction, user: User, labels: set[str], known: set[str]
+) -> list[LabelProposal]:
+    """One proposal per new label and taxonomy (a second curator proposing it reuses the first's); never a label of
+    the taxonomy (``known``) or an earlier proposal spelt another way."""
+    earlier = db.session.execute(
+        select(LabelProposal.label, LabelProposal.status).where(LabelProposal.taxonomy_id == taxonomy.id)
+    ).all()
+    rejected = [label for label, status in earlier if status == "rejected"]
+    pending = [label for label, status in earlier if status == "proposed"]
     out = []
     for label in sorted(labels):
+        _refuse_respelling(label, known, f"a label of {taxonomy.name}", "add {label} instead of proposing it")
+        refused = same_label(label, rejected)
+        if refused is not None:
+            before = "" if refused == label else f" as {refused!r}"
+            raise CorrectionError(f"the label {label!r} was proposed before{before} and rejected by an admin")
+        _refuse_respelling(
+            label, pending, f"a label proposed for {taxonomy.name}", "add {label}: an admin decides on it"
+        )
         proposal = db.session.scalar(
             select(LabelProposal).where(LabelProposal.taxonomy_id == taxonomy.id, LabelProposal.label == label)
         )
-        if proposal is not None and proposal.status == "rejected":
-            raise CorrectionError(f"the label {label!r} was proposed before and rejected by an admin")
         if proposal is None:
             proposal = LabelProposal(taxonomy=taxonomy, label=label, prediction_id=prediction.id, proposed_by=user)
             db.session.add(proposal)
@@ -412,11 +452,17 @@ def _proposals(taxonomy: Taxonomy, prediction: Prediction, user: User, labels: s
 
 
 def decide_proposal(proposal: LabelProposal, admin: User, accept: bool, final_label: object = None) -> None:
-    """Accept (under ``final_label`` when given: a rename) or reject a proposal; decisions are final."""
+    """Accept (under ``final_label`` when given: a rename) or reject a proposal; decisions are final. Every caller
+    goes through the rule that an accepted name is not an existing label spelt another way."""
     if proposal.status != "proposed":
         raise CorrectionError(f"the proposal {proposal.label!r} was already {proposal.status}")
     if accept:
-        proposal.final_label = check_label(final_label) if final_label else proposal.label
+        name = check_label(final_label) if final_label else proposal.label
+        what = f"a label of {proposal.taxonomy.name}"
+        _refuse_respelling(
+            name, taxonomy_labels(proposal.taxonomy), what, "accept it as {label} or choose another name"
+        )
+        proposal.final_label = name
     proposal.status = "accepted" if accept else "rejected"
     proposal.decided_by = admin
     proposal.decided_at = utcnow()

@@ -16,7 +16,7 @@ from wtforms import HiddenField, SelectMultipleField, StringField, TextAreaField
 from ..access.auth import role_required
 from ..extensions import db
 from ..history import search
-from ..history.paging import CappedPagination, count_cap, count_up_to
+from ..history.paging import CappedPagination, count_cap, count_up_to, refuse_past_the_end
 from ..models import DATASET_SOURCE, AnnotationEvent, LabelProposal, Prediction, PredictionResult, Taxonomy
 from ..request_input import page_number, whole_number
 from .agreement import awaiting_review
@@ -30,7 +30,6 @@ from .corrections import (
     ReviewForbidden,
     ReviewPart,
     TaxonomyState,
-    check_label,
     decide_proposal,
     describe,
     taxonomy_labels,
@@ -174,8 +173,8 @@ class Queue:
 class QueuePagination(CappedPagination):
     """A page of a :class:`Queue`; the count stops at ``LIST_COUNT_CAP`` fresh items."""
 
-    def _query_items(self) -> list[PredictionResult]:
-        return self._query_args["queue"].page(self._query_offset, self.per_page)
+    def _rows(self, offset: int, limit: int) -> list[PredictionResult]:
+        return self._query_args["queue"].page(offset, limit)
 
     def _query_count(self) -> int:
         queue = self._query_args["queue"]
@@ -217,6 +216,7 @@ def queue() -> str:
         error_out=False,
         queue=Queue.of(args["taxonomy"], args["label"], current_user.id),
     )
+    refuse_past_the_end(pagination)
     taxonomies = db.session.scalars(select(Taxonomy).order_by(Taxonomy.slug)).all()
     return render_template(
         "curate/queue.html", pagination=pagination, filters=args, taxonomies=taxonomies, known_labels=known_labels(5000)
@@ -390,19 +390,6 @@ class DecisionForm(FlaskForm):
     final_label = StringField("Accept as")
 
 
-def _accepted_name(proposal: LabelProposal, typed: str | None) -> str:
-    """The name a proposal is accepted under (``typed``, else its own), never a second spelling of a label the
-    taxonomy has: the history's label filter reads case and separators as one label, and training would get both."""
-    name = check_label(typed or proposal.label)
-    existing = search.same_label(name, taxonomy_labels(proposal.taxonomy))
-    if existing is not None and existing != name:
-        raise CorrectionError(
-            f"{name!r} is {proposal.taxonomy.name}'s label {existing!r} spelt another way (case, spaces, hyphens and "
-            f"underscores do not count); accept it as {existing!r} or choose another name"
-        )
-    return name
-
-
 @bp.get("/labels")
 @role_required("admin")
 def proposals() -> str:
@@ -426,8 +413,7 @@ def decide(proposal_id: int) -> Response:
         abort(400, description="action must be accept or reject")
     form = DecisionForm()
     try:
-        final_label = _accepted_name(proposal, form.final_label.data) if action == "accept" else None
-        decide_proposal(proposal, current_user, accept=action == "accept", final_label=final_label)
+        decide_proposal(proposal, current_user, accept=action == "accept", final_label=form.final_label.data)
     except CorrectionError as exc:
         db.session.rollback()
         flash(str(exc), "error")

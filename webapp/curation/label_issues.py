@@ -24,6 +24,7 @@ from sqlalchemy.orm import selectinload
 
 from ..access.auth import role_required, token_user_role
 from ..extensions import csrf, db
+from ..history.paging import refuse_past_the_end
 from ..json_values import UnstorableJSON
 from ..models import DATASET_SOURCE, AnnotationEvent, LabelIssue, PredictedLabel, Prediction, PredictionResult, Taxonomy
 from ..request_input import page_number
@@ -281,6 +282,7 @@ def index() -> str:
         per_page=current_app.config["HISTORY_PER_PAGE"],
         error_out=False,
     )
+    refuse_past_the_end(pagination)
     rows = [_view(issue) for issue in pagination.items]
     taxonomies = db.session.scalars(select(Taxonomy).order_by(Taxonomy.slug)).all()
     filters = {"taxonomy": slug, "state": state}

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from flask import current_app
-from flask_sqlalchemy.pagination import SelectPagination
+from flask import abort, current_app
+from flask_sqlalchemy.pagination import Pagination, SelectPagination
 from sqlalchemy import ColumnElement, CompoundSelect, Select, bindparam, event, func, select, text
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.selectable import Subquery
@@ -124,6 +124,18 @@ class CappedPagination(SelectPagination):
     says the list goes on past the count (``total`` is then ``LIST_COUNT_CAP``), and paging on stays possible."""
 
     more: bool = False
+    next_row: bool = False  # a row follows this page's
+
+    def _query_items(self) -> list[Any]:
+        """The page's rows, read with the one after them: past a count stopped at the cap, that row is what says
+        a next page has any, so "next" never leads to an empty page (which is past the end: a 404)."""
+        rows = self._rows(self._query_offset, self.per_page + 1)
+        self.next_row = len(rows) > self.per_page
+        return rows[: self.per_page]
+
+    def _rows(self, offset: int, limit: int) -> list[Any]:
+        stmt = self._query_args["select"].limit(limit).offset(offset)
+        return list(self._query_args["session"].execute(stmt).unique().scalars())
 
     def _query_count(self) -> int:
         counted = self._query_args.get("counted")
@@ -151,7 +163,7 @@ class CappedPagination(SelectPagination):
     def pages(self) -> int:
         counted = math.ceil((self.total or 0) / self.per_page) if self.per_page else 0
         if self.more:
-            counted = max(counted, self.page + 1 if len(self.items) == self.per_page else self.page)
+            counted = max(counted, self.page + 1 if self.next_row else self.page)
         pool = self._query_args.get("pool")
         if pool is not None and self.per_page:
             counted = min(counted, math.ceil(pool / self.per_page))
@@ -165,8 +177,18 @@ class CappedPagination(SelectPagination):
     @property
     def has_next(self) -> bool:
         if self.pages_go_on:
-            return len(self.items) == self.per_page
+            return self.next_row
         return self.page < self.pages
+
+
+def refuse_past_the_end(pagination: Pagination) -> None:
+    """A 404 naming the last page for a page past a list's end (page 1 of an empty list is the list, empty): every
+    list of the history and curation pages answers it alike, never an empty 200 that reads as "nothing to do"."""
+    if pagination.page == 1 or pagination.items:
+        return
+    capped = isinstance(pagination, CappedPagination) and pagination.more  # counted to the cap: no last page known
+    end = "the list ends before it" if capped else f"the last page is {pagination.pages or 1}"
+    abort(404, description=f"there is no page {pagination.page}; {end}")
 
 
 def paginate(

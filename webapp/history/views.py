@@ -11,7 +11,7 @@ from sqlalchemy import ColumnElement, CompoundSelect, Select, select
 from sqlalchemy.orm import selectinload
 
 from ..access.read_access import PREDICTIONS, can_read, deny_read, reader
-from ..curation.annotations import has_active_event, label_views, reviewed_predictions
+from ..curation.annotations import LabelView, has_active_event, label_views, reviewed_predictions
 from ..curation.corrections import describe
 from ..evidence.explain import page_panel
 from ..evidence.similar import similar_papers
@@ -142,15 +142,10 @@ def index() -> str:
         counted=_counted(q, label, version, reviewed, batch, taxonomy),
         pool=pool,
     )
-    if page > 1 and page > (pagination.pages or 1):
-        abort(404, description=f"there is no page {page}; the last page is {pagination.pages or 1}")
+    paging.refuse_past_the_end(pagination)
     # Per result its current labels, the model's and the review, for the whole page in one query.
     views = label_views(r for p in pagination.items for r in p.results)
-    reviewers = {  # reviewed predictions -> who reviewed them
-        p.id: sorted({name for r in p.results for name in views[r.id].reviewers})
-        for p in pagination.items
-        if any(views[r.id].status for r in p.results)
-    }
+    reviewers = _reviewers(pagination.items, views, _taxonomy_id(taxonomy))
     versions = db.session.scalars(select(ModelVersion.id).order_by(ModelVersion.created_at.desc())).all()
     return render_template(
         "history/index.html",
@@ -173,6 +168,19 @@ def index() -> str:
         wordless_search=bool(q) and search.parse(q).empty,
         ranked_newest=pool if pool is not None and pagination.more else None,
     )
+
+
+def _reviewers(
+    predictions: list[Prediction], views: dict[int, LabelView], taxonomy_id: int | None
+) -> dict[int, list[str]]:
+    """Reviewed predictions -> who reviewed them, in the chosen taxonomy (any, when None): a row's badge says what
+    the Review filter reads, so a paper reviewed only elsewhere is "not reviewed" there."""
+    reviewers = {}
+    for prediction in predictions:
+        chosen = [views[r.id] for r in prediction.results if taxonomy_id in (None, r.taxonomy_id)]
+        if any(view.status for view in chosen):
+            reviewers[prediction.id] = sorted({name for view in chosen for name in view.reviewers})
+    return reviewers
 
 
 def _taxonomy_arg() -> str:
