@@ -35,10 +35,12 @@ Then (unless ``--skip-batch``) the job engine: a fresh site on ``--batch-databas
 predictions, Huey on a Redis server of its own (``tests/services/redis.sh`` under ``--redis-root``, stopped after),
 ``--batch-rows`` abstracts uploaded through ``POST /batches`` as CSV files of at most ``--batch-file-rows`` rows
 (the app takes ``BATCH_MAX_ROWS`` = 5,000 a file; the workers share each file chunk by chunk), tagged by one
-``flask jobs worker`` process, then again by two. It reports each run's steady rate (abstracts/s between 10% and
-90% done), the speed-up (two / one, same run), the web pages' p95 while each batch runs against idle (a client
-requesting history, label filter, search and queue pages in turn, one every ``--probe-interval`` seconds), and the
-CPU time each role used per abstract over the whole run (job workers, database server, queue, web server, this
+``flask jobs worker`` process, then again by two; first with the batch alone, then again with a person browsing
+beside it (a client requesting history, label filter, search and queue pages in turn, one every
+``--probe-interval`` seconds). It reports each run's steady rate (abstracts/s between 10% and 90% done), the
+speed-up (two / one, same run) with the batch alone (the engine's own scaling) and with the pages (on a 2-core
+machine their CPU comes out of the second worker's core), the web pages' p95 while each batch runs against idle, and
+the CPU time each role used per abstract over the whole run (job workers, database server, queue, web server, this
 bench, every other process): on one machine the second worker shares its cores with all of them.
 
 Every block prints the database, N and ``os.getloadavg()`` at its start and end; ``--json`` writes every figure.
@@ -799,21 +801,26 @@ def cpu_by_role(before: dict[int, tuple[str, float]], workers: set[int]) -> dict
     return used
 
 
-def run_batch(site: Site, client: Client, corpus: Corpus, args: argparse.Namespace, workers: int) -> dict[str, Any]:
-    """Upload ``--batch-rows`` abstracts, let ``workers`` processes tag them; the steady rate, the web's p95 and the
-    CPU each role used per abstract."""
+def run_batch(
+    site: Site, client: Client, corpus: Corpus, args: argparse.Namespace, workers: int, paged: bool
+) -> dict[str, Any]:
+    """Upload ``--batch-rows`` abstracts, let ``workers`` processes tag them; the steady rate and the CPU each role
+    used per abstract, and with ``paged`` the web's p50/p95 while a person browses beside the batch (their pages take
+    CPU from the workers, so the engine's own scaling is measured in a run without them)."""
     started_load = load()
     engine = create_engine(database_uri(site.url, site.data_dir))
     requests = site.requests(corpus, seed=workers)
+    tag = f"w{workers}{'-paged' if paged else ''}"
     with job_workers(site, workers) as procs:
         cpu_before = cpu_seconds()
         job_ids = [
-            client.upload(name, body)
-            for name, body in batch_files(corpus, args.batch_rows, args.batch_file_rows, f"w{workers}")
+            client.upload(name, body) for name, body in batch_files(corpus, args.batch_rows, args.batch_file_rows, tag)
         ]
         started = time.perf_counter()
         stop, probed = threading.Event(), []
-        thread = threading.Thread(target=probe, args=(client, requests, args.probe_interval, stop, probed, 10**9))
+        thread = threading.Thread(
+            target=probe, args=(client, requests, args.probe_interval, stop, probed, 10**9 if paged else 0)
+        )
         thread.start()
         progress: list[tuple[float, int]] = []
         try:
@@ -846,19 +853,20 @@ def run_batch(site: Site, client: Client, corpus: Corpus, args: argparse.Namespa
 
     t10, t90 = reached(0.1), reached(0.9)
     during = [seconds for at, seconds in probed if t10 <= at <= t90] or [s for _, s in probed]
-    return {
+    run: dict[str, Any] = {
         "workers": workers,
+        "paged": paged,
         "rows": total,
         "files": len(job_ids),
         "wall_s": round(progress[-1][0] - started, 1),
         "steady_per_s": round(0.8 * total / (t90 - t10), 1),
-        "web_p50_ms": ms(during, 50),
-        "web_p95_ms": ms(during, 95),
-        "web_calls": len(during),
         "cpu_ms_per_abstract": {role: round(1000 * seconds / total, 2) for role, seconds in sorted(cpu.items())},
         "load_start": started_load,
         "load_end": load(),
     }
+    if paged:
+        run |= {"web_p50_ms": ms(during, 50), "web_p95_ms": ms(during, 95), "web_calls": len(during)}
+    return run
 
 
 def run_batches(corpus: Corpus, args: argparse.Namespace, postgres: str, work: Path) -> dict[str, Any]:
@@ -902,22 +910,32 @@ def run_batches(corpus: Corpus, args: argparse.Namespace, postgres: str, work: P
                     flush=True,
                 )
                 runs = []
-                for workers in (1, 2):
-                    run = run_batch(site, client, corpus, args, workers)
-                    runs.append(run)
-                    print(
-                        f"{tag} {workers} worker process(es): {run['rows']:,} abstracts in {run['files']} files, "
-                        f"{run['wall_s']} s wall, steady {run['steady_per_s']} abstracts/s; web pages meanwhile p50 "
-                        f"{run['web_p50_ms']} ms, p95 {run['web_p95_ms']} ms "
-                        f"({run['web_p95_ms'] / out['idle']['web_p95_ms']:.2f}x idle) "
-                        f"(load {run['load_start']} -> {run['load_end']})",
-                        flush=True,
-                    )
-                    shares = ", ".join(f"{role} {v}" for role, v in run["cpu_ms_per_abstract"].items())
-                    print(f"{tag} CPU ms per abstract, whole run: {shares}", flush=True)
+                for paged in (False, True):
+                    for workers in (1, 2):
+                        run = run_batch(site, client, corpus, args, workers, paged)
+                        runs.append(run)
+                        pages = (
+                            f"web pages meanwhile p50 {run['web_p50_ms']} ms, p95 {run['web_p95_ms']} ms "
+                            f"({run['web_p95_ms'] / out['idle']['web_p95_ms']:.2f}x idle)"
+                            if paged
+                            else "no page requests"
+                        )
+                        print(
+                            f"{tag} {workers} worker process(es): {run['rows']:,} abstracts in {run['files']} files, "
+                            f"{run['wall_s']} s wall, steady {run['steady_per_s']} abstracts/s; {pages} "
+                            f"(load {run['load_start']} -> {run['load_end']})",
+                            flush=True,
+                        )
+                        shares = ", ".join(f"{role} {v}" for role, v in run["cpu_ms_per_abstract"].items())
+                        print(f"{tag} CPU ms per abstract, whole run: {shares}", flush=True)
                 out["runs"] = runs
-                out["speedup"] = round(runs[1]["steady_per_s"] / runs[0]["steady_per_s"], 2)
-                print(f"{tag} speed-up, two worker processes / one: {out['speedup']:.2f}x (same run)")
+                alone, paged_runs = runs[:2], runs[2:]
+                out["speedup"] = round(alone[1]["steady_per_s"] / alone[0]["steady_per_s"], 2)
+                out["speedup_paged"] = round(paged_runs[1]["steady_per_s"] / paged_runs[0]["steady_per_s"], 2)
+                print(
+                    f"{tag} speed-up, two worker processes / one: {out['speedup']:.2f}x with the batch alone, "
+                    f"{out['speedup_paged']:.2f}x with a page every {args.probe_interval} s (same run)"
+                )
         finally:
             site.close()
     return out
