@@ -426,11 +426,14 @@ def _proposals(
 ) -> list[LabelProposal]:
     """One proposal per new label and taxonomy (a second curator proposing it reuses the first's); never a label of
     the taxonomy (``known``) or an earlier proposal spelt another way."""
-    earlier = db.session.execute(
-        select(LabelProposal.label, LabelProposal.status).where(LabelProposal.taxonomy_id == taxonomy.id)
-    ).all()
-    rejected = [label for label, status in earlier if status == "rejected"]
-    pending = [label for label, status in earlier if status == "proposed"]
+    if not labels:
+        return []
+    earlier = {
+        proposal.label: proposal
+        for proposal in db.session.scalars(select(LabelProposal).where(LabelProposal.taxonomy_id == taxonomy.id))
+    }
+    rejected = [label for label, proposal in earlier.items() if proposal.status == "rejected"]
+    pending = [label for label, proposal in earlier.items() if proposal.status == "proposed"]
     out = []
     for label in sorted(labels):
         _refuse_respelling(label, known, f"a label of {taxonomy.name}", "add {label} instead of proposing it")
@@ -441,9 +444,7 @@ def _proposals(
         _refuse_respelling(
             label, pending, f"a label proposed for {taxonomy.name}", "add {label}: an admin decides on it"
         )
-        proposal = db.session.scalar(
-            select(LabelProposal).where(LabelProposal.taxonomy_id == taxonomy.id, LabelProposal.label == label)
-        )
+        proposal = earlier.get(label)
         if proposal is None:
             proposal = LabelProposal(taxonomy=taxonomy, label=label, prediction_id=prediction.id, proposed_by=user)
             db.session.add(proposal)
