@@ -3,8 +3,9 @@ the engine follows the database (sqlite-vec, pgvector
 where the server has it, else the exact scan), the index holds exactly the stored embeddings a result points at, once
 whatever the number of taxonomies sharing the encoder (new ones at once, none of a rolled-back or deleted one), the
 exact scan finds what the index finds, copies of the query's text beyond the first candidates do not hide other
-papers, an old version sparse among newer ones in its space is still answered in full, and migrations 0013 and 0015
-index a database's existing results (and their downgrades go back)."""
+papers, an old version sparse among newer ones in its space is still answered in full, sqlite-vec's shards give the
+nearest codes of the whole space, and migrations 0013, 0015 and 0019 index a database's existing results (and their
+downgrades go back)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import flask_migrate
+import numpy as np
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import func, select, text
+from sqlalchemy import create_engine, func, select, text
+from sqlalchemy.pool import StaticPool
 
 from tests.conftest import BundleFactory, live_models_of, make_app
 from tests.test_similar import SLUG, predict, similar
@@ -274,6 +277,12 @@ def test_migrations_index_existing_results_of_every_version(
     live_models_of(app).stop()
     app.extensions[BATCH_WORKER].stop()
     engine = engine_of(app)
+    indexed_before = indexed(app)
+    with app.app_context():
+        flask_migrate.downgrade(revision="0018_lexical_reading")  # 0015's layout on SQLite: no shards
+        db.session.remove()
+    if isinstance(engine, similar_index.SqliteVec):
+        assert "shard" not in code_table_sql(app) and indexed(app) == indexed_before
     with app.app_context():
         flask_migrate.downgrade(revision="0014_batch_chunks")  # 0013's layout: a row per result, by version
         connection = db.session.connection()
@@ -291,12 +300,22 @@ def test_migrations_index_existing_results_of_every_version(
         assert index_tables(app) == []
     else:
         assert indexed(app) == with_embeddings(app) and len(indexed(app)) == 10
+    if isinstance(engine, similar_index.SqliteVec):
+        assert "shard integer partition key" in code_table_sql(app)
+        assert f"chunk_size={similar_index.CHUNK_SIZE}" in code_table_sql(app)
     assert {i: similar(client, i, k=3) for i in (old[0], new[0])} == answers
     assert {row["id"] for row in similar(client, old[0], k=50)} == set(old[1:])
     body = client.get(f"/api/v1/predictions/{new[0]}/similar?k=50").get_json()["results"][SLUG]
     assert body["model_version"] == newer and {row["id"] for row in body["similar"]} == set(new[1:])
     with app.app_context():
         db.engine.dispose()
+
+
+def code_table_sql(app: Flask) -> str:
+    """The statement that made the SQLite index's table (one code width in these tests)."""
+    (table,) = index_tables(app)
+    with app.app_context():
+        return db.session.execute(text("SELECT sql FROM sqlite_master WHERE name = :t"), {"t": table}).scalar_one()
 
 
 def test_sqlite_vec_loads_on_a_plain_connection_and_leaves_loading_off() -> None:
@@ -306,3 +325,36 @@ def test_sqlite_vec_loads_on_a_plain_connection_and_leaves_loading_off() -> None
     with pytest.raises(sqlite3.OperationalError, match="not authorized"):
         connection.execute("SELECT load_extension('/nonexistent/library')")
     connection.close()
+
+
+@pytest.mark.parametrize("first_share", [None, 1])
+def test_sqlite_vec_shards_give_the_nearest_codes_of_the_whole_space(
+    first_share: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The codes a search merges from the shards are the space's nearest by Hamming distance, also when a shard holds
+    more of them than it was first asked for (a share of 1 makes most shards be asked again)."""
+    engine = create_engine("sqlite://", poolclass=StaticPool)  # the app's connect hook loads sqlite-vec into it
+    if first_share is not None:
+        monkeypatch.setattr(similar_index.SqliteVec, "share", staticmethod(lambda k: first_share))
+    rng = np.random.default_rng(7)
+    vectors = rng.integers(-127, 128, size=(400, 64), dtype=np.int8)
+    vectors[200:260] = vectors[0] // 2 + vectors[200:260] // 8  # a crowd near the query, in a few shards or all
+    ids = [3 + 2000 * i for i in range(len(vectors))]  # spaced ids (rows written together) still spread
+    index = similar_index.SqliteVec()
+    with engine.begin() as connection:
+        index.add(
+            connection, [similar_index.IndexRow(i, "space:a", v.tobytes()) for i, v in zip(ids, vectors, strict=True)]
+        )
+        index.add(connection, [similar_index.IndexRow(1, "space:b", vectors[1].tobytes())])  # another space
+        table = index.table(64)
+        counts = dict(connection.execute(text(f"SELECT shard, count(*) FROM {table} GROUP BY shard")).all())
+        assert set(counts) == set(range(similar_index.SHARDS))
+        assert min(counts.values()) >= len(ids) / similar_index.SHARDS / 2
+        code = similar_index.binary_code(vectors[0].tobytes())
+        bits = np.unpackbits(np.packbits(vectors > 0, axis=1) ^ np.frombuffer(code, dtype=np.uint8), axis=1)
+        distance = dict(zip(ids, bits.sum(axis=1).tolist(), strict=True))
+        for k in (1, 5, 20, 64, 400, 500):
+            nearest = index.nearest(connection, table, "space:a", code, k)
+            assert len(nearest) == min(k, len(ids)) and set(nearest) <= set(ids)
+            assert nearest == sorted(nearest, key=lambda i: (distance[i], i))
+            assert [distance[i] for i in nearest] == sorted(distance.values())[: len(nearest)]

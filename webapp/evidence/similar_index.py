@@ -10,9 +10,14 @@ its own. A search takes the space's nearest embeddings and answers the version's
 
 - **SQLite: sqlite-vec** (the ``sqlite-vec`` wheel, loaded on every connection by :func:`load_sqlite_vec`). Each
   embedding is indexed as its binary code, the sign bit of each int8 component (48 bytes for MiniLM's 384), in a
-  ``vec0`` table per code width (``similar_space_codes_<bits>``) partitioned by space; a query takes the nearest
-  codes by Hamming distance and :mod:`webapp.evidence.similar` ranks them by the exact cosine of their stored int8
-  vectors.
+  ``vec0`` table per code width (``similar_space_codes_<bits>``) partitioned by space and by shard (:func:`shard_of`,
+  migration 0019); a query takes the nearest codes by Hamming distance, shard by shard (:meth:`SqliteVec.nearest`),
+  and :mod:`webapp.evidence.similar` ranks them by the exact cosine of their stored int8 vectors.
+  Why shards: sqlite-vec 0.1.9 keeps a query's ``k`` nearest by a selection that costs ``k`` steps per code read
+  (1.3 ms per unit of ``k`` at a million codes: k = 64 took 114 ms, k = 1 29 ms), so ``SHARDS`` queries asking a
+  share of ``k`` each read every code once at a fraction of the selection (k = 64: 48 ms with ``CHUNK_SIZE``),
+  and a shard that may hold more of the nearest than its share is asked again, so the merged ``k`` are the nearest
+  codes of the whole space (``bench/similar_scale.py``, README "Similar papers").
   Why codes and not ``int8[384]`` rows: sqlite-vec 0.1.9 has flat (brute-force) tables only, and at a million rows
   its int8 cosine scan took 1.2 s a query on the 2-core box (shared, load ~2), a ``vec_distance_cosine`` scan of the
   ``embeddings`` table as long, the Hamming scan of codes 50-60 ms (``bench/similar_scale.py`` measures whole
@@ -36,6 +41,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import math
 import sqlite3
 import sys
 import threading
@@ -61,6 +67,13 @@ MAX_CANDIDATES = 4096
 # MiniLM), the most it holds at once.
 SCAN_IDS = 8192
 CODE_TABLE = "similar_space_codes_{bits}"
+# sqlite-vec partitions of a space's codes: a query asks each for its share of the nearest (SqliteVec.nearest).
+SHARD_BITS = 3
+SHARDS = 1 << SHARD_BITS
+# Codes per sqlite-vec chunk (its largest): a query reads a row per chunk of the table to find its partition's, so
+# with shards fewer, larger chunks count (at a million: 1,024 a chunk 110 ms a search, 2,048 79 ms, 4,096 48 ms). A
+# partition takes whole chunks: a space's 8 shards hold 1.8 MB before their first 32,768 codes.
+CHUNK_SIZE = 4096
 VECTOR_TABLE = "similar_space_vectors_{width}"
 # Every table the index makes starts so (migrations/env.py keeps autogenerate off them; 0013's downgrade drops them).
 TABLE_PREFIX = "similar_"
@@ -170,6 +183,13 @@ def load_sqlite_vec(connection: sqlite3.Connection) -> None:
         ) from exc
 
 
+def shard_of(embedding_id: int) -> int:
+    """The sqlite-vec shard of an embedding: the top ``SHARD_BITS`` of Knuth's multiplicative hash of its id (its low
+    bits would follow the id's, and ids written together, copies of one text, would share a shard). Migration 0019
+    computes the same in SQL."""
+    return ((embedding_id * 2654435761) % 2**32) >> (32 - SHARD_BITS)
+
+
 def binary_code(vector: bytes) -> bytes:
     """A stored int8 vector's binary code: bit i is set where component i is positive, 8 to a byte (the last one padded
     with zeros). The Hamming distance of two codes grows with the angle between the vectors."""
@@ -208,7 +228,8 @@ class IndexEngine:
 
 
 class SqliteVec(IndexEngine):
-    """Binary codes in sqlite-vec ``vec0`` tables, one per code width, partitioned by space; rowid = embedding id."""
+    """Binary codes in sqlite-vec ``vec0`` tables, one per code width, partitioned by space and shard; rowid = embedding
+    id."""
 
     name = "sqlite-vec"
 
@@ -216,21 +237,31 @@ class SqliteVec(IndexEngine):
     def table(bits: int) -> str:
         return CODE_TABLE.format(bits=bits)
 
+    @staticmethod
+    def share(k: int) -> int:
+        """How many of the ``k`` nearest a shard is first asked for: twice its even share and a margin, so a shard
+        rarely holds more of them (then it is asked again)."""
+        return min(k, math.ceil(2 * k / SHARDS) + 4)
+
     def add(self, connection: Connection, rows: Sequence[IndexRow]) -> None:
         by_width: dict[int, list[dict[str, Any]]] = {}
         for row in rows:
             code = binary_code(row.vector)
-            by_width.setdefault(8 * len(code), []).append({"id": row.embedding_id, "space": row.space, "code": code})
+            by_width.setdefault(8 * len(code), []).append(
+                {"id": row.embedding_id, "space": row.space, "shard": shard_of(row.embedding_id), "code": code}
+            )
         for bits, values in by_width.items():
             table = self.table(bits)
             # In the writer's transaction: SQLite has one writer at a time, and another connection would wait on it.
             connection.execute(
                 text(
-                    f"CREATE VIRTUAL TABLE IF NOT EXISTS {table} USING vec0(space text partition key, code bit[{bits}])"
+                    f"CREATE VIRTUAL TABLE IF NOT EXISTS {table} USING vec0(space text partition key, "
+                    f"shard integer partition key, code bit[{bits}], chunk_size={CHUNK_SIZE})"
                 )
             )
             connection.execute(
-                text(f"INSERT INTO {table} (rowid, space, code) VALUES (:id, :space, vec_bit(:code))"), values
+                text(f"INSERT INTO {table} (rowid, space, shard, code) VALUES (:id, :space, :shard, vec_bit(:code))"),
+                values,
             )
 
     def remove(self, connection: Connection, embedding_ids: Sequence[int]) -> None:
@@ -241,6 +272,33 @@ class SqliteVec(IndexEngine):
         ):
             connection.execute(text(f"DELETE FROM {table} WHERE rowid = :id"), [{"id": i} for i in embedding_ids])
 
+    def nearest(self, connection: Connection, table: str, space: str, code: bytes, k: int) -> list[int]:
+        """Ids of the ``k`` codes of ``space`` nearest ``code`` by Hamming distance, nearest first (equal distances
+        by id): each shard's :meth:`share`, merged; a shard that gave all it was asked and whose farthest is nearer
+        than the merged ``k``-th may hold more of them, and is asked for ``k``."""
+        if k < 1:
+            return []
+        query = text(
+            f"SELECT rowid, distance FROM {table} WHERE code MATCH vec_bit(:code) AND k = :k AND space = :space "
+            "AND shard = :shard ORDER BY distance"
+        )
+
+        def ask(shard: int, n: int) -> list[tuple[int, float]]:
+            rows = connection.execute(query, {"code": code, "k": n, "space": space, "shard": shard})
+            return [(row[0], row[1]) for row in rows]
+
+        asked = dict.fromkeys(range(SHARDS), self.share(k))
+        found = {shard: ask(shard, n) for shard, n in asked.items()}
+        while True:
+            merged = sorted((row for rows in found.values() for row in rows), key=lambda row: (row[1], row[0]))[:k]
+            cutoff = merged[-1][1] if len(merged) == k else math.inf
+            again = [s for s, rows in found.items() if asked[s] < k and len(rows) == asked[s] and rows[-1][1] < cutoff]
+            if not again:
+                return [rowid for rowid, _ in merged]
+            for shard in again:
+                asked[shard] = k
+                found[shard] = ask(shard, k)
+
     def candidates(self, connection: Connection, version_id: str, vector: bytes, n: int) -> Candidates:
         code = binary_code(vector)
         table = self.table(8 * len(code))
@@ -248,13 +306,7 @@ class SqliteVec(IndexEngine):
         if exists is None:
             return Candidates([], more=False)
         k, space = min(n, MAX_CANDIDATES), space_of(connection, version_id)
-        query = text(
-            f"SELECT rowid FROM {table} WHERE code MATCH vec_bit(:code) AND k = :k AND space = :space ORDER BY distance"
-        )
-        nearest = _nearest_once(
-            (table, space, code, k),
-            lambda: list(connection.execute(query, {"code": code, "k": k, "space": space}).scalars()),
-        )
+        nearest = _nearest_once((table, space, code, k), lambda: self.nearest(connection, table, space, code, k))
         return Candidates(_results_of(connection, version_id, nearest), more=len(nearest) == k)
 
 
