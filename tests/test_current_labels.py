@@ -183,11 +183,18 @@ def _rows(app: Flask) -> set[tuple[int, str]]:
         }
 
 
+def _taxonomies(app: Flask) -> set[tuple[int, int]]:
+    """(result id, taxonomy id) of the current_labels rows."""
+    with app.app_context():
+        return set(db.session.execute(db.text("SELECT result_id, taxonomy_id FROM current_labels")).all())
+
+
 def test_the_current_labels_table_is_kept_by_reviews_and_backfilled_by_its_migration(
     app: Flask, client: FlaskClient, headers: dict[str, str], predicted: list[int], corrected: tuple[int, str, str]
 ) -> None:
-    """The filter's rows: written by the review command for corrected results only, and rebuilt the same from the
-    stored events by migration 0011 on a database that predates it (undone corrections included)."""
+    """The filter's rows: written by the review command for corrected results only, each with its result's
+    taxonomy, and rebuilt the same from the stored events by migration 0011 on a database that predates it (undone
+    corrections included), their taxonomies by migration 0020."""
     pid, removed, added = corrected
     undone, accepted = [p for p in predicted if p != pid][:2]
     _review(client, headers, undone, labels=[])
@@ -199,6 +206,10 @@ def test_the_current_labels_table_is_kept_by_reviews_and_backfilled_by_its_migra
     assert {label for rid, label in kept if rid == result_ids[pid]} == set(_model(app, pid)) - {removed} | {added}
     assert {label for rid, label in kept if rid == result_ids[undone]} == set(_model(app, undone))
     assert not any(rid == result_ids[accepted] for rid, _ in kept), "an accept changes no label: no rows"
+    taxonomies = _taxonomies(app)
+    with app.app_context():
+        result_taxonomies = set(db.session.execute(select(PredictionResult.id, PredictionResult.taxonomy_id)).all())
+    assert taxonomies and taxonomies <= result_taxonomies
     live_models_of(app).stop()
     app.extensions[BATCH_WORKER].stop()
     with app.app_context():
@@ -207,7 +218,7 @@ def test_the_current_labels_table_is_kept_by_reviews_and_backfilled_by_its_migra
         assert "current_labels" not in inspect(db.engine).get_table_names()
         flask_migrate.upgrade()
         db.engine.dispose()
-    assert _rows(app) == kept
+    assert _rows(app) == kept and _taxonomies(app) == taxonomies
     assert pid in _found(client, added) and pid not in _found(client, removed)
 
 

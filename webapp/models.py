@@ -277,11 +277,16 @@ class CurrentLabel(db.Model):
     event is read from these rows (none: no label now), any other from ``predicted_labels``."""
 
     __tablename__ = "current_labels"
-    __table_args__ = (Index("ix_current_labels_label_prediction", "label", "prediction_id"),)
+    __table_args__ = (
+        Index("ix_current_labels_label_prediction", "label", "prediction_id"),
+        # The labels curators gave, per taxonomy, from the index alone (search.taxonomy_labels, every history page).
+        Index("ix_current_labels_taxonomy_label", "taxonomy_id", "label"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     result_id: Mapped[int] = mapped_column(ForeignKey("prediction_results.id"), index=True)
     prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id"))
+    taxonomy_id: Mapped[int] = mapped_column(ForeignKey("taxonomies.id"))  # the result's, kept beside it
     label: Mapped[str] = mapped_column(String(300))
 
 

@@ -322,7 +322,9 @@ def store_current_labels(result: PredictionResult, events: list[AnnotationEvent]
     transaction): the labels :func:`current_labels` gives now."""
     db.session.execute(delete(CurrentLabel).where(CurrentLabel.result_id == result.id))
     db.session.add_all(
-        CurrentLabel(result_id=result.id, prediction_id=result.prediction_id, label=label)
+        CurrentLabel(
+            result_id=result.id, prediction_id=result.prediction_id, taxonomy_id=result.taxonomy_id, label=label
+        )
         for label in current_labels(result, events)
     )
 
