@@ -61,20 +61,13 @@ def _relayout(columns, shard):
         )
         bind.execute(sa.text(f"DROP TABLE {table}"))
         bind.execute(sa.text(f"CREATE VIRTUAL TABLE {table} USING vec0({columns.format(bits=bits)})"))
-        if shard:
-            bind.execute(
-                sa.text(
-                    f"INSERT INTO {table} (rowid, space, shard, code) "
-                    f"SELECT id, space, {SHARD}, vec_bit(code) FROM temp.similar_codes_moving"
-                )
+        shard_column, shard_value = (", shard", f", {SHARD}") if shard else ("", "")
+        bind.execute(
+            sa.text(
+                f"INSERT INTO {table} (rowid, space{shard_column}, code) "
+                f"SELECT id, space{shard_value}, vec_bit(code) FROM temp.similar_codes_moving"
             )
-        else:
-            bind.execute(
-                sa.text(
-                    f"INSERT INTO {table} (rowid, space, code) "
-                    "SELECT id, space, vec_bit(code) FROM temp.similar_codes_moving"
-                )
-            )
+        )
         bind.execute(sa.text("DROP TABLE temp.similar_codes_moving"))
 
 
