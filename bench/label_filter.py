@@ -39,7 +39,7 @@ from webapp.curation.annotations import label_views, results_labelled, results_w
 from webapp.curation.corrections import ReviewCommand, ReviewPart  # noqa: E402
 from webapp.curation.curate import queue_query  # noqa: E402
 from webapp.extensions import db  # noqa: E402
-from webapp.models import AnnotationEvent, PredictedLabel, Prediction, PredictionResult, User  # noqa: E402
+from webapp.models import AnnotationEvent, Prediction, PredictionResult, User  # noqa: E402
 from webapp.serving.registry import import_bundle  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def fill(n: int, corrected: int) -> None:
             thresholds=dict.fromkeys(LABELS, 0.5),
             margin=rng.random(),
         )
-        result.predicted = [PredictedLabel(prediction=prediction, label=label) for label in labels]
+        result.add_label_rows(prediction)
         db.session.add(prediction)
         db.session.add(result)
     curator = User(name="cora", role="curator")

@@ -392,8 +392,8 @@ def replicate(connection: Connection, written: int, first: int, n: int) -> None:
         )
         connection.execute(
             insert(pl).from_select(
-                ["result_id", "prediction_id", "label"],
-                select(pl.c.result_id + r_off, pl.c.prediction_id + p_off, pl.c.label).where(
+                ["result_id", "prediction_id", "taxonomy_id", "label"],
+                select(pl.c.result_id + r_off, pl.c.prediction_id + p_off, pl.c.taxonomy_id, pl.c.label).where(
                     pl.c.result_id.in_(results)
                 ),
             )

@@ -296,10 +296,10 @@ def fill(
         target = OLD_RESULTS if form == "0011" else PredictionResult.__table__
         result_ids = connection.scalars(insert(target).returning(target.c.id, sort_by_parameter_order=True), results)
         for row, result_id in zip(results, result_ids.all(), strict=True):
-            labels += [
-                {"result_id": result_id, "prediction_id": row["prediction_id"], "label": label}
-                for label in row["labels"]
-            ]
+            owner = {"result_id": result_id, "prediction_id": row["prediction_id"]}
+            if form != "0011":  # the taxonomy beside the label: migration 0021
+                owner["taxonomy_id"] = row["taxonomy_id"]
+            labels += [owner | {"label": label} for label in row["labels"]]
         if labels:
             connection.execute(insert(PredictedLabel), labels)
         connection.commit()

@@ -68,14 +68,13 @@ def run_migrations_offline():
 # SQL): the FTS5 table and its shadow tables on SQLite, a generated tsvector column and its GIN index on PostgreSQL.
 # Autogenerate must not propose dropping them.
 # Likewise similar papers' index (migration 0013, webapp/evidence/similar_index.py): sqlite-vec tables and their shadow
-# tables, pgvector tables and their HNSW indexes, one per vector width, made as widths appear; and PostgreSQL's covering
-# index of results for the label filter (migration 0016).
+# tables, pgvector tables and their HNSW indexes, one per vector width, made as widths appear.
 def include_object(obj, name, type_, reflected, compare_to):
     if type_ == "table" and name.startswith(("predictions_fts", "similar_")):
         return False
     if type_ == "column" and name == "search_vector" and obj.table.name == "predictions":
         return False
-    if type_ == "index" and name in ("ix_predictions_search_vector", "ix_prediction_results_id_covering"):
+    if type_ == "index" and name == "ix_predictions_search_vector":
         return False
     return True
 

@@ -141,9 +141,10 @@ def test_0018_counts_only_the_encoders_reading_and_keeps_what_a_lexical_head_rea
         db.engine.dispose()
 
 
-def test_0016_and_0017_lay_out_the_label_filter_and_search_for_postgresql_only(tmp_path: Path) -> None:
-    """PostgreSQL: the label filter's indexes hold all it reads (0016) and search vectors stay in their rows (0017),
-    undone on downgrade. SQLite's rowid tables and FTS5 index need neither: its schema is left as 0015 made it."""
+def test_0016_0017_and_0021_lay_out_the_label_filter_and_search(tmp_path: Path) -> None:
+    """The label filter's rows come from one index holding all it reads: on PostgreSQL a covering index of labels
+    and one of results (0016), then label rows that name their taxonomy (0021, both databases), which makes the
+    second needless; PostgreSQL's search vectors stay in their rows (0017). Each undone on downgrade."""
     app = make_app(tmp_path / "data")
     with app.app_context():
         postgresql = db.engine.dialect.name == "postgresql"
@@ -154,7 +155,7 @@ def test_0016_and_0017_lay_out_the_label_filter_and_search_for_postgresql_only(t
                 found = inspect(db.engine).get_indexes("predicted_labels") + inspect(db.engine).get_indexes(
                     "prediction_results"
                 )
-                return None, {f"{i['name']} {i['column_names']}" for i in found}
+                return None, {f"{i['name']} {i['column_names']}" for i in found if "label" in i["column_names"]}
             storage = db.session.execute(
                 db.text(
                     "SELECT attstorage FROM pg_attribute WHERE attrelid = 'predictions'::regclass "
@@ -170,6 +171,8 @@ def test_0016_and_0017_lay_out_the_label_filter_and_search_for_postgresql_only(t
             return storage, {d.split(" ON ")[0] + d[d.index(" USING ") :] for d in definitions}
 
         head = layout()
+        flask_migrate.downgrade(revision="0020_current_label_taxonomy")
+        covering = layout()
         flask_migrate.downgrade(revision="0015_similar_by_space")
         before = layout()
         flask_migrate.upgrade()
@@ -177,10 +180,17 @@ def test_0016_and_0017_lay_out_the_label_filter_and_search_for_postgresql_only(t
         db.session.commit()
         db.engine.dispose()
     if not postgresql:
-        assert head == before and "ix_predicted_labels_label_prediction ['label', 'prediction_id']" in head[1]
+        assert head == (
+            None,
+            {"ix_predicted_labels_label_prediction ['label', 'prediction_id', 'taxonomy_id', 'result_id']"},
+        )
+        assert covering == before == (None, {"ix_predicted_labels_label_prediction ['label', 'prediction_id']"})
         return
-    assert (head[0], before[0]) == ("m", "x")
+    assert (head[0], covering[0], before[0]) == ("m", "m", "x")
     assert head[1] == {
+        "CREATE INDEX ix_predicted_labels_label_prediction USING btree (label, prediction_id, taxonomy_id, result_id)"
+    }
+    assert covering[1] == {
         "CREATE INDEX ix_predicted_labels_label_prediction USING btree (label, prediction_id) INCLUDE (result_id)",
         "CREATE INDEX ix_prediction_results_id_covering USING btree (id) INCLUDE (taxonomy_id, prediction_id)",
     }

@@ -231,6 +231,24 @@ def test_label_filter_ignores_case_and_separators(client: FlaskClient, two_taxon
     assert sorted(listed(client, "taxonomy=test-tasks&label=graph+learning")) == []
 
 
+def test_a_label_both_taxonomies_spell_alike_is_filtered_in_the_chosen_one(
+    app: Flask, client: FlaskClient, two_taxonomies: list[int]
+) -> None:
+    """Label rows name their taxonomy: a curator removing "Object Detection" from one paper in test-tasks takes it
+    out of that taxonomy's filter only; test-topics still lists it."""
+    token = app.test_cli_runner().invoke(args=["tokens", "create", "cora", "--role", "curator"]).output
+    headers = {"Authorization": f"Bearer {token.strip().splitlines()[-1]}"}
+    pid = two_taxonomies[0]
+    kept = [label for label in LABELS if label != "Object Detection"]
+    review = {"taxonomy": "test-tasks", "labels": kept}
+    assert client.post(f"/api/v1/predictions/{pid}/annotations", json=review, headers=headers).status_code == 201
+    others = sorted(set(two_taxonomies) - {pid})
+    assert sorted(listed(client, "taxonomy=test-tasks&label=object+detection")) == others
+    assert sorted(listed(client, "taxonomy=test-topics&label=object+detection")) == sorted(two_taxonomies)
+    assert sorted(listed(client, "label=object+detection")) == sorted(two_taxonomies)
+    assert sorted(listed(client, "taxonomy=test-tasks&label=" + kept[0].replace(" ", "+"))) == sorted(two_taxonomies)
+
+
 def test_unknown_label_is_named_with_suggestions(client: FlaskClient, two_taxonomies: list[int]) -> None:
     page = client.get("/history?label=Objet+Detecton").get_data(as_text=True)
     assert "No label reads “Objet Detecton”" in page

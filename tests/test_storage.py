@@ -382,6 +382,15 @@ def test_0012_converts_a_previous_database_and_back(tmp_path: Path, make_bundle:
         assert all(
             r.score_values is not None and r.thresholds_by_label is None for r in results.values() if r not in odd
         )
+        # Every label row names its result's taxonomy (migration 0021), in both taxonomies.
+        owners = db.session.execute(
+            sa.text(
+                "SELECT l.taxonomy_id, r.taxonomy_id FROM predicted_labels l "
+                "JOIN prediction_results r ON r.id = l.result_id"
+            )
+        ).all()
+        assert {mine for mine, _ in owners} == set(taxonomy_ids.values())
+        assert all(mine == theirs for mine, theirs in owners)
         # One embedding row per prediction: its two taxonomies' results share it.
         embeddings = db.session.scalar(sa.text("SELECT count(*) FROM embeddings"))
         assert embeddings == len({v["prediction_id"] for v in stored.values() if v["embedding"] is not None}) == 5

@@ -278,18 +278,18 @@ def results_with_label(
     changed = list(
         db.session.scalars(select(LabelChange.taxonomy_id).where(LabelChange.undone_at.is_(None)).distinct())
     )
-    conditions = [and_(PredictionResult.taxonomy_id.not_in(changed), rows.label == label)]
+    conditions = [and_(rows.taxonomy_id.not_in(changed), rows.label == label)]
     for taxonomy_id in changed:
         names, by_text = label_map(taxonomy_id).sources(label)
         if by_text:  # a keyword split: the paper's text decides which target a stored label became
-            conditions.append(PredictionResult.id.in_(_routed_to(label, taxonomy_id, names, rows)))
+            conditions.append(rows.result_id.in_(_routed_to(label, taxonomy_id, names, rows)))
         else:
-            conditions.append(and_(PredictionResult.taxonomy_id == taxonomy_id, rows.label.in_(sorted(names))))
-    found = select(rows.result_id).join(PredictionResult, PredictionResult.id == rows.result_id).where(or_(*conditions))
+            conditions.append(and_(rows.taxonomy_id == taxonomy_id, rows.label.in_(sorted(names))))
+    found = select(rows.result_id).where(or_(*conditions))
     if taxonomy_ids is not None:
-        found = found.where(PredictionResult.taxonomy_id.in_(taxonomy_ids))
+        found = found.where(rows.taxonomy_id.in_(taxonomy_ids))
     if of is not None:
-        found = found.where(rows.prediction_id == of).correlate_except(rows, PredictionResult)
+        found = found.where(rows.prediction_id == of).correlate_except(rows)
     return found
 
 
@@ -297,8 +297,8 @@ def labelled_selects(label: str, **narrowed: Any) -> tuple[Select, Select]:
     """The two parts of :func:`results_labelled` (``narrowed``: as :func:`results_with_label` takes), each a select
     of ``(result id, prediction id)``."""
     corrected = exists().where(
-        AnnotationEvent.prediction_id == PredictionResult.prediction_id,
-        AnnotationEvent.taxonomy_id == PredictionResult.taxonomy_id,
+        AnnotationEvent.prediction_id == PredictedLabel.prediction_id,
+        AnnotationEvent.taxonomy_id == PredictedLabel.taxonomy_id,
         AnnotationEvent.kind.in_(LABEL_KINDS),
     )
     model = results_with_label(label, **narrowed).where(~corrected).add_columns(PredictedLabel.prediction_id)
@@ -331,9 +331,9 @@ def store_current_labels(result: PredictionResult, events: list[AnnotationEvent]
 
 def _routed_to(label: str, taxonomy_id: int, names: set[str], rows: LabelRows) -> list[int]:
     found = db.session.execute(
-        select(rows.result_id, rows.prediction_id, rows.label)
-        .join(PredictionResult, PredictionResult.id == rows.result_id)
-        .where(PredictionResult.taxonomy_id == taxonomy_id, rows.label.in_(sorted(names)))
+        select(rows.result_id, rows.prediction_id, rows.label).where(
+            rows.taxonomy_id == taxonomy_id, rows.label.in_(sorted(names))
+        )
     ).all()
     texts = prediction_texts(pid for _, pid, _ in found)
     labels_map = label_map(taxonomy_id)
@@ -351,7 +351,7 @@ class _StoredLabels:
 
 STORED_LABELS_KEY = "papertag.stored_labels"
 # Rows read again at every look: a writer may commit a lower id after a higher one was read (a 64-abstract call
-# stores about 300). Kept small so PostgreSQL looks their results up by key rather than scanning them all.
+# stores about 300). Kept small: they are read again by key.
 LATE_LABEL_ROWS = 1_000
 
 
@@ -364,8 +364,7 @@ def stored_label_pairs() -> set[tuple[int, str]]:
         high = db.session.scalar(select(func.max(PredictedLabel.id))) or 0
         after = -1 if stored.high is None else stored.high - LATE_LABEL_ROWS
         rows = db.session.execute(
-            select(PredictionResult.taxonomy_id, PredictedLabel.label)
-            .join(PredictionResult, PredictionResult.id == PredictedLabel.result_id)
+            select(PredictedLabel.taxonomy_id, PredictedLabel.label)
             .where(PredictedLabel.id > after, PredictedLabel.id <= high)
             .distinct()
         )

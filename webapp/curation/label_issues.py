@@ -26,7 +26,7 @@ from ..access.auth import role_required, token_user_role
 from ..extensions import csrf, db
 from ..history.paging import refuse_past_the_end
 from ..json_values import UnstorableJSON
-from ..models import DATASET_SOURCE, AnnotationEvent, LabelIssue, PredictedLabel, Prediction, PredictionResult, Taxonomy
+from ..models import DATASET_SOURCE, AnnotationEvent, LabelIssue, Prediction, PredictionResult, Taxonomy
 from ..request_input import page_number
 from ..serving.scoring import InputError, check_submission
 from .annotations import current_labels
@@ -157,7 +157,7 @@ def _dataset_prediction(row: IssueRow, taxonomy: Taxonomy) -> Prediction:
         margin=min(abs(p - row.threshold) for p in row.scores.values()),
         best_guess=False,
     )
-    result.predicted = [PredictedLabel(prediction=prediction, label=label) for label in row.given]
+    result.add_label_rows(prediction)
     prediction.results.append(result)
     db.session.add(prediction)
     return prediction

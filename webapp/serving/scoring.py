@@ -16,7 +16,7 @@ from flask import current_app
 
 from ..curation.annotations import mapped_result
 from ..extensions import db
-from ..models import Embedding, PredictedLabel, Prediction, PredictionResult
+from ..models import Embedding, Prediction, PredictionResult
 from .bundle import compose_text
 from .inference import score_all
 from .registry import LiveModel, live_models
@@ -170,7 +170,7 @@ def predict_and_store(
                 total_tokens=answer.total_tokens,
                 lexical_whole_text=entry.model.reads_text,
             )
-            result.predicted = [PredictedLabel(prediction=prediction, label=label) for label in decision.labels]
+            result.add_label_rows(prediction)
             prediction.results.append(result)
         predictions.append(prediction)
     db.session.add_all(predictions)
