@@ -133,11 +133,10 @@ def index() -> str:
     # A search alone ranks its newest matches (the rest are counted, not paged: more words narrow it).
     pool = current_app.config["SEARCH_RANK_POOL"] if lone_search(q, label, version, reviewed, taxonomy, batch) else None
     pagination = paging.paginate(
-        filtered_predictions(q, label, version, reviewed, int(batch) if batch else None, taxonomy, pool).options(
-            selectinload(Prediction.results).selectinload(PredictionResult.taxonomy)
-        ),
+        filtered_predictions(q, label, version, reviewed, int(batch) if batch else None, taxonomy, pool),
         page,
         current_app.config["HISTORY_PER_PAGE"],
+        load=[selectinload(Prediction.results).selectinload(PredictionResult.taxonomy)],
         exact=not (q or label or version or reviewed or taxonomy),  # the whole history, or one batch: cheap
         counted=_counted(q, label, version, reviewed, batch, taxonomy),
         pool=pool,
