@@ -192,7 +192,7 @@ def filter_ids(form: dict[str, str], user: User) -> list[int]:
     version, q = form.get("f_version", "").strip()[:80], form.get("f_q", "").strip()[:200]
     # A search alone: its newest matches, one past the limit at most (ranking every match of a broad one is slow).
     pool = limit if lone_search(q, label, version, reviewed, taxonomy, batch) else None
-    query = filtered_predictions(q, label, version, reviewed, job.id if job else None, taxonomy, pool)
+    query = filtered_predictions(q, label, version, reviewed, job.id if job else None, taxonomy, pool, reach=limit)
     return list(db.session.scalars(query.with_only_columns(Prediction.id).limit(limit)))
 
 

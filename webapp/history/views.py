@@ -34,16 +34,20 @@ def filtered_predictions(
     batch: int | None = None,
     taxonomy: str = "",
     rank_pool: int | None = None,
+    reach: int | None = None,
 ) -> Select:
     """The history query; every filter is optional. Newest first, or most relevant first when searching (of the
-    newest ``rank_pool`` matches only, when given: ``search.matching``)."""
+    newest ``rank_pool`` matches only, when given: ``search.matching``); ``reach``: how many of its rows are read
+    at most, when known (a page's end), which a lone set filter plans by."""
     stmt = select(Prediction).order_by(Prediction.created_at.desc(), Prediction.id.desc())
     if batch is not None:
         stmt = stmt.where(Prediction.batch_id == batch)
     if q:  # full text, any word order, ranked (webapp/history/search.py)
         stmt = search.matching(stmt, q, pool=rank_pool)
-    for ids in _id_sets(label, version, reviewed, taxonomy):
-        stmt = stmt.where(_among(ids))
+    sets = _id_sets(label, version, reviewed, taxonomy)
+    alone = len(sets) == 1 and not q and batch is None and reviewed != "no"
+    for ids in sets:
+        stmt = stmt.where(_among(ids, reach if alone else None))
     if reviewed == "no":
         stmt = stmt.where(~has_active_event(Prediction.id, _taxonomy_id(taxonomy)))
     return stmt
@@ -81,14 +85,15 @@ def lone_search(q: str, label: str, version: str, reviewed: str, taxonomy: str, 
     return bool(q) and not (label or version or reviewed or taxonomy or batch)
 
 
-def _among(ids: IdSet) -> ColumnElement[bool]:
+def _among(ids: IdSet, reach: int | None = None) -> ColumnElement[bool]:
     """Predictions whose id ``ids()`` gives. Up to LIST_COUNT_CAP of them are read first (once: the page's count
-    reads the same) and the page sorts those; more are tested one by one (``ids(of=Prediction.id)``, an index probe)
-    while the history is walked newest first, so a page stops after its rows instead of sorting every match of a
+    reads the same) and the page sorts those, or tests them down the history when it reaches its ``reach``-th row
+    sooner (``paging.among_newest``); more are tested one by one (``ids(of=Prediction.id)``, an index probe) while
+    the history is walked newest first, so a page stops after its rows instead of sorting every match of a
     frequent label (seconds at a million)."""
     found = paging.ids_up_to(ids())
     if len(found) <= paging.count_cap():
-        return paging.among(Prediction.id, found)
+        return paging.among_newest(Prediction.id, found, reach)
     return ids(of=Prediction.id).exists()
 
 
@@ -132,10 +137,13 @@ def index() -> str:
     taxonomy = _taxonomy_arg()
     # A search alone ranks its newest matches (the rest are counted, not paged: more words narrow it).
     pool = current_app.config["SEARCH_RANK_POOL"] if lone_search(q, label, version, reviewed, taxonomy, batch) else None
+    per_page = current_app.config["HISTORY_PER_PAGE"]
     pagination = paging.paginate(
-        filtered_predictions(q, label, version, reviewed, int(batch) if batch else None, taxonomy, pool),
+        filtered_predictions(
+            q, label, version, reviewed, int(batch) if batch else None, taxonomy, pool, reach=page * per_page + 1
+        ),
         page,
-        current_app.config["HISTORY_PER_PAGE"],
+        per_page,
         load=[selectinload(Prediction.results).selectinload(PredictionResult.taxonomy)],
         exact=not (q or label or version or reviewed or taxonomy),  # the whole history, or one batch: cheap
         counted=_counted(q, label, version, reviewed, batch, taxonomy),
