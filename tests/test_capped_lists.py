@@ -95,6 +95,15 @@ def test_a_label_page_walks_the_date_index_when_its_rows_are_among_the_newest(
     assert "ix_predictions_created_at" in plan and "PRIMARY KEY" not in plan, plan
 
 
+def test_the_queue_of_a_label_counts_the_results_carrying_it(app: Flask, stored: list[int]) -> None:
+    """The queue's count of a label's waiting results reads their label rows, each tied to its own result."""
+    curator = signed_in(app, "cora", "curator")
+    labels, label = _labels(app), _common_label(app)
+    having = [pid for pid in stored if label in labels[pid]]
+    listed, counts = _all_pages(curator, "/curate/queue", {"label": label})
+    assert sorted(listed) == sorted(having) and set(counts) == {str(len(having))}, (len(having), counts)
+
+
 def test_every_plan_lists_the_same_items_in_the_same_order(app: Flask, stored: list[int]) -> None:
     curator = signed_in(app, "cora", "curator")
     labels, label = _labels(app), _common_label(app)

@@ -148,8 +148,9 @@ class Queue:
         fresh_ids = base.with_only_columns(PredictionResult.id).where(fresh)
         if label:  # counted from the label's results (index ranges), however sparse among the smallest margins
             parts = [
-                part.with_only_columns(PredictionResult.id)
+                part.join(PredictionResult, PredictionResult.id == part.selected_columns[0])
                 .join(Prediction, Prediction.id == PredictionResult.prediction_id)
+                .with_only_columns(PredictionResult.id)
                 .where(*_waiting(taxonomy_slug, user_id), fresh)
                 for part in search.labelled_parts(label, search.taxonomy_labels(taxonomy_slug))
             ]
