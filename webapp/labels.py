@@ -160,10 +160,8 @@ def preview(taxonomy: Taxonomy, kind: str, payload: dict[str, Any]) -> dict[str,
     sources = set(rule.sources)
     labels_map = label_map(taxonomy.id)
     rows = db.session.execute(
-        select(PredictedLabel.result_id, PredictedLabel.prediction_id, PredictedLabel.label)
-        .join(PredictionResult, PredictionResult.id == PredictedLabel.result_id)
-        .where(
-            PredictionResult.taxonomy_id == taxonomy.id,
+        select(PredictedLabel.result_id, PredictedLabel.prediction_id, PredictedLabel.label).where(
+            PredictedLabel.taxonomy_id == taxonomy.id,
             PredictedLabel.label.in_(sorted({n for s in sources for n in labels_map.sources(s)[0]})),
         )
     ).all()
@@ -260,9 +258,9 @@ def label_counts(taxonomy: Taxonomy) -> dict[str, dict[str, int]]:
     labels_map = label_map(taxonomy.id)
     counts = {label: {"predictions": 0, "corrections": 0} for label in taxonomy_labels(taxonomy)}
     rows = db.session.execute(
-        select(PredictedLabel.result_id, PredictedLabel.prediction_id, PredictedLabel.label)
-        .join(PredictionResult, PredictionResult.id == PredictedLabel.result_id)
-        .where(PredictionResult.taxonomy_id == taxonomy.id)
+        select(PredictedLabel.result_id, PredictedLabel.prediction_id, PredictedLabel.label).where(
+            PredictedLabel.taxonomy_id == taxonomy.id
+        )
     ).all()
     by_text = {label for label in {r[2] for r in rows} if len(labels_map.vocabulary([label])) > 1}
     texts = prediction_texts(pid for _, pid, label in rows if label in by_text)

@@ -106,7 +106,7 @@ def among_newest(column: InstrumentedAttribute[int], ids: Iterable[int], reach: 
     where ids grow with time, the predictions newer than the ``reach``-th newest match estimate the walk down the
     date index; when that is cheaper than looking every match up, the test is written so that SQLite walks."""
     values = sorted({int(i) for i in ids})
-    if reach is None or len(values) <= reach or db.session.get_bind().dialect.name != "sqlite":
+    if reach is None or not 0 < reach < len(values) or db.session.get_bind().dialect.name != "sqlite":
         return among(column, values)
     steps = (db.session.scalar(select(func.max(column))) or 0) - values[-reach]
     if steps > STEPS_PER_LOOKUP * len(values):
@@ -158,15 +158,17 @@ class CappedPagination(SelectPagination):
     def _rows(self, offset: int, limit: int) -> list[Any]:
         """The page's keys first, then its rows by key (with ``load``'s loader options): the sort of a set filter's
         thousands of matches reads their keys and sort columns, not their abstracts (a label of 9,000 predictions
-        at a million, SQLite: 62 -> 35 ms)."""
+        at a million, SQLite: 62 -> 41 ms)."""
         session: Session = self._query_args["session"]
         stmt: Select = self._query_args["select"]
         entity = stmt.column_descriptions[0]["entity"]
         key = sa_inspect(entity).primary_key[0]
         keys = list(dict.fromkeys(session.scalars(stmt.with_only_columns(key).limit(limit).offset(offset))))
-        found = session.scalars(select(entity).where(among(key, keys)).options(*self._query_args["load"]))
+        if not keys:
+            return []
+        found = session.scalars(select(entity).where(among(key, keys)).options(*self._query_args.get("load", ())))
         by_key = {getattr(row, key.key): row for row in found}
-        return [by_key[k] for k in keys]
+        return [by_key[k] for k in keys if k in by_key]  # a row deleted in between is left out
 
     def _query_count(self) -> int:
         counted = self._query_args.get("counted")

@@ -45,7 +45,7 @@ def filtered_predictions(
     if q:  # full text, any word order, ranked (webapp/history/search.py)
         stmt = search.matching(stmt, q, pool=rank_pool)
     sets = _id_sets(label, version, reviewed, taxonomy)
-    alone = len(sets) == 1 and not q and batch is None and reviewed != "no"
+    alone = _lone_set(sets, q, batch, reviewed)
     for ids in sets:
         stmt = stmt.where(_among(ids, reach if alone else None))
     if reviewed == "no":
@@ -105,9 +105,12 @@ def _counted(
     if lone_search(q, label, version, reviewed, taxonomy, batch):  # its ranked pool is the list
         return search.count_matches(q, current_app.config["SEARCH_RANK_POOL"])
     sets = _id_sets(label, version, reviewed, taxonomy)
-    if len(sets) != 1 or q or batch or reviewed == "no":
-        return None
-    return sets[0]()
+    return sets[0]() if _lone_set(sets, q, batch, reviewed) else None
+
+
+def _lone_set(sets: list[IdSet], q: str, batch: object, reviewed: str) -> bool:
+    """Whether one set filter is all that narrows the history: no search, batch or "not reviewed" test beside it."""
+    return len(sets) == 1 and not q and batch in (None, "") and reviewed != "no"
 
 
 def _made_by(version: str, of: Any = None) -> Select:
