@@ -21,6 +21,7 @@ from .curation.annotations import (
     corrected_predictions,
     forget_label_maps,
     label_map,
+    label_rows,
     mapped_result,
     prediction_texts,
 )
@@ -38,7 +39,6 @@ from .models import (
     AnnotationEvent,
     LabelChange,
     LabelProposal,
-    PredictedLabel,
     PredictionResult,
     Taxonomy,
     utcnow,
@@ -159,12 +159,7 @@ def preview(taxonomy: Taxonomy, kind: str, payload: dict[str, Any]) -> dict[str,
     rule = Rule.from_payload(0, kind, payload)
     sources = set(rule.sources)
     labels_map = label_map(taxonomy.id)
-    rows = db.session.execute(
-        select(PredictedLabel.result_id, PredictedLabel.prediction_id, PredictedLabel.label).where(
-            PredictedLabel.taxonomy_id == taxonomy.id,
-            PredictedLabel.label.in_(sorted({n for s in sources for n in labels_map.sources(s)[0]})),
-        )
-    ).all()
+    rows = label_rows(taxonomy.id, {n for s in sources for n in labels_map.sources(s)[0]})
     texts = prediction_texts(pid for _, pid, _ in rows)
     affected = {pid for _, pid, label in rows if labels_map.map_label(label, texts[pid]) & sources}
     corrected = {}
@@ -257,11 +252,7 @@ def label_counts(taxonomy: Taxonomy) -> dict[str, dict[str, int]]:
     """Current label -> how many stored predictions carry it and how many corrected items have it now."""
     labels_map = label_map(taxonomy.id)
     counts = {label: {"predictions": 0, "corrections": 0} for label in taxonomy_labels(taxonomy)}
-    rows = db.session.execute(
-        select(PredictedLabel.result_id, PredictedLabel.prediction_id, PredictedLabel.label).where(
-            PredictedLabel.taxonomy_id == taxonomy.id
-        )
-    ).all()
+    rows = label_rows(taxonomy.id)
     by_text = {label for label in {r[2] for r in rows} if len(labels_map.vocabulary([label])) > 1}
     texts = prediction_texts(pid for _, pid, label in rows if label in by_text)
     carried: dict[int, set[str]] = {}

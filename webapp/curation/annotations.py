@@ -329,12 +329,19 @@ def store_current_labels(result: PredictionResult, events: list[AnnotationEvent]
     )
 
 
+def label_rows(
+    taxonomy_id: int, names: Iterable[str] | None = None, rows: LabelRows = PredictedLabel
+) -> list[tuple[int, int, str]]:
+    """(result id, prediction id, label as stored) of the taxonomy's label rows, of these ``names`` only if given:
+    read from the label rows alone, which name their taxonomy."""
+    found = select(rows.result_id, rows.prediction_id, rows.label).where(rows.taxonomy_id == taxonomy_id)
+    if names is not None:
+        found = found.where(rows.label.in_(sorted(names)))
+    return [(rid, pid, label) for rid, pid, label in db.session.execute(found)]
+
+
 def _routed_to(label: str, taxonomy_id: int, names: set[str], rows: LabelRows) -> list[int]:
-    found = db.session.execute(
-        select(rows.result_id, rows.prediction_id, rows.label).where(
-            rows.taxonomy_id == taxonomy_id, rows.label.in_(sorted(names))
-        )
-    ).all()
+    found = label_rows(taxonomy_id, names, rows)
     texts = prediction_texts(pid for _, pid, _ in found)
     labels_map = label_map(taxonomy_id)
     return sorted({rid for rid, pid, stored in found if label in labels_map.map_label(stored, texts[pid])})
