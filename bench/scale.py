@@ -34,11 +34,11 @@ Per database (``--databases``) the history grows to each size of ``--sizes`` in 
 Then (unless ``--skip-batch``) the job engine: a fresh site on ``--batch-database`` with ``min(--sizes)``
 predictions, Huey on a Redis server of its own (``tests/services/redis.sh`` under ``--redis-root``, stopped after),
 ``--batch-rows`` abstracts uploaded through ``POST /batches`` as CSV files of at most ``--batch-file-rows`` rows
-(the app takes ``BATCH_MAX_ROWS`` = 5,000 a file; the workers share each file chunk by chunk), tagged by one
-``flask jobs worker`` process, then again by two; first with the batch alone, then again with a person browsing
-beside it (a client requesting history, label filter, search and queue pages in turn, one every
-``--probe-interval`` seconds). It reports each run's steady rate (abstracts/s between 10% and 90% done), the
-speed-up (two / one, same run) with the batch alone (the engine's own scaling) and with the pages (on a 2-core
+(the app takes ``BATCH_MAX_ROWS`` = 5,000 a file; the workers share each file chunk by chunk), tagged by one ``flask
+jobs worker`` process, then again by two; first with the batch alone, then again with a person browsing beside it (a
+client requesting history, label filter, search and queue pages in turn, one every ``--probe-interval`` seconds;
+``--batch-runs`` keeps either half alone). It reports each run's steady rate (abstracts/s between 10% and 90% done),
+the speed-up (two / one, same run) with the batch alone (the engine's own scaling) and with the pages (on a 2-core
 machine their CPU comes out of the second worker's core), the web pages' p95 while each batch runs against idle, and
 the CPU time each role used per abstract over the whole run (job workers, database server, queue, web server, this
 bench, every other process): on one machine the second worker shares its cores with all of them.
@@ -116,6 +116,7 @@ TOP_LABEL = "top-label filter"  # the label filter on the label most results car
 FIGURES = (*PAGE_FIGURES, TOP_LABEL, "similar papers", "predict 64")
 COLD_CALLS = 4  # first calls per figure reported apart: each worker loads and caches (models, labels, indexes)
 BATCH_POLL = 0.5
+BATCH_RUNS = {"alone": (False,), "paged": (True,), "both": (False, True)}  # --batch-runs: with pages?
 COPY_BLOCK = 50_000  # predictions copied per statement set (and commit) beyond --written
 
 
@@ -910,7 +911,7 @@ def run_batches(corpus: Corpus, args: argparse.Namespace, postgres: str, work: P
                     flush=True,
                 )
                 runs = []
-                for paged in (False, True):
+                for paged in BATCH_RUNS[args.batch_runs]:
                     for workers in (1, 2):
                         run = run_batch(site, client, corpus, args, workers, paged)
                         runs.append(run)
@@ -929,13 +930,14 @@ def run_batches(corpus: Corpus, args: argparse.Namespace, postgres: str, work: P
                         shares = ", ".join(f"{role} {v}" for role, v in run["cpu_ms_per_abstract"].items())
                         print(f"{tag} CPU ms per abstract, whole run: {shares}", flush=True)
                 out["runs"] = runs
-                alone, paged_runs = runs[:2], runs[2:]
-                out["speedup"] = round(alone[1]["steady_per_s"] / alone[0]["steady_per_s"], 2)
-                out["speedup_paged"] = round(paged_runs[1]["steady_per_s"] / paged_runs[0]["steady_per_s"], 2)
-                print(
-                    f"{tag} speed-up, two worker processes / one: {out['speedup']:.2f}x with the batch alone, "
-                    f"{out['speedup_paged']:.2f}x with a page every {args.probe_interval} s (same run)"
-                )
+                speedups = []
+                pairs = zip(runs[::2], runs[1::2], strict=True)
+                for paged, (one, two) in zip(BATCH_RUNS[args.batch_runs], pairs, strict=True):
+                    key = "speedup_paged" if paged else "speedup"
+                    out[key] = round(two["steady_per_s"] / one["steady_per_s"], 2)
+                    beside = f"with a page every {args.probe_interval} s" if paged else "with the batch alone"
+                    speedups.append(f"{out[key]:.2f}x {beside}")
+                print(f"{tag} speed-up, two worker processes / one: {', '.join(speedups)} (same run)")
         finally:
             site.close()
     return out
@@ -986,6 +988,12 @@ def main() -> None:
         "--batch-file-rows", type=int, default=5000, help="rows per uploaded CSV (BATCH_MAX_ROWS at most)"
     )
     parser.add_argument("--batch-database", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument(
+        "--batch-runs",
+        choices=tuple(BATCH_RUNS),
+        default="both",
+        help="time the batch alone, with pages beside it, or both (each: one worker, then two)",
+    )
     parser.add_argument(
         "--probe-interval", type=float, default=0.5, help="seconds between the page requests timed around the batch"
     )
